@@ -1,0 +1,352 @@
+// retrieval._kernel: multi-patch image-to-image distances (min / mean-min of Euclidean
+// distances between unit patch descriptors), with run-time ISA dispatch.
+//
+// This unit is compiled for baseline x86-64: input validation, chunking, OpenMP and the
+// Python binding live here; the arithmetic lives in kernel_{avx512,avx2,generic}.cpp.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernel_common.h"
+
+namespace py = pybind11;
+
+namespace rk {
+namespace {
+
+bool cpu_has(const std::string& isa) {
+    if (isa == "generic") return true;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    // __builtin_cpu_supports also checks that the OS saves the wider register state.
+    if (isa == "avx2")
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+               __builtin_cpu_supports("f16c");
+    if (isa == "avx512")
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
+               __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#endif
+    return false;
+}
+
+const IsaOps& ops_for(const std::string& isa) {
+    if (isa == "avx512") return isa_avx512();
+    if (isa == "avx2") return isa_avx2();
+    return isa_generic();
+}
+
+std::string best_isa() {
+    if (cpu_has("avx512")) return "avx512";
+    if (cpu_has("avx2")) return "avx2";
+    return "generic";
+}
+
+const IsaOps* g_ops = nullptr;
+std::string g_note;  // why the chosen path differs from the request, if it does
+
+void select_from_env() {
+    const char* env = std::getenv("RETRIEVAL_KERNEL_ISA");
+    std::string req = env ? env : "";
+    std::string chosen = best_isa();
+    g_note.clear();
+    if (!req.empty() && req != "auto") {
+        if (req != "avx512" && req != "avx2" && req != "generic") {
+            g_note = "RETRIEVAL_KERNEL_ISA=" + req +
+                     " is not one of avx512|avx2|generic|auto; using " + chosen;
+        } else if (!cpu_has(req)) {
+            g_note = "RETRIEVAL_KERNEL_ISA=" + req + " is not supported by this CPU; using " +
+                     chosen;
+        } else {
+            chosen = req;
+        }
+    }
+    g_ops = &ops_for(chosen);
+}
+
+void set_isa(const std::string& isa) {
+    if (isa == "auto") {
+        g_ops = &ops_for(best_isa());
+        g_note.clear();
+        return;
+    }
+    if (isa != "avx512" && isa != "avx2" && isa != "generic")
+        throw std::invalid_argument("isa must be one of 'avx512', 'avx2', 'generic', 'auto', got '" +
+                                    isa + "'");
+    if (!cpu_has(isa))
+        throw std::invalid_argument("ISA path '" + isa + "' is not supported by this CPU");
+    g_ops = &ops_for(isa);
+    g_note.clear();
+}
+
+std::vector<std::string> supported_isas() {
+    std::vector<std::string> out;
+    for (const char* s : {"avx512", "avx2", "generic"})
+        if (cpu_has(s)) out.push_back(s);
+    return out;
+}
+
+int resolve_threads(int threads) {
+    if (threads < 0) throw std::invalid_argument("threads must be >= 0 (0 = OpenMP default)");
+    return threads == 0 ? omp_get_max_threads() : threads;
+}
+
+std::string describe() {
+    std::string s = std::string("retrieval._kernel ") + g_ops->name + " (OpenMP, " +
+                    std::to_string(omp_get_max_threads()) + " threads)";
+    if (!g_note.empty()) s += " [" + g_note + "]";
+    return s;
+}
+
+bool is_c_contig(const py::array& a) {
+    return (a.flags() & py::array::c_style) != 0;
+}
+
+void require(bool ok, const std::string& msg) {
+    if (!ok) throw std::invalid_argument(msg);
+}
+
+py::array as_array(const py::object& o, const char* name) {
+    require(py::isinstance<py::array>(o), std::string(name) + " must be a numpy array");
+    return py::reinterpret_borrow<py::array>(o);
+}
+
+void check_i64_vector(const py::array& a, const char* name) {
+    require(a.dtype().kind() == 'i' && a.itemsize() == 8,
+            std::string(name) + " must have dtype int64");
+    require(a.ndim() == 1, std::string(name) + " must be 1-D");
+    require(is_c_contig(a), std::string(name) + " must be C-contiguous");
+}
+
+// Returns (dist[nQ, m] float32, query_patch[nQ, m] int32, db_patch[nQ, m] int32).
+py::tuple distances(const py::object& query_o, const py::object& qoff_o, const py::object& db_o,
+                    const py::object& offsets_o, const py::object& candidates_o,
+                    const std::string& aggregate, int threads, bool want_pairs) {
+    py::array query = as_array(query_o, "query"), qoff = as_array(qoff_o, "query_offsets");
+    py::array db = as_array(db_o, "db"), offsets = as_array(offsets_o, "offsets");
+
+    require(query.dtype().kind() == 'f' && query.itemsize() == 4, "query must have dtype float32");
+    require(query.ndim() == 2, "query must be 2-D [n_patches, d]");
+    require(is_c_contig(query), "query must be C-contiguous");
+    const bool f16 = db.dtype().kind() == 'f' && db.itemsize() == 2;
+    require(f16 || (db.dtype().kind() == 'f' && db.itemsize() == 4),
+            "db must have dtype float32 or float16");
+    require(db.ndim() == 2, "db must be 2-D [n_patches, d]");
+    require(is_c_contig(db), "db must be C-contiguous");
+    const int64_t nq_total = query.shape(0), d = query.shape(1);
+    const int64_t n_rows = db.shape(0);
+    require(d >= 1, "query must have at least one dimension (d >= 1)");
+    require(db.shape(1) == d, "db dimension " + std::to_string(db.shape(1)) +
+                                  " does not match query dimension " + std::to_string(d));
+    require(nq_total >= 1, "query must have at least one patch");
+    require(nq_total < INT32_MAX, "too many query patches");
+
+    check_i64_vector(qoff, "query_offsets");
+    const int64_t nQ = qoff.shape(0) - 1;
+    require(nQ >= 1, "query_offsets must have at least 2 entries");
+    const int64_t* qo = static_cast<const int64_t*>(qoff.data());
+    require(qo[0] == 0, "query_offsets[0] must be 0");
+    require(qo[nQ] == nq_total,
+            "query_offsets[-1] must equal the number of query patches (" +
+                std::to_string(nq_total) + ")");
+    for (int64_t q = 0; q < nQ; ++q)
+        require(qo[q + 1] > qo[q], "query_offsets must be strictly increasing (every query "
+                                   "needs at least one patch)");
+
+    check_i64_vector(offsets, "offsets");
+    const int64_t n_images = offsets.shape(0) - 1;
+    require(n_images >= 0, "offsets must have at least 1 entry (n_images + 1)");
+    const int64_t* off = static_cast<const int64_t*>(offsets.data());
+    require(off[0] >= 0, "offsets[0] must be >= 0");
+    for (int64_t i = 0; i < n_images; ++i)
+        require(off[i + 1] >= off[i], "offsets must be non-decreasing");
+    require(off[n_images] <= n_rows, "offsets[-1] (" + std::to_string(off[n_images]) +
+                                         ") exceeds the number of db rows (" +
+                                         std::to_string(n_rows) + ")");
+
+    const int64_t* cand = nullptr;
+    int64_t m = n_images;
+    py::array cand_arr;
+    if (!candidates_o.is_none()) {
+        cand_arr = as_array(candidates_o, "candidates");
+        check_i64_vector(cand_arr, "candidates");
+        cand = static_cast<const int64_t*>(cand_arr.data());
+        m = cand_arr.shape(0);
+        for (int64_t p = 0; p < m; ++p)
+            require(cand[p] >= 0 && cand[p] < n_images,
+                    "candidates[" + std::to_string(p) + "] = " + std::to_string(cand[p]) +
+                        " is out of range [0, " + std::to_string(n_images) + ")");
+    }
+    int agg;
+    if (aggregate == "min")
+        agg = AGG_MIN;
+    else if (aggregate == "mean-min")
+        agg = AGG_MEAN_MIN;
+    else
+        throw std::invalid_argument("aggregate must be 'min' or 'mean-min', got '" + aggregate +
+                                    "'");
+    const int nt = resolve_threads(threads);
+
+    const IsaOps& ops = *g_ops;
+    const int blk = ops.blk;
+    const int64_t n_blocks = (nq_total + blk - 1) / blk;
+    const int64_t nq_pad = n_blocks * blk;
+
+    py::array_t<float> dist({nQ, m});
+    py::array_t<int32_t> qi, dj;
+    if (want_pairs) {
+        qi = py::array_t<int32_t>({nQ, m});
+        dj = py::array_t<int32_t>({nQ, m});
+    }
+
+    Problem P;
+    P.db32 = f16 ? nullptr : static_cast<const float*>(db.data());
+    P.db16 = f16 ? static_cast<const uint16_t*>(db.data()) : nullptr;
+    P.d = d;
+    P.offsets = off;
+    P.cand = cand;
+    P.m = m;
+    P.nq_total = nq_total;
+    P.n_blocks = n_blocks;
+    P.qoff = qo;
+    P.nQ = nQ;
+    P.aggregate = agg;
+    P.out_dist = dist.mutable_data();
+    P.out_qi = want_pairs ? qi.mutable_data() : nullptr;
+    P.out_dj = want_pairs ? dj.mutable_data() : nullptr;
+    const float* qdata = static_cast<const float*>(query.data());
+    P.query = qdata;
+
+    {
+        py::gil_scoped_release nogil;
+
+        // Pack queries transposed, block by block: qpack[b][k][lane].
+        std::vector<float> qpack((size_t)(n_blocks * d * blk), 0.0f);
+        for (int64_t b = 0; b < n_blocks; ++b)
+            for (int64_t l = 0; l < blk && b * blk + l < nq_total; ++l) {
+                const float* src = qdata + (b * blk + l) * d;
+                float* dst = qpack.data() + b * d * blk + l;
+                for (int64_t k = 0; k < d; ++k) dst[k * blk] = src[k];
+            }
+        P.qpack = qpack.data();
+
+        // Chunks of consecutive candidate images: ~128 KiB of float32 db rows each (stays in
+        // L2 while every query block is applied), and a bounded per-image scratch.
+        const int64_t max_rows_target = std::max<int64_t>(16, std::min<int64_t>(512, 32768 / d));
+        const int64_t max_imgs =
+            std::max<int64_t>(4, std::min<int64_t>(max_rows_target, 65536 / nq_pad));
+        std::vector<Chunk> chunks;
+        chunks.reserve((size_t)(m / 4 + 16));
+        int64_t max_rows = 0;
+        {
+            Chunk cur{0, 0, 0, 0};
+            bool open = false;
+            for (int64_t p = 0; p < m; ++p) {
+                const int64_t img = cand ? cand[p] : p;
+                const int64_t r0 = off[img], r1 = off[img + 1];
+                const bool extend = open && r0 == cur.row1 && (cur.p1 - cur.p0) < max_imgs &&
+                                    (r1 - cur.row0) <= max_rows_target &&
+                                    (!cand || img == cand[p - 1] + 1);
+                if (extend) {
+                    cur.p1 = p + 1;
+                    cur.row1 = r1;
+                } else {
+                    if (open) {
+                        chunks.push_back(cur);
+                        max_rows = std::max(max_rows, cur.row1 - cur.row0);
+                    }
+                    cur = Chunk{p, p + 1, r0, r1};
+                    open = true;
+                }
+            }
+            if (open) {
+                chunks.push_back(cur);
+                max_rows = std::max(max_rows, cur.row1 - cur.row0);
+            }
+        }
+
+        const int64_t n_chunks = (int64_t)chunks.size();
+        const int nthreads = (int)std::max<int64_t>(1, std::min<int64_t>(nt, n_chunks));
+        const size_t xsz = f16 ? (size_t)(max_rows * d) : 0;
+        const size_t csz = (size_t)(std::max<int64_t>(max_rows, 1) * blk);
+        const size_t bsz = (size_t)(max_imgs * nq_pad);
+        std::vector<float> scratch((size_t)nthreads * (xsz + csz + 2 * bsz));
+        const Chunk* ch = chunks.data();
+        auto process = ops.process_chunk;
+
+#pragma omp parallel num_threads(nthreads)
+        {
+            float* base = scratch.data() + (size_t)omp_get_thread_num() * (xsz + csz + 2 * bsz);
+            Work w{base, base + xsz, base + xsz + csz, base + xsz + csz + bsz};
+#pragma omp for schedule(dynamic, 4)
+            for (int64_t c = 0; c < n_chunks; ++c) process(P, ch[c], w);
+        }
+    }
+    if (want_pairs) return py::make_tuple(dist, qi, dj);
+    return py::make_tuple(dist, py::none(), py::none());
+}
+
+// Streaming read of a float32 array with `threads` threads; returns the sum.
+double stream_read(const py::array& a, int threads) {
+    require(a.dtype().kind() == 'f' && a.itemsize() == 4 && is_c_contig(a),
+            "stream_read needs a C-contiguous float32 array");
+    const int nt = resolve_threads(threads);
+    const float* p = static_cast<const float*>(a.data());
+    const int64_t n = a.size();
+    double total = 0.0;
+    auto fn = g_ops->stream_sum;
+    {
+        py::gil_scoped_release nogil;
+        const int64_t step = 1 << 16;  // 256 KiB pieces
+        const int64_t pieces = (n + step - 1) / step;
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : total)
+        for (int64_t i = 0; i < pieces; ++i) {
+            const int64_t b = i * step, e = std::min(n, b + step);
+            total += fn(p + b, e - b);
+        }
+    }
+    return total;
+}
+
+// Measured multiply-add peak (flop/s) of the selected ISA path on `threads` threads.
+double fma_peak(int64_t iters, int threads) {
+    const int nt = resolve_threads(threads);
+    const IsaOps& ops = *g_ops;
+    const int lanes = ops.blk / 4;  // NVMAX == 4 in every unit
+    double sink = 0.0, secs = 0.0;
+    {
+        py::gil_scoped_release nogil;
+        const double t0 = omp_get_wtime();
+#pragma omp parallel num_threads(nt) reduction(+ : sink)
+        sink += ops.fma_loop(iters, 1e-3f * (float)(omp_get_thread_num() + 1));
+        secs = omp_get_wtime() - t0;
+    }
+    if (sink == 12345.678) secs += 1e-12;  // keep sink alive
+    return (double)iters * 12.0 * lanes * 2.0 * nt / secs;
+}
+
+}  // namespace
+}  // namespace rk
+
+PYBIND11_MODULE(_kernel, m) {
+    m.doc() = "Native multi-patch image distance kernel (see retrieval.kernel)";
+    rk::select_from_env();
+    m.def("distances", &rk::distances, py::arg("query"), py::arg("query_offsets"), py::arg("db"),
+          py::arg("offsets"), py::arg("candidates") = py::none(), py::arg("aggregate") = "min",
+          py::arg("threads") = 0, py::arg("want_pairs") = true,
+          "-> (dist float32[nQ, m], query_patch int32[nQ, m] | None, db_patch int32[nQ, m] | None)");
+    m.def("describe", &rk::describe);
+    m.def("isa", []() { return std::string(rk::g_ops->name); });
+    m.def("set_isa", &rk::set_isa, py::arg("isa"),
+          "Force 'avx512' | 'avx2' | 'generic' (must be supported), or 'auto'.");
+    m.def("supported_isas", &rk::supported_isas);
+    m.def("stream_read", &rk::stream_read, py::arg("a"), py::arg("threads") = 0);
+    m.def("fma_peak", &rk::fma_peak, py::arg("iters") = 20000000, py::arg("threads") = 0);
+}

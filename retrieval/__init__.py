@@ -1,0 +1,43 @@
+"""Embedded image retrieval on multi-scale CNN sub-patch descriptors.
+
+Public API::
+
+    from retrieval import Index, ExtractorConfig, SearchConfig
+    idx = Index.create("my-index", ExtractorConfig(onnx="model.onnx", onnx_output="627"))
+    idx.add(["photos/a.jpg", "photos/b.jpg"])
+    for hit in idx.search(["query.jpg"], k=5)[0].hits:
+        print(hit.rank, hit.distance, hit.path)
+
+Names are imported on first use, so `import retrieval.datasets` (or the CLI's --help)
+does not pay for torch, FAISS and the native kernel.
+"""
+from __future__ import annotations
+
+import importlib
+
+_PUBLIC = {
+    "ExtractorConfig": "config",
+    "InputSpec": "config",
+    "RuntimeConfig": "config",
+    "SearchConfig": "config",
+    "Extractor": "extractor",
+    "describe": "features",
+    "FeatureStore": "store",
+    "Hit": "index",
+    "Index": "index",
+    "QueryResult": "index",
+    "Report": "index",
+}
+
+__all__ = sorted(_PUBLIC)
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    raise AttributeError(f"module 'retrieval' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

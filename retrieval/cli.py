@@ -1,0 +1,221 @@
+"""The `retrieval` command line: build, add, query, info, remove, export-onnx.
+
+Exit codes (SPEC §3): 0 all done; 2 usage error (unknown index, bad flag);
+3 done, but some inputs were skipped (each named on stderr and in the JSON); 1 other failure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .config import (
+    ConfigError,
+    parse_levels,
+    add_extractor_args,
+    extractor_config_from_args,
+    runtime_config_from_args,
+    search_config_from_args,
+)
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2 already; keep its message
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="retrieval",
+        description="Instance image retrieval with multi-scale CNN sub-patch descriptors "
+        "(L2 + PCA-whitening + L2, min-over-patch-pairs distance).",
+        epilog="INPUT is an image file, a folder (recursive) or @list.txt (one path per line). "
+        "Exit codes: 0 done, 1 failure, 2 usage error, 3 done but some inputs skipped.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("build", help="create an index from images (resumes an interrupted build)")
+    p.add_argument("index", metavar="INDEX_DIR")
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    add_extractor_args(p)
+    p.add_argument("--index-type", metavar="FACTORY", help="FAISS index-factory string (default: exact search)")
+    p.add_argument("--store", metavar="FILE", help="feature store (default $RETRIEVAL_STORE or ~/.cache/retrieval/features.sqlite)")
+    p.add_argument("--whiten-on", metavar="DIR", nargs="+", help="learn the PCA-whitening on these images instead of the database")
+    _common(p)
+
+    p = sub.add_parser("add", help="add images to an index (already present ones are skipped)")
+    p.add_argument("index", metavar="INDEX_DIR")
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    _runtime(p)
+    _common(p)
+
+    p = sub.add_parser("query", help="rank the index for query images")
+    p.add_argument("index", metavar="INDEX_DIR")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
+    p.add_argument("--query-levels", type=parse_levels, help="override the index's query levels")
+    p.add_argument("--aggregate", choices=("min", "mean-min"), help="override the index's image distance")
+    _runtime(p)
+    _common(p)
+
+    p = sub.add_parser("info", help="counts and configuration of an index")
+    p.add_argument("index", metavar="INDEX_DIR")
+    _common(p)
+
+    p = sub.add_parser("remove", help="remove images (by path) from an index")
+    p.add_argument("index", metavar="INDEX_DIR")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    _common(p)
+
+    p = sub.add_parser("export-onnx", help="write a torch backbone and layer as an ONNX model")
+    p.add_argument("out", metavar="OUT.onnx")
+    add_extractor_args(p, search=False)
+    _common(p)
+    return parser
+
+
+def _runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .index import IndexUsageError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except (ConfigError, IndexUsageError) as err:
+        print(f"retrieval {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to finish", file=sys.stderr)
+        return EXIT_FAIL
+    except Exception as err:  # noqa: BLE001 - the CLI reports, never dumps a trace by default
+        print(f"retrieval {args.command}: failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_FAIL
+
+
+def _inputs(args) -> list[str]:
+    from .images import expand_inputs
+
+    try:
+        return expand_inputs(args.inputs)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err))
+
+
+def _report(args, report) -> int:
+    data = report.to_dict()
+    for item in data["skipped"]:
+        print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(data))
+    else:
+        print(
+            f"{data['index']}: added {data['added']}, already present {data['already_present']}, "
+            f"removed {data['removed']}, skipped {len(data['skipped'])}; {data['images']} images "
+            f"({data['seconds']:.1f} s)"
+        )
+    return EXIT_SKIPPED if data["skipped"] else EXIT_OK
+
+
+def _build(args) -> int:
+    from .index import Index
+
+    idx = Index.create(
+        args.index,
+        extractor_config_from_args(args),
+        search_config_from_args(args),
+        index_type=args.index_type,
+        store=args.store,
+        whiten_on=args.whiten_on,
+        runtime=runtime_config_from_args(args),
+    )
+    with idx:
+        return _report(args, idx.add(_inputs(args), progress=not args.quiet))
+
+
+def _add(args) -> int:
+    from .index import Index
+
+    with Index.open(args.index, runtime=runtime_config_from_args(args)) as idx:
+        return _report(args, idx.add(_inputs(args), progress=not args.quiet))
+
+
+def _remove(args) -> int:
+    from .index import Index
+
+    with Index.open(args.index) as idx:
+        return _report(args, idx.remove(args.paths))
+
+
+def _query(args) -> int:
+    from .images import expand_inputs
+    from .index import Index
+
+    if args.k < 1:
+        raise ConfigError("-k must be >= 1")
+    skipped: list[dict] = []
+    with Index.open(args.index, runtime=runtime_config_from_args(args)) as idx:
+        results = idx.search(
+            expand_inputs(args.images), args.k,
+            query_levels=args.query_levels, aggregate=args.aggregate,
+            progress=not args.quiet, skipped=skipped,
+        )
+    for item in skipped:
+        print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"results": [r.to_dict() for r in results], "skipped": skipped}))
+    else:
+        for r in results:
+            print(r.query)
+            for h in r.hits:
+                print(f"  {h.rank:3d}  {h.distance:.4f}  {h.path}")
+    return EXIT_SKIPPED if skipped else EXIT_OK
+
+
+def _info(args) -> int:
+    from .index import Index
+
+    with Index.open(args.index) as idx:
+        info = idx.info()
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for key, value in info.items():
+            print(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    return EXIT_OK
+
+
+def _export_onnx(args) -> int:
+    from .backbone import export_onnx
+
+    start = time.perf_counter()
+    result = export_onnx(extractor_config_from_args(args), args.out)
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    print(json.dumps(result) if args.json else f"wrote {result['path']} (max relative error vs torch {result['max_rel_error']:.2e})")
+    return EXIT_OK
+
+
+_COMMANDS = {
+    "build": _build,
+    "add": _add,
+    "query": _query,
+    "info": _info,
+    "remove": _remove,
+    "export-onnx": _export_onnx,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""Extractor configuration: what identifies a descriptor, and the shared CLI flags.
+
+Two kinds of settings live here. `ExtractorConfig` holds everything that changes the
+raw descriptor of a window (network, weights, layer, pooling, patch mode, input
+preprocessing); its `key()` names the descriptors in the feature store, so two runs with
+the same key share extractions. `SearchConfig` holds what is applied after the store
+(levels, PCA dimension, aggregate) and the throughput knobs, none of which invalidate
+stored descriptors.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+POOLS = ("avg", "max", "gem")
+PATCH_MODES = ("crop", "roi")
+AGGREGATES = ("min", "mean-min")
+DEVICES = ("auto", "cpu", "cuda")
+LEVELS = (1, 2, 3, 4)
+
+
+class ConfigError(ValueError):
+    """A setting is malformed or inconsistent; the message says what is allowed."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How an RGB image becomes the network's input tensor.
+
+    `size` is (height, width); None means "whatever the model declares" (ONNX) or 224.
+    Pixels are first scaled to [0, 1] (scale=1) or [0, 255] (scale=255), then
+    `(x - mean) / std` per channel, in `order` channel order, cast to `dtype`.
+    """
+
+    size: tuple[int, int] | None = None
+    order: str = "rgb"
+    scale: float = 1.0
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    dtype: str = "float32"
+
+    @classmethod
+    def parse(cls, text: str | None) -> "InputSpec":
+        """Parse `K=V,...` (keys size, order, scale, mean, std, dtype).
+
+        `mean`/`std` take three values separated by `/` or `:` or given as
+        `mean=104,117,123` (bare numbers after `mean=` are absorbed).
+        """
+        if not text:
+            return cls()
+        values: dict[str, Any] = {}
+        key = None
+        for token in text.split(","):
+            token = token.strip()
+            if not token:
+                continue
+            if "=" in token:
+                key, val = token.split("=", 1)
+                key = key.strip()
+                values[key] = [val.strip()]
+            elif key in ("mean", "std", "size"):
+                values[key].append(token)
+            else:
+                raise ConfigError(f"--input-spec: cannot parse {token!r}; expected K=V pairs")
+        spec: dict[str, Any] = {}
+        for key, parts in values.items():
+            parts = [p for part in parts for p in part.replace(":", "/").split("/") if p]
+            if key == "size":
+                nums = [int(p) for p in parts]
+                if len(nums) == 1:
+                    nums = nums * 2
+                if len(nums) != 2 or min(nums) < 16:
+                    raise ConfigError("--input-spec size=N or size=H/W with N >= 16")
+                spec["size"] = (nums[0], nums[1])
+            elif key == "order":
+                if parts[0] not in ("rgb", "bgr"):
+                    raise ConfigError("--input-spec order must be rgb or bgr")
+                spec["order"] = parts[0]
+            elif key == "scale":
+                scale = float(parts[0])
+                if scale not in (1.0, 255.0):
+                    raise ConfigError("--input-spec scale must be 1 or 255")
+                spec["scale"] = scale
+            elif key in ("mean", "std"):
+                nums3 = [float(p) for p in parts]
+                if len(nums3) == 1:
+                    nums3 = nums3 * 3
+                if len(nums3) != 3:
+                    raise ConfigError(f"--input-spec {key} takes 1 or 3 values")
+                spec[key] = tuple(nums3)
+            elif key == "dtype":
+                if parts[0] not in ("float32", "float16"):
+                    raise ConfigError("--input-spec dtype must be float32 or float16")
+                spec["dtype"] = parts[0]
+            else:
+                raise ConfigError(
+                    f"--input-spec: unknown key {key!r}; allowed: size, order, scale, mean, std, dtype"
+                )
+        return cls(**spec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "InputSpec":
+        data = dict(data)
+        for key in ("size", "mean", "std"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ExtractorConfig:
+    """Everything that determines the raw descriptor of one image window."""
+
+    backbone: str = "resnet50"
+    weights: str = "DEFAULT"
+    onnx: str | None = None
+    onnx_output: str | None = None
+    input_spec: InputSpec = field(default_factory=InputSpec)
+    layer: str | None = None
+    pool: str = "avg"
+    patch_mode: str = "crop"
+
+    def __post_init__(self) -> None:
+        if self.pool not in POOLS:
+            raise ConfigError(f"--pool must be one of {', '.join(POOLS)} (got {self.pool!r})")
+        if self.patch_mode not in PATCH_MODES:
+            raise ConfigError(
+                f"--patch-mode must be one of {', '.join(PATCH_MODES)} (got {self.patch_mode!r})"
+            )
+        if self.onnx_output and not self.onnx:
+            raise ConfigError("--onnx-output needs --onnx FILE")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["input_spec"] = self.input_spec.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ExtractorConfig":
+        data = dict(data)
+        data["input_spec"] = InputSpec.from_dict(data.get("input_spec") or {})
+        return cls(**data)
+
+    def key(self) -> str:
+        """Stable identity of the descriptors this configuration produces.
+
+        Weight files (ONNX model, torch checkpoint) are identified by their content, so
+        replacing a file under the same name does not reuse stale descriptors.
+        """
+        ident = self.to_dict()
+        if self.onnx:
+            ident["onnx"] = file_digest(self.onnx)
+            for k in ("backbone", "weights", "layer"):
+                ident.pop(k)
+        elif self.weights not in ("none", "DEFAULT") and Path(self.weights).is_file():
+            ident["weights"] = file_digest(self.weights)
+        blob = json.dumps(ident, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Settings applied after extraction: which windows, whitening, distance."""
+
+    levels: tuple[int, ...] = LEVELS
+    query_levels: tuple[int, ...] | None = None
+    pca_dim: int = 256
+    aggregate: str = "min"
+
+    def __post_init__(self) -> None:
+        for name, levels in (("--levels", self.levels), ("--query-levels", self.query_levels)):
+            if levels is None:
+                continue
+            if not levels or any(level not in LEVELS for level in levels):
+                raise ConfigError(f"{name} takes levels from 1,2,3,4 (got {levels!r})")
+        if self.aggregate not in AGGREGATES:
+            raise ConfigError(
+                f"--aggregate must be one of {', '.join(AGGREGATES)} (got {self.aggregate!r})"
+            )
+        if self.pca_dim < 0:
+            raise ConfigError("--pca-dim must be >= 0 (0 turns whitening off)")
+
+    @property
+    def effective_query_levels(self) -> tuple[int, ...]:
+        return self.query_levels or self.levels
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["levels"] = list(self.levels)
+        data["query_levels"] = list(self.query_levels) if self.query_levels else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SearchConfig":
+        data = dict(data)
+        data["levels"] = tuple(data["levels"])
+        if data.get("query_levels"):
+            data["query_levels"] = tuple(data["query_levels"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Throughput knobs: they never change a descriptor."""
+
+    device: str = "auto"
+    batch_size: int = 32
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ConfigError(f"--device must be one of {', '.join(DEVICES)} (got {self.device!r})")
+        if self.batch_size < 1 or self.workers < 0:
+            raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Content hash of a file (BLAKE2b, 128 bits): the identity of an image or weight file."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def parse_levels(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(sorted({int(t) for t in text.split(",") if t.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"levels are a comma list from 1,2,3,4 (got {text!r})")
+
+
+def add_extractor_args(parser: argparse.ArgumentParser, *, search: bool = True) -> None:
+    """Add the extractor flags of SPEC section 2 to a parser (retrieval, classify, benchmarks)."""
+    g = parser.add_argument_group("extractor")
+    g.add_argument("--backbone", default="resnet50", help="torchvision architecture (default resnet50)")
+    g.add_argument(
+        "--weights",
+        default="DEFAULT",
+        help="torchvision weights name (DEFAULT, IMAGENET1K_V2, ...), a checkpoint file, or 'none' for random init",
+    )
+    g.add_argument("--onnx", metavar="FILE", help="use this ONNX model instead of a torch backbone")
+    g.add_argument("--onnx-output", metavar="NAME", help="ONNX tensor to read (the graph is cut there)")
+    g.add_argument(
+        "--input-spec",
+        metavar="K=V,...",
+        help="ONNX preprocessing: size, order=rgb|bgr, scale=1|255, mean, std, dtype=float32|float16",
+    )
+    g.add_argument("--layer", help="torch layer: a torchvision feature_extraction node name, or 'penultimate'")
+    g.add_argument("--pool", default="avg", choices=POOLS, help="pooling of conv maps (default avg)")
+    g.add_argument(
+        "--patch-mode",
+        default="crop",
+        choices=PATCH_MODES,
+        help="crop: run every window through the network; roi: one pass, windows pooled from the map",
+    )
+    if search:
+        g.add_argument("--levels", type=parse_levels, default=LEVELS, help="sub-patch levels of database images (default 1,2,3,4)")
+        g.add_argument("--query-levels", type=parse_levels, default=None, help="sub-patch levels of queries (default: --levels)")
+        g.add_argument("--pca-dim", type=int, default=256, help="PCA-whitening dimension (default 256; 0 = off)")
+        g.add_argument("--aggregate", default="min", choices=AGGREGATES, help="image distance (default min)")
+    g.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when available")
+    g.add_argument("--batch-size", type=int, default=32, help="windows per network batch (default 32)")
+    g.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
+
+
+def extractor_config_from_args(args: argparse.Namespace) -> ExtractorConfig:
+    return ExtractorConfig(
+        backbone=args.backbone,
+        weights=args.weights,
+        onnx=str(Path(args.onnx).resolve()) if args.onnx else None,
+        onnx_output=args.onnx_output,
+        input_spec=InputSpec.parse(args.input_spec),
+        layer=args.layer,
+        pool=args.pool,
+        patch_mode=args.patch_mode,
+    )
+
+
+def search_config_from_args(args: argparse.Namespace) -> SearchConfig:
+    return SearchConfig(
+        levels=args.levels,
+        query_levels=args.query_levels,
+        pca_dim=args.pca_dim,
+        aggregate=args.aggregate,
+    )
+
+
+def runtime_config_from_args(args: argparse.Namespace) -> RuntimeConfig:
+    return RuntimeConfig(device=args.device, batch_size=args.batch_size, workers=args.workers)

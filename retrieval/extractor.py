@@ -1,0 +1,232 @@
+"""Images -> raw window descriptors, batched across images and windows.
+
+Decoding, cropping and resizing run in worker threads (Pillow releases the GIL); the
+network runs in the calling thread on batches that mix windows of several images. Each
+finished image is yielded as soon as all of its windows are pooled, so callers can store
+it before the next one is done (an interrupted run loses at most the images in flight).
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from .config import ExtractorConfig, RuntimeConfig
+from .images import ImageError, load_rgb
+from .patches import RegionSet
+
+GEM_P = 3.0
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to describe: `crop` (pixels x0, y0, x1, y1) restricts it to a box first."""
+
+    path: str
+    regions: tuple[RegionSet, ...]
+    crop: tuple[float, float, float, float] | None = None
+    tag: object = None
+
+
+@dataclass
+class Extracted:
+    job: Job
+    width: int
+    height: int
+    descriptors: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class Skipped:
+    path: str
+    reason: str
+    job: Job | None = None
+
+
+class Extractor:
+    """Turns images into raw (pooled, not yet normalized) descriptors of their windows.
+
+    Parameters are stored only; the network is loaded on first use.
+
+    >>> ex = Extractor(ExtractorConfig(backbone="resnet18", weights="none"))
+    >>> for out in ex.extract([Job("a.jpg", (level_regions(1),))]): ...
+    """
+
+    def __init__(self, config: ExtractorConfig, runtime: RuntimeConfig | None = None) -> None:
+        self.config = config
+        self.runtime = runtime or RuntimeConfig()
+        self._backbone = None
+        self._key: str | None = None
+
+    @property
+    def backbone(self):
+        if self._backbone is None:
+            from .backbone import load_backbone
+
+            self._backbone = load_backbone(self.config, self.runtime.device)
+            if self.config.patch_mode == "roi" and self._backbone.output_kind != "map":
+                raise ValueError(
+                    "--patch-mode roi needs a convolutional feature map, but the chosen "
+                    "layer/output is a vector; pick a conv layer or use --patch-mode crop"
+                )
+        return self._backbone
+
+    @property
+    def key(self) -> str:
+        if self._key is None:
+            self._key = self.config.key()
+        return self._key
+
+    def describe(self) -> dict:
+        return {**self.config.to_dict(), "key": self.key, "backbone_info": self.backbone.describe()}
+
+    def extract(
+        self, jobs: Iterable[Job], *, total: int | None = None, progress: bool = True, desc: str = "extract"
+    ) -> Iterator[Extracted | Skipped]:
+        """Describe every job; yields one Extracted or Skipped per job, in job order."""
+        backbone = self.backbone
+        size = (int(backbone.input_size[0]), int(backbone.input_size[1]))
+        mode, how = self.config.patch_mode, self.config.pool
+        prefetch = max(4, 4 * max(1, self.runtime.workers))
+        pool = cf.ThreadPoolExecutor(max_workers=max(1, self.runtime.workers))
+        bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
+        in_flight: collections.deque[_Pending] = collections.deque()
+        batch: list[np.ndarray] = []
+        owners: list[tuple[_Pending, int]] = []
+
+        def run_batch() -> None:
+            if batch:
+                for (state, slot), feat in zip(owners, backbone(np.stack(batch))):
+                    state.outputs[slot] = feat if mode == "roi" else _pool(feat, how)
+                    state.left -= 1
+                batch.clear()
+                owners.clear()
+
+        def finished() -> Iterator[Extracted | Skipped]:
+            while in_flight and in_flight[0].left == 0:
+                state = in_flight.popleft()
+                bar.update(1)
+                yield state.skipped or Extracted(state.job, *state.size, state.assemble(mode, how))
+
+        try:
+            futures: collections.deque[tuple[Job, cf.Future]] = collections.deque()
+            job_iter = iter(jobs)
+            while True:
+                while len(futures) < prefetch and (job := next(job_iter, None)) is not None:
+                    futures.append((job, pool.submit(_prepare, job, size, mode)))
+                if not futures:
+                    break
+                job, fut = futures.popleft()
+                try:
+                    image_size, inputs = fut.result()
+                except (ImageError, OSError, ValueError) as err:
+                    reason = str(err) if isinstance(err, ImageError) else f"cannot decode: {err}"
+                    in_flight.append(_Pending(job, (0, 0), 0, Skipped(job.path, reason, job)))
+                    yield from finished()
+                    continue
+                state = _Pending(job, image_size, len(inputs))
+                in_flight.append(state)
+                for slot, arr in enumerate(inputs):
+                    batch.append(arr)
+                    owners.append((state, slot))
+                    if len(batch) >= self.runtime.batch_size:
+                        run_batch()
+                        yield from finished()
+            run_batch()
+            yield from finished()
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+            bar.close()
+
+
+class _Pending:
+    """An image whose network inputs are queued; `outputs` fill in as batches run."""
+
+    __slots__ = ("job", "size", "left", "skipped", "outputs")
+
+    def __init__(self, job: Job, size: tuple[int, int], n_inputs: int, skipped: Skipped | None = None):
+        self.job, self.size, self.left, self.skipped = job, size, n_inputs, skipped
+        self.outputs: list = [None] * n_inputs
+
+    def assemble(self, mode: str, how: str) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        if mode == "crop":
+            start = 0
+            for rs in self.job.regions:
+                out[rs.name] = np.stack(self.outputs[start : start + len(rs)]).astype(np.float32)
+                start += len(rs)
+            return out
+        whole = self.outputs[0]
+        mirror = self.outputs[1] if len(self.outputs) > 1 else None
+        for rs in self.job.regions:
+            vecs = []
+            for box, flip in zip(rs.boxes, rs.flips):
+                if flip:
+                    # Pooling is symmetric, so the mirrored window of box b is the mirror
+                    # image's map pooled over the mirrored box.
+                    x0, y0, x1, y1 = box
+                    vecs.append(_roi_pool(mirror, (1 - x1, y0, 1 - x0, y1), how))
+                else:
+                    vecs.append(_roi_pool(whole, box, how))
+            out[rs.name] = np.stack(vecs).astype(np.float32)
+        return out
+
+
+def _prepare(job: Job, size: tuple[int, int], mode: str) -> tuple[tuple[int, int], list[np.ndarray]]:
+    """Decode one image and cut its network inputs (uint8 H x W x 3).
+
+    crop: one input per window, in region-set order. roi: the whole image, plus its
+    mirror if any region set mirrors; windows are pooled from the feature map later.
+    """
+    img = load_rgb(job.path)
+    if job.crop is not None:
+        x0, y0, x1, y1 = job.crop
+        box = (max(0, int(x0)), max(0, int(y0)), min(img.width, int(round(x1))), min(img.height, int(round(y1))))
+        if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+            raise ImageError(f"crop box {job.crop} is empty for a {img.width}x{img.height} image")
+        img = img.crop(box)
+    w, h = img.size
+    out_h, out_w = size
+    if mode == "roi":
+        whole = np.asarray(img.resize((out_w, out_h), Image.BILINEAR))
+        inputs = [whole]
+        if any(rs.flips.any() for rs in job.regions):
+            inputs.append(np.ascontiguousarray(whole[:, ::-1]))
+        return (w, h), inputs
+    scale = np.array([w, h, w, h], dtype=np.float64)
+    inputs = []
+    for rs in job.regions:
+        for box, flip in zip(rs.boxes * scale, rs.flips):
+            piece = img.resize((out_w, out_h), Image.BILINEAR, box=tuple(float(v) for v in box))
+            if flip:
+                piece = piece.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            inputs.append(np.asarray(piece))
+    return (w, h), inputs
+
+
+def _pool(feat: np.ndarray, how: str) -> np.ndarray:
+    """Pool one feature map [C, h, w] into a vector; a vector [C] passes through."""
+    if feat.ndim == 1:
+        return feat.astype(np.float32)
+    flat = feat.reshape(feat.shape[0], -1)
+    if how == "avg":
+        return flat.mean(axis=1)
+    if how == "max":
+        return flat.max(axis=1)
+    return np.mean(np.clip(flat, 1e-6, None) ** GEM_P, axis=1) ** (1.0 / GEM_P)
+
+
+def _roi_pool(fmap: np.ndarray, box, how: str) -> np.ndarray:
+    """Pool the cells of a [C, h, w] map that a relative box covers (at least one cell)."""
+    _, h, w = fmap.shape
+    x0, y0, x1, y1 = box
+    c0 = min(w - 1, int(np.floor(x0 * w + 1e-6)))
+    r0 = min(h - 1, int(np.floor(y0 * h + 1e-6)))
+    c1 = max(c0 + 1, int(np.ceil(x1 * w - 1e-6)))
+    r1 = max(r0 + 1, int(np.ceil(y1 * h - 1e-6)))
+    return _pool(fmap[:, r0:r1, c0:c1], how)

@@ -1,0 +1,85 @@
+"""Descriptors through the feature store: extract only what the store does not hold.
+
+This is the one place where the store and the extractor meet; the index, the classifier
+and the benchmarks all get their descriptors through `describe`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .config import file_digest
+from .extractor import Extracted, Extractor, Job, Skipped
+from .patches import RegionSet, region_set
+from .store import FeatureStore
+
+Crop = tuple[float, float, float, float]
+
+
+@dataclass
+class ImageFeatures:
+    """Raw descriptors of one image: `descriptors[region_name]` is float32 [n, C]."""
+
+    path: str
+    digest: str
+    width: int
+    height: int
+    descriptors: dict[str, np.ndarray]
+    crop: Crop | None = None
+    extracted: bool = False  # False when every region set came from the store
+
+
+def describe(
+    items: Iterable[str | tuple[str, Crop | None]],
+    extractor: Extractor,
+    store: FeatureStore,
+    regions: Sequence[str | RegionSet],
+    *,
+    progress: bool = True,
+    desc: str = "extract",
+) -> Iterator[ImageFeatures | Skipped]:
+    """Yield the descriptors of every item (a path, or (path, crop box in pixels)).
+
+    Store hits are yielded first, then extractions as they finish; each extraction is
+    committed to the store before it is yielded. Unreadable inputs come out as Skipped.
+    """
+    sets = [r if isinstance(r, RegionSet) else region_set(r) for r in regions]
+    names = [rs.name for rs in sets]
+    key = extractor.key
+    store.register_config(key, extractor.config.to_dict())
+    misses: list[Job] = []
+    for item in items:
+        path, crop = (item, None) if isinstance(item, str) else item
+        try:
+            digest = file_digest(path)
+        except FileNotFoundError:
+            yield Skipped(path, "file not found")
+            continue
+        except IsADirectoryError:
+            yield Skipped(path, "is a directory")
+            continue
+        except OSError as err:
+            yield Skipped(path, f"cannot read: {err.strerror or err}")
+            continue
+        if crop is not None:
+            digest = f"{digest}:crop:{','.join(f'{v:.1f}' for v in crop)}"
+        found = store.get(digest, key, names)
+        size = store.image_size(digest) if found else None
+        if size is not None and len(found) == len(names):
+            yield ImageFeatures(path, digest, size[0], size[1], found, crop)
+            continue
+        missing = tuple(rs for rs in sets if rs.name not in found)
+        misses.append(Job(path, missing, crop, tag=(digest, found)))
+    if not misses:
+        return
+    for out in extractor.extract(misses, total=len(misses), progress=progress, desc=desc):
+        if isinstance(out, Skipped):
+            yield out
+            continue
+        digest, found = out.job.tag
+        store.put(digest, key, out.width, out.height, out.descriptors)
+        yield ImageFeatures(
+            out.job.path, digest, out.width, out.height, {**found, **out.descriptors}, out.job.crop, True
+        )

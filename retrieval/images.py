@@ -1,0 +1,107 @@
+"""Reading images and input lists, with a reason for everything that cannot be read."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+# Pillow's own default (about 89 Mpx) warns; twice that raises. We refuse anything above it
+# outright so that one crafted file cannot take the machine's memory.
+MAX_PIXELS = 89_478_485
+
+
+class ImageError(Exception):
+    """An input that cannot be used; `str(err)` is the reason shown to the user."""
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode `path` fully into an RGB image, upright per its EXIF orientation.
+
+    Grayscale, palette, CMYK, RGBA (composited on white) and 16-bit images are
+    converted. Raises ImageError with a reason for anything unusable.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageError("file not found")
+    except OSError as err:
+        raise ImageError(f"cannot stat: {err.strerror or err}")
+    if size == 0:
+        raise ImageError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise ImageError(
+                        f"decompression bomb: {img.width}x{img.height} exceeds {MAX_PIXELS} pixels"
+                    )
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return _to_rgb(img)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError(f"decompression bomb: {err}")
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image (unrecognised format)")
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        msg = str(err) or type(err).__name__
+        if "truncated" in msg.lower() or isinstance(err, EOFError):
+            raise ImageError(f"truncated image: {msg}")
+        raise ImageError(f"cannot decode: {msg}")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return img.convert("RGB")
+
+
+def expand_inputs(inputs: Iterable[str]) -> list[str]:
+    """Expand INPUT arguments: files, folders (recursive, image suffixes) and @list.txt.
+
+    Paths are returned absolute and in a stable order. A path given explicitly is kept
+    even if it is missing or has an odd suffix, so that it is reported as skipped.
+    """
+    out: list[str] = []
+    for item in inputs:
+        if item.startswith("@"):
+            listing = Path(item[1:])
+            if not listing.is_file():
+                raise FileNotFoundError(f"list file not found: {listing}")
+            base = listing.resolve().parent
+            for line in listing.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    p = Path(line)
+                    out.append(str(p if p.is_absolute() else (base / p).resolve()))
+        elif os.path.isdir(item):
+            for root, dirs, files in os.walk(item):
+                dirs.sort()
+                for name in sorted(files):
+                    if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                        out.append(str(Path(root, name).resolve()))
+        else:
+            out.append(str(Path(item).resolve()))
+    seen: set[str] = set()
+    return [p for p in out if not (p in seen or seen.add(p))]

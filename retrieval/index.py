@@ -1,0 +1,480 @@
+"""`Index`: a directory holding an image collection ready for sub-patch search.
+
+Layout of INDEX_DIR:
+- `index.json`       extractor and search configuration, index type, store path
+- `manifest.sqlite`  the images (path, content digest, size): the source of truth
+- `whitening.npz`    the PCA-whitening, learned once (on the database or `whiten_on`)
+- `vectors-G.npy`, `faiss-G.index`, `state.json`  derived from the manifest at generation G
+
+Raw descriptors live in the feature store (shared, keyed by content). Every image is
+committed to the store and then to the manifest in its own transaction, and derived
+files are written under a new name and published by an atomic rename of `state.json`.
+So a process killed at any moment leaves an index whose manifest is consistent; stale
+derived files are rebuilt from the store, without re-extraction, on the next use.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from . import kernel
+from .ann import VectorIndex
+from .config import ExtractorConfig, RuntimeConfig, SearchConfig, file_digest
+from .extractor import Extractor, Skipped
+from .features import Crop, ImageFeatures, describe
+from .manifest import Manifest
+from .patches import level_names, level_regions, pixel_boxes
+from .search import rank
+from .store import FeatureStore, default_store_path
+from .whitening import PCAWhitening
+
+FORMAT_VERSION = 1
+
+
+class IndexUsageError(RuntimeError):
+    """Not an index, or an index that cannot be used as asked (usage error, exit 2)."""
+
+
+@dataclass
+class Report:
+    """Outcome of build/add/remove, as in the CLI's JSON."""
+
+    index: str
+    added: int = 0
+    already_present: int = 0
+    removed: int = 0
+    skipped: list[dict] = field(default_factory=list)
+    images: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "index": self.index,
+            "added": self.added,
+            "already_present": self.already_present,
+            "removed": self.removed,
+            "skipped": self.skipped,
+            "images": self.images,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass
+class Hit:
+    rank: int
+    path: str
+    distance: float
+    query_box: list[float]
+    db_box: list[float]
+
+    def to_dict(self) -> dict:
+        return {
+            "rank": self.rank,
+            "path": self.path,
+            "distance": self.distance,
+            "query_box": self.query_box,
+            "db_box": self.db_box,
+        }
+
+
+@dataclass
+class QueryResult:
+    query: str
+    hits: list[Hit]
+
+    def to_dict(self) -> dict:
+        return {"query": self.query, "hits": [h.to_dict() for h in self.hits]}
+
+
+class Index:
+    """An on-disk searchable collection. Create with `Index.create`, reopen with `Index.open`.
+
+    >>> idx = Index.create("my-index", ExtractorConfig(backbone="resnet18", weights="none"))
+    >>> idx.add(["photos/"])            # doctest: +SKIP
+    >>> idx.search(["query.jpg"], k=5)  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | Path, meta: dict, runtime: RuntimeConfig | None = None) -> None:
+        self.path = Path(path)
+        self.meta = meta
+        self.extractor_config = ExtractorConfig.from_dict(meta["extractor"])
+        self.search_config = SearchConfig.from_dict(meta["search"])
+        self.index_type: str | None = meta.get("index_type")
+        self.runtime = runtime or RuntimeConfig()
+        self.manifest = Manifest(self.path / "manifest.sqlite")
+        self._extractor: Extractor | None = None
+        self._store: FeatureStore | None = None
+        self._derived: tuple[np.ndarray, np.ndarray, VectorIndex] | None = None
+        self._whitening: PCAWhitening | None = None
+
+    # -- creation ---------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        extractor: ExtractorConfig,
+        search: SearchConfig | None = None,
+        *,
+        index_type: str | None = None,
+        store: str | Path | None = None,
+        whiten_on: Sequence[str] | None = None,
+        runtime: RuntimeConfig | None = None,
+    ) -> "Index":
+        """Create an index directory, or reopen it if it exists with the same configuration.
+
+        Reopening is what lets an interrupted `build` resume; a different configuration
+        on an existing index is refused rather than mixed.
+        """
+        path = Path(path)
+        search = search or SearchConfig()
+        meta = {
+            "format": FORMAT_VERSION,
+            "extractor": extractor.to_dict(),
+            "search": search.to_dict(),
+            "index_type": index_type,
+            "store": str(Path(store).resolve() if store else default_store_path()),
+            "whiten_on": list(whiten_on) if whiten_on else None,
+        }
+        if (path / "index.json").exists():
+            existing = cls.open(path, runtime=runtime)
+            theirs = {k: existing.meta.get(k) for k in ("extractor", "search", "index_type", "whiten_on")}
+            ours = {k: meta[k] for k in theirs}
+            if theirs != ours:
+                raise IndexUsageError(
+                    f"{path} already holds an index with another configuration; "
+                    "use `retrieval add` to extend it, or build into a new directory"
+                )
+            return existing
+        if path.exists() and any(path.iterdir()):
+            raise IndexUsageError(f"{path} exists and is not an index; choose an empty or new directory")
+        path.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path / "index.json", json.dumps(meta, indent=2, sort_keys=True))
+        return cls.open(path, runtime=runtime)
+
+    @classmethod
+    def open(cls, path: str | Path, *, runtime: RuntimeConfig | None = None) -> "Index":
+        path = Path(path)
+        meta_file = path / "index.json"
+        if not meta_file.is_file():
+            raise IndexUsageError(f"{path} is not an index (no index.json); create one with `retrieval build`")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format") != FORMAT_VERSION:
+            raise IndexUsageError(f"{path}: index format {meta.get('format')} is not supported")
+        return cls(path, meta, runtime)
+
+    def close(self) -> None:
+        self.manifest.close()
+        if self._store is not None:
+            self._store.close()
+
+    def __enter__(self) -> "Index":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- parts --------------------------------------------------------------------------
+    @property
+    def store(self) -> FeatureStore:
+        if self._store is None:
+            self._store = FeatureStore.open(self.meta["store"])
+        return self._store
+
+    @property
+    def extractor(self) -> Extractor:
+        if self._extractor is None:
+            self._extractor = Extractor(self.extractor_config, self.runtime)
+        return self._extractor
+
+    @property
+    def patches_per_image(self) -> int:
+        return sum(level * level for level in self.search_config.levels)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One writer at a time per index (an advisory lock the kernel drops if we die)."""
+        with open(self.path / ".lock", "w") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise IndexUsageError(f"{self.path} is being written by another process")
+            yield
+
+    # -- writing ------------------------------------------------------------------------
+    def add(self, paths: Iterable[str], *, progress: bool = True) -> Report:
+        """Add images (paths) not yet in the index; extraction is skipped for stored ones."""
+        start = time.perf_counter()
+        report = Report(str(self.path))
+        with self._writing():
+            todo = []
+            for path in paths:
+                path = str(Path(path).resolve())
+                try:
+                    digest = file_digest(path)
+                except OSError:
+                    todo.append(path)  # describe() reports why
+                    continue
+                entry = self.manifest.by_path(path)
+                if entry is not None and entry.digest == digest:
+                    report.already_present += 1
+                    continue
+                moved = next((e for e in self.manifest.by_digest(digest) if not os.path.exists(e.path)), None)
+                if moved is not None:
+                    self.manifest.move(moved.id, path)
+                    report.already_present += 1
+                    continue
+                todo.append(path)
+            regions = level_names(self.search_config.levels)
+            for out in describe(todo, self.extractor, self.store, regions, progress=progress, desc="index"):
+                if isinstance(out, Skipped):
+                    report.skipped.append({"path": out.path, "reason": out.reason})
+                    continue
+                self.manifest.add(out.path, out.digest, out.width, out.height)
+                report.added += 1
+            self._refresh(progress=progress)
+        report.images = self.manifest.count()
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def remove(self, paths: Iterable[str]) -> Report:
+        start = time.perf_counter()
+        report = Report(str(self.path))
+        with self._writing():
+            report.removed = self.manifest.remove([str(Path(p).resolve()) for p in paths])
+            self._refresh(progress=False)
+        report.images = self.manifest.count()
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def _raw(self, entries, progress: bool) -> np.ndarray:
+        """Raw descriptors of manifest entries from the store, stacked [n * P, C]."""
+        names = level_names(self.search_config.levels)
+        key = self.extractor.key
+        out = []
+        for entry in entries:
+            got = self.store.get(entry.digest, key, names)
+            if len(got) != len(names):
+                raise RuntimeError(
+                    f"the feature store {self.store.path} lacks descriptors of {entry.path}; "
+                    "re-add it (`retrieval remove` then `retrieval add`)"
+                )
+            out.extend(got[n] for n in names)
+        return np.concatenate(out) if out else np.empty((0, 0), np.float32)
+
+    def _fit_whitening(self, progress: bool) -> PCAWhitening:
+        sources = self.meta.get("whiten_on")
+        if sources:
+            from .images import expand_inputs
+
+            feats = [
+                f
+                for f in describe(
+                    expand_inputs(sources), self.extractor, self.store,
+                    level_names(self.search_config.levels), progress=progress, desc="whiten-on",
+                )
+                if isinstance(f, ImageFeatures)
+            ]
+            if not feats:
+                raise IndexUsageError(f"--whiten-on {sources}: no readable images")
+            raw = np.concatenate([f.descriptors[n] for f in feats for n in level_names(self.search_config.levels)])
+        else:
+            raw = self._raw(self.manifest.entries(), progress)
+        return PCAWhitening(self.search_config.pca_dim).fit(raw)
+
+    @property
+    def whitening(self) -> PCAWhitening | None:
+        if self._whitening is None and (self.path / "whitening.npz").exists():
+            self._whitening = PCAWhitening.load(self.path / "whitening.npz")
+        return self._whitening
+
+    def _state(self) -> dict:
+        try:
+            return json.loads((self.path / "state.json").read_text())
+        except FileNotFoundError:
+            return {"generation": -1}
+
+    def _refresh(self, progress: bool) -> None:
+        """Bring the derived files up to the manifest's generation (caller holds the lock)."""
+        generation = self.manifest.generation
+        state = self._state()
+        if state["generation"] == generation:
+            return
+        entries = self.manifest.entries()
+        if not entries:
+            self._publish(generation, np.empty(0, np.int64), None, None, state)
+            return
+        whitening = self.whitening
+        if whitening is None:
+            whitening = self._fit_whitening(progress)
+            whitening.save(self.path / "whitening.npz")
+            self._whitening = whitening
+            state = {"generation": -1}
+        ids = np.array([e.id for e in entries], dtype=np.int64)
+        P = self.patches_per_image
+        old_ids = old_vectors = None
+        if state["generation"] >= 0:
+            old_ids = np.load(self.path / f"ids-{state['generation']}.npy")
+            old_vectors = np.load(self.path / f"vectors-{state['generation']}.npy", mmap_mode="r")
+        if old_ids is not None and len(old_ids):
+            keep = np.isin(old_ids, ids)
+            kept_vectors = old_vectors.reshape(len(old_ids), P, -1)[keep].reshape(-1, old_vectors.shape[1])
+            known = set(old_ids[keep].tolist())
+            appended_only = bool(keep.all())
+        else:
+            kept_vectors, known, appended_only = None, set(), False
+        new_entries = [e for e in entries if e.id not in known]
+        new_vectors = whitening.transform(self._raw(new_entries, progress)) if new_entries else None
+        parts = [v for v in (kept_vectors, new_vectors) if v is not None and len(v)]
+        vectors = np.ascontiguousarray(np.concatenate(parts).astype(np.float32))
+        order = np.concatenate([old_ids[keep] if kept_vectors is not None else np.empty(0, np.int64),
+                                np.array([e.id for e in new_entries], dtype=np.int64)])
+        ann = None
+        if appended_only and new_vectors is not None and (self.path / f"faiss-{state['generation']}.index").exists():
+            ann = VectorIndex.load(self.path / f"faiss-{state['generation']}.index", self.index_type, self.runtime.device)
+            ann.add(new_vectors)
+        elif appended_only and new_vectors is None:
+            ann = VectorIndex.load(self.path / f"faiss-{state['generation']}.index", self.index_type, self.runtime.device)
+        if ann is None:
+            ann = VectorIndex(vectors.shape[1], self.index_type, self.runtime.device)
+            ann.add(vectors)
+        self._publish(generation, order, vectors, ann, state)
+
+    def _publish(self, generation: int, ids: np.ndarray, vectors, ann, old_state: dict) -> None:
+        """Write generation-stamped derived files, then switch state.json to them atomically."""
+        g = generation
+        _atomic_save_npy(self.path / f"ids-{g}.npy", ids)
+        if vectors is not None:
+            _atomic_save_npy(self.path / f"vectors-{g}.npy", vectors)
+            ann.save(self.path / f"faiss-{g}.index")
+        dim = int(vectors.shape[1]) if vectors is not None else (self.whitening.output_dim if self.whitening else 0)
+        _atomic_write(
+            self.path / "state.json",
+            json.dumps({"generation": g, "images": int(len(ids)), "dim": dim}),
+        )
+        self._derived = None
+        for stale in self.path.iterdir():
+            name = stale.name
+            if name.endswith(".tmp") or (
+                name.split("-")[0] in ("ids", "vectors", "faiss") and not name.startswith(
+                    (f"ids-{g}.", f"vectors-{g}.", f"faiss-{g}.")
+                )
+            ):
+                stale.unlink(missing_ok=True)
+
+    def _load_derived(self) -> tuple[np.ndarray, np.ndarray, VectorIndex | None]:
+        if self._derived is None:
+            if self._state()["generation"] != self.manifest.generation:
+                with self._writing():
+                    self._refresh(progress=False)
+            g = self._state()["generation"]
+            ids = np.load(self.path / f"ids-{g}.npy")
+            if len(ids) == 0:
+                self._derived = (ids, np.empty((0, 1), np.float32), None)
+            else:
+                vectors = np.load(self.path / f"vectors-{g}.npy")
+                ann = VectorIndex.load(self.path / f"faiss-{g}.index", self.index_type, self.runtime.device)
+                self._derived = (ids, vectors, ann)
+        return self._derived
+
+    # -- reading ------------------------------------------------------------------------
+    def search(
+        self,
+        queries: Sequence[str | tuple[str, Crop | None]],
+        k: int | None = 10,
+        *,
+        query_levels: Sequence[int] | None = None,
+        aggregate: str | None = None,
+        progress: bool = False,
+        skipped: list | None = None,
+    ) -> list[QueryResult]:
+        """Rank the index for each query image (a path, or (path, crop box in pixels)).
+
+        k=None returns every image. Unreadable queries are left out of the result and
+        appended to `skipped` as {"path", "reason"} when a list is given.
+        """
+        ids, vectors, ann = self._load_derived()
+        entries = {e.id: e for e in self.manifest.entries()}
+        db = [entries[i] for i in ids.tolist()]
+        levels = tuple(query_levels or self.search_config.effective_query_levels)
+        aggregate = aggregate or self.search_config.aggregate
+        whitening = self.whitening
+        db_layout = np.concatenate([level_regions(lv).boxes for lv in self.search_config.levels])
+        q_layout = np.concatenate([level_regions(lv).boxes for lv in levels])
+        results = []
+        feats = describe(queries, self.extractor, self.store, level_names(levels), progress=progress, desc="query")
+        order = {(q if isinstance(q, str) else q[0], None if isinstance(q, str) else q[1]): i for i, q in enumerate(queries)}
+        collected: dict[int, QueryResult] = {}
+        for f in feats:
+            if isinstance(f, Skipped):
+                if skipped is not None:
+                    skipped.append({"path": f.path, "reason": f.reason})
+                continue
+            raw = np.concatenate([f.descriptors[n] for n in level_names(levels)])
+            q = whitening.transform(raw)
+            r = rank(q, vectors, self.patches_per_image, ann, k, aggregate)
+            qboxes = pixel_boxes(q_layout, f.width, f.height)
+            if f.crop is not None:
+                qboxes = qboxes + np.array([f.crop[0], f.crop[1], f.crop[0], f.crop[1]])
+            hits = []
+            for pos, (img, dist, qp, dp) in enumerate(zip(r.images, r.distances, r.query_patch, r.db_patch)):
+                e = db[img]
+                hits.append(
+                    Hit(
+                        pos + 1, e.path, float(dist),
+                        _box(qboxes[qp]), _box(pixel_boxes(db_layout[dp], e.width, e.height)),
+                    )
+                )
+            collected[order[(f.path, f.crop)]] = QueryResult(f.path, hits)
+        return [collected[i] for i in sorted(collected)]
+
+    def info(self) -> dict:
+        """Counts and configuration, as `retrieval info --json` prints them."""
+        images = self.manifest.count()
+        state = self._state()
+        whitening = self.whitening
+        dim = whitening.output_dim if whitening is not None else int(state.get("dim", 0))
+        ann = VectorIndex(max(dim, 1), self.index_type, self.runtime.device)
+        return {
+            "images": images,
+            "patches": images * self.patches_per_image,
+            "dim": dim,
+            "extractor": self.extractor_config.to_dict(),
+            "search": self.search_config.to_dict(),
+            "index_type": ann.factory,
+            "faiss_device": ann.device_name,
+            "native_kernel": kernel.describe(),
+            "store": self.meta["store"],
+            "up_to_date": state["generation"] == self.manifest.generation,
+            "path": str(self.path),
+        }
+
+
+def _box(b: np.ndarray) -> list[float]:
+    return [round(float(v), 1) for v in b]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "wb") as fh:
+        np.save(fh, array)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

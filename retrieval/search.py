@@ -1,0 +1,63 @@
+"""Ranking: FAISS proposes candidate images, the native kernel scores them exactly.
+
+Image distance is the minimum (or the mean over query windows of the minimum) of the
+Euclidean distances between window descriptors. FAISS only narrows the field: each
+query window's nearest database windows name candidate images, which the kernel then
+scores over all their window pairs. Below `exact_limit` images every image is scored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import kernel
+from .ann import VectorIndex
+
+EXACT_LIMIT = 20_000
+
+
+@dataclass
+class Ranking:
+    """Images sorted by distance: positions into the database, with the deciding windows."""
+
+    images: np.ndarray  # int64 row numbers of database images
+    distances: np.ndarray  # float32
+    query_patch: np.ndarray  # int32, window index within the query
+    db_patch: np.ndarray  # int32, window index within the database image
+
+
+def rank(
+    query: np.ndarray,
+    vectors: np.ndarray,
+    patches_per_image: int,
+    ann: VectorIndex | None,
+    k: int | None,
+    aggregate: str = "min",
+    exact_limit: int = EXACT_LIMIT,
+) -> Ranking:
+    """Rank the database for one query ([nq, d] unit vectors); k=None ranks every image."""
+    n_images = len(vectors) // patches_per_image if patches_per_image else 0
+    offsets = np.arange(n_images + 1, dtype=np.int64) * patches_per_image
+    if n_images == 0:
+        empty = np.empty(0, dtype=np.int64)
+        return Ranking(empty, empty.astype(np.float32), empty.astype(np.int32), empty.astype(np.int32))
+    candidates = None
+    if k is not None and n_images > exact_limit and ann is not None:
+        candidates = _candidates(query, ann, patches_per_image, k)
+    dist, qp, dp = kernel.patch_distances(query, vectors, offsets, candidates, aggregate)
+    ids = np.arange(n_images, dtype=np.int64) if candidates is None else candidates
+    if k is not None and k < len(dist):
+        top = np.argpartition(dist, k - 1)[:k]
+        order = top[np.lexsort((ids[top], dist[top]))]
+    else:
+        order = np.lexsort((ids, dist))
+    return Ranking(ids[order], dist[order], qp[order], dp[order])
+
+
+def _candidates(query: np.ndarray, ann: VectorIndex, patches_per_image: int, k: int) -> np.ndarray:
+    """Images owning any of the nearest windows of any query window."""
+    per_patch = max(4 * k, 64)
+    _, ids = ann.search(query, per_patch)
+    ids = ids[ids >= 0]
+    return np.unique(ids // patches_per_image).astype(np.int64)

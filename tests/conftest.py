@@ -1,0 +1,67 @@
+"""Shared fixtures: generated images, a tiny random-init extractor, ../shared when present."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+MOBILENET = SHARED / "weights" / "mobilenetv2-12-int8.onnx"
+
+# Random-init ResNet-18 fed 64x64 windows: real network, real arithmetic, fast on 2 cores.
+TINY_FLAGS = ["--backbone", "resnet18", "--weights", "none", "--input-spec", "size=64",
+              "--levels", "1,2", "--pca-dim", "16", "--batch-size", "16", "--quiet"]
+
+
+def needs_shared(*parts: str):
+    """Skip (with the reason) when a file or folder of ../shared is absent."""
+    path = SHARED.joinpath(*parts)
+    return pytest.mark.skipif(not path.exists(), reason=f"{path} is absent (../shared not mounted)")
+
+
+def make_scene(seed: int, size=(160, 120)) -> Image.Image:
+    """A distinct synthetic photo: coloured shapes on a gradient."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    bg = np.clip(rng.uniform(0, 255, 3) + xx[..., None] * rng.uniform(-1, 1, 3), 0, 255)
+    img = Image.fromarray(bg.astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    for _ in range(10):
+        x0, y0 = int(rng.integers(0, w - 10)), int(rng.integers(0, h - 10))
+        box = (x0, y0, x0 + int(rng.integers(8, 60)), y0 + int(rng.integers(8, 50)))
+        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.integers(2) else draw.rectangle)(box, fill=fill)
+    return img
+
+
+@pytest.fixture
+def image_dir(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):
+        make_scene(i).save(folder / f"img{i}.jpg", quality=90)
+    return folder
+
+
+@pytest.fixture
+def store_env(tmp_path, monkeypatch) -> Path:
+    """Point the default feature store at a per-test file (never the user's cache)."""
+    path = tmp_path / "features.sqlite"
+    monkeypatch.setenv("RETRIEVAL_STORE", str(path))
+    return path
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python -m retrieval.cli ...` the way a user runs `retrieval ...`."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "retrieval.cli", *args],
+        capture_output=True, text=True, env=full_env, timeout=timeout,
+    )
