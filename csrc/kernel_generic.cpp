@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <cstring>
 #include <emmintrin.h>
+#include <xmmintrin.h>
 
 #include "kernel_common.h"
 

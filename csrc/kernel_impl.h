@@ -13,23 +13,34 @@
 // No standard-library templates here (see kernel_common.h).
 
 static constexpr int BLK = W * NVMAX;
+#ifndef PF_TILES
+#define PF_TILES 2
+#endif
+#ifndef KCF
+#define KCF 4096
+#endif
 
+// Depth of a k panel: the panel of the packed query block (KC * BLK floats = 16 KiB) stays in
+// L1 while every db row tile of the chunk is multiplied against it.
+static constexpr int64_t KC = KCF / BLK;
+
+// C[r*BLK + v*W ..] (+)= X[r*ld + 0..kc) . Qb[0..kc)[v*W ..] for r < R, v < NV.
 template <int NV, int R>
-static inline void micro(const float* __restrict X, int64_t d, const float* __restrict Qb,
-                         float* __restrict C) {
+static inline void micro(const float* __restrict X, int64_t ld, int64_t kc,
+                         const float* __restrict Qb, float* __restrict C, bool accumulate) {
     VEC acc[R][NV];
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[r][v] = vzero();
-    for (int64_t k = 0; k < d; ++k) {
+        for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? vload(C + r * BLK + v * W) : vzero();
+    for (int64_t k = 0; k < kc; ++k) {
         const float* qk = Qb + k * BLK;
         VEC q[NV];
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) q[v] = vload(qk + v * W);
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
-            const VEC b = vbcast(X + r * d + k);
+            const VEC b = vbcast(X + r * ld + k);
 #pragma GCC unroll 4
             for (int v = 0; v < NV; ++v) acc[r][v] = vfma(q[v], b, acc[r][v]);
         }
@@ -42,25 +53,42 @@ static inline void micro(const float* __restrict X, int64_t d, const float* __re
 
 template <int NV, int RR>
 struct Tail {
-    static inline void run(int64_t rem, const float* X, int64_t d, const float* Qb, float* C) {
+    static inline void run(int64_t rem, const float* X, int64_t ld, int64_t kc, const float* Qb,
+                           float* C, bool acc) {
         if (rem == RR)
-            micro<NV, RR>(X, d, Qb, C);
+            micro<NV, RR>(X, ld, kc, Qb, C, acc);
         else
-            Tail<NV, RR - 1>::run(rem, X, d, Qb, C);
+            Tail<NV, RR - 1>::run(rem, X, ld, kc, Qb, C, acc);
     }
 };
 template <int NV>
 struct Tail<NV, 0> {
-    static inline void run(int64_t, const float*, int64_t, const float*, float*) {}
+    static inline void run(int64_t, const float*, int64_t, int64_t, const float*, float*, bool) {}
 };
 
 // C[r*BLK + lane] = dot(X[r], query lane) for r < nrows, lanes < NV*W.
 template <int NV>
 static void gemm_nv(const float* X, int64_t nrows, int64_t d, const float* Qb, float* C) {
     constexpr int R = RT<NV>::value;
-    int64_t r = 0;
-    for (; r + R <= nrows; r += R) micro<NV, R>(X + r * d, d, Qb, C + r * BLK);
-    if (r < nrows) Tail<NV, R - 1>::run(nrows - r, X + r * d, d, Qb, C + r * BLK);
+    for (int64_t k0 = 0; k0 < d; k0 += KC) {
+        const int64_t kc = (d - k0) < KC ? (d - k0) : KC;
+        const bool acc = k0 > 0;
+        int64_t r = 0;
+        for (; r + R <= nrows; r += R) {
+            // Software prefetch of the rows two tiles ahead (this panel's part of them):
+            // the db is streamed from DRAM once and the hardware prefetcher does not follow
+            // R interleaved row streams far enough ahead.
+            const int64_t pr = r + PF_TILES * R;
+            if (pr + R <= nrows)
+                for (int rr = 0; rr < R; ++rr)
+                    for (int64_t k = 0; k < kc; k += 16)
+                        _mm_prefetch((const char*)(X + (pr + rr) * d + k0 + k), _MM_HINT_T0);
+            micro<NV, R>(X + r * d + k0, d, kc, Qb + k0 * BLK, C + r * BLK, acc);
+        }
+        if (r < nrows)
+            Tail<NV, R - 1>::run(nrows - r, X + r * d + k0, d, kc, Qb + k0 * BLK, C + r * BLK,
+                                 acc);
+    }
 }
 
 static void gemm(int nv, const float* X, int64_t nrows, int64_t d, const float* Qb, float* C) {

@@ -170,12 +170,12 @@ def _weights_enum(name: str):
 def _resolve_weights(name: str, weights: str):
     """-> ("none", None) | ("checkpoint", Path) | ("enum", WeightsEnum member)."""
     text = (weights or "none").strip()
+    enum_cls = _weights_enum(name)  # validates the architecture name
     if text.lower() in ("none", "random", "random-init"):
         return "none", None
     path = Path(text).expanduser()
     if path.is_file():
         return "checkpoint", path.resolve()
-    enum_cls = _weights_enum(name)
     key = text.split(".")[-1] if "_Weights." in text else text
     try:
         return "enum", enum_cls[key]
@@ -402,10 +402,12 @@ def _probe(module, size, device, channels_last=False):
         return module(x)
 
 
-def _default_layer(model, names: list[str], size, device) -> tuple[str, bool]:
+def _default_layer(model, names: list[str], size, device) -> tuple[str, bool, tuple]:
     """The last 4-D node whose spatial size follows the input size (the last conv map
-    before global/adaptive pooling); falls back to the last 4-D node with h, w > 1 for
-    networks that only accept one input size. -> (node name, accepts other sizes)."""
+    before global/adaptive pooling), skipping maps with as many channels as the model has
+    outputs (a conv classifier, as in SqueezeNet); falls back to the last 4-D node with
+    h, w > 1 for networks that only accept one input size.
+    -> (node name, accepts other sizes, output shape at `size` without the batch)."""
     torch = _torch()
     fe = _extractor(model, names).to(device)
     small, big = _sizes(size)
@@ -419,15 +421,21 @@ def _default_layer(model, names: list[str], size, device) -> tuple[str, bool]:
     except Exception:
         shapes_b = None
     del fe
+    final = [shapes_a[n] for n in names if n in shapes_a and len(shapes_a[n]) == 2][-1:]
+    n_out = final[0][1] if final else None
+    candidates = [
+        n for n in reversed(names)
+        if len(shapes_a.get(n, ())) == 4 and shapes_a[n][1] != n_out
+    ] or [n for n in reversed(names) if len(shapes_a.get(n, ())) == 4]
     if shapes_b is not None:
-        for n in reversed(names):
-            a, b = shapes_a.get(n), shapes_b.get(n)
-            if a and b and len(a) == 4 and a[2] != b[2] and a[3] != b[3]:
-                return n, True
-    for n in reversed(names):
-        a = shapes_a.get(n)
-        if a and len(a) == 4 and a[2] > 1 and a[3] > 1:
-            return n, False
+        for n in candidates:
+            a, b = shapes_a[n], shapes_b.get(n)
+            if b and len(b) == 4 and a[2] != b[2] and a[3] != b[3]:
+                return n, True, a[1:]
+    for n in candidates:
+        a = shapes_a[n]
+        if a[2] > 1 and a[3] > 1:
+            return n, False, a[1:]
     raise ConfigError(
         f"{type(model).__name__}: found no 4-D feature map to use by default; pass --layer "
         f"(one of ...{', '.join(names[-15:])}) or --layer penultimate"
@@ -462,11 +470,11 @@ def _penultimate(model, size, device):
     try:
         got = _probe(model, size, device)
         if torch.is_tensor(got) and got.shape == expected.shape and torch.equal(got, expected):
-            return model, target
+            return model, target, tuple(got.shape[1:])
     except Exception:
         pass
     setattr(parent, attr, original)
-    return W.InputOf(model, target), target
+    return W.InputOf(model, target), target, tuple(expected.shape[1:])
 
 
 class TorchBackbone(Backbone):
@@ -479,15 +487,16 @@ class TorchBackbone(Backbone):
         self.input_size = tuple(self.spec.size)
         layer = config.layer
         self.node = None
+        shape = dynamic = None  # known from the probes of the default layer / penultimate
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if layer == "penultimate":
-                module, self.node = _penultimate(model, self.input_size, self.device)
+                module, self.node, shape = _penultimate(model, self.input_size, self.device)
                 self.layer = "penultimate"
             else:
                 names = _node_names(model)
                 if layer is None:
-                    node, _ = _default_layer(model, names, self.input_size, self.device)
+                    node, dynamic, shape = _default_layer(model, names, self.input_size, self.device)
                     self.node = node
                     self.layer = _short_name(node, names)
                 else:
@@ -508,20 +517,28 @@ class TorchBackbone(Backbone):
             self.module = self.module.to(memory_format=torch.channels_last)
         # output kind and whether other sizes are accepted
         small, big = _sizes(self.input_size)
-        out = _probe(self.module, small, self.device, self.channels_last)
-        if not torch.is_tensor(out) or out.ndim not in (2, 4):
-            shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        if shape is None:
+            out = _probe(self.module, small, self.device, self.channels_last)
+            if not torch.is_tensor(out) or out.ndim not in (2, 4):
+                got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+                raise ConfigError(
+                    f"--layer {self.layer!r} of {config.backbone} gives {got}; a layer must give a "
+                    "4-D map [N, C, h, w] or a 2-D vector [N, C] (try the default layer or 'penultimate')"
+                )
+            shape = tuple(out.shape[1:])
+        if len(shape) not in (1, 3):
             raise ConfigError(
-                f"--layer {self.layer!r} of {config.backbone} gives {shape}; a layer must give a "
-                "4-D map [N, C, h, w] or a 2-D vector [N, C] (try the default layer or 'penultimate')"
+                f"--layer {self.layer!r} of {config.backbone} gives {shape}; need a 4-D map or a 2-D vector"
             )
-        self.output_kind = "map" if out.ndim == 4 else "vector"
-        self.output_shape = tuple(out.shape[1:])
-        try:
-            out_big = _probe(self.module, big, self.device, self.channels_last)
-            self.dynamic_size = tuple(out_big.shape[:2]) == tuple(out.shape[:2])
-        except Exception:
-            self.dynamic_size = False
+        self.output_kind = "map" if len(shape) == 3 else "vector"
+        self.output_shape = tuple(shape)
+        if dynamic is None:
+            try:
+                out_big = _probe(self.module, big, self.device, self.channels_last)
+                dynamic = tuple(out_big.shape[1:2]) == tuple(shape[:1])
+            except Exception:
+                dynamic = False
+        self.dynamic_size = bool(dynamic)
         a, b = self._affine()
         self._a = torch.as_tensor(a, device=self.device).view(1, 3, 1, 1)
         self._b = torch.as_tensor(b, device=self.device).view(1, 3, 1, 1)

@@ -1,0 +1,543 @@
+#!/usr/bin/env python
+"""Retrieval benchmark: mAP (Holidays, Oxford5k, Paris6k, revisited) or N-S (UKBench).
+
+One run (SPEC section 4):
+
+    python benchmarks/retrieval_map.py --dataset ukbench --root ../shared/data/ukbench \\
+        --onnx ../shared/weights/mobilenetv2-12-int8.onnx --onnx-output 627 \\
+        --levels 1,2,3,4 --query-levels 1,2,3 --aggregate min --pca-dim 256 \\
+        --whiten-on ../shared/data/paris6k-mini/paris --json out.json
+
+builds an index over the dataset's database images (Index.create + add), queries every
+dataset query (cropped to its bounding box for Oxford/Paris), ranks the whole database
+(k=None), maps the hits back to dataset indices and scores them with the official metric
+(`retrieval.evaluate`). It prints a table and, with `--json OUT.json`, writes
+
+    {"dataset", "metric": "mAP"|"ns", "value", "queries", "images", "config", "seconds",
+     + "easy", "medium", "hard", "mp@k" for roxford5k/rparis6k (value = Medium mAP),
+     + "timing": {...}, "skipped": [...], "per_query": [...]}
+
+`--sweep` runs a grid (database/query levels x aggregate x PCA dimension x patch mode)
+and prints one table, a row per combination; `--json` then writes a list of such objects.
+Raw descriptors go through the persistent feature store (`--store`), so re-runs and the
+rows of a sweep extract each (image, extractor configuration, level) once; the
+whitening and the FAISS index are recomputed for each combination.
+
+Timing: "db s/img" and "q s/img" are seconds per image for describing a database image
+(its database levels) and for answering one query (describing it at the query levels +
+ranking the whole database). Because the store caches descriptors, the extraction part is
+measured on a sample of `--timing-sample` images with a throw-away store (a fresh
+extraction, never a cache hit); the ranking part is the measured search time of all the
+queries divided by their number.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from retrieval.config import (  # noqa: E402
+    AGGREGATES,
+    LEVELS,
+    PATCH_MODES,
+    ConfigError,
+    ExtractorConfig,
+    RuntimeConfig,
+    SearchConfig,
+    add_extractor_args,
+    extractor_config_from_args,
+    parse_levels,
+    runtime_config_from_args,
+    search_config_from_args,
+)
+from retrieval.datasets import DATASETS, Dataset, load_dataset  # noqa: E402
+from retrieval.evaluate import evaluate  # noqa: E402
+
+DEFAULT_STORE = ROOT / "benchmarks" / ".cache" / "features.sqlite"
+DATABASE = "database"  # --whiten-on database: learn the whitening on the database itself
+
+
+# ---------------------------------------------------------------------------- arguments
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="retrieval_map.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 1)[1] + _SWEEP_HELP,
+    )
+    p.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="benchmark name (SPEC section 4)")
+    p.add_argument("--root", required=True, metavar="DIR", help="dataset root in its official layout")
+    add_extractor_args(p)
+    p.add_argument(
+        "--whiten-on", metavar="DIR", nargs="+",
+        help="learn the PCA-whitening on these images (folders/files/@list), not on the database: "
+        "the fair protocol. 'database' (or omitting the flag) learns it on the database itself",
+    )
+    p.add_argument("--index-type", metavar="FACTORY", help="FAISS index-factory string (default exact)")
+    p.add_argument(
+        "--store", metavar="FILE", default=None,
+        help=f"persistent feature store shared by runs and sweep rows (default $RETRIEVAL_STORE, "
+        f"else {DEFAULT_STORE.relative_to(ROOT)})",
+    )
+    p.add_argument(
+        "--index-dir", metavar="DIR",
+        help="where the indexes are built, one sub-folder per combination (default: a temporary "
+        "folder removed at the end); an existing index with the same configuration is reused",
+    )
+    p.add_argument("--json", metavar="OUT.json", help="write the result (a list with --sweep) as JSON")
+    p.add_argument(
+        "--json-top", type=int, default=0, metavar="K",
+        help="also put the top-K database paths of every query in the JSON ('rankings')",
+    )
+    p.add_argument(
+        "--timing-sample", type=int, default=16, metavar="N",
+        help="images extracted afresh (throw-away store) to time database and query extraction "
+        "(default 16; 0 = do not time extraction)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("sweep (a grid; one table row per combination)")
+    g.add_argument("--sweep", action="store_true", help="run the grid given by the *-grid flags")
+    g.add_argument(
+        "--levels-grid", metavar="DB[/Q];...",
+        help="';'-separated database level sets, each optionally '/QUERY-LEVELS', e.g. "
+        "'1/1;1,2,3,4/1,2,3' (default: --levels[/--query-levels])",
+    )
+    g.add_argument(
+        "--query-levels-grid", metavar="Q;...",
+        help="';'-separated query level sets crossed with the --levels-grid entries that name "
+        "no '/Q' of their own; '=' means 'same as the database levels', e.g. '1;1,2,3;='",
+    )
+    g.add_argument("--aggregate-grid", metavar="A,...", help="comma list of min,mean-min (default --aggregate)")
+    g.add_argument("--pca-grid", metavar="N,...", help="comma list of PCA dimensions (default --pca-dim)")
+    g.add_argument("--patch-mode-grid", metavar="M,...", help="comma list of crop,roi (default --patch-mode)")
+    g.add_argument(
+        "--whiten-on-grid", metavar="SRC;...",
+        help="';'-separated whitening sources: a folder (or several, ','-separated) or 'database' "
+        "(default --whiten-on)",
+    )
+    return p
+
+
+_SWEEP_HELP = """
+Sweep example (global vs spatial, crop vs roi, three PCA dimensions; 2*2*3*2 = 24 rows,
+global rows have one query window so their aggregate column shows '-', leaving 18):
+
+    python benchmarks/retrieval_map.py --dataset ukbench --root ../shared/data/ukbench \\
+        --onnx ../shared/weights/mobilenetv2-12-int8.onnx --onnx-output 627 \\
+        --whiten-on ../shared/data/paris6k-mini/paris --sweep \\
+        --levels-grid "1/1;1,2,3,4/1,2,3" --aggregate-grid min,mean-min \\
+        --pca-grid 128,256,512 --patch-mode-grid crop,roi --json sweep.json
+"""
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    levels = parse_levels(text)
+    if not levels or any(lv not in LEVELS for lv in levels):
+        raise ConfigError(f"levels are a comma list from 1,2,3,4 (got {text!r})")
+    return levels
+
+
+def _split(text: str | None, sep: str) -> list[str]:
+    return [t.strip() for t in (text or "").split(sep) if t.strip()]
+
+
+def combinations(args: argparse.Namespace) -> list[dict]:
+    """The rows to run: dicts with levels, query_levels, aggregate, pca_dim, patch_mode, whiten_on."""
+    if not args.sweep:
+        return [{
+            "levels": tuple(args.levels),
+            "query_levels": tuple(args.query_levels or args.levels),
+            "aggregate": args.aggregate,
+            "pca_dim": args.pca_dim,
+            "patch_mode": args.patch_mode,
+            "whiten_on": _whiten_sources(args.whiten_on),
+        }]
+    pairs: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    qgrid = _split(args.query_levels_grid, ";")
+    entries = _split(args.levels_grid, ";") or [
+        ",".join(map(str, args.levels)) + ("/" + ",".join(map(str, args.query_levels)) if args.query_levels else "")
+    ]
+    for entry in entries:
+        db_text, _, q_text = entry.partition("/")
+        db = _levels(db_text)
+        if q_text:
+            pairs.append((db, _levels(q_text)))
+        elif qgrid:
+            pairs.extend((db, db if q == "=" else _levels(q)) for q in qgrid)
+        else:
+            pairs.append((db, db))
+    aggregates = _split(args.aggregate_grid, ",") or [args.aggregate]
+    for a in aggregates:
+        if a not in AGGREGATES:
+            raise ConfigError(f"--aggregate-grid takes {', '.join(AGGREGATES)} (got {a!r})")
+    try:
+        pcas = [int(v) for v in _split(args.pca_grid, ",")] or [args.pca_dim]
+    except ValueError:
+        raise ConfigError(f"--pca-grid is a comma list of integers (got {args.pca_grid!r})")
+    modes = _split(args.patch_mode_grid, ",") or [args.patch_mode]
+    for m in modes:
+        if m not in PATCH_MODES:
+            raise ConfigError(f"--patch-mode-grid takes {', '.join(PATCH_MODES)} (got {m!r})")
+    whitens = (
+        [_whiten_sources(_split(w, ",")) for w in _split(args.whiten_on_grid, ";")]
+        if args.whiten_on_grid else [_whiten_sources(args.whiten_on)]
+    )
+    rows, seen = [], set()
+    for mode, whiten, (db, q), pca, agg in itertools.product(modes, whitens, pairs, pcas, aggregates):
+        if q == (1,):
+            agg = "min"  # one query window: min and mean-min are the same distance
+        key = (mode, tuple(whiten or ()), db, q, pca, agg)
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append({"levels": db, "query_levels": q, "aggregate": agg, "pca_dim": pca,
+                     "patch_mode": mode, "whiten_on": whiten})
+    return rows
+
+
+def _whiten_sources(values) -> list[str] | None:
+    """None = the database itself; else absolute paths (so the index config is stable)."""
+    if not values or list(values) == [DATABASE]:
+        return None
+    out = []
+    for v in values:
+        if v == DATABASE:
+            raise ConfigError("--whiten-on database cannot be mixed with folders")
+        if v.startswith("@"):
+            out.append("@" + os.path.abspath(v[1:]))
+        else:
+            if not os.path.exists(v):
+                raise ConfigError(f"--whiten-on {v}: no such file or folder")
+            out.append(os.path.abspath(v))
+    return out
+
+
+# ----------------------------------------------------------------------------- running
+def _queries(dataset: Dataset) -> list:
+    """Index.search inputs: a path, or (path, bbox) for Oxford/Paris (cropped queries)."""
+    return [q.path if q.bbox is None else (q.path, tuple(float(v) for v in q.bbox)) for q in dataset.queries]
+
+
+def _lookup(pos_of: dict, path: str) -> int | None:
+    i = pos_of.get(path)
+    return i if i is not None else pos_of.get(os.path.realpath(path))
+
+
+def run_search(index, dataset: Dataset, query_levels, aggregate, progress: bool, top_k: int = 0):
+    """Rank the whole database for every query; returns (rankings, skipped, seconds, hits)."""
+    items = _queries(dataset)
+    unique = list(dict.fromkeys(items))  # Index.search answers each distinct (path, crop) once
+    pos_of = {os.path.realpath(p): i for i, p in enumerate(dataset.images)}
+    pos_of.update({os.path.abspath(p): i for i, p in enumerate(dataset.images)})
+    # Every database image is scored exactly (the index has fewer images than the ANN
+    # threshold); k only limits how many hits are returned. N-S looks at the top 4 only,
+    # so UKBench asks for 4 (building a million Hit objects per sweep row costs minutes).
+    k = max(4, top_k) if dataset.metric == "ns" else None
+    skipped: list[dict] = []
+    start = time.perf_counter()
+    results = index.search(unique, k=k, query_levels=query_levels, aggregate=aggregate,
+                           progress=progress, skipped=skipped)
+    seconds = time.perf_counter() - start
+    by_item: dict = {}
+    skipped_paths = {s["path"] for s in skipped}
+    it = iter(results)
+    for item in unique:
+        path = item if isinstance(item, str) else item[0]
+        if path in skipped_paths:
+            continue
+        by_item[item] = next(it)
+    rankings, tops = [], []
+    for item in items:
+        res = by_item.get(item)
+        if res is None:  # unreadable query: nothing retrieved (AP 0 / N-S 0)
+            rankings.append(np.empty(0, np.int64))
+            tops.append([])
+            continue
+        ranking = [_lookup(pos_of, h.path) for h in res.hits]
+        ranking = [i for i in ranking if i is not None]
+        rankings.append(np.asarray(ranking, dtype=np.int64))
+        tops.append(res.hits)
+    return rankings, skipped, seconds, tops
+
+
+def time_extraction(config: ExtractorConfig, runtime: RuntimeConfig, items: list, levels, sample: int) -> float | None:
+    """Seconds per image to describe `sample` of `items` at `levels`, with a throw-away store."""
+    from retrieval.extractor import Extractor
+    from retrieval.features import describe
+    from retrieval.patches import level_names
+    from retrieval.store import FeatureStore
+
+    if sample <= 0 or not items:
+        return None
+    step = max(1, len(items) // sample)
+    chosen = items[::step][:sample]
+    extractor = Extractor(config, runtime)
+    _ = extractor.backbone  # load the network outside the timed part
+    with tempfile.TemporaryDirectory(prefix="retrieval-timing-") as tmp:
+        store = FeatureStore.open(Path(tmp) / "t.sqlite")
+        try:
+            # warm-up image (first-batch allocations, thread pools)
+            list(describe(chosen[:1], extractor, store, level_names(levels), progress=False))
+            store.close()
+            store = FeatureStore.open(Path(tmp) / "t2.sqlite")
+            start = time.perf_counter()
+            n = sum(1 for f in describe(chosen, extractor, store, level_names(levels), progress=False)
+                    if not hasattr(f, "reason"))
+            seconds = time.perf_counter() - start
+        finally:
+            store.close()
+    return seconds / max(n, 1)
+
+
+def _index_dir(base: Path, dataset: Dataset, ext: ExtractorConfig, search: SearchConfig,
+               whiten_on, index_type, store: str) -> Path:
+    ident = json.dumps([dataset.name, dataset.root, ext.key(), list(search.levels), search.pca_dim,
+                        whiten_on, index_type, store], sort_keys=True)
+    tag = hashlib.sha256(ident.encode()).hexdigest()[:12]
+    levels = "".join(map(str, search.levels))
+    return base / f"{dataset.name}-{ext.patch_mode}-L{levels}-pca{search.pca_dim}-{tag}"
+
+
+def run_rows(args, dataset: Dataset, rows: list[dict], store: str, index_base: Path) -> list[dict]:
+    from retrieval.index import Index
+
+    base_ext = extractor_config_from_args(args)
+    runtime = runtime_config_from_args(args)
+    progress = not args.quiet
+    timing_cache: dict = {}
+    results = []
+    # one index per (patch mode, whitening source, db levels, pca): aggregate and query
+    # levels are search-time settings, so rows that share an index are run on it together
+    groups: dict = {}
+    for row in rows:
+        key = (row["patch_mode"], tuple(row["whiten_on"] or ()), row["levels"], row["pca_dim"])
+        groups.setdefault(key, []).append(row)
+    for (mode, _, levels, pca), group in groups.items():
+        ext = dataclasses.replace(base_ext, patch_mode=mode)
+        whiten_on = group[0]["whiten_on"]
+        search = SearchConfig(levels=levels, query_levels=group[0]["query_levels"], pca_dim=pca,
+                              aggregate=group[0]["aggregate"])
+        idx_dir = _index_dir(index_base, dataset, ext, search, whiten_on, args.index_type, store)
+        t0 = time.perf_counter()
+        index = Index.create(idx_dir, ext, search, index_type=args.index_type, store=store,
+                             whiten_on=whiten_on, runtime=runtime)
+        with index:
+            report = index.add(dataset.images, progress=progress)
+            build_seconds = time.perf_counter() - t0
+            whitening = index.whitening
+            pca_used = whitening.output_dim if whitening is not None else None
+            for row in group:
+                t1 = time.perf_counter()
+                rankings, skipped, search_seconds, tops = run_search(
+                    index, dataset, row["query_levels"], row["aggregate"], progress, args.json_top)
+                scores = evaluate(dataset, rankings)
+                eval_seconds = time.perf_counter() - t1
+                tkey_db = (mode, levels)
+                if tkey_db not in timing_cache:
+                    timing_cache[tkey_db] = time_extraction(ext, runtime, list(dataset.images), levels, args.timing_sample)
+                tkey_q = (mode, row["query_levels"], "q")
+                if tkey_q not in timing_cache:
+                    timing_cache[tkey_q] = time_extraction(ext, runtime, _queries(dataset), row["query_levels"], args.timing_sample)
+                db_ext, q_ext = timing_cache[tkey_db], timing_cache[tkey_q]
+                nq = max(len(dataset.queries), 1)
+                rank_per_q = search_seconds / nq
+                config = {
+                    "extractor": ext.to_dict(),
+                    "levels": list(levels),
+                    "query_levels": list(row["query_levels"]),
+                    "aggregate": row["aggregate"],
+                    "pca_dim": pca,
+                    "pca_dim_used": pca_used,
+                    "whiten_on": whiten_on or DATABASE,
+                    "index_type": args.index_type,
+                    "store": store,
+                }
+                result = {
+                    "dataset": dataset.name,
+                    "metric": scores["metric"],
+                    "value": float(scores["value"]),
+                    "queries": scores["queries"],
+                    "images": scores["images"],
+                    "config": config,
+                    "seconds": round(build_seconds / len(group) + eval_seconds, 3),
+                }
+                for key in ("easy", "medium", "hard", "mp@k", "kappas", "skipped"):
+                    if key in scores:
+                        result[key if key != "skipped" else "skipped_protocol"] = scores[key]
+                result["timing"] = {
+                    "db_extract_s_per_image": _r(db_ext),
+                    "query_extract_s_per_image": _r(q_ext),
+                    "query_rank_s_per_query": _r(rank_per_q),
+                    "query_s_per_image": _r((q_ext or 0.0) + rank_per_q),
+                    "timing_sample": args.timing_sample,
+                    "build_seconds": round(build_seconds, 3),
+                    "build_extracted_images": report.added,
+                    "search_seconds": round(search_seconds, 3),
+                }
+                result["skipped"] = report.skipped + skipped
+                result["missing_queries"] = dataset.missing_queries
+                result["dropped_positives"] = dataset.dropped_positives
+                result["per_query"] = scores["per_query"]
+                result["command"] = command_line(args, row)
+                if args.json_top > 0:
+                    result["rankings"] = [
+                        {"query": q.name, "path": q.path, "top": [h.path for h in hits[: args.json_top]]}
+                        for q, hits in zip(dataset.queries, tops)
+                    ]
+                results.append(result)
+                if progress:
+                    print(format_row(result), file=sys.stderr, flush=True)
+    return results
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(float(v), 4)
+
+
+# ----------------------------------------------------------------------------- output
+def command_line(args, row: dict) -> str:
+    """The single-run command that reproduces one row."""
+    parts = ["python", "benchmarks/retrieval_map.py", "--dataset", args.dataset, "--root", args.root]
+    if args.onnx:
+        parts += ["--onnx", args.onnx]
+        if args.onnx_output:
+            parts += ["--onnx-output", args.onnx_output]
+        if args.input_spec:
+            parts += ["--input-spec", args.input_spec]
+    else:
+        parts += ["--backbone", args.backbone, "--weights", args.weights]
+        if args.layer:
+            parts += ["--layer", args.layer]
+        if args.input_spec:
+            parts += ["--input-spec", args.input_spec]
+    if args.pool != "avg":
+        parts += ["--pool", args.pool]
+    parts += ["--patch-mode", row["patch_mode"], "--levels", ",".join(map(str, row["levels"])),
+              "--query-levels", ",".join(map(str, row["query_levels"])),
+              "--aggregate", row["aggregate"], "--pca-dim", str(row["pca_dim"])]
+    if row["whiten_on"]:
+        parts += ["--whiten-on", *[os.path.relpath(w) if not w.startswith("@") else w for w in row["whiten_on"]]]
+    if args.index_type:
+        parts += ["--index-type", args.index_type]
+    return " ".join(_quote(p) for p in parts)
+
+
+def _quote(s: str) -> str:
+    import shlex
+
+    return shlex.quote(s)
+
+
+HEADER = ("dataset", "mode", "db lv", "q lv", "agg", "pca", "whiten", "score", "E/M/H mAP",
+          "db s/img", "q s/img", "rank s/q", "s")
+
+
+def format_row(r: dict) -> str:
+    c = r["config"]
+    score = f"N-S {r['value']:.3f}" if r["metric"] == "ns" else f"mAP {100 * r['value']:.2f}"
+    emh = (f"{100 * r['easy']:.1f}/{100 * r['medium']:.1f}/{100 * r['hard']:.1f}" if "easy" in r else "")
+    pca = str(c["pca_dim"]) + (f"({c['pca_dim_used']})" if c["pca_dim_used"] not in (None, c["pca_dim"]) and c["pca_dim"] else "")
+    whiten = c["whiten_on"] if c["whiten_on"] == DATABASE else ",".join(_short(w) for w in c["whiten_on"])
+    agg = "-" if tuple(c["query_levels"]) == (1,) else c["aggregate"]
+    t = r["timing"]
+    cells = (r["dataset"], c["extractor"]["patch_mode"], ",".join(map(str, c["levels"])),
+             ",".join(map(str, c["query_levels"])), agg, pca, whiten, score, emh,
+             _fmt(t["db_extract_s_per_image"]), _fmt(t["query_s_per_image"]),
+             _fmt(t["query_rank_s_per_query"]), f"{r['seconds']:.1f}")
+    return " | ".join(cells)
+
+
+def _short(path: str) -> str:
+    p = Path(path)
+    return "/".join(p.parts[-2:]) if len(p.parts) >= 2 else str(p)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def print_table(results: list[dict]) -> None:
+    rows = [HEADER] + [tuple(format_row(r).split(" | ")) for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    print("\n".join(lines))
+    if results:
+        r = results[0]
+        print(f"{r['queries']} queries, {r['images']} database images"
+              + (f"; {r['missing_queries']} ground-truth queries absent from disk" if r.get("missing_queries") else "")
+              + (f"; {len(r['skipped'])} inputs skipped" if r["skipped"] else ""))
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        cpu = next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), cpu)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        search_config_from_args(args)  # validates --levels/--pca-dim/--aggregate
+        extractor_config_from_args(args)
+        rows = combinations(args)
+        dataset = load_dataset(args.dataset, args.root)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"retrieval_map.py: error: {err}", file=sys.stderr)
+        return 2
+    if not dataset.queries:
+        print(f"retrieval_map.py: error: no query of {args.dataset} is present under {args.root}", file=sys.stderr)
+        return 2
+    store = str(Path(args.store or os.environ.get("RETRIEVAL_STORE") or DEFAULT_STORE).resolve())
+    Path(store).parent.mkdir(parents=True, exist_ok=True)
+    tmp = None
+    if args.index_dir:
+        index_base = Path(args.index_dir)
+        index_base.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="retrieval-map-")
+        index_base = Path(tmp.name)
+    try:
+        results = run_rows(args, dataset, rows, store, index_base)
+    except ConfigError as err:
+        print(f"retrieval_map.py: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    info = machine()
+    for r in results:
+        r["machine"] = info
+    print_table(results)
+    print(f"total {time.perf_counter() - start:.1f} s on {info['cpu']} ({info['cores']} cores)")
+    if args.json:
+        payload = results if args.sweep else results[0]
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(payload, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

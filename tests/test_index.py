@@ -1,0 +1,100 @@
+"""The Index API: build, persist, reopen, search, remove, move, resume."""
+import shutil
+
+import numpy as np
+import pytest
+
+from retrieval import ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchConfig
+from retrieval.index import IndexUsageError
+
+from conftest import make_scene
+
+CONFIG = ExtractorConfig(backbone="resnet18", weights="none", input_spec=InputSpec(size=(64, 64)))
+SEARCH = SearchConfig(levels=(1, 2), pca_dim=16)
+
+
+def _create(path, store, **kw):
+    return Index.create(path, CONFIG, SEARCH, store=store, runtime=RuntimeConfig(batch_size=16), **kw)
+
+
+def test_build_search_reopen_round_trip(tmp_path, image_dir):
+    paths = sorted(str(p) for p in image_dir.iterdir())
+    with _create(tmp_path / "idx", tmp_path / "s.sqlite") as idx:
+        report = idx.add(paths, progress=False)
+        assert (report.added, report.already_present, report.images) == (6, 0, 6)
+        before = idx.search(paths, k=3)
+        info = idx.info()
+    assert info["images"] == 6 and info["patches"] == 30 and info["dim"] == 16
+    assert info["native_kernel"].startswith("retrieval._kernel")
+    # Every image finds itself first, at distance 0, through the same window.
+    for path, result in zip(paths, before):
+        top = result.hits[0]
+        assert top.path == path and top.distance == pytest.approx(0, abs=1e-3)
+        assert top.query_box == top.db_box
+        assert [h.rank for h in result.hits] == [1, 2, 3]
+        assert all(a.distance <= b.distance for a, b in zip(result.hits, result.hits[1:]))
+    with Index.open(tmp_path / "idx") as idx:
+        after = idx.search(paths, k=3)
+    assert [[(h.path, h.distance) for h in r.hits] for r in after] == \
+        [[(h.path, h.distance) for h in r.hits] for r in before]
+
+
+def test_transformed_crop_finds_its_source(tmp_path, image_dir):
+    query = tmp_path / "query.jpg"
+    make_scene(4).crop((20, 10, 150, 110)).rotate(4).resize((110, 85)).save(query)
+    with _create(tmp_path / "idx", tmp_path / "s.sqlite") as idx:
+        idx.add([str(p) for p in image_dir.iterdir()], progress=False)
+        hits = idx.search([str(query)], k=6)[0].hits
+    assert hits[0].path.endswith("img4.jpg")
+    qx0, qy0, qx1, qy1 = hits[0].query_box
+    assert 0 <= qx0 < qx1 <= 110 and 0 <= qy0 < qy1 <= 85  # boxes in the query's pixels
+
+
+def test_add_is_idempotent_and_remove_works(tmp_path, image_dir):
+    paths = sorted(str(p) for p in image_dir.iterdir())
+    with _create(tmp_path / "idx", tmp_path / "s.sqlite") as idx:
+        idx.add(paths[:4], progress=False)
+        report = idx.add(paths, progress=False)
+        assert (report.added, report.already_present, report.images) == (2, 4, 6)
+        report = idx.remove([paths[0], paths[1], str(tmp_path / "never-added.jpg")])
+        assert (report.removed, report.images) == (2, 4)
+        hits = idx.search([paths[0]], k=10)[0].hits
+        assert {h.path for h in hits} == set(paths[2:])
+        assert idx.info()["patches"] == 4 * 5
+
+
+def test_moved_file_is_recognised_by_content(tmp_path, image_dir):
+    with _create(tmp_path / "idx", tmp_path / "s.sqlite") as idx:
+        idx.add([str(p) for p in image_dir.iterdir()], progress=False)
+        moved = tmp_path / "elsewhere.jpg"
+        shutil.move(image_dir / "img5.jpg", moved)
+        report = idx.add([str(moved)], progress=False)
+        assert (report.added, report.already_present, report.images) == (0, 1, 6)
+        assert idx.search([str(moved)], k=1)[0].hits[0].path == str(moved)
+
+
+def test_existing_index_with_other_config_is_refused(tmp_path, image_dir):
+    with _create(tmp_path / "idx", tmp_path / "s.sqlite"):
+        pass
+    with pytest.raises(IndexUsageError, match="another configuration"):
+        Index.create(tmp_path / "idx", CONFIG, SearchConfig(levels=(1,), pca_dim=16), store=tmp_path / "s.sqlite")
+    with pytest.raises(IndexUsageError, match="not an index"):
+        Index.open(tmp_path / "nothing-here")
+
+
+def test_whiten_on_another_set_and_ivf_index(tmp_path, image_dir):
+    other = tmp_path / "other"
+    other.mkdir()
+    for i in range(10, 16):
+        make_scene(i).save(other / f"o{i}.jpg")
+    paths = sorted(str(p) for p in image_dir.iterdir())
+    with _create(tmp_path / "idx", tmp_path / "s.sqlite", whiten_on=[str(other)], index_type="IVF2,Flat") as idx:
+        idx.add(paths, progress=False)
+        info = idx.info()
+        hits = idx.search(paths[:1], k=2)[0].hits
+    assert info["index_type"] == "IVF2,Flat" and info["images"] == 6
+    assert hits[0].path == paths[0]
+    # The whitening was fit on the other set, not on the database.
+    with _create(tmp_path / "idx2", tmp_path / "s.sqlite") as own:
+        own.add(paths, progress=False)
+        assert not np.allclose(own.whitening.mean_, Index.open(tmp_path / "idx").whitening.mean_)
