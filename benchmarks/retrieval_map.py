@@ -10,7 +10,8 @@ One run (SPEC section 4):
 
 builds an index over the dataset's database images (Index.create + add), queries every
 dataset query (cropped to its bounding box for Oxford/Paris), ranks the whole database
-(k=None), maps the hits back to dataset indices and scores them with the official metric
+(k=None; for UKBench every image is still scored exactly, but only the top 4 that N-S
+reads are returned, or the top `--json-top`), maps the hits back to dataset indices and scores them with the official metric
 (`retrieval.evaluate`). It prints a table and, with `--json OUT.json`, writes
 
     {"dataset", "metric": "mAP"|"ns", "value", "queries", "images", "config", "seconds",

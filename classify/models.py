@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
-from scipy.optimize import minimize
 from scipy.special import expit, log_expit, logsumexp
 
 from . import metrics
@@ -99,7 +98,7 @@ def to_indicator(labels: Sequence, classes: Sequence[str]) -> np.ndarray:
 # --------------------------------------------------------------------------- logreg
 
 
-def _objective(w: np.ndarray, X: np.ndarray, Y: np.ndarray, C: float, softmax: bool):
+def _objective(w: np.ndarray, X: np.ndarray, XT: np.ndarray, Y: np.ndarray, C: float, softmax: bool):
     n, D = X.shape
     K = Y.shape[1]
     W = w[: D * K].reshape(K, D)
@@ -115,8 +114,66 @@ def _objective(w: np.ndarray, X: np.ndarray, Y: np.ndarray, C: float, softmax: b
     G /= n
     reg = 1.0 / (C * n)
     f = loss + 0.5 * reg * float(np.sum(W * W))
-    gW = G.T @ X + reg * W
+    # XT is X transposed and contiguous: G.T @ X on a strided view is several times slower.
+    gW = (XT @ G).T + reg * W
     return f, np.concatenate([gW.ravel(), G.sum(axis=0)])
+
+
+def lbfgs(fun, x0: np.ndarray, *, max_iter: int = MAX_ITER, m: int = 10, gtol: float = 1e-5,
+          ftol: float = 1e-10) -> tuple[np.ndarray, int]:
+    """Minimise `fun` (returns value, gradient) by L-BFGS with Armijo backtracking.
+
+    Returns (x, iterations). Written here because scipy's L-BFGS-B spends ~10x longer
+    per iteration than the objective itself at 10k+ variables (a 45-C sweep on 3k images
+    x 1280 dims took minutes); the two-loop recursion below costs O(m n).
+    Stops when max|grad| <= gtol or the relative decrease of f falls below ftol.
+    """
+    x = np.array(x0, dtype=np.float64)
+    f, g = fun(x)
+    hist: list[tuple[np.ndarray, np.ndarray, float]] = []
+    nit = 0
+    while nit < max_iter and np.max(np.abs(g)) > gtol:
+        q = g.copy()
+        alphas = []
+        for s, y, rho in reversed(hist):
+            a = rho * float(s @ q)
+            q -= a * y
+            alphas.append(a)
+        if hist:
+            s, y, _ = hist[-1]
+            q *= float(s @ y) / float(y @ y)
+        else:
+            q /= max(float(np.linalg.norm(g)), 1e-12)  # first step: unit length
+        for (s, y, rho), a in zip(hist, reversed(alphas)):
+            q += s * (a - rho * float(y @ q))
+        d = -q
+        gd = float(g @ d)
+        if gd >= 0:  # not a descent direction: restart from steepest descent
+            hist.clear()
+            d = -g / max(float(np.linalg.norm(g)), 1e-12)
+            gd = float(g @ d)
+        step = 1.0
+        while True:
+            f_new, g_new = fun(x + step * d)
+            if f_new <= f + 1e-4 * step * gd:
+                break
+            step *= 0.5
+            if step < 1e-12:
+                return x, nit
+        s = step * d
+        y = g_new - g
+        sy = float(s @ y)
+        if sy > 1e-12:  # keep the curvature pair only when it is positive
+            hist.append((s, y, 1.0 / sy))
+            if len(hist) > m:
+                hist.pop(0)
+        x = x + s
+        nit += 1
+        done = abs(f - f_new) <= ftol * max(1.0, abs(f))
+        f, g = f_new, g_new
+        if done:
+            break
+    return x, nit
 
 
 def logreg_path(
@@ -136,16 +193,13 @@ def logreg_path(
     n, D = X.shape
     K = Y.shape[1]
     softmax = not multilabel
+    XT = np.ascontiguousarray(X.T)
     w = np.zeros(K * D + K)
     for C in Cs:
         x0 = w if warm_start else np.zeros_like(w)
-        res = minimize(
-            _objective, x0, args=(X, Y, float(C), softmax), jac=True, method="L-BFGS-B",
-            options={"maxiter": max_iter, "gtol": 1e-6, "ftol": 1e-10},
-        )
-        w = res.x
+        w, nit = lbfgs(lambda v: _objective(v, X, XT, Y, float(C), softmax), x0, max_iter=max_iter)
         model = LinearModel("softmax" if softmax else "sigmoid", w[: K * D].reshape(K, D).copy(), w[K * D :].copy(), K)
-        yield float(C), model, int(res.nit)
+        yield float(C), model, nit
 
 
 def _log_loss(model: LinearModel, X: np.ndarray, Y: np.ndarray) -> float:

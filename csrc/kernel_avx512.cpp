@@ -39,7 +39,7 @@ static void convert_f16(const uint16_t* src, float* dst, int64_t n) {
     for (; i + 16 <= n; i += 16)
         _mm512_storeu_ps(dst + i,
                          _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(src + i))));
-    for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+    for (; i < n; ++i) dst[i] = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(src[i])));
 }
 
 #include "kernel_impl.h"

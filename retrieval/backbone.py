@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
-import re
 import tempfile
 import warnings
 from dataclasses import replace
@@ -716,7 +715,6 @@ class OnnxBackbone(Backbone):
         except Exception as err:
             raise ConfigError(f"--onnx {self.path}: not a readable ONNX model ({err})") from None
         g = model.graph
-        inits = {t.name for t in g.initializer}
         produced = [o for n in g.node for o in n.output if o]
         self.output = config.onnx_output or g.output[0].name
         if self.output not in set(produced):
@@ -816,6 +814,8 @@ class OnnxBackbone(Backbone):
         opts.intra_op_num_threads = _cpu_count()
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        # no busy-waiting between runs: image decoding threads share these cores
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         blob = model.SerializeToString() if model.ByteSize() < (1 << 31) - (1 << 26) else None
         if blob is not None:
             return ort.InferenceSession(blob, sess_options=opts, providers=self.providers)
@@ -913,7 +913,8 @@ def export_onnx(config: ExtractorConfig, out_path: str, opset: int = 17) -> dict
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{out_path}.tmp-{os.getpid()}"
     try:
-        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        # grad mode on: keeps eval-time fast paths (fused attention) that ONNX cannot express out
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.enable_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module, (dummy,), tmp, dynamo=False, opset_version=opset,

@@ -310,7 +310,7 @@ class Index:
             return
         entries = self.manifest.entries()
         if not entries:
-            self._publish(generation, np.empty(0, np.int64), None, None, state)
+            self._publish(generation, np.empty(0, np.int64), None, None)
             return
         whitening = self.whitening
         if whitening is None:
@@ -337,18 +337,17 @@ class Index:
         vectors = np.ascontiguousarray(np.concatenate(parts).astype(np.float32))
         order = np.concatenate([old_ids[keep] if kept_vectors is not None else np.empty(0, np.int64),
                                 np.array([e.id for e in new_entries], dtype=np.int64)])
-        ann = None
-        if appended_only and new_vectors is not None and (self.path / f"faiss-{state['generation']}.index").exists():
+        if appended_only:
+            # Nothing removed: extend the published FAISS index instead of rebuilding it.
             ann = VectorIndex.load(self.path / f"faiss-{state['generation']}.index", self.index_type, self.runtime.device)
-            ann.add(new_vectors)
-        elif appended_only and new_vectors is None:
-            ann = VectorIndex.load(self.path / f"faiss-{state['generation']}.index", self.index_type, self.runtime.device)
-        if ann is None:
+            if new_vectors is not None:
+                ann.add(new_vectors)
+        else:
             ann = VectorIndex(vectors.shape[1], self.index_type, self.runtime.device)
             ann.add(vectors)
-        self._publish(generation, order, vectors, ann, state)
+        self._publish(generation, order, vectors, ann)
 
-    def _publish(self, generation: int, ids: np.ndarray, vectors, ann, old_state: dict) -> None:
+    def _publish(self, generation: int, ids: np.ndarray, vectors, ann) -> None:
         """Write generation-stamped derived files, then switch state.json to them atomically."""
         g = generation
         _atomic_save_npy(self.path / f"ids-{g}.npy", ids)

@@ -33,54 +33,63 @@ def _images(n: int, size: int = 224, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
 
 
+SMALL = InputSpec(size=(64, 64))  # keeps the torch tests fast on 2 cores
+
+
+def _r18(**kw) -> ExtractorConfig:
+    return ExtractorConfig(backbone="resnet18", weights=kw.pop("weights", "none"), input_spec=SMALL, **kw)
+
+
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float64) - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module")
 def r18():
-    return load_backbone(ExtractorConfig(backbone="resnet18", weights="none"), "cpu")
+    return load_backbone(_r18(), "cpu")
 
 
 # ---------------------------------------------------------------------------- torch
 
 
 def test_resnet18_default_layer_is_last_conv_map(r18):
-    out = r18(_images(2))
+    out = r18(_images(2, 64))
     assert r18.output_kind == "map" and out.dtype == np.float32
-    assert out.shape == (2, 512, 7, 7)
+    assert out.shape == (2, 512, 2, 2)
     d = r18.describe()
     assert d["kind"] == "torch" and d["layer"] == "layer4" and d["weights"] == "random-init"
-    assert d["device"] == "cpu" and r18.input_size == (224, 224) and r18.dynamic_size
+    assert d["device"] == "cpu" and r18.input_size == (64, 64) and r18.dynamic_size
     # other spatial sizes are accepted (roi mode feeds whole images)
-    assert r18(_images(1, 256)).shape == (1, 512, 8, 8)
-    assert r18(_images(0)).shape == (0, 512, 7, 7)
+    assert r18(_images(1, 128)).shape == (1, 512, 4, 4)
+    assert r18(_images(0, 64)).shape == (0, 512, 2, 2)
 
 
 def test_mobilenet_v3_default_and_penultimate():
     cfg = ExtractorConfig(backbone="mobilenet_v3_small", weights="none")
     bb = load_backbone(cfg, "cpu")
-    assert bb.describe()["layer"] == "features"
+    assert bb.describe()["layer"] == "features" and bb.input_size == (224, 224)  # default size
     assert bb(_images(2)).shape == (2, 576, 7, 7)
-    pen = load_backbone(ExtractorConfig(backbone="mobilenet_v3_small", weights="none", layer="penultimate"), "cpu")
+    pen = load_backbone(
+        ExtractorConfig(backbone="mobilenet_v3_small", weights="none", layer="penultimate", input_spec=SMALL), "cpu"
+    )
     assert pen.output_kind == "vector"
-    assert pen(_images(3)).shape == (3, 1024)  # the hidden fc before the last Linear
+    assert pen(_images(3, 64)).shape == (3, 1024)  # the hidden fc before the last Linear
 
 
 def test_resnet18_penultimate_and_named_layer(r18):
-    x = _images(2, seed=3)
-    pen = load_backbone(ExtractorConfig(backbone="resnet18", weights="none", layer="penultimate"), "cpu")
+    x = _images(2, 64, seed=3)
+    pen = load_backbone(_r18(layer="penultimate"), "cpu")
     v = pen(x)
     assert pen.output_kind == "vector" and v.shape == (2, 512)
     # resnet: input of fc = global average of layer4
     np.testing.assert_allclose(v, r18(x).mean(axis=(2, 3)), rtol=1e-4, atol=1e-5)
-    l3 = load_backbone(ExtractorConfig(backbone="resnet18", weights="none", layer="layer3"), "cpu")
-    assert l3.output_kind == "map" and l3(x).shape == (2, 256, 14, 14)
+    l3 = load_backbone(_r18(layer="layer3"), "cpu")
+    assert l3.output_kind == "map" and l3(x).shape == (2, 256, 4, 4)
 
 
 def test_bad_layer_lists_valid_names():
     with pytest.raises(ValueError) as err:
-        load_backbone(ExtractorConfig(backbone="resnet18", weights="none", layer="layer9"), "cpu")
+        load_backbone(_r18(layer="layer9"), "cpu")
     msg = str(err.value)
     assert "layer9" in msg and "layer4.1.relu_1" in msg and "penultimate" in msg
 
@@ -93,10 +102,10 @@ def test_bad_names_for_backbone_and_weights():
 
 
 def test_random_init_is_deterministic_and_leaves_caller_rng_alone(r18):
-    x = _images(2, seed=5)
+    x = _images(2, 64, seed=5)
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    again = load_backbone(ExtractorConfig(backbone="resnet18", weights="none"), "cpu")
+    again = load_backbone(_r18(), "cpu")
     assert torch.equal(torch.get_rng_state(), state)
     np.testing.assert_array_equal(again(x), r18(x))
 
@@ -118,14 +127,14 @@ def test_local_checkpoint(tmp_path, r18):
     torch.manual_seed(1)  # other weights than the seeded random init
     model = torchvision.models.resnet18().eval()
     sd = model.state_dict()
-    x = _images(2, seed=7)
+    x = _images(2, 64, seed=7)
     plain = tmp_path / "r18.pth"
     torch.save(sd, plain)
     wrapped = tmp_path / "r18_wrapped.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, wrapped)
     outs = []
     for path in (plain, wrapped):
-        bb = load_backbone(ExtractorConfig(backbone="resnet18", weights=str(path), layer="penultimate"), "cpu")
+        bb = load_backbone(_r18(weights=str(path), layer="penultimate"), "cpu")
         assert bb.describe()["weights"] == f"checkpoint:{path.resolve()}"
         outs.append(bb(x))
     np.testing.assert_array_equal(outs[0], outs[1])
@@ -141,7 +150,7 @@ def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "obj": Path("x")}, path)
     with pytest.raises(ConfigError, match="weights-only"):
-        load_backbone(ExtractorConfig(backbone="resnet18", weights=str(path)), "cpu")
+        load_backbone(_r18(weights=str(path)), "cpu")
 
 
 # ---------------------------------------------------------------------------- ONNX export / generic ONNX
@@ -150,7 +159,7 @@ def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     path = tmp_path_factory.mktemp("onnx") / "r18_layer4.onnx"
-    info = export_onnx(ExtractorConfig(backbone="resnet18", weights="none", layer="layer4"), str(path))
+    info = export_onnx(_r18(layer="layer4"), str(path))
     return path, info
 
 
@@ -161,7 +170,7 @@ def test_export_onnx_parity(exported, r18):
     assert info["max_rel_error"] <= 1e-4
     # independent check, at the default size and a larger one (dynamic H/W) and another batch
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for n, size in ((2, 224), (3, 288)):
+    for n, size in ((2, 64), (3, 96)):
         x = _images(n, size, seed=size)
         got = sess.run(["features"], {"input": preprocess(x, r18.spec)})[0]
         ref = r18(x)
@@ -181,18 +190,18 @@ def test_onnx_generic_cut_at_intermediate_tensor(exported):
         if n.op_type == "Conv" and attr(n, "kernel_shape") == [[1, 1]] and attr(n, "strides") == [[2, 2]]
     ]
     tensor = downs[-1].input[0]
-    bb = load_backbone(ExtractorConfig(onnx=str(path), onnx_output=tensor), "cpu")
-    x = _images(3, seed=11)
+    bb = load_backbone(ExtractorConfig(onnx=str(path), onnx_output=tensor, input_spec=SMALL), "cpu")
+    x = _images(3, 64, seed=11)
     got = bb(x)
-    assert bb.output_kind == "map" and bb.dynamic_size and got.shape == (3, 256, 14, 14)
+    assert bb.output_kind == "map" and bb.dynamic_size and got.shape == (3, 256, 4, 4)
     d = bb.describe()
     assert d["kind"] == "onnx" and d["output"] == tensor and d["provider"] == "CPUExecutionProvider"
-    ref = load_backbone(ExtractorConfig(backbone="resnet18", weights="none", layer="layer3"), "cpu")(x)
+    ref = load_backbone(_r18(layer="layer3"), "cpu")(x)
     assert _rel(got, ref) <= 1e-4
-    assert bb(_images(1, 256)).shape == (1, 256, 16, 16)
-    # default output: the graph's first output
+    assert bb(_images(1, 128)).shape == (1, 256, 8, 8)
+    # default output: the graph's first output; the size defaults to 224 (symbolic H/W)
     full = load_backbone(ExtractorConfig(onnx=str(path)), "cpu")
-    assert full(x).shape == (3, 512, 7, 7)
+    assert full.input_size == (224, 224) and full(x).shape == (3, 512, 2, 2)
 
 
 def test_onnx_bad_tensor_name(exported):

@@ -1,0 +1,114 @@
+"""Model files that cannot run code: an .npz of plain numeric arrays plus a JSON header.
+
+Layout (a zip written by ``numpy.savez``):
+
+* ``header``: uint8 array, UTF-8 JSON: ``{"format": "classify-model", "version": 1,
+  "method", "kind", "multilabel", "classes", "C", "selection", ...meta}``; `meta`
+  carries the extractor configuration (``extractor``: ExtractorConfig.to_dict(),
+  ``extractor_key``) and the ``jitter`` so `predict` extracts the same way;
+* ``W`` float64 [P, D], ``b`` float64 [P], and ``pairs`` int64 [P, 2] for one-vs-one SVMs.
+
+Loading uses ``numpy.load(allow_pickle=False)``: a file holding a pickle (a raw pickle,
+or an object array inside the zip) is refused with ModelFileError, never unpickled.
+Unknown members, wrong dtypes and inconsistent shapes are refused too.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+
+import numpy as np
+
+from .models import Classifier, LinearModel
+
+__all__ = ["ModelFileError", "save_model", "load_model", "FORMAT", "VERSION"]
+
+FORMAT = "classify-model"
+VERSION = 1
+_KINDS = ("softmax", "sigmoid", "ova", "ovo")
+_MEMBERS = {"header", "W", "b", "pairs"}
+
+
+class ModelFileError(ValueError):
+    """The model file is missing, malformed, or not safe to load."""
+
+
+def save_model(path: str | os.PathLike, clf: Classifier, **meta) -> None:
+    """Write a fitted Classifier and `meta` (JSON-serialisable) to `path` (.npz)."""
+    model: LinearModel = clf.model_
+    header = {
+        **meta,
+        "format": FORMAT,
+        "version": VERSION,
+        "method": clf.method,
+        "kind": model.kind,
+        "multilabel": bool(clf.multilabel_),
+        "classes": list(clf.classes_),
+        "C": float(clf.C_),
+        "selection": getattr(clf, "selection_", None),
+    }
+    arrays = {
+        "header": np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8),
+        "W": np.asarray(model.W, dtype=np.float64),
+        "b": np.asarray(model.b, dtype=np.float64),
+    }
+    if model.pairs is not None:
+        arrays["pairs"] = np.asarray(model.pairs, dtype=np.int64)
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, "wb") as fh:  # a file object: savez would otherwise append ".npz"
+        np.savez(fh, **arrays)
+    os.replace(tmp, path)  # never leave a half-written model under the final name
+
+
+def load_model(path: str | os.PathLike) -> Classifier:
+    """Read a model file written by `save_model`; the header is ``clf.meta_``."""
+    if not os.path.isfile(path):
+        raise ModelFileError(f"{path}: model file not found")
+    if not zipfile.is_zipfile(path):
+        raise ModelFileError(f"{path}: not a classify model file (expected an .npz archive)")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            names = set(npz.files)
+            if not names <= _MEMBERS or not {"header", "W", "b"} <= names:
+                raise ModelFileError(f"{path}: unexpected members {sorted(names)}")
+            arrays = {name: npz[name] for name in names}
+    except ModelFileError:
+        raise
+    except ValueError as err:  # numpy: "Object arrays cannot be loaded when allow_pickle=False"
+        raise ModelFileError(f"{path}: refused ({err})") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        raise ModelFileError(f"{path}: unreadable model file ({err})") from None
+    try:
+        if arrays["header"].dtype != np.uint8:
+            raise ValueError("header is not bytes")
+        header = json.loads(arrays["header"].tobytes().decode("utf-8"))
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise ValueError("not a classify model header")
+        if header.get("version") != VERSION:
+            raise ValueError(f"model file version {header.get('version')}, this version reads {VERSION}")
+        kind, classes = header["kind"], header["classes"]
+        if kind not in _KINDS or not all(isinstance(c, str) for c in classes):
+            raise ValueError("bad kind or classes")
+        W, b = arrays["W"], arrays["b"]
+        if W.dtype.kind != "f" or b.dtype.kind != "f" or W.ndim != 2 or b.shape != (W.shape[0],):
+            raise ValueError("W / b have the wrong type or shape")
+        K = len(classes)
+        pairs = arrays.get("pairs")
+        if kind == "ovo":
+            if pairs is None or pairs.dtype.kind != "i" or pairs.shape != (W.shape[0], 2):
+                raise ValueError("one-vs-one model without valid pairs")
+            if pairs.size and (pairs.min() < 0 or pairs.max() >= K):
+                raise ValueError("pairs index outside the classes")
+        elif W.shape[0] != K:
+            raise ValueError(f"{W.shape[0]} weight rows for {K} classes")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise ModelFileError(f"{path}: malformed model file ({err})") from None
+    clf = Classifier(method=header["method"])
+    clf.classes_ = list(classes)
+    clf.multilabel_ = bool(header["multilabel"])
+    clf.C_ = float(header["C"])
+    clf.selection_ = header.get("selection")
+    clf.model_ = LinearModel(kind, W.astype(np.float64), b.astype(np.float64), K, pairs)
+    clf.meta_ = header
+    return clf
