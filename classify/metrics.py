@@ -4,7 +4,9 @@ All functions take a score matrix ``scores`` [n, K] (higher = more likely; any m
 score works) and a label indicator matrix ``Y`` [n, K] of 0/1 (one 1 per row for a
 single-label task). Multi-label definitions generalise the single-label ones:
 
-* top-1 accuracy: the fraction of images whose top-scoring class is one of their labels;
+* top-1 accuracy: the fraction of images whose top-scoring class is one of their labels
+  (images without any label, possible in multi-label tasks, are left out: they count
+  only in the mAP);
 * per-class accuracy of class c: among the images labelled c, the fraction for which c is
   among the top-k scores, k = that image's number of labels (k = 1: the top-1 is c);
   mean per-class accuracy averages it over the classes with at least one image;
@@ -31,10 +33,11 @@ def _check(scores: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def top1_accuracy(scores: np.ndarray, Y: np.ndarray) -> float:
     """Fraction of rows whose arg-max score is a true label."""
     scores, Y = _check(scores, Y)
-    if len(Y) == 0:
+    labelled = Y.any(axis=1)
+    if not labelled.any():
         return float("nan")
     top = scores.argmax(axis=1)
-    return float(Y[np.arange(len(Y)), top].mean())
+    return float(Y[np.arange(len(Y)), top][labelled].mean())
 
 
 def per_class_accuracy(scores: np.ndarray, Y: np.ndarray) -> np.ndarray:

@@ -545,7 +545,7 @@ class TorchBackbone(Backbone):
     def to_input(self, images: np.ndarray):
         """uint8 NHWC numpy -> normalized float32 NCHW tensor on the device."""
         torch = _torch()
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        x = torch.from_numpy(np.require(images, requirements=["C", "W"])).to(self.device)
         x = x.permute(0, 3, 1, 2).float()  # NHWC memory = channels_last strides
         if self.spec.order == "bgr":
             x = x.flip(1)

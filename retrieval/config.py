@@ -130,8 +130,11 @@ class ExtractorConfig:
     layer: str | None = None
     pool: str = "avg"
     patch_mode: str = "crop"
+    roi_size: int | None = None
 
     def __post_init__(self) -> None:
+        if self.roi_size is not None and self.roi_size < 32:
+            raise ConfigError(f"--roi-size must be >= 32 pixels (got {self.roi_size})")
         if self.pool not in POOLS:
             raise ConfigError(f"--pool must be one of {', '.join(POOLS)} (got {self.pool!r})")
         if self.patch_mode not in PATCH_MODES:
@@ -159,6 +162,9 @@ class ExtractorConfig:
         replacing a file under the same name does not reuse stale descriptors.
         """
         ident = self.to_dict()
+        if self.roi_size is None or self.patch_mode != "roi":
+            # Absent unless it matters, so keys made before the option existed stay valid.
+            ident.pop("roi_size")
         if self.onnx:
             ident["onnx"] = file_digest(self.onnx)
             for k in ("backbone", "weights", "layer"):
@@ -265,6 +271,13 @@ def add_extractor_args(parser: argparse.ArgumentParser, *, search: bool = True) 
         choices=PATCH_MODES,
         help="crop: run every window through the network; roi: one pass, windows pooled from the map",
     )
+    g.add_argument(
+        "--roi-size",
+        type=int,
+        metavar="N",
+        help="roi mode: feed the whole image with its long side at N pixels, aspect kept "
+        "(needs a model that takes any input size; default: the network's input size)",
+    )
     if search:
         g.add_argument("--levels", type=parse_levels, default=LEVELS, help="sub-patch levels of database images (default 1,2,3,4)")
         g.add_argument("--query-levels", type=parse_levels, default=None, help="sub-patch levels of queries (default: --levels)")
@@ -285,6 +298,7 @@ def extractor_config_from_args(args: argparse.Namespace) -> ExtractorConfig:
         layer=args.layer,
         pool=args.pool,
         patch_mode=args.patch_mode,
+        roi_size=args.roi_size,
     )
 
 

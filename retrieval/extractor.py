@@ -91,6 +91,8 @@ class Extractor:
         """Describe every job; yields one Extracted or Skipped per job, in job order."""
         backbone = self.backbone
         size = (int(backbone.input_size[0]), int(backbone.input_size[1]))
+        if self.config.roi_size and not backbone.dynamic_size:
+            raise ValueError("--roi-size needs a network that accepts any input size; this one is fixed")
         mode, how = self.config.patch_mode, self.config.pool
         prefetch = max(4, 4 * max(1, self.runtime.workers))
         pool = cf.ThreadPoolExecutor(max_workers=max(1, self.runtime.workers))
@@ -118,7 +120,7 @@ class Extractor:
             job_iter = iter(jobs)
             while True:
                 while len(futures) < prefetch and (job := next(job_iter, None)) is not None:
-                    futures.append((job, pool.submit(_prepare, job, size, mode)))
+                    futures.append((job, pool.submit(_prepare, job, size, mode, self.config.roi_size)))
                 if not futures:
                     break
                 job, fut = futures.popleft()
@@ -177,11 +179,14 @@ class _Pending:
         return out
 
 
-def _prepare(job: Job, size: tuple[int, int], mode: str) -> tuple[tuple[int, int], list[np.ndarray]]:
+def _prepare(
+    job: Job, size: tuple[int, int], mode: str, roi_size: int | None = None
+) -> tuple[tuple[int, int], list[np.ndarray]]:
     """Decode one image and cut its network inputs (uint8 H x W x 3).
 
-    crop: one input per window, in region-set order. roi: the whole image, plus its
-    mirror if any region set mirrors; windows are pooled from the feature map later.
+    crop: one input per window, in region-set order. roi: the whole image (at the
+    network's size, or with its long side at `roi_size`), plus its mirror if any region
+    set mirrors; windows are pooled from the feature map later.
     """
     img = load_rgb(job.path)
     if job.crop is not None:
@@ -193,6 +198,9 @@ def _prepare(job: Job, size: tuple[int, int], mode: str) -> tuple[tuple[int, int
     w, h = img.size
     out_h, out_w = size
     if mode == "roi":
+        if roi_size:
+            scale = roi_size / max(w, h)
+            out_w, out_h = max(32, round(w * scale)), max(32, round(h * scale))
         whole = np.asarray(img.resize((out_w, out_h), Image.BILINEAR))
         inputs = [whole]
         if any(rs.flips.any() for rs in job.regions):

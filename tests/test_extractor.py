@@ -1,0 +1,121 @@
+"""Extraction: crop and roi windows, pooling, mirrors, image decoding."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from retrieval.config import ExtractorConfig, InputSpec, RuntimeConfig
+from retrieval.extractor import Extracted, Extractor, Job, Skipped, _pool
+from retrieval.images import ImageError, load_rgb
+from retrieval.patches import jitter_regions, level_regions
+
+from conftest import make_scene
+
+SPEC = InputSpec(size=(64, 64))
+
+
+def _extract(path, mode, regions, pool="avg", roi_size=None):
+    ex = Extractor(
+        ExtractorConfig(backbone="resnet18", weights="none", input_spec=SPEC, pool=pool,
+                        patch_mode=mode, roi_size=roi_size),
+        RuntimeConfig(batch_size=7, workers=2),
+    )
+    (out,) = ex.extract([Job(str(path), tuple(regions))], progress=False)
+    assert isinstance(out, Extracted)
+    return ex, out
+
+
+def test_crop_and_roi_agree_on_the_whole_image(tmp_path):
+    path = tmp_path / "a.jpg"
+    make_scene(1).save(path)
+    _, crop = _extract(path, "crop", [level_regions(1), level_regions(2)])
+    _, roi = _extract(path, "roi", [level_regions(1), level_regions(2)])
+    assert crop.descriptors["level2"].shape == roi.descriptors["level2"].shape == (4, 512)
+    np.testing.assert_allclose(crop.descriptors["level1"], roi.descriptors["level1"], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(crop.descriptors["level2"], roi.descriptors["level2"])
+
+
+def test_roi_windows_pool_the_feature_map(tmp_path):
+    path = tmp_path / "a.jpg"
+    make_scene(2).save(path)
+    ex, out = _extract(path, "roi", [level_regions(2)], pool="max")
+    whole = np.asarray(load_rgb(path).resize((64, 64), Image.BILINEAR))
+    fmap = ex.backbone(whole[None])[0]  # [512, 2, 2] at 64 px
+    h, w = fmap.shape[1:]
+    # Level-2 windows cover 2/3 of each side: on a 2x2 map, every window takes all cells.
+    for vec in out.descriptors["level2"]:
+        np.testing.assert_allclose(vec, fmap.reshape(512, -1).max(axis=1), rtol=1e-5)
+    assert (h, w) == (2, 2)
+
+
+def test_roi_size_feeds_a_larger_image(tmp_path):
+    path = tmp_path / "a.jpg"
+    make_scene(3, size=(200, 100)).save(path)
+    ex, big = _extract(path, "roi", [level_regions(3)], roi_size=256)
+    _, small = _extract(path, "roi", [level_regions(3)])
+    assert not np.allclose(big.descriptors["level3"], small.descriptors["level3"])
+    assert ExtractorConfig(patch_mode="roi", roi_size=256).key() != ExtractorConfig(patch_mode="roi").key()
+
+
+def test_mirrored_jitter_sample_is_the_mirrored_crop(tmp_path):
+    path = tmp_path / "a.jpg"
+    make_scene(4).save(path)
+    ex, out = _extract(path, "crop", [jitter_regions()])
+    desc = out.descriptors["jitter12"]
+    assert desc.shape == (12, 512)
+    mirrored = np.asarray(load_rgb(path).transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((64, 64), Image.BILINEAR))
+    np.testing.assert_allclose(desc[11], _pool(ex.backbone(mirrored[None])[0], "avg"), rtol=1e-5, atol=1e-6)
+
+
+def test_pooling_values():
+    fmap = np.arange(2 * 2 * 3, dtype=np.float32).reshape(2, 2, 3)
+    np.testing.assert_allclose(_pool(fmap, "avg"), [2.5, 8.5])
+    np.testing.assert_allclose(_pool(fmap, "max"), [5, 11])
+    gem = (np.mean(np.clip(fmap.reshape(2, -1), 1e-6, None) ** 3, axis=1)) ** (1 / 3)
+    np.testing.assert_allclose(_pool(fmap, "gem"), gem, rtol=1e-6)
+
+
+def test_skips_do_not_stop_the_batch(tmp_path):
+    good = tmp_path / "good.jpg"
+    make_scene(5).save(good)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    ex = Extractor(ExtractorConfig(backbone="resnet18", weights="none", input_spec=SPEC), RuntimeConfig(batch_size=3))
+    outs = list(ex.extract([Job(str(p), (level_regions(2),)) for p in (good, bad, good)], progress=False))
+    assert [type(o) for o in outs] == [Extracted, Skipped, Extracted]
+    np.testing.assert_array_equal(outs[0].descriptors["level2"], outs[2].descriptors["level2"])
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "I;16", "LA"])
+def test_colour_modes_become_rgb(tmp_path, mode):
+    rgb = make_scene(6, size=(40, 30))
+    if mode == "I;16":
+        img = Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)
+    else:
+        img = rgb.convert(mode)
+    path = tmp_path / ("x.tif" if mode in ("CMYK", "I;16") else "x.png")
+    img.save(path)
+    out = load_rgb(path)
+    assert out.mode == "RGB" and out.size == (40, 30)
+    if mode == "I;16":  # 16-bit is rescaled to the full 8-bit range, not clipped
+        assert np.asarray(out).max() == 255
+
+
+def test_exif_orientation_is_honoured(tmp_path):
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 10, 20))  # blue strip on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = tmp_path / "rotated.jpg"
+    img.save(path, exif=exif, quality=95)
+    out = load_rgb(path)
+    assert out.size == (20, 40)
+    top = np.asarray(out)[2, 10]
+    assert top[2] > 200 and top[0] < 60  # the blue strip is now on top
+
+
+def test_unreadable_reasons(tmp_path):
+    with pytest.raises(ImageError, match="file not found"):
+        load_rgb(tmp_path / "missing.png")
+    (tmp_path / "e.jpg").write_bytes(b"")
+    with pytest.raises(ImageError, match="empty file"):
+        load_rgb(tmp_path / "e.jpg")
