@@ -211,6 +211,25 @@ def read_rows(f, header: int, row_bytes: int, start: int, count: int, dim: int) 
     return np.frombuffer(buf, dtype=np.float16).reshape(count, dim)
 
 
+def training_sample(path: Path, n: int, patches: int, dim: int, size: int, seed: int) -> np.ndarray:
+    """All patches of ~size/patches random images, read with pread (no memmap: scattered
+    row reads through the memmap would fault most of the file into this process's RSS)."""
+    rng = np.random.default_rng(seed + 2)
+    n_img = max(1, min(n, -(-size // patches)))
+    images = np.sort(rng.choice(n, n_img, replace=False))
+    header, _, _ = _npy_header_size(path)
+    nbytes = patches * dim * 2
+    out = np.empty((n_img * patches, dim), dtype=np.float32)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for j, i in enumerate(images.tolist()):
+            buf = os.pread(fd, nbytes, header + i * nbytes)
+            out[j * patches:(j + 1) * patches] = np.frombuffer(buf, np.float16).reshape(patches, dim)
+    finally:
+        os.close(fd)
+    return out
+
+
 def make_queries(db3: np.ndarray, n_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Perturbed copies of random database images: (planted ids [Q], queries [Q, P, d] f32)."""
     rng = np.random.default_rng(seed + 1)
@@ -253,14 +272,38 @@ def exact_topk(path: Path, queries: np.ndarray, n: int, patches: int, dim: int, 
 
 
 # ----------------------------------------------------------------------------- search
+class PreadFetcher:
+    """Candidate images' rows by one pread each straight into the output buffer: the same
+    bytes as the memmap gather, but the page cache is not mapped into this process (the
+    memmap gather's fault-around maps ~64 KiB per fault, so over many queries most of the
+    file shows up as file-backed RSS -- clean and reclaimable, but it inflates ru_maxrss)."""
+
+    def __init__(self, path: Path, patches: int, dim: int) -> None:
+        self.header, _, _ = _npy_header_size(path)
+        self.fd = os.open(path, os.O_RDONLY)
+        self.patches, self.dim = patches, dim
+        self.nbytes = patches * dim * 2
+
+    def __call__(self, cands: np.ndarray) -> np.ndarray:
+        rows = np.empty((len(cands) * self.patches, self.dim), dtype=np.float16)
+        buf = memoryview(rows).cast("B")
+        nb, h, fd = self.nbytes, self.header, self.fd
+        for j, c in enumerate(cands.tolist()):
+            os.preadv(fd, [buf[j * nb:(j + 1) * nb]], h + c * nb)
+        return rows
+
+
 def search_one(q: np.ndarray, ann: VectorIndex, db3: np.ndarray, patches: int,
-               per_patch: int) -> tuple[np.ndarray, float, float, float, int]:
+               per_patch: int, fetch=None) -> tuple[np.ndarray, float, float, float, int]:
     """One query end to end: (top-10 image ids, faiss s, fetch s, kernel s, #candidates)."""
     t0 = time.perf_counter()
     _, ids = ann.search(q, per_patch)
-    cands = np.unique(ids[ids >= 0] // patches)  # sorted: the memmap is read forwards
+    cands = np.unique(ids[ids >= 0] // patches)  # sorted: the file is read forwards
     t1 = time.perf_counter()
-    rows = db3[cands].reshape(-1, db3.shape[2])  # gather: float16 [m*P, d], contiguous
+    if fetch is None:
+        rows = db3[cands].reshape(-1, db3.shape[2])  # memmap gather: float16 [m*P, d]
+    else:
+        rows = fetch(cands)
     t2 = time.perf_counter()
     offsets = np.arange(len(cands) + 1, dtype=np.int64) * patches
     dist, _, _ = kernel.patch_distances(q, rows, offsets)
@@ -271,17 +314,17 @@ def search_one(q: np.ndarray, ann: VectorIndex, db3: np.ndarray, patches: int,
     return cands[top], t1 - t0, t2 - t1, t3 - t2, len(cands)
 
 
-def sweep(queries, planted, exact_ids, ann, db3, patches, nprobes, per_patches, log):
+def sweep(queries, planted, exact_ids, ann, db3, patches, nprobes, per_patches, log, fetch=None):
     rows = []
     n_exact = len(exact_ids)
     for nprobe in nprobes:
         ann.nprobe = nprobe
         for per_patch in per_patches:
             # one warm-up query (thread pools, first touch of the lists)
-            search_one(queries[0], ann, db3, patches, per_patch)
+            search_one(queries[0], ann, db3, patches, per_patch, fetch)
             lat, tf, tg, tk, nc, rec, hit1 = [], [], [], [], [], [], []
             for i, q in enumerate(queries):
-                top, a, b, c, m = search_one(q, ann, db3, patches, per_patch)
+                top, a, b, c, m = search_one(q, ann, db3, patches, per_patch, fetch)
                 lat.append(a + b + c)
                 tf.append(a)
                 tg.append(b)
@@ -351,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk", type=int, default=20_000, help="images per generation/exact chunk")
     p.add_argument("--add-chunk", type=int, default=1_000_000, help="vectors per index.add call")
+    p.add_argument("--fetch", choices=("mmap", "pread"), default="mmap",
+                   help="how candidate rows are read from vectors.npy (see PreadFetcher)")
     p.add_argument("--goal-ms", type=float, default=100.0)
     p.add_argument("--workdir", default=None, help="data/index directory (default: a temp dir)")
     p.add_argument("--rebuild", action="store_true", help="regenerate data and index")
@@ -413,10 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         index_meta = {"factory": args.factory, "train_size": args.train_size}
         if args.rebuild or meta.get("index") != index_meta or not index_path.exists():
             ann = VectorIndex(d, args.factory, device="cpu")
-            rng = np.random.default_rng(args.seed + 2)
-            n_train = min(args.train_size, n * P)
-            sample = np.sort(rng.choice(n * P, n_train, replace=False))
-            train = db[sample].astype(np.float32)
+            train = training_sample(data, n, P, d, args.train_size, args.seed)
+            n_train = len(train)
             log(f"training {args.factory} on {n_train:,} vectors")
             t0 = time.perf_counter()
             ann.index.train(train)
@@ -468,8 +511,10 @@ def main(argv: list[str] | None = None) -> int:
         result["machine"]["load_avg_before_search"] = [round(x, 2) for x in os.getloadavg()]
         log(f"search: {args.queries} queries, recall@10 on the first {n_exact} (load {os.getloadavg()[0]:.2f})")
         log(HEADER)
+        fetch = PreadFetcher(data, P, d) if args.fetch == "pread" else None
+        result["fetch"] = args.fetch
         rows = sweep(queries, planted, exact_ids, ann, db3, P, _ints(args.nprobe),
-                     _ints(args.per_patch), log)
+                     _ints(args.per_patch), log, fetch)
         result["machine"]["load_avg_after_search"] = [round(x, 2) for x in os.getloadavg()]
     result["table"] = rows
     result["chosen"] = choose(rows, args.goal_ms)

@@ -49,7 +49,8 @@ def describe(
     names = [rs.name for rs in sets]
     key = extractor.key
     store.register_config(key, extractor.config.to_dict())
-    misses: list[Job] = []
+    misses: dict[str, Job] = {}
+    twins: dict[str, list[str]] = {}  # digest -> further paths with the same content
     for item in items:
         path, crop = (item, None) if isinstance(item, str) else item
         try:
@@ -65,21 +66,28 @@ def describe(
             continue
         if crop is not None:
             digest = f"{digest}:crop:{','.join(f'{v:.1f}' for v in crop)}"
+        if digest in misses:
+            twins.setdefault(digest, []).append(path)
+            continue
         found = store.get(digest, key, names)
         size = store.image_size(digest) if found else None
         if size is not None and len(found) == len(names):
             yield ImageFeatures(path, digest, size[0], size[1], found, crop)
             continue
         missing = tuple(rs for rs in sets if rs.name not in found)
-        misses.append(Job(path, missing, crop, tag=(digest, found)))
+        misses[digest] = Job(path, missing, crop, tag=(digest, found))
     if not misses:
         return
-    for out in extractor.extract(misses, total=len(misses), progress=progress, desc=desc):
+    jobs = list(misses.values())
+    for out in extractor.extract(jobs, total=len(jobs), progress=progress, desc=desc):
+        digest = out.job.tag[0]
+        paths = [out.job.path, *twins.get(digest, [])]
         if isinstance(out, Skipped):
-            yield out
+            for path in paths:
+                yield Skipped(path, out.reason, out.job)
             continue
-        digest, found = out.job.tag
+        found = out.job.tag[1]
         store.put(digest, key, out.width, out.height, out.descriptors)
-        yield ImageFeatures(
-            out.job.path, digest, out.width, out.height, {**found, **out.descriptors}, out.job.crop, True
-        )
+        descriptors = {**found, **out.descriptors}
+        for path in paths:
+            yield ImageFeatures(path, digest, out.width, out.height, descriptors, out.job.crop, True)
