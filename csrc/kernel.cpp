@@ -273,7 +273,12 @@ py::tuple distances(const py::object& query_o, const py::object& qoff_o, const p
         }
 
         const int64_t n_chunks = (int64_t)chunks.size();
-        const int nthreads = (int)std::max<int64_t>(1, std::min<int64_t>(nt, n_chunks));
+        int64_t rows = 0;
+        for (const Chunk& c : chunks) rows += c.row1 - c.row0;
+        // Waking a thread team costs more than it saves on small problems, and far more on
+        // a busy machine: give each thread at least ~4M multiply-adds.
+        const int64_t by_work = std::max<int64_t>(1, rows * nq_pad * d / (int64_t(1) << 22));
+        const int nthreads = (int)std::max<int64_t>(1, std::min<int64_t>({(int64_t)nt, n_chunks, by_work}));
         const size_t xsz = f16 ? (size_t)(max_rows * d) : 0;
         const size_t csz = (size_t)(std::max<int64_t>(max_rows, 1) * blk);
         const size_t bsz = (size_t)(max_imgs * nq_pad);

@@ -182,7 +182,9 @@ class SearchConfig:
     levels: tuple[int, ...] = LEVELS
     query_levels: tuple[int, ...] | None = None
     pca_dim: int = 256
-    aggregate: str = "min"
+    # mean-min: measured best on UKBench and Paris (benchmarks/RESULTS.md); plain min lets
+    # one lucky window pair decide, which ranked below the global descriptor on UKBench.
+    aggregate: str = "mean-min"
 
     def __post_init__(self) -> None:
         for name, levels in (("--levels", self.levels), ("--query-levels", self.query_levels)):
@@ -282,7 +284,13 @@ def add_extractor_args(parser: argparse.ArgumentParser, *, search: bool = True) 
         g.add_argument("--levels", type=parse_levels, default=LEVELS, help="sub-patch levels of database images (default 1,2,3,4)")
         g.add_argument("--query-levels", type=parse_levels, default=None, help="sub-patch levels of queries (default: --levels)")
         g.add_argument("--pca-dim", type=int, default=256, help="PCA-whitening dimension (default 256; 0 = off)")
-        g.add_argument("--aggregate", default="min", choices=AGGREGATES, help="image distance (default min)")
+        g.add_argument(
+            "--aggregate",
+            default="mean-min",
+            choices=AGGREGATES,
+            help="image distance: mean over query windows of the min over database windows "
+            "(mean-min, default), or the min over all window pairs (min)",
+        )
     g.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when available")
     g.add_argument("--batch-size", type=int, default=32, help="windows per network batch (default 32)")
     g.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")

@@ -408,30 +408,28 @@ class Index:
         whitening = self.whitening
         db_layout = np.concatenate([level_regions(lv).boxes for lv in self.search_config.levels])
         q_layout = np.concatenate([level_regions(lv).boxes for lv in levels])
-        results = []
+        sizes = np.array([[e.width, e.height, e.width, e.height] for e in db], dtype=np.float64).reshape(-1, 4)
         feats = describe(queries, self.extractor, self.store, level_names(levels), progress=progress, desc="query")
-        order = {(q if isinstance(q, str) else q[0], None if isinstance(q, str) else q[1]): i for i, q in enumerate(queries)}
+        order = {(q, None) if isinstance(q, str) else (q[0], q[1]): i for i, q in enumerate(queries)}
         collected: dict[int, QueryResult] = {}
         for f in feats:
             if isinstance(f, Skipped):
                 if skipped is not None:
                     skipped.append({"path": f.path, "reason": f.reason})
                 continue
-            raw = np.concatenate([f.descriptors[n] for n in level_names(levels)])
-            q = whitening.transform(raw)
+            q = whitening.transform(np.concatenate([f.descriptors[n] for n in level_names(levels)]))
             r = rank(q, vectors, self.patches_per_image, ann, k, aggregate)
-            qboxes = pixel_boxes(q_layout, f.width, f.height)
+            qboxes = pixel_boxes(q_layout[r.query_patch], f.width, f.height)
             if f.crop is not None:
-                qboxes = qboxes + np.array([f.crop[0], f.crop[1], f.crop[0], f.crop[1]])
-            hits = []
-            for pos, (img, dist, qp, dp) in enumerate(zip(r.images, r.distances, r.query_patch, r.db_patch)):
-                e = db[img]
-                hits.append(
-                    Hit(
-                        pos + 1, e.path, float(dist),
-                        _box(qboxes[qp]), _box(pixel_boxes(db_layout[dp], e.width, e.height)),
-                    )
-                )
+                qboxes += np.array([f.crop[0], f.crop[1], f.crop[0], f.crop[1]])
+            dboxes = db_layout[r.db_patch] * sizes[r.images]
+            hits = [
+                Hit(pos + 1, db[img].path, dist, qb, dbb)
+                for pos, (img, dist, qb, dbb) in enumerate(zip(
+                    r.images.tolist(), r.distances.tolist(),
+                    np.round(qboxes, 1).tolist(), np.round(dboxes, 1).tolist(),
+                ))
+            ]
             collected[order[(f.path, f.crop)]] = QueryResult(f.path, hits)
         return [collected[i] for i in sorted(collected)]
 
@@ -455,10 +453,6 @@ class Index:
             "up_to_date": state["generation"] == self.manifest.generation,
             "path": str(self.path),
         }
-
-
-def _box(b: np.ndarray) -> list[float]:
-    return [round(float(v), 1) for v in b]
 
 
 def _atomic_write(path: Path, text: str) -> None:

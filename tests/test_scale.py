@@ -55,8 +55,8 @@ def test_scale_small_json_and_recall(tmp_path):
 
 
 def test_scale_reuses_workdir(tmp_path):
-    first = _run(tmp_path, "--nprobe", "8", "--per-patch", "32")
-    second = _run(tmp_path, "--nprobe", "8", "--per-patch", "32", "--fetch", "pread")
+    first = _run(tmp_path, "--nprobe", "8", "--per-patch", "32", "--fetch", "mmap")
+    second = _run(tmp_path, "--nprobe", "8", "--per-patch", "32")  # default: pread
     # data, index and ground truth are reused: same build numbers; both fetch paths read
     # the same rows, so the same ranking
     assert second["train_s"] == first["train_s"] and second["add_s"] == first["add_s"]
