@@ -431,6 +431,8 @@ def command_line(args, row: dict) -> str:
     parts += ["--patch-mode", row["patch_mode"], "--levels", ",".join(map(str, row["levels"])),
               "--query-levels", ",".join(map(str, row["query_levels"])),
               "--aggregate", row["aggregate"], "--pca-dim", str(row["pca_dim"])]
+    if args.roi_size and row["patch_mode"] == "roi":
+        parts += ["--roi-size", str(args.roi_size)]
     if row["whiten_on"]:
         parts += ["--whiten-on", *[os.path.relpath(w) if not w.startswith("@") else w for w in row["whiten_on"]]]
     if args.index_type:
@@ -456,7 +458,10 @@ def format_row(r: dict) -> str:
     whiten = c["whiten_on"] if c["whiten_on"] == DATABASE else ",".join(_short(w) for w in c["whiten_on"])
     agg = "-" if tuple(c["query_levels"]) == (1,) else c["aggregate"]
     t = r["timing"]
-    cells = (r["dataset"], c["extractor"]["patch_mode"], ",".join(map(str, c["levels"])),
+    mode = c["extractor"]["patch_mode"]
+    if mode == "roi" and c["extractor"].get("roi_size"):
+        mode = f"roi@{c['extractor']['roi_size']}"
+    cells = (r["dataset"], mode, ",".join(map(str, c["levels"])),
              ",".join(map(str, c["query_levels"])), agg, pca, whiten, score, emh,
              _fmt(t["db_extract_s_per_image"]), _fmt(t["query_s_per_image"]),
              _fmt(t["query_rank_s_per_query"]), f"{r['seconds']:.1f}")

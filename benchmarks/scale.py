@@ -46,8 +46,11 @@ and training 65536 centroids needs >= 2.5M training points; an HNSW coarse quant
 speeds the assignment but not enough on 2 cores. With only 1024 lists each list holds
 ~29k codes, so the scan dominates a search: the 4-bit fast-scan PQ (SIMD, in-register
 lookup tables) scans those lists ~10-15x faster than 8-bit PQ32 (measured at 1M: FAISS
-8.7 ms vs 121-134 ms per query at nprobe 4), which keeps p50 far under 100 ms; its lower code precision is harmless because FAISS only proposes
-candidate *images* (any of ~20x30 patch pairs finds one) and the exact kernel re-ranks.
+8.7 ms vs 121-134 ms per query at nprobe 4), which keeps p50 far under 100 ms. Its low
+code precision is harmless on the default data (FAISS only proposes candidate *images*
+and the exact kernel re-ranks them), but not on the harder variant below, where recall
+is limited by the PQ codes (IVF1024,Flat: ~1.0): use "IVF1024,PQ64x4fs" (32 B code +
+8 B id, same scan speed class) for such data.
 
 Synthetic data (`generate`): images come in scenes ("clusters") of exactly
 `--cluster-size` (20) images, placed at random positions of the database. Each scene has

@@ -14,6 +14,12 @@ does not pay for torch, FAISS and the native kernel.
 from __future__ import annotations
 
 import importlib
+import os
+
+# OpenMP threads that spin while waiting made the kernel ~5x and FAISS k-means ~10x slower
+# on a busy 2-core machine (benchmarks/RESULTS.md, scale). Set before any OpenMP runtime
+# loads; a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _PUBLIC = {
     "ExtractorConfig": "config",

@@ -102,12 +102,19 @@ class Extractor:
         owners: list[tuple[_Pending, int]] = []
 
         def run_batch() -> None:
-            if batch:
-                for (state, slot), feat in zip(owners, backbone(np.stack(batch))):
+            # Inputs share a shape except in roi mode with --roi-size (aspect kept):
+            # one forward pass per shape.
+            by_shape: dict[tuple, list[int]] = {}
+            for i, arr in enumerate(batch):
+                by_shape.setdefault(arr.shape, []).append(i)
+            for members in by_shape.values():
+                feats = backbone(np.stack([batch[i] for i in members]))
+                for i, feat in zip(members, feats):
+                    state, slot = owners[i]
                     state.outputs[slot] = feat if mode == "roi" else _pool(feat, how)
                     state.left -= 1
-                batch.clear()
-                owners.clear()
+            batch.clear()
+            owners.clear()
 
         def finished() -> Iterator[Extracted | Skipped]:
             while in_flight and in_flight[0].left == 0:

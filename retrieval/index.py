@@ -379,7 +379,8 @@ class Index:
             if len(ids) == 0:
                 self._derived = (ids, np.empty((0, 1), np.float32), None)
             else:
-                vectors = np.load(self.path / f"vectors-{g}.npy")
+                # Memory-mapped: a large index is paged in as candidates are re-ranked.
+                vectors = np.load(self.path / f"vectors-{g}.npy", mmap_mode="r")
                 ann = VectorIndex.load(self.path / f"faiss-{g}.index", self.index_type, self.runtime.device)
                 self._derived = (ids, vectors, ann)
         return self._derived

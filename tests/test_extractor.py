@@ -54,6 +54,16 @@ def test_roi_size_feeds_a_larger_image(tmp_path):
     _, small = _extract(path, "roi", [level_regions(3)])
     assert not np.allclose(big.descriptors["level3"], small.descriptors["level3"])
     assert ExtractorConfig(patch_mode="roi", roi_size=256).key() != ExtractorConfig(patch_mode="roi").key()
+    # Images of other aspect ratios in one batch: one forward pass per input shape.
+    tall = tmp_path / "tall.jpg"
+    make_scene(5, size=(80, 160)).save(tall)
+    ex = Extractor(
+        ExtractorConfig(backbone="resnet18", weights="none", input_spec=SPEC, patch_mode="roi", roi_size=128),
+        RuntimeConfig(batch_size=8),
+    )
+    outs = list(ex.extract([Job(str(p), (level_regions(2),)) for p in (path, tall, path)], progress=False))
+    assert [o.descriptors["level2"].shape for o in outs] == [(4, 512)] * 3
+    np.testing.assert_allclose(outs[0].descriptors["level2"], outs[2].descriptors["level2"], rtol=1e-5)
 
 
 def test_mirrored_jitter_sample_is_the_mirrored_crop(tmp_path):
