@@ -13,6 +13,7 @@ extractor would form) and pooling.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -43,10 +44,14 @@ def backends(args) -> dict[str, ExtractorConfig]:
     return out
 
 
+def with_mode(config: ExtractorConfig, mode: str) -> ExtractorConfig:
+    """`crop`, `roi` or `roi@N` (roi with the long side at N pixels)."""
+    patch_mode, _, size = mode.partition("@")
+    return dataclasses.replace(config, patch_mode=patch_mode, roi_size=int(size) if size else None)
+
+
 def timed_run(config: ExtractorConfig, mode: str, paths: list[str], levels, batch: int, workers: int) -> float:
-    ex = Extractor(
-        ExtractorConfig(**{**config.__dict__, "patch_mode": mode}), RuntimeConfig("cpu", batch, workers)
-    )
+    ex = Extractor(with_mode(config, mode), RuntimeConfig("cpu", batch, workers))
     regions = tuple(level_regions(lv) for lv in levels)
     list(ex.extract([Job(p, regions) for p in paths[:4]], progress=False))  # warm-up
     start = time.perf_counter()
@@ -55,7 +60,8 @@ def timed_run(config: ExtractorConfig, mode: str, paths: list[str], levels, batc
 
 
 def breakdown(config: ExtractorConfig, mode: str, paths: list[str], levels, batch: int) -> dict:
-    ex = Extractor(ExtractorConfig(**{**config.__dict__, "patch_mode": mode}), RuntimeConfig("cpu", batch, 1))
+    config = with_mode(config, mode)
+    ex = Extractor(config, RuntimeConfig("cpu", batch, 1))
     bb = ex.backbone
     size = tuple(int(v) for v in bb.input_size)
     regions = tuple(level_regions(lv) for lv in levels)
@@ -66,16 +72,20 @@ def breakdown(config: ExtractorConfig, mode: str, paths: list[str], levels, batc
     t0 = time.perf_counter()
     inputs = []
     for p in paths:
-        inputs.extend(_prepare(Job(p, regions), size, mode)[1])
+        inputs.extend(_prepare(Job(p, regions), size, config.patch_mode, config.roi_size)[1])
     cut = time.perf_counter() - t0 - decode
-    bb(np.stack(inputs[:batch]))  # warm-up
+    # roi@N inputs keep their aspect ratio: batch equal shapes, as the extractor does.
+    groups: dict[tuple, list[np.ndarray]] = {}
+    for arr in inputs:
+        groups.setdefault(arr.shape, []).append(arr)
+    bb(np.stack(inputs[:1]))  # warm-up
     t0 = time.perf_counter()
-    feats = [bb(np.stack(inputs[i : i + batch])) for i in range(0, len(inputs), batch)]
+    feats = [bb(np.stack(g[i : i + batch])) for g in groups.values() for i in range(0, len(g), batch)]
     network = time.perf_counter() - t0
     t0 = time.perf_counter()
     for chunk in feats:
         for f in chunk:
-            if mode == "roi":
+            if config.patch_mode == "roi":
                 for rs in regions:
                     for box in rs.boxes:
                         _roi_pool(f, box, config.pool)
@@ -101,6 +111,7 @@ def main() -> int:
     ap.add_argument("--levels", default="1,2,3,4")
     ap.add_argument("--batch-sizes", default="8,32,64")
     ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--modes", default="crop,roi,roi@448,roi@640", help="crop, roi, roi@N (roi with --roi-size N)")
     ap.add_argument("--json", metavar="OUT")
     args = ap.parse_args()
     paths = expand_inputs([args.images])[: args.limit]
@@ -111,7 +122,7 @@ def main() -> int:
     workers = [int(v) for v in args.workers.split(",")]
     rows, parts = [], []
     for name, config in backends(args).items():
-        for mode in ("crop", "roi"):
+        for mode in args.modes.split(","):
             parts.append({"backend": name, "mode": mode, **breakdown(config, mode, paths, levels, 32)})
             for b in batches:
                 for w in workers:
@@ -122,14 +133,14 @@ def main() -> int:
     for r in rows:
         key = (r["backend"], r["mode"])
         best[key] = max(best.get(key, 0.0), r["images_per_s"])
-    ratios = {b: best[(b, "roi")] / best[(b, "crop")] for b, m in best if m == "crop" and (b, "roi") in best}
+    ratios = {f"{b} {m}": best[(b, m)] / best[(b, "crop")] for b, m in best if m != "crop" and (b, "crop") in best}
     print("\nwhere the time goes (ms per image, batch 32, one thread of decoding)")
     for p in parts:
         print(f"{p['backend']:26s} {p['mode']:5s} decode {p['decode_ms']:6.1f}  cut {p['cut_ms']:6.1f}  "
               f"network {p['network_ms']:7.1f}  pooling {p['pooling_ms']:5.1f}  "
               f"({p['network_inputs_per_image']:.0f} network inputs/image)")
     for b, r in ratios.items():
-        print(f"roi vs crop, {b}: {r:.1f}x faster (best configuration of each)")
+        print(f"{b} vs crop: {r:.1f}x faster (best configuration of each)")
     result = {
         "images": len(paths), "levels": list(levels), "rows": rows, "breakdown": parts,
         "roi_vs_crop": ratios,

@@ -36,7 +36,7 @@ contiguous 7.5 KiB run (2 pages), so a fetch is a page-cache copy. The OS page c
 decides how much of the 7.7 GB stays in RAM; the process RSS stays small (we report the
 anonymous RSS and the file-backed RSS separately: file pages are clean and reclaimable).
 
-Factory choice (default "IVF1024,PQ32x4fs", see benchmarks/RESULTS_scale.md for numbers):
+Factory choice (default "IVF1024,PQ32x4fs", see benchmarks/RESULTS.md, section 6, for numbers):
 memory first -- PQ32x4fs stores 16 B of code per vector (+8 B id in the inverted lists),
 0.72 GB for 30M vectors, where PQ32 (8-bit) is 32+8 B = 1.2 GB and Flat would be 15.4 GB.
 Then build time on 2 shared cores: `add` assigns every vector to its nearest coarse
