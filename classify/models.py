@@ -281,6 +281,12 @@ def _folds(Y: np.ndarray, k: int, multilabel: bool, seed: int) -> list[tuple[np.
     if multilabel:
         return list(KFold(k, shuffle=True, random_state=seed).split(Y))
     y = Y.argmax(axis=1)
+    largest = int(np.bincount(y).max())
+    if largest < k:
+        raise ValueError(
+            f"--cv {k} needs at least {k} training images in some class, but the largest class "
+            f"has {largest}: use --cv {max(2, largest)} or add images"
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "least populated class has fewer members than folds"
         return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(n), y))

@@ -352,3 +352,30 @@ def test_real_backbone_end_to_end(tmp_path, capsys):
     assert out["extracted"] == 8 and out["test"] == 2
     code, out, err = _run(capsys, argv)
     assert code == 0 and out["extracted"] == 0
+
+
+def test_features_from_retrieval_build_are_reused(tmp_path, capsys, monkeypatch):
+    """`retrieval build` (the real CLI, real network) fills the store; `classify run` with
+    the same extractor flags and store then extracts nothing."""
+    from conftest import make_scene, run_cli
+
+    data = tmp_path / "data"
+    for split, n in (("train", 3), ("test", 2)):
+        for c, cls in enumerate(("ants", "bees")):
+            folder = data / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                make_scene(100 * c + 10 * (split == "test") + i, size=(96, 72)).save(folder / f"{i}.jpg")
+    store = tmp_path / "shared.sqlite"
+    flags = ["--backbone", "resnet18", "--weights", "none", "--input-spec", "size=64", "--store", str(store)]
+    built = run_cli("build", str(tmp_path / "idx"), str(data), *flags, "--levels", "1", "--pca-dim", "4", "--quiet", "--json")
+    assert built.returncode == 0, built.stderr
+    assert json.loads(built.stdout)["added"] == 10
+
+    def refuse(*a, **k):
+        raise AssertionError("classify extracted although retrieval build stored every image")
+
+    monkeypatch.setattr(Extractor, "extract", refuse)
+    code, out, err = _run(capsys, ["run", str(data), *flags, "--cv", "3", "--json", "--quiet"])
+    assert code == 0, err
+    assert out["extracted"] == 0 and out["train"] == 6 and out["test"] == 4
