@@ -39,12 +39,15 @@ def describe(
     *,
     progress: bool = True,
     desc: str = "extract",
+    digests: dict[str, str] | None = None,
 ) -> Iterator[ImageFeatures | Skipped]:
     """Yield the descriptors of every item (a path, or (path, crop box in pixels)).
 
     Store hits are yielded first, then extractions as they finish; each extraction is
     committed to the store before it is yielded. Unreadable inputs come out as Skipped.
+    `digests` maps paths whose content digest the caller has already computed.
     """
+    digests = digests or {}
     sets = [r if isinstance(r, RegionSet) else region_set(r) for r in regions]
     names = [rs.name for rs in sets]
     key = extractor.key
@@ -54,7 +57,7 @@ def describe(
     for item in items:
         path, crop = (item, None) if isinstance(item, str) else item
         try:
-            digest = file_digest(path)
+            digest = digests.get(path) or file_digest(path)
         except FileNotFoundError:
             yield Skipped(path, "file not found")
             continue

@@ -31,7 +31,7 @@ from .ann import VectorIndex
 from .config import ExtractorConfig, RuntimeConfig, SearchConfig, file_digest
 from .extractor import Extractor, Skipped
 from .features import Crop, ImageFeatures, describe
-from .manifest import Manifest
+from .manifest import Entry, Manifest
 from .patches import level_names, level_regions, pixel_boxes
 from .search import rank
 from .store import FeatureStore, default_store_path
@@ -113,7 +113,8 @@ class Index:
         self.manifest = Manifest(self.path / "manifest.sqlite")
         self._extractor: Extractor | None = None
         self._store: FeatureStore | None = None
-        self._derived: tuple[np.ndarray, np.ndarray, VectorIndex] | None = None
+        self._derived: tuple[list[Entry], np.ndarray, VectorIndex | None] | None = None
+        self._derived_generation = -1
         self._whitening: PCAWhitening | None = None
 
     # -- creation ---------------------------------------------------------------------
@@ -215,7 +216,8 @@ class Index:
         start = time.perf_counter()
         report = Report(str(self.path))
         with self._writing():
-            todo = []
+            todo: list[str] = []
+            known: dict[str, str] = {}
             for path in paths:
                 path = str(Path(path).resolve())
                 try:
@@ -233,8 +235,11 @@ class Index:
                     report.already_present += 1
                     continue
                 todo.append(path)
+                known[path] = digest
             regions = level_names(self.search_config.levels)
-            for out in describe(todo, self.extractor, self.store, regions, progress=progress, desc="index"):
+            for out in describe(
+                todo, self.extractor, self.store, regions, progress=progress, desc="index", digests=known
+            ):
                 if isinstance(out, Skipped):
                     report.skipped.append({"path": out.path, "reason": out.reason})
                     continue
@@ -369,20 +374,26 @@ class Index:
             ):
                 stale.unlink(missing_ok=True)
 
-    def _load_derived(self) -> tuple[np.ndarray, np.ndarray, VectorIndex | None]:
-        if self._derived is None:
-            if self._state()["generation"] != self.manifest.generation:
+    def _load_derived(self) -> tuple[list[Entry], np.ndarray, VectorIndex | None]:
+        """Database images (in vector order), their window vectors and the FAISS index."""
+        generation = self.manifest.generation
+        # Another process may have added or removed images since this view was loaded.
+        if self._derived is None or self._derived_generation != generation:
+            if self._state()["generation"] != generation:
                 with self._writing():
                     self._refresh(progress=False)
             g = self._state()["generation"]
+            self._derived_generation = g
             ids = np.load(self.path / f"ids-{g}.npy")
+            entries = {e.id: e for e in self.manifest.entries()}
+            db = [entries[i] for i in ids.tolist()]
             if len(ids) == 0:
-                self._derived = (ids, np.empty((0, 1), np.float32), None)
+                self._derived = (db, np.empty((0, 1), np.float32), None)
             else:
                 # Memory-mapped: a large index is paged in as candidates are re-ranked.
                 vectors = np.load(self.path / f"vectors-{g}.npy", mmap_mode="r")
                 ann = VectorIndex.load(self.path / f"faiss-{g}.index", self.index_type, self.runtime.device)
-                self._derived = (ids, vectors, ann)
+                self._derived = (db, vectors, ann)
         return self._derived
 
     # -- reading ------------------------------------------------------------------------
@@ -401,9 +412,7 @@ class Index:
         k=None returns every image. Unreadable queries are left out of the result and
         appended to `skipped` as {"path", "reason"} when a list is given.
         """
-        ids, vectors, ann = self._load_derived()
-        entries = {e.id: e for e in self.manifest.entries()}
-        db = [entries[i] for i in ids.tolist()]
+        db, vectors, ann = self._load_derived()
         levels = tuple(query_levels or self.search_config.effective_query_levels)
         aggregate = aggregate or self.search_config.aggregate
         whitening = self.whitening

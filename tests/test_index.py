@@ -98,3 +98,13 @@ def test_whiten_on_another_set_and_ivf_index(tmp_path, image_dir):
     with _create(tmp_path / "idx2", tmp_path / "s.sqlite") as own:
         own.add(paths, progress=False)
         assert not np.allclose(own.whitening.mean_, Index.open(tmp_path / "idx").whitening.mean_)
+
+
+def test_an_open_index_sees_images_added_by_another_handle(tmp_path, image_dir):
+    paths = sorted(str(p) for p in image_dir.iterdir())
+    with _create(tmp_path / "idx", tmp_path / "s.sqlite") as reader:
+        reader.add(paths[:3], progress=False)
+        assert len(reader.search(paths[:1], k=10)[0].hits) == 3
+        with Index.open(tmp_path / "idx") as writer:
+            writer.add(paths[3:], progress=False)
+        assert {h.path for h in reader.search(paths[:1], k=10)[0].hits} == set(paths)
