@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
     p.add_argument("--query-levels", type=parse_levels, help="override the index's query levels")
     p.add_argument("--aggregate", choices=("min", "mean-min"), help="override the index's image distance")
+    p.add_argument("--exact-limit", type=int, default=20_000, metavar="N",
+                   help="score every image exactly up to N images; above, FAISS proposes candidates (default 20000)")
+    p.add_argument("--nprobe", type=int, metavar="N", help="IVF lists searched per query window (IVF index types)")
+    p.add_argument("--per-patch", type=int, metavar="N",
+                   help="nearest database windows per query window that nominate candidates (default max(4k, 64))")
     _runtime(p)
     _common(p)
 
@@ -166,12 +171,16 @@ def _query(args) -> int:
 
     if args.k < 1:
         raise ConfigError("-k must be >= 1")
+    for flag, value in (("--nprobe", args.nprobe), ("--per-patch", args.per_patch)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1")
     skipped: list[dict] = []
     with Index.open(args.index, runtime=runtime_config_from_args(args)) as idx:
         results = idx.search(
             expand_inputs(args.images), args.k,
             query_levels=args.query_levels, aggregate=args.aggregate,
             progress=not args.quiet, skipped=skipped,
+            exact_limit=args.exact_limit, nprobe=args.nprobe, per_patch=args.per_patch,
         )
     for item in skipped:
         print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)

@@ -33,7 +33,7 @@ from .extractor import Extractor, Skipped
 from .features import Crop, ImageFeatures, describe
 from .manifest import Entry, Manifest
 from .patches import level_names, level_regions, pixel_boxes
-from .search import rank
+from .search import EXACT_LIMIT, rank
 from .store import FeatureStore, default_store_path
 from .whitening import PCAWhitening
 
@@ -406,13 +406,21 @@ class Index:
         aggregate: str | None = None,
         progress: bool = False,
         skipped: list | None = None,
+        exact_limit: int = EXACT_LIMIT,
+        nprobe: int | None = None,
+        per_patch: int | None = None,
     ) -> list[QueryResult]:
         """Rank the index for each query image (a path, or (path, crop box in pixels)).
 
-        k=None returns every image. Unreadable queries are left out of the result and
+        k=None returns every image. Up to `exact_limit` images every image is scored
+        exactly; above it FAISS proposes the images owning the `per_patch` nearest windows
+        of each query window (default max(4k, 64)), searching `nprobe` IVF lists, and the
+        kernel scores those exactly. Unreadable queries are left out of the result and
         appended to `skipped` as {"path", "reason"} when a list is given.
         """
         db, vectors, ann = self._load_derived()
+        if nprobe is not None and ann is not None:
+            ann.nprobe = nprobe
         levels = tuple(query_levels or self.search_config.effective_query_levels)
         aggregate = aggregate or self.search_config.aggregate
         whitening = self.whitening
@@ -428,7 +436,7 @@ class Index:
                     skipped.append({"path": f.path, "reason": f.reason})
                 continue
             q = whitening.transform(np.concatenate([f.descriptors[n] for n in level_names(levels)]))
-            r = rank(q, vectors, self.patches_per_image, ann, k, aggregate)
+            r = rank(q, vectors, self.patches_per_image, ann, k, aggregate, exact_limit, per_patch)
             qboxes = pixel_boxes(q_layout[r.query_patch], f.width, f.height)
             if f.crop is not None:
                 qboxes += np.array([f.crop[0], f.crop[1], f.crop[0], f.crop[1]])

@@ -35,8 +35,13 @@ def rank(
     k: int | None,
     aggregate: str = "min",
     exact_limit: int = EXACT_LIMIT,
+    per_patch: int | None = None,
 ) -> Ranking:
-    """Rank the database for one query ([nq, d] unit vectors); k=None ranks every image."""
+    """Rank the database for one query ([nq, d] unit vectors); k=None ranks every image.
+
+    Above `exact_limit` images (and when k is given), only the images owning one of the
+    `per_patch` nearest database windows of some query window are scored.
+    """
     n_images = len(vectors) // patches_per_image if patches_per_image else 0
     offsets = np.arange(n_images + 1, dtype=np.int64) * patches_per_image
     if n_images == 0:
@@ -44,7 +49,7 @@ def rank(
         return Ranking(empty, empty.astype(np.float32), empty.astype(np.int32), empty.astype(np.int32))
     candidates = None
     if k is not None and n_images > exact_limit and ann is not None:
-        candidates = _candidates(query, ann, patches_per_image, k)
+        candidates = _candidates(query, ann, patches_per_image, per_patch or max(4 * k, 64))
     dist, qp, dp = kernel.patch_distances(query, vectors, offsets, candidates, aggregate)
     ids = np.arange(n_images, dtype=np.int64) if candidates is None else candidates
     if k is not None and k < len(dist):
@@ -55,9 +60,8 @@ def rank(
     return Ranking(ids[order], dist[order], qp[order], dp[order])
 
 
-def _candidates(query: np.ndarray, ann: VectorIndex, patches_per_image: int, k: int) -> np.ndarray:
-    """Images owning any of the nearest windows of any query window."""
-    per_patch = max(4 * k, 64)
+def _candidates(query: np.ndarray, ann: VectorIndex, patches_per_image: int, per_patch: int) -> np.ndarray:
+    """Images owning any of the `per_patch` nearest windows of any query window."""
     _, ids = ann.search(query, per_patch)
     ids = ids[ids >= 0]
     return np.unique(ids // patches_per_image).astype(np.int64)

@@ -108,3 +108,23 @@ def test_an_open_index_sees_images_added_by_another_handle(tmp_path, image_dir):
         with Index.open(tmp_path / "idx") as writer:
             writer.add(paths[3:], progress=False)
         assert {h.path for h in reader.search(paths[:1], k=10)[0].hits} == set(paths)
+
+
+def test_faiss_candidates_then_exact_rerank_match_exact_search(tmp_path, image_dir):
+    """Force the large-collection path (FAISS candidates + kernel re-rank) on a small index."""
+    paths = sorted(str(p) for p in image_dir.iterdir())
+    with _create(tmp_path / "idx", tmp_path / "s.sqlite", index_type="IVF2,Flat") as idx:
+        idx.add(paths, progress=False)
+        exact = idx.search(paths, k=3)
+        every = idx.search(paths, k=None)
+        approx = idx.search(paths, k=3, exact_limit=0, nprobe=2, per_patch=30)
+        narrow = idx.search(paths, k=3, exact_limit=0, nprobe=1, per_patch=1)
+    as_list = lambda results: [[(h.path, round(h.distance, 5)) for h in r.hits] for r in results]
+    # With every window nominated, the candidates are every image: exactly the exact ranking.
+    assert as_list(approx) == as_list(exact)
+    # With one window per query window fewer images may be scored, but each one exactly:
+    # its distance is the one exact search gives it, and the query itself comes first.
+    for query, r, full in zip(paths, narrow, every):
+        truth = {h.path: h.distance for h in full.hits}
+        assert r.hits[0].path == query
+        assert all(h.distance == pytest.approx(truth[h.path], abs=1e-6) for h in r.hits)
