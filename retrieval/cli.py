@@ -115,9 +115,12 @@ def _inputs(args) -> list[str]:
     from .images import expand_inputs
 
     try:
-        return expand_inputs(args.inputs)
+        paths = expand_inputs(args.inputs)
     except FileNotFoundError as err:
         raise ConfigError(str(err))
+    if not paths:
+        print(f"retrieval {args.command}: warning: no images found in {' '.join(args.inputs)}", file=sys.stderr)
+    return paths
 
 
 def _report(args, report) -> int:

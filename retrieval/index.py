@@ -419,6 +419,8 @@ class Index:
         appended to `skipped` as {"path", "reason"} when a list is given.
         """
         db, vectors, ann = self._load_derived()
+        if not db:  # nothing to rank against (and no whitening learned yet)
+            return [QueryResult(q if isinstance(q, str) else q[0], []) for q in queries]
         if nprobe is not None and ann is not None:
             ann.nprobe = nprobe
         levels = tuple(query_levels or self.search_config.effective_query_levels)

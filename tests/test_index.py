@@ -128,3 +128,11 @@ def test_faiss_candidates_then_exact_rerank_match_exact_search(tmp_path, image_d
         truth = {h.path: h.distance for h in full.hits}
         assert r.hits[0].path == query
         assert all(h.distance == pytest.approx(truth[h.path], abs=1e-6) for h in r.hits)
+
+
+def test_empty_index_answers_with_no_hits(tmp_path, image_dir):
+    with _create(tmp_path / "idx", tmp_path / "s.sqlite") as idx:
+        report = idx.add([], progress=False)
+        assert (report.added, report.images) == (0, 0)
+        (result,) = idx.search([str(image_dir / "img0.jpg")], k=5)
+        assert result.hits == [] and idx.info()["images"] == 0
