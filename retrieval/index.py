@@ -157,9 +157,13 @@ class Index:
             return existing
         if path.exists() and any(path.iterdir()):
             raise IndexUsageError(f"{path} exists and is not an index; choose an empty or new directory")
+        index = cls(path, meta, runtime)
+        # Load the network before writing anything, so that a bad layer, tensor or weights
+        # name leaves no index behind that would then refuse the corrected command.
+        index.extractor.backbone
         path.mkdir(parents=True, exist_ok=True)
         _atomic_write(path / "index.json", json.dumps(meta, indent=2, sort_keys=True))
-        return cls.open(path, runtime=runtime)
+        return index
 
     @classmethod
     def open(cls, path: str | Path, *, runtime: RuntimeConfig | None = None) -> "Index":

@@ -138,3 +138,13 @@ def test_kill_9_during_build_then_info_then_add_completes(tmp_path, store_env, k
     res = run_cli("query", str(idx), str(folder / "s000.jpg"), "-k", str(n), "--json")
     hits = json.loads(res.stdout)["results"][0]["hits"]
     assert len(hits) == n and len({h["path"] for h in hits}) == n
+
+
+def test_bad_extractor_flag_leaves_no_index_behind(tmp_path, image_dir, store_env):
+    idx = tmp_path / "idx"
+    flags = [f for f in TINY_FLAGS if f != "--quiet"]
+    out = run_cli("build", str(idx), str(image_dir), *flags, "--layer", "layer9", "--quiet")
+    assert out.returncode == 2 and "layer9" in out.stderr
+    assert not idx.exists()
+    out = run_cli("build", str(idx), str(image_dir), *flags, "--quiet", "--json")
+    assert out.returncode == 0, out.stderr
