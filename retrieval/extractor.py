@@ -76,6 +76,11 @@ class Extractor:
                 )
         return self._backbone
 
+    def load(self) -> "Extractor":
+        """Load the network now rather than on first use; raises on a bad configuration."""
+        self.backbone  # noqa: B018 - the property loads and validates
+        return self
+
     @property
     def key(self) -> str:
         if self._key is None:

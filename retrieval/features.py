@@ -11,7 +11,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from .config import file_digest
-from .extractor import Extracted, Extractor, Job, Skipped
+from .extractor import Extractor, Job, Skipped
 from .patches import RegionSet, region_set
 from .store import FeatureStore
 

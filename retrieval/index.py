@@ -160,7 +160,7 @@ class Index:
         index = cls(path, meta, runtime)
         # Load the network before writing anything, so that a bad layer, tensor or weights
         # name leaves no index behind that would then refuse the corrected command.
-        index.extractor.backbone
+        index.extractor.load()
         path.mkdir(parents=True, exist_ok=True)
         _atomic_write(path / "index.json", json.dumps(meta, indent=2, sort_keys=True))
         return index

@@ -7,7 +7,6 @@ runs a real random-init torchvision network end to end.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 
 import numpy as np
