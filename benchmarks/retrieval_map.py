@@ -54,7 +54,6 @@ import numpy as np  # noqa: E402
 
 from retrieval.config import (  # noqa: E402
     AGGREGATES,
-    LEVELS,
     PATCH_MODES,
     ConfigError,
     ExtractorConfig,
@@ -147,10 +146,10 @@ global rows have one query window so their aggregate column shows '-', leaving 1
 
 
 def _levels(text: str) -> tuple[int, ...]:
-    levels = parse_levels(text)
-    if not levels or any(lv not in LEVELS for lv in levels):
-        raise ConfigError(f"levels are a comma list from 1,2,3,4 (got {text!r})")
-    return levels
+    try:
+        return parse_levels(text)
+    except argparse.ArgumentTypeError as err:
+        raise ConfigError(str(err))
 
 
 def _split(text: str | None, sep: str) -> list[str]:

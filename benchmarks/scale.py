@@ -104,6 +104,7 @@ import numpy as np  # noqa: E402
 
 from retrieval import kernel  # noqa: E402
 from retrieval.ann import VectorIndex  # noqa: E402
+from retrieval.search import candidate_images, top_k  # noqa: E402
 
 TOP = 10
 OBJECT_PATCHES = 20  # per image (the rest are background patches)
@@ -309,8 +310,7 @@ def search_one(q: np.ndarray, ann: VectorIndex, db3: np.ndarray, patches: int,
                per_patch: int, fetch=None) -> tuple[np.ndarray, float, float, float, int]:
     """One query end to end: (top-10 image ids, faiss s, fetch s, kernel s, #candidates)."""
     t0 = time.perf_counter()
-    _, ids = ann.search(q, per_patch)
-    cands = np.unique(ids[ids >= 0] // patches)  # sorted: the file is read forwards
+    cands = candidate_images(q, ann, patches, per_patch)  # sorted: the file is read forwards
     t1 = time.perf_counter()
     if fetch is None:
         rows = db3[cands].reshape(-1, db3.shape[2])  # memmap gather: float16 [m*P, d]
@@ -319,9 +319,7 @@ def search_one(q: np.ndarray, ann: VectorIndex, db3: np.ndarray, patches: int,
     t2 = time.perf_counter()
     offsets = np.arange(len(cands) + 1, dtype=np.int64) * patches
     dist, _, _ = kernel.patch_distances(q, rows, offsets)
-    k = min(TOP, len(dist))
-    top = np.argpartition(dist, k - 1)[:k] if k < len(dist) else np.arange(len(dist))
-    top = top[np.lexsort((cands[top], dist[top]))]
+    top = top_k(dist, cands, TOP)
     t3 = time.perf_counter()
     return cands[top], t1 - t0, t2 - t1, t3 - t2, len(cands)
 

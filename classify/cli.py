@@ -19,6 +19,7 @@ from pathlib import Path
 
 
 from retrieval.config import (
+    add_runtime_args,
     ConfigError,
     ExtractorConfig,
     RuntimeConfig,
@@ -58,10 +59,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("runtime")
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--workers", type=int, default=2)
+    add_runtime_args(p.add_argument_group("runtime"))
 
 
 def build_parser() -> argparse.ArgumentParser:

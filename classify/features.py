@@ -19,11 +19,12 @@ from typing import Iterable
 import numpy as np
 
 from retrieval.extractor import Extractor, Skipped
+from retrieval.whitening import l2_normalize
 from retrieval.features import ImageFeatures, describe
 from retrieval.patches import JITTER
 from retrieval.store import FeatureStore
 
-__all__ = ["JITTERS", "region_name", "l2_normalize", "power_normalize", "encode", "FeatureTable", "image_vectors"]
+__all__ = ["JITTERS", "region_name", "power_normalize", "encode", "FeatureTable", "image_vectors"]
 
 JITTERS = (1, 12)
 POWER = 0.5
@@ -36,13 +37,6 @@ def region_name(jitter: int) -> str:
     if jitter == 12:
         return JITTER
     raise ValueError(f"--jitter must be 1 or 12 (got {jitter})")
-
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows of `x` scaled to unit L2 norm (an all-zero row stays zero)."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(norms, eps)
 
 
 def power_normalize(x: np.ndarray, power: float = POWER) -> np.ndarray:

@@ -16,6 +16,14 @@ import numpy as np
 EXACT = "Flat"
 
 
+def faiss_device(device: str = "auto") -> str:
+    """Where FAISS searches run for a `--device` setting: `cuda:0` or `cpu`."""
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if device == "cuda" and gpus == 0:
+        raise RuntimeError("--device cuda was asked for, but FAISS sees no GPU")
+    return "cuda:0" if device != "cpu" and gpus > 0 else "cpu"
+
+
 class VectorIndex:
     """FAISS index over patch vectors. `factory` is a FAISS index-factory string.
 
@@ -45,16 +53,8 @@ class VectorIndex:
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
-    @property
-    def device_name(self) -> str:
-        """`cuda:0` when searches run on a GPU, else `cpu`."""
-        return "cuda:0" if self._use_gpu() else "cpu"
-
     def _use_gpu(self) -> bool:
-        gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-        if self.device == "cuda" and gpus == 0:
-            raise RuntimeError("--device cuda was asked for, but FAISS sees no GPU")
-        return self.device != "cpu" and gpus > 0
+        return faiss_device(self.device) != "cpu"
 
     def add(self, vectors: np.ndarray) -> None:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)

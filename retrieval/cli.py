@@ -14,6 +14,7 @@ from .config import (
     ConfigError,
     parse_levels,
     add_extractor_args,
+    add_runtime_args,
     extractor_config_from_args,
     runtime_config_from_args,
     search_config_from_args,
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("add", help="add images to an index (already present ones are skipped)")
     p.add_argument("index", metavar="INDEX_DIR")
     p.add_argument("inputs", nargs="+", metavar="INPUT")
-    _runtime(p)
+    add_runtime_args(p)
     _common(p)
 
     p = sub.add_parser("query", help="rank the index for query images")
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nprobe", type=int, metavar="N", help="IVF lists searched per query window (IVF index types)")
     p.add_argument("--per-patch", type=int, metavar="N",
                    help="nearest database windows per query window that nominate candidates (default max(4k, 64))")
-    _runtime(p)
+    add_runtime_args(p)
     _common(p)
 
     p = sub.add_parser("info", help="counts and configuration of an index")
@@ -81,12 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_extractor_args(p, search=False)
     _common(p)
     return parser
-
-
-def _runtime(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2)
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -243,10 +243,21 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def parse_levels(text: str) -> tuple[int, ...]:
+    """`1,2,3` -> (1, 2, 3); anything but a non-empty comma list from 1..4 is refused."""
     try:
-        return tuple(sorted({int(t) for t in text.split(",") if t.strip()}))
+        levels = tuple(sorted({int(t) for t in text.split(",") if t.strip()}))
     except ValueError:
+        levels = ()
+    if not levels or any(level not in LEVELS for level in levels):
         raise argparse.ArgumentTypeError(f"levels are a comma list from 1,2,3,4 (got {text!r})")
+    return levels
+
+
+def add_runtime_args(parser) -> None:
+    """The throughput flags (`--device`, `--batch-size`, `--workers`) on a parser or group."""
+    parser.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when available")
+    parser.add_argument("--batch-size", type=int, default=32, help="windows per network batch (default 32)")
+    parser.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
 
 
 def add_extractor_args(parser: argparse.ArgumentParser, *, search: bool = True) -> None:
@@ -291,9 +302,7 @@ def add_extractor_args(parser: argparse.ArgumentParser, *, search: bool = True) 
             help="image distance: mean over query windows of the min over database windows "
             "(mean-min, default), or the min over all window pairs (min)",
         )
-    g.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when available")
-    g.add_argument("--batch-size", type=int, default=32, help="windows per network batch (default 32)")
-    g.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
+    add_runtime_args(g)
 
 
 def extractor_config_from_args(args: argparse.Namespace) -> ExtractorConfig:

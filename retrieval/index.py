@@ -27,7 +27,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from . import kernel
-from .ann import VectorIndex
+from .ann import EXACT, VectorIndex, faiss_device
 from .config import ExtractorConfig, RuntimeConfig, SearchConfig, file_digest
 from .extractor import Extractor, Skipped
 from .features import Crop, ImageFeatures, describe
@@ -327,32 +327,29 @@ class Index:
             whitening.save(self.path / "whitening.npz")
             self._whitening = whitening
             state = {"generation": -1}
-        ids = np.array([e.id for e in entries], dtype=np.int64)
-        P = self.patches_per_image
-        old_ids = old_vectors = None
+        d, P = whitening.output_dim, self.patches_per_image
+        # What the published generation already holds: reuse the vectors of images still
+        # in the manifest, whiten only the new ones.
+        old_ids = kept_ids = np.empty(0, np.int64)
+        kept = np.empty((0, d), np.float32)
         if state["generation"] >= 0:
             old_ids = np.load(self.path / f"ids-{state['generation']}.npy")
-            old_vectors = np.load(self.path / f"vectors-{state['generation']}.npy", mmap_mode="r")
-        if old_ids is not None and len(old_ids):
-            keep = np.isin(old_ids, ids)
-            kept_vectors = old_vectors.reshape(len(old_ids), P, -1)[keep].reshape(-1, old_vectors.shape[1])
-            known = set(old_ids[keep].tolist())
-            appended_only = bool(keep.all())
-        else:
-            kept_vectors, known, appended_only = None, set(), False
+            if len(old_ids):
+                old = np.load(self.path / f"vectors-{state['generation']}.npy", mmap_mode="r")
+                keep = np.isin(old_ids, [e.id for e in entries])
+                kept_ids, kept = old_ids[keep], old.reshape(len(old_ids), P, d)[keep].reshape(-1, d)
+        known = set(kept_ids.tolist())
         new_entries = [e for e in entries if e.id not in known]
-        new_vectors = whitening.transform(self._raw(new_entries, progress)) if new_entries else None
-        parts = [v for v in (kept_vectors, new_vectors) if v is not None and len(v)]
-        vectors = np.ascontiguousarray(np.concatenate(parts).astype(np.float32))
-        order = np.concatenate([old_ids[keep] if kept_vectors is not None else np.empty(0, np.int64),
-                                np.array([e.id for e in new_entries], dtype=np.int64)])
-        if appended_only:
+        new = whitening.transform(self._raw(new_entries, progress)) if new_entries else kept[:0]
+        vectors = np.ascontiguousarray(np.concatenate([kept, new]), dtype=np.float32)
+        order = np.concatenate([kept_ids, np.array([e.id for e in new_entries], dtype=np.int64)])
+        if len(old_ids) and len(kept_ids) == len(old_ids):
             # Nothing removed: extend the published FAISS index instead of rebuilding it.
             ann = VectorIndex.load(self.path / f"faiss-{state['generation']}.index", self.index_type, self.runtime.device)
-            if new_vectors is not None:
-                ann.add(new_vectors)
+            if len(new):
+                ann.add(new)
         else:
-            ann = VectorIndex(vectors.shape[1], self.index_type, self.runtime.device)
+            ann = VectorIndex(d, self.index_type, self.runtime.device)
             ann.add(vectors)
         self._publish(generation, order, vectors, ann)
 
@@ -363,11 +360,7 @@ class Index:
         if vectors is not None:
             _atomic_save_npy(self.path / f"vectors-{g}.npy", vectors)
             ann.save(self.path / f"faiss-{g}.index")
-        dim = int(vectors.shape[1]) if vectors is not None else (self.whitening.output_dim if self.whitening else 0)
-        _atomic_write(
-            self.path / "state.json",
-            json.dumps({"generation": g, "images": int(len(ids)), "dim": dim}),
-        )
+        _atomic_write(self.path / "state.json", json.dumps({"generation": g}))
         self._derived = None
         for stale in self.path.iterdir():
             name = stale.name
@@ -462,16 +455,14 @@ class Index:
         images = self.manifest.count()
         state = self._state()
         whitening = self.whitening
-        dim = whitening.output_dim if whitening is not None else int(state.get("dim", 0))
-        ann = VectorIndex(max(dim, 1), self.index_type, self.runtime.device)
         return {
             "images": images,
             "patches": images * self.patches_per_image,
-            "dim": dim,
+            "dim": whitening.output_dim if whitening is not None else 0,
             "extractor": self.extractor_config.to_dict(),
             "search": self.search_config.to_dict(),
-            "index_type": ann.factory,
-            "faiss_device": ann.device_name,
+            "index_type": self.index_type or EXACT,
+            "faiss_device": faiss_device(self.runtime.device),
             "native_kernel": kernel.describe(),
             "store": self.meta["store"],
             "up_to_date": state["generation"] == self.manifest.generation,

@@ -49,19 +49,24 @@ def rank(
         return Ranking(empty, empty.astype(np.float32), empty.astype(np.int32), empty.astype(np.int32))
     candidates = None
     if k is not None and n_images > exact_limit and ann is not None:
-        candidates = _candidates(query, ann, patches_per_image, per_patch or max(4 * k, 64))
+        candidates = candidate_images(query, ann, patches_per_image, per_patch or max(4 * k, 64))
     dist, qp, dp = kernel.patch_distances(query, vectors, offsets, candidates, aggregate)
     ids = np.arange(n_images, dtype=np.int64) if candidates is None else candidates
-    if k is not None and k < len(dist):
-        top = np.argpartition(dist, k - 1)[:k]
-        order = top[np.lexsort((ids[top], dist[top]))]
-    else:
-        order = np.lexsort((ids, dist))
+    order = top_k(dist, ids, k)
     return Ranking(ids[order], dist[order], qp[order], dp[order])
 
 
-def _candidates(query: np.ndarray, ann: VectorIndex, patches_per_image: int, per_patch: int) -> np.ndarray:
-    """Images owning any of the `per_patch` nearest windows of any query window."""
+def candidate_images(query: np.ndarray, ann: VectorIndex, patches_per_image: int, per_patch: int) -> np.ndarray:
+    """Sorted row numbers of the images owning any of the `per_patch` nearest windows of
+    any query window (the windows of image i are rows i*P .. (i+1)*P-1)."""
     _, ids = ann.search(query, per_patch)
     ids = ids[ids >= 0]
     return np.unique(ids // patches_per_image).astype(np.int64)
+
+
+def top_k(dist: np.ndarray, ids: np.ndarray, k: int | None) -> np.ndarray:
+    """Positions of the k smallest distances (all if k is None), ties broken by image id."""
+    if k is not None and k < len(dist):
+        top = np.argpartition(dist, k - 1)[:k]
+        return top[np.lexsort((ids[top], dist[top]))]
+    return np.lexsort((ids, dist))
