@@ -70,11 +70,14 @@ class Report:
 
 @dataclass
 class Hit:
+    """One ranked image: its manifest `id`, path, distance and the deciding pair of windows."""
+
     rank: int
     path: str
     distance: float
     query_box: list[float]
     db_box: list[float]
+    id: int = -1
 
     def to_dict(self) -> dict:
         return {
@@ -441,7 +444,7 @@ class Index:
                 qboxes += np.array([f.crop[0], f.crop[1], f.crop[0], f.crop[1]])
             dboxes = db_layout[r.db_patch] * sizes[r.images]
             hits = [
-                Hit(pos + 1, db[img].path, dist, qb, dbb)
+                Hit(pos + 1, db[img].path, dist, qb, dbb, db[img].id)
                 for pos, (img, dist, qb, dbb) in enumerate(zip(
                     r.images.tolist(), r.distances.tolist(),
                     np.round(qboxes, 1).tolist(), np.round(dboxes, 1).tolist(),
@@ -449,6 +452,10 @@ class Index:
             ]
             collected[order[(f.path, f.crop)]] = QueryResult(f.path, hits)
         return [collected[i] for i in sorted(collected)]
+
+    def entry(self, image_id: int) -> Entry | None:
+        """The indexed image with manifest id `image_id` (path, digest, size), or None."""
+        return self.manifest.get(image_id)
 
     def info(self) -> dict:
         """Counts and configuration, as `retrieval info --json` prints them."""

@@ -64,6 +64,12 @@ class Manifest:
         rows = self.conn.execute("SELECT id, path, digest, width, height FROM images ORDER BY id")
         return [Entry(*row) for row in rows]
 
+    def get(self, entry_id: int) -> Entry | None:
+        row = self.conn.execute(
+            "SELECT id, path, digest, width, height FROM images WHERE id=?", (int(entry_id),)
+        ).fetchone()
+        return Entry(*row) if row else None
+
     def by_path(self, path: str) -> Entry | None:
         row = self.conn.execute(
             "SELECT id, path, digest, width, height FROM images WHERE path=?", (path,)
