@@ -1,11 +1,19 @@
 """A thin FAISS wrapper: index-factory strings, explicit GPU resources, atomic persistence.
 
 The FAISS index holds one vector per window (inner product on unit vectors, so nearest
-by inner product is nearest in Euclidean distance); its ids are row numbers of the
-index's patch matrix. It only proposes candidates: distances come from the exact kernel.
+by inner product is nearest in Euclidean distance). Its ids are `image id * 64 + window`
+(manifest ids, stable across segment merges), so a hit names its image by a shift. It
+only proposes candidate images: their distances come from the exact kernel.
+
+Without `--index-type`, the structure follows the collection (`auto_factory`): an IVF
+list count near sqrt(windows) / 2, fast-scan product quantisation with 4 dimensions per
+4-bit code (32 bytes per 256-d window), trained on a sample and re-trained once the
+collection has grown 4-fold. A flat index is never used to propose candidates: scoring
+every image with the kernel is faster and exact.
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -13,7 +21,13 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-EXACT = "Flat"
+WINDOW_BITS = 6  # up to 64 windows per image (levels 1-4 have 30)
+RETRAIN_GROWTH = 4  # re-train once the collection holds this many times the trained windows
+TRAIN_PER_LIST = 64  # training windows per IVF list (FAISS warns below 39)
+
+
+class FactoryError(ValueError):
+    """An `--index-type` string FAISS cannot build (usage error)."""
 
 
 def faiss_device(device: str = "auto") -> str:
@@ -24,18 +38,63 @@ def faiss_device(device: str = "auto") -> str:
     return "cuda:0" if device != "cpu" and gpus > 0 else "cpu"
 
 
+def check_factory(factory: str, dim: int = 64) -> None:
+    """Raise FactoryError (saying what is allowed) if FAISS cannot parse `factory`."""
+    if is_flat(factory):
+        return
+    try:
+        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+        raise FactoryError(
+            f"--index-type {factory!r} is not a FAISS index-factory string ({first}); "
+            "examples: 'IVF1024,PQ64x4fs', 'IVF256,Flat', 'HNSW32'; leave it out to let the "
+            "index choose by collection size"
+        ) from None
+
+
+def is_flat(factory: str | None) -> bool:
+    """'Flat' (exact search): served by the kernel alone, without FAISS."""
+    return factory is not None and factory.replace(" ", "") in ("Flat", "IDMap,Flat")
+
+
+def auto_factory(windows: int, dim: int) -> str:
+    """The IVF fast-scan PQ structure for a collection of `windows` window vectors."""
+    lists = 2 ** round(math.log2(max(math.sqrt(max(windows, 1)) / 2, 1)))
+    lists = int(min(max(lists, 16), 4096))
+    m = dim // 4 if dim % 4 == 0 and dim >= 8 else dim // 2 if dim % 2 == 0 else dim
+    return f"IVF{lists},PQ{m}x4fs"
+
+
+def training_size(factory: str) -> int:
+    """Windows to train `factory` on: enough for its IVF lists and 4-bit PQ codebooks."""
+    lists = 1
+    for part in factory.split(","):
+        if part.startswith("IVF"):
+            digits = "".join(ch for ch in part[3:] if ch.isdigit())
+            lists = int(digits) if digits else 1
+    return max(TRAIN_PER_LIST * lists, 4096)
+
+
+def window_ids(image_ids: np.ndarray, patches: int) -> np.ndarray:
+    """FAISS ids of every window of the given images, in row order."""
+    return (np.repeat(np.asarray(image_ids, np.int64), patches) << WINDOW_BITS) + np.tile(
+        np.arange(patches, dtype=np.int64), len(image_ids)
+    )
+
+
 class VectorIndex:
-    """FAISS index over patch vectors. `factory` is a FAISS index-factory string.
+    """FAISS index over window vectors, built from a factory string.
 
     The CPU index is the master copy (it is what gets saved); a GPU replica is made
     on demand for search when a GPU is present and `device` allows it.
     """
 
-    def __init__(self, dim: int, factory: str | None = None, device: str = "auto", nprobe: int = 32) -> None:
+    def __init__(self, dim: int, factory: str, device: str = "auto") -> None:
         self.dim = dim
-        self.factory = factory or EXACT
+        self.factory = factory
         self.device = device
-        self.nprobe = nprobe
+        self.nprobe = 8
         self._cpu: faiss.Index | None = None
         self._gpu: faiss.Index | None = None
         self._resources = None
@@ -44,45 +103,55 @@ class VectorIndex:
     def index(self) -> faiss.Index:
         if self._cpu is None:
             try:
-                self._cpu = faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
+                index = faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
             except RuntimeError as err:
-                raise ValueError(f"--index-type {self.factory!r} is not a valid FAISS index-factory string: {err}")
+                raise FactoryError(f"--index-type {self.factory!r}: {err}") from None
+            if faiss.try_extract_index_ivf(index) is None:
+                index = faiss.IndexIDMap2(index)  # graph and flat indexes keep no ids of their own
+            self._cpu = index
         return self._cpu
 
     @property
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
-    def _use_gpu(self) -> bool:
-        return faiss_device(self.device) != "cpu"
+    @property
+    def is_trained(self) -> bool:
+        return bool(self.index.is_trained)
 
-    def add(self, vectors: np.ndarray) -> None:
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        index = self.index
-        if not index.is_trained:
-            if len(vectors) < 1:
-                raise ValueError(f"index type {self.factory!r} needs training vectors")
-            try:
-                index.train(vectors)
-            except RuntimeError as err:
-                raise ValueError(
-                    f"cannot train index type {self.factory!r} on {len(vectors)} vectors: {err}; "
-                    "use a smaller factory (fewer IVF lists / PQ codes) or the default exact index"
-                )
-        index.add(vectors)
+    def train(self, sample: np.ndarray) -> None:
+        """Train on `sample` windows; ValueError saying why when it cannot be trained."""
+        try:
+            self.index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        except RuntimeError as err:
+            raise ValueError(f"cannot train {self.factory!r} on {len(sample)} windows: {err}") from None
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, np.int64))
         self._gpu = None
 
+    def remove_not_in(self, keep: np.ndarray) -> int:
+        """Drop every window whose id is not in `keep`, where the structure supports
+        removal (0 where it does not: stale ids are then filtered out at search)."""
+        keep = np.ascontiguousarray(keep, np.int64)
+        try:
+            removed = int(self.index.remove_ids(faiss.IDSelectorNot(faiss.IDSelectorBatch(keep))))
+        except RuntimeError:
+            return 0
+        self._gpu = None
+        return removed
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Inner products and ids of the k nearest vectors of each query row (-1 = none)."""
+        """Inner products and ids of the k nearest windows of each query row (-1 = none)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = max(1, min(k, self.ntotal))
         index = self.index
-        if self._use_gpu():
+        if faiss_device(self.device) != "cpu":
             if self._gpu is None:
                 self._resources = self._resources or faiss.StandardGpuResources()
                 self._gpu = faiss.index_cpu_to_gpu(self._resources, 0, index)
             index = self._gpu
-        ivf = faiss.try_extract_index_ivf(index) if hasattr(faiss, "try_extract_index_ivf") else None
+        ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None:
             ivf.nprobe = self.nprobe
         return index.search(queries, k)
@@ -94,14 +163,21 @@ class VectorIndex:
         os.close(fd)
         try:
             faiss.write_index(self.index, tmp)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
     @classmethod
-    def load(cls, path: str | Path, factory: str | None, device: str = "auto", nprobe: int = 32) -> "VectorIndex":
-        cpu = faiss.read_index(str(path))
-        obj = cls(cpu.d, factory, device, nprobe)
+    def load(cls, path: str | Path, factory: str, device: str = "auto") -> "VectorIndex":
+        """Read a saved index; ValueError naming the file when it is missing or damaged."""
+        try:
+            cpu = faiss.read_index(str(path))
+        except RuntimeError as err:
+            reason = "missing" if not os.path.exists(path) else f"unreadable ({str(err).strip().splitlines()[-1]})"
+            raise ValueError(f"{path}: {reason}") from None
+        obj = cls(cpu.d, factory, device)
         obj._cpu = cpu
         return obj

@@ -11,6 +11,7 @@ import sys
 import time
 
 from .config import (
+    EXACT_LIMIT,
     ConfigError,
     parse_levels,
     add_extractor_args,
@@ -43,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index", metavar="INDEX_DIR")
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     add_extractor_args(p)
-    p.add_argument("--index-type", metavar="FACTORY", help="FAISS index-factory string (default: exact search)")
+    p.add_argument("--index-type", metavar="FACTORY",
+                   help="FAISS index-factory string proposing candidates on large collections, e.g. "
+                   "'IVF1024,PQ64x4fs', or 'Flat' for exact search at any size (default: chosen by "
+                   "collection size: exact kernel scoring up to %d images, IVF fast-scan PQ above)" % EXACT_LIMIT)
     p.add_argument("--store", metavar="FILE", help="feature store (default $RETRIEVAL_STORE or ~/.cache/retrieval/features.sqlite)")
     p.add_argument("--whiten-on", metavar="DIR", nargs="+", help="learn the PCA-whitening on these images instead of the database")
     _common(p)
@@ -60,9 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
     p.add_argument("--query-levels", type=parse_levels, help="override the index's query levels")
     p.add_argument("--aggregate", choices=("min", "mean-min"), help="override the index's image distance")
-    p.add_argument("--exact-limit", type=int, default=20_000, metavar="N",
-                   help="score every image exactly up to N images; above, FAISS proposes candidates (default 20000)")
-    p.add_argument("--nprobe", type=int, metavar="N", help="IVF lists searched per query window (IVF index types)")
+    p.add_argument("--exact-limit", type=int, default=EXACT_LIMIT, metavar="N",
+                   help="score every image exactly up to N images; above, FAISS proposes candidates "
+                   f"(default {EXACT_LIMIT})")
+    p.add_argument("--nprobe", type=int, metavar="N", help="IVF lists searched per query window (default 8)")
     p.add_argument("--per-patch", type=int, metavar="N",
                    help="nearest database windows per query window that nominate candidates (default max(4k, 64))")
     add_runtime_args(p)
@@ -74,7 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("remove", help="remove images (by path) from an index")
     p.add_argument("index", metavar="INDEX_DIR")
-    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="an indexed image, a folder (every indexed image under it) or @list.txt; "
+                   "the files need not exist any more")
+    _common(p)
+
+    p = sub.add_parser("reindex", help="change the search structure of an index (no extraction)")
+    p.add_argument("index", metavar="INDEX_DIR")
+    p.add_argument("--index-type", metavar="FACTORY", required=True,
+                   help="a FAISS index-factory string, 'Flat' (exact search at any size) or 'auto' "
+                   "(chosen by collection size)")
     _common(p)
 
     p = sub.add_parser("export-onnx", help="write a torch backbone and layer as an ONNX model")
@@ -136,6 +150,7 @@ def _report(args, report) -> int:
 def _build(args) -> int:
     from .index import Index
 
+    inputs = _inputs(args)  # a missing @list is a usage error before anything is written
     idx = Index.create(
         args.index,
         extractor_config_from_args(args),
@@ -146,7 +161,7 @@ def _build(args) -> int:
         runtime=runtime_config_from_args(args),
     )
     with idx:
-        return _report(args, idx.add(_inputs(args), progress=not args.quiet))
+        return _report(args, idx.add(inputs, progress=not args.quiet))
 
 
 def _add(args) -> int:
@@ -161,6 +176,17 @@ def _remove(args) -> int:
 
     with Index.open(args.index) as idx:
         return _report(args, idx.remove(args.paths))
+
+
+def _reindex(args) -> int:
+    from .index import Index
+
+    with Index.open(args.index) as idx:
+        idx.set_index_type(None if args.index_type == "auto" else args.index_type)
+        info = idx.info()
+    print(json.dumps(info["structure"]) if args.json else
+          f"{args.index}: {info['structure']['search']} search ({info['structure']['reason']})")
+    return EXIT_OK
 
 
 def _query(args) -> int:
@@ -221,6 +247,7 @@ _COMMANDS = {
     "query": _query,
     "info": _info,
     "remove": _remove,
+    "reindex": _reindex,
     "export-onnx": _export_onnx,
 }
 

@@ -25,6 +25,9 @@ PATCH_MODES = ("crop", "roi")
 AGGREGATES = ("min", "mean-min")
 DEVICES = ("auto", "cpu", "cuda")
 LEVELS = (1, 2, 3, 4)
+# Up to this many images a query scores every image with the kernel (exact, and measured
+# faster than FAISS candidates: benchmarks/RESULTS.md, engine scale); above, candidates.
+EXACT_LIMIT = 10_000
 
 
 class ConfigError(ValueError):
@@ -148,6 +151,15 @@ class ExtractorConfig:
         data = dataclasses.asdict(self)
         data["input_spec"] = self.input_spec.to_dict()
         return data
+
+    def describe(self) -> dict[str, Any]:
+        """The settings that apply to this extractor (for `retrieval info`): an ONNX model
+        has no torchvision backbone, weights or layer, a torch one no ONNX fields."""
+        data = self.to_dict()
+        drop = ("backbone", "weights", "layer") if self.onnx else ("onnx", "onnx_output")
+        if self.patch_mode != "roi":
+            drop += ("roi_size",)
+        return {k: v for k, v in data.items() if k not in drop}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ExtractorConfig":

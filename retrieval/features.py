@@ -13,7 +13,7 @@ import numpy as np
 from .config import file_digest
 from .extractor import Extractor, Job, Skipped
 from .patches import RegionSet, region_set
-from .store import FeatureStore
+from .store import FeatureStore, quantize
 
 Crop = tuple[float, float, float, float]
 
@@ -91,6 +91,7 @@ def describe(
             continue
         found = out.job.tag[1]
         store.put(digest, key, out.width, out.height, out.descriptors)
-        descriptors = {**found, **out.descriptors}
+        # What the store now returns, so this run and every later one see the same numbers.
+        descriptors = {**found, **{name: quantize(a) for name, a in out.descriptors.items()}}
         for path in paths:
             yield ImageFeatures(path, digest, out.width, out.height, descriptors, out.job.crop, True)

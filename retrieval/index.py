@@ -3,14 +3,19 @@
 Layout of INDEX_DIR:
 - `index.json`       extractor and search configuration, index type, store path
 - `manifest.sqlite`  the images (path, content digest, size): the source of truth
-- `whitening.npz`    the PCA-whitening, learned once (on the database or `whiten_on`)
-- `vectors-G.npy`, `faiss-G.index`, `state.json`  derived from the manifest at generation G
+- `state.json`       the published generation: it names the files below
+- `whitening-N.npz`  the shrunk PCA-whitening (`retrieval/whitening.py`)
+- `seg-N.npy`, `seg-N.ids.npy`  segments of float16 window vectors (`retrieval/segments.py`)
+- `dead-N.npy`       removed images still inside segments (tombstones)
+- `ann-N.faiss`      the FAISS structure proposing candidates on large collections
 
 Raw descriptors live in the feature store (shared, keyed by content). Every image is
-committed to the store and then to the manifest in its own transaction, and derived
-files are written under a new name and published by an atomic rename of `state.json`.
-So a process killed at any moment leaves an index whose manifest is consistent; stale
-derived files are rebuilt from the store, without re-extraction, on the next use.
+committed to the store and then to the manifest in its own transaction; the derived
+files are brought up to the manifest by the one writer (`retrieval/writer.py`) and
+published by an atomic rename of `state.json`. So a process killed at any moment leaves
+an index whose manifest is consistent, readers answer from the last published
+generation while a writer works (`retrieval/snapshot.py`), and a missing or damaged
+derived file is rebuilt from the store without re-extraction.
 """
 from __future__ import annotations
 
@@ -26,22 +31,31 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from . import kernel
-from .ann import EXACT, VectorIndex, faiss_device
-from .config import ExtractorConfig, RuntimeConfig, SearchConfig, file_digest
+from . import kernel, writer
+from .ann import RETRAIN_GROWTH, FactoryError, check_factory, faiss_device, is_flat
+from .config import EXACT_LIMIT, ExtractorConfig, RuntimeConfig, SearchConfig, file_digest
 from .extractor import Extractor, Skipped
 from .features import Crop, ImageFeatures, describe
-from .manifest import Entry, Manifest
+from .manifest import Entry, Manifest, ManifestError
 from .patches import level_names, level_regions, pixel_boxes
-from .search import EXACT_LIMIT, rank
-from .store import FeatureStore, default_store_path
+from .search import rank
+from .segments import DamagedFile
+from .snapshot import State, View, read_state
+from .store import FeatureStore, StoreError, default_store_path
 from .whitening import PCAWhitening
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# During a long add the derived files are published each time the collection crosses a
+# multiple of this, so readers see progress and a crash loses at most this much work.
+CHECKPOINT_IMAGES = 20_000
 
 
 class IndexUsageError(RuntimeError):
     """Not an index, or an index that cannot be used as asked (usage error, exit 2)."""
+
+
+class IndexBusy(IndexUsageError):
+    """Another process holds the index's write lock."""
 
 
 @dataclass
@@ -116,9 +130,7 @@ class Index:
         self.manifest = Manifest(self.path / "manifest.sqlite")
         self._extractor: Extractor | None = None
         self._store: FeatureStore | None = None
-        self._derived: tuple[list[Entry], np.ndarray, VectorIndex | None] | None = None
-        self._derived_generation = -1
-        self._whitening: PCAWhitening | None = None
+        self._view: View | None = None
 
     # -- creation ---------------------------------------------------------------------
     @classmethod
@@ -136,48 +148,70 @@ class Index:
         """Create an index directory, or reopen it if it exists with the same configuration.
 
         Reopening is what lets an interrupted `build` resume; a different configuration
-        on an existing index is refused rather than mixed.
+        on an existing index is refused rather than mixed. Everything is checked before
+        anything is written, so a refused call leaves nothing behind.
         """
         path = Path(path)
         search = search or SearchConfig()
-        meta = {
+        if index_type is not None:
+            try:
+                check_factory(index_type)
+            except FactoryError as err:
+                raise IndexUsageError(str(err)) from None
+        meta = _normalised({
             "format": FORMAT_VERSION,
             "extractor": extractor.to_dict(),
             "search": search.to_dict(),
             "index_type": index_type,
             "store": str(Path(store).resolve() if store else default_store_path()),
-            "whiten_on": list(whiten_on) if whiten_on else None,
-        }
+            "whiten_on": [_absolute_input(w) for w in whiten_on] if whiten_on else None,
+        })
         if (path / "index.json").exists():
             existing = cls.open(path, runtime=runtime)
-            theirs = {k: existing.meta.get(k) for k in ("extractor", "search", "index_type", "whiten_on")}
-            ours = {k: meta[k] for k in theirs}
-            if theirs != ours:
+            keys = ("extractor", "search", "index_type", "whiten_on")
+            differ = [k for k in keys if _normalised(existing.meta.get(k)) != meta[k]]
+            if differ:
                 raise IndexUsageError(
-                    f"{path} already holds an index with another configuration; "
+                    f"{path} already holds an index with another configuration ({', '.join(differ)} differ); "
                     "use `retrieval add` to extend it, or build into a new directory"
                 )
             return existing
-        if path.exists() and any(path.iterdir()):
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise IndexUsageError(f"{path} exists and is not an index; choose an empty or new directory")
         index = cls(path, meta, runtime)
-        # Load the network before writing anything, so that a bad layer, tensor or weights
-        # name leaves no index behind that would then refuse the corrected command.
+        # Load the network and open the store before writing anything, so that a bad
+        # layer, tensor, weights name or store path leaves no index behind.
         index.extractor.load()
+        try:
+            index._store = FeatureStore.open(meta["store"])
+        except StoreError as err:
+            raise IndexUsageError(str(err)) from None
         path.mkdir(parents=True, exist_ok=True)
         _atomic_write(path / "index.json", json.dumps(meta, indent=2, sort_keys=True))
         return index
 
     @classmethod
     def open(cls, path: str | Path, *, runtime: RuntimeConfig | None = None) -> "Index":
+        """Open an existing index directory (IndexUsageError if it is not one)."""
         path = Path(path)
         meta_file = path / "index.json"
         if not meta_file.is_file():
             raise IndexUsageError(f"{path} is not an index (no index.json); create one with `retrieval build`")
-        meta = json.loads(meta_file.read_text())
-        if meta.get("format") != FORMAT_VERSION:
-            raise IndexUsageError(f"{path}: index format {meta.get('format')} is not supported")
-        return cls(path, meta, runtime)
+        try:
+            meta = json.loads(meta_file.read_text())
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+            if meta.get("format") not in (1, FORMAT_VERSION):
+                raise IndexUsageError(
+                    f"{path}: index format {meta.get('format')!r} is not supported by this version "
+                    f"(it reads {FORMAT_VERSION})"
+                )
+            return cls(path, meta, runtime)
+        except (ValueError, KeyError, TypeError) as err:
+            raise IndexUsageError(
+                f"{path} is not a valid index: index.json is damaged ({type(err).__name__}: {err}); "
+                "restore it, or build the index again into a new directory"
+            ) from None
 
     def close(self) -> None:
         self.manifest.close()
@@ -194,7 +228,18 @@ class Index:
     @property
     def store(self) -> FeatureStore:
         if self._store is None:
-            self._store = FeatureStore.open(self.meta["store"])
+            path = Path(self.meta["store"])
+            # Never create a store an existing index does not have: index.json naming a
+            # missing file is damage to report, not a place to start writing.
+            if not path.is_file():
+                raise IndexUsageError(
+                    f"the feature store {path} named in {self.path / 'index.json'} does not exist; "
+                    "restore it, or fix the \"store\" entry of index.json"
+                )
+            try:
+                self._store = FeatureStore.open(path)
+            except StoreError as err:
+                raise IndexUsageError(str(err)) from None
         return self._store
 
     @property
@@ -214,7 +259,10 @@ class Index:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise IndexUsageError(f"{self.path} is being written by another process")
+                raise IndexBusy(
+                    f"{self.path} is being written by another process (an add, remove or build); "
+                    "queries still work; run this again when it has finished"
+                ) from None
             yield
 
     # -- writing ------------------------------------------------------------------------
@@ -244,6 +292,7 @@ class Index:
                 todo.append(path)
                 known[path] = digest
             regions = level_names(self.search_config.levels)
+            count = self.manifest.count()
             for out in describe(
                 todo, self.extractor, self.store, regions, progress=progress, desc="index", digests=known
             ):
@@ -252,151 +301,157 @@ class Index:
                     continue
                 self.manifest.add(out.path, out.digest, out.width, out.height)
                 report.added += 1
-            self._refresh(progress=progress)
+                count += 1
+                if count % CHECKPOINT_IMAGES == 0:
+                    writer.refresh(self, progress=progress)
+            self._publish(progress)
         report.images = self.manifest.count()
         report.seconds = time.perf_counter() - start
         return report
 
     def remove(self, paths: Iterable[str]) -> Report:
+        """Remove images by path; a folder removes the indexed images under it, `@list.txt`
+        the paths it lists. Paths not in the index are reported in `skipped`."""
         start = time.perf_counter()
         report = Report(str(self.path))
         with self._writing():
-            report.removed = self.manifest.remove([str(Path(p).resolve()) for p in paths])
-            self._refresh(progress=False)
+            wanted: list[str] = []
+            for item in paths:
+                if item.startswith("@"):
+                    from .images import expand_inputs
+
+                    try:
+                        wanted.extend(expand_inputs([item]))
+                    except FileNotFoundError as err:
+                        raise IndexUsageError(str(err)) from None
+                    continue
+                path = str(Path(item).resolve())
+                inside = self.manifest.under(path) if os.path.isdir(path) else []
+                if os.path.isdir(path) and not inside:
+                    report.skipped.append({"path": path, "reason": "no indexed image in this folder"})
+                wanted.extend(inside or ([] if os.path.isdir(path) else [path]))
+            removed = set(self.manifest.remove(wanted))
+            report.removed = len(removed)
+            report.skipped += [{"path": p, "reason": "not in the index"} for p in dict.fromkeys(wanted) if p not in removed]
+            self._publish(progress=False)
         report.images = self.manifest.count()
         report.seconds = time.perf_counter() - start
         return report
 
-    def _raw(self, entries, progress: bool) -> np.ndarray:
-        """Raw descriptors of manifest entries from the store, stacked [n * P, C]."""
+    def set_index_type(self, factory: str | None) -> None:
+        """Change the structure that proposes candidates (a FAISS factory string, 'Flat'
+        for exact search at any size, None for the automatic choice), rebuilt from the
+        stored window vectors: nothing is extracted again."""
+        if factory is not None:
+            try:
+                check_factory(factory)
+            except FactoryError as err:
+                raise IndexUsageError(str(err)) from None
+        with self._writing():
+            self.meta["index_type"] = self.index_type = factory
+            _atomic_write(self.path / "index.json", json.dumps(self.meta, indent=2, sort_keys=True))
+            writer.refresh(self, progress=False, retrain=True)
+        self._view = None
+
+    def _publish(self, progress: bool) -> None:
+        try:
+            writer.refresh(self, progress=progress)
+        except writer.StoreGap as err:
+            raise IndexUsageError(str(err)) from None
+        self._view = None
+
+    # -- raw descriptors (for the writer) -----------------------------------------------
+    def raw_descriptors(self, digests: list[str]) -> dict[str, np.ndarray]:
+        """Stored raw descriptors [P, C] of images by digest; StoreGap naming the image if absent."""
         names = level_names(self.search_config.levels)
-        key = self.extractor.key
-        out = []
-        for entry in entries:
-            got = self.store.get(entry.digest, key, names)
-            if len(got) != len(names):
-                raise RuntimeError(
-                    f"the feature store {self.store.path} lacks descriptors of {entry.path}; "
-                    "re-add it (`retrieval remove` then `retrieval add`)"
-                )
-            out.extend(got[n] for n in names)
-        return np.concatenate(out) if out else np.empty((0, 0), np.float32)
+        found = self.store.get_many(digests, self.extractor.key, names)
+        missing = [d for d in digests if d not in found]
+        if missing:
+            entries = self.manifest.by_digest(missing[0])
+            where = entries[0].path if entries else missing[0]
+            raise writer.StoreGap(
+                f"the feature store {self.store.path} lacks the descriptors of {where} "
+                f"({len(missing)} image(s) in all), so {self.path} cannot be rebuilt from it; "
+                f"run `retrieval remove {self.path} {where}` then `retrieval add {self.path} {where}` "
+                "(or point index.json at the store the index was built with)"
+            )
+        return found
 
-    def _fit_whitening(self, progress: bool) -> PCAWhitening:
-        sources = self.meta.get("whiten_on")
-        if sources:
-            from .images import expand_inputs
+    def describe_sources(self, sources: Sequence[str], *, progress: bool) -> dict[str, np.ndarray]:
+        """Raw descriptors [P, C] of the `whiten_on` images by digest (extracted if needed)."""
+        from .images import expand_inputs
 
-            feats = [
-                f
-                for f in describe(
-                    expand_inputs(sources), self.extractor, self.store,
-                    level_names(self.search_config.levels), progress=progress, desc="whiten-on",
+        names = level_names(self.search_config.levels)
+        try:
+            paths = expand_inputs(sources)
+        except FileNotFoundError as err:
+            raise IndexUsageError(f"--whiten-on: {err}") from None
+        out = {
+            f.digest: np.concatenate([f.descriptors[n] for n in names])
+            for f in describe(paths, self.extractor, self.store, names, progress=progress, desc="whiten-on")
+            if isinstance(f, ImageFeatures)
+        }
+        if not out:
+            raise IndexUsageError(f"--whiten-on {' '.join(sources)}: no readable images")
+        return out
+
+    # -- reading ------------------------------------------------------------------------
+    def view(self) -> View:
+        """The last published generation (loaded once per generation).
+
+        Never waits for a writer. When nothing usable is published (a killed writer, a
+        damaged derived file) and no writer is running, it rebuilds the derived files
+        from the store first.
+        """
+        for _ in range(3):
+            try:
+                state = read_state(self.path)
+            except DamagedFile as err:
+                if self._try_refresh():
+                    continue
+                raise self._damaged(err) from None
+            if (state is None or state.generation != self.manifest.generation) and self._try_refresh():
+                continue  # published what a killed writer left unpublished
+            if state is None:
+                if self.manifest.count() == 0:
+                    return View(self.path, State(), self.patches_per_image, self.runtime.device)
+                raise IndexUsageError(
+                    f"{self.path} has nothing published yet: its first build is still running "
+                    "(or was killed: re-run the same `retrieval build` to finish it)"
                 )
-                if isinstance(f, ImageFeatures)
-            ]
-            if not feats:
-                raise IndexUsageError(f"--whiten-on {sources}: no readable images")
-            raw = np.concatenate([f.descriptors[n] for f in feats for n in level_names(self.search_config.levels)])
-        else:
-            raw = self._raw(self.manifest.entries(), progress)
-        return PCAWhitening(self.search_config.pca_dim).fit(raw)
+            if self._view is not None and (self._view.state.generation, self._view.state.next) == (state.generation, state.next):
+                return self._view
+            try:
+                self._view = View(self.path, state, self.patches_per_image, self.runtime.device)
+                return self._view
+            except DamagedFile as err:
+                # A writer may have published and cleaned up between our two reads: look
+                # again; if the same state still names a bad file, rebuild it.
+                if read_state_or_none(self.path) != state or self._try_refresh():
+                    continue
+                raise self._damaged(err) from None
+        raise IndexUsageError(f"{self.path}: no consistent published state after 3 tries; is something deleting its files?")
+
+    def _damaged(self, err: DamagedFile) -> IndexUsageError:
+        return IndexUsageError(
+            f"{err}; it is rebuilt from the feature store as soon as the running writer finishes "
+            f"(or by the next `retrieval add {self.path} ...`)"
+        )
+
+    def _try_refresh(self) -> bool:
+        """Bring derived files up to the manifest if no writer is running; False if one is."""
+        try:
+            with self._writing():
+                self._publish(progress=False)
+            return True
+        except IndexBusy:
+            return False
 
     @property
     def whitening(self) -> PCAWhitening | None:
-        if self._whitening is None and (self.path / "whitening.npz").exists():
-            self._whitening = PCAWhitening.load(self.path / "whitening.npz")
-        return self._whitening
+        """The whitening of the published generation (None before anything is indexed)."""
+        return self.view().whitening
 
-    def _state(self) -> dict:
-        try:
-            return json.loads((self.path / "state.json").read_text())
-        except FileNotFoundError:
-            return {"generation": -1}
-
-    def _refresh(self, progress: bool) -> None:
-        """Bring the derived files up to the manifest's generation (caller holds the lock)."""
-        generation = self.manifest.generation
-        state = self._state()
-        if state["generation"] == generation:
-            return
-        entries = self.manifest.entries()
-        if not entries:
-            self._publish(generation, np.empty(0, np.int64), None, None)
-            return
-        whitening = self.whitening
-        if whitening is None:
-            whitening = self._fit_whitening(progress)
-            whitening.save(self.path / "whitening.npz")
-            self._whitening = whitening
-            state = {"generation": -1}
-        d, P = whitening.output_dim, self.patches_per_image
-        # What the published generation already holds: reuse the vectors of images still
-        # in the manifest, whiten only the new ones.
-        old_ids = kept_ids = np.empty(0, np.int64)
-        kept = np.empty((0, d), np.float32)
-        if state["generation"] >= 0:
-            old_ids = np.load(self.path / f"ids-{state['generation']}.npy")
-            if len(old_ids):
-                old = np.load(self.path / f"vectors-{state['generation']}.npy", mmap_mode="r")
-                keep = np.isin(old_ids, [e.id for e in entries])
-                kept_ids, kept = old_ids[keep], old.reshape(len(old_ids), P, d)[keep].reshape(-1, d)
-        known = set(kept_ids.tolist())
-        new_entries = [e for e in entries if e.id not in known]
-        new = whitening.transform(self._raw(new_entries, progress)) if new_entries else kept[:0]
-        vectors = np.ascontiguousarray(np.concatenate([kept, new]), dtype=np.float32)
-        order = np.concatenate([kept_ids, np.array([e.id for e in new_entries], dtype=np.int64)])
-        if len(old_ids) and len(kept_ids) == len(old_ids):
-            # Nothing removed: extend the published FAISS index instead of rebuilding it.
-            ann = VectorIndex.load(self.path / f"faiss-{state['generation']}.index", self.index_type, self.runtime.device)
-            if len(new):
-                ann.add(new)
-        else:
-            ann = VectorIndex(d, self.index_type, self.runtime.device)
-            ann.add(vectors)
-        self._publish(generation, order, vectors, ann)
-
-    def _publish(self, generation: int, ids: np.ndarray, vectors, ann) -> None:
-        """Write generation-stamped derived files, then switch state.json to them atomically."""
-        g = generation
-        _atomic_save_npy(self.path / f"ids-{g}.npy", ids)
-        if vectors is not None:
-            _atomic_save_npy(self.path / f"vectors-{g}.npy", vectors)
-            ann.save(self.path / f"faiss-{g}.index")
-        _atomic_write(self.path / "state.json", json.dumps({"generation": g}))
-        self._derived = None
-        for stale in self.path.iterdir():
-            name = stale.name
-            if name.endswith(".tmp") or (
-                name.split("-")[0] in ("ids", "vectors", "faiss") and not name.startswith(
-                    (f"ids-{g}.", f"vectors-{g}.", f"faiss-{g}.")
-                )
-            ):
-                stale.unlink(missing_ok=True)
-
-    def _load_derived(self) -> tuple[list[Entry], np.ndarray, VectorIndex | None]:
-        """Database images (in vector order), their window vectors and the FAISS index."""
-        generation = self.manifest.generation
-        # Another process may have added or removed images since this view was loaded.
-        if self._derived is None or self._derived_generation != generation:
-            if self._state()["generation"] != generation:
-                with self._writing():
-                    self._refresh(progress=False)
-            g = self._state()["generation"]
-            self._derived_generation = g
-            ids = np.load(self.path / f"ids-{g}.npy")
-            entries = {e.id: e for e in self.manifest.entries()}
-            db = [entries[i] for i in ids.tolist()]
-            if len(ids) == 0:
-                self._derived = (db, np.empty((0, 1), np.float32), None)
-            else:
-                # Memory-mapped: a large index is paged in as candidates are re-ranked.
-                vectors = np.load(self.path / f"vectors-{g}.npy", mmap_mode="r")
-                ann = VectorIndex.load(self.path / f"faiss-{g}.index", self.index_type, self.runtime.device)
-                self._derived = (db, vectors, ann)
-        return self._derived
-
-    # -- reading ------------------------------------------------------------------------
     def search(
         self,
         queries: Sequence[str | tuple[str, Crop | None]],
@@ -413,22 +468,20 @@ class Index:
         """Rank the index for each query image (a path, or (path, crop box in pixels)).
 
         k=None returns every image. Up to `exact_limit` images every image is scored
-        exactly; above it FAISS proposes the images owning the `per_patch` nearest windows
-        of each query window (default max(4k, 64)), searching `nprobe` IVF lists, and the
-        kernel scores those exactly. Unreadable queries are left out of the result and
-        appended to `skipped` as {"path", "reason"} when a list is given.
+        exactly; above it the FAISS structure proposes the images owning the `per_patch`
+        nearest windows of each query window (default max(4k, 64)), searching `nprobe`
+        IVF lists (default 8), and the kernel scores those exactly. Answers come from the
+        last published generation, also while another process adds or removes images.
+        Unreadable queries are left out of the result and appended to `skipped` as
+        {"path", "reason"} when a list is given.
         """
-        db, vectors, ann = self._load_derived()
-        if not db:  # nothing to rank against (and no whitening learned yet)
+        view = self.view()
+        if view.images == 0 or view.whitening is None:
             return [QueryResult(q if isinstance(q, str) else q[0], []) for q in queries]
-        if nprobe is not None and ann is not None:
-            ann.nprobe = nprobe
         levels = tuple(query_levels or self.search_config.effective_query_levels)
         aggregate = aggregate or self.search_config.aggregate
-        whitening = self.whitening
         db_layout = np.concatenate([level_regions(lv).boxes for lv in self.search_config.levels])
         q_layout = np.concatenate([level_regions(lv).boxes for lv in levels])
-        sizes = np.array([[e.width, e.height, e.width, e.height] for e in db], dtype=np.float64).reshape(-1, 4)
         feats = describe(queries, self.extractor, self.store, level_names(levels), progress=progress, desc="query")
         order = {(q, None) if isinstance(q, str) else (q[0], q[1]): i for i, q in enumerate(queries)}
         collected: dict[int, QueryResult] = {}
@@ -437,17 +490,21 @@ class Index:
                 if skipped is not None:
                     skipped.append({"path": f.path, "reason": f.reason})
                 continue
-            q = whitening.transform(np.concatenate([f.descriptors[n] for n in level_names(levels)]))
-            r = rank(q, vectors, self.patches_per_image, ann, k, aggregate, exact_limit, per_patch)
-            qboxes = pixel_boxes(q_layout[r.query_patch], f.width, f.height)
+            q = view.whitening.transform(np.concatenate([f.descriptors[n] for n in level_names(levels)]))
+            r = rank(q, view, k, aggregate, exact_limit, per_patch, nprobe)
+            # Images removed after this generation was published are dropped here.
+            entries = self.manifest.get_many(r.ids.tolist())
+            keep = np.array([i in entries for i in r.ids.tolist()], dtype=bool)
+            ids, dist, qp, dp = r.ids[keep], r.distances[keep], r.query_patch[keep], r.db_patch[keep]
+            sizes = np.array([[entries[i].width, entries[i].height] * 2 for i in ids.tolist()], np.float64).reshape(-1, 4)
+            qboxes = pixel_boxes(q_layout[qp], f.width, f.height)
             if f.crop is not None:
                 qboxes += np.array([f.crop[0], f.crop[1], f.crop[0], f.crop[1]])
-            dboxes = db_layout[r.db_patch] * sizes[r.images]
+            dboxes = db_layout[dp] * sizes
             hits = [
-                Hit(pos + 1, db[img].path, dist, qb, dbb, db[img].id)
-                for pos, (img, dist, qb, dbb) in enumerate(zip(
-                    r.images.tolist(), r.distances.tolist(),
-                    np.round(qboxes, 1).tolist(), np.round(dboxes, 1).tolist(),
+                Hit(pos + 1, entries[i].path, d, qb, dbb, i)
+                for pos, (i, d, qb, dbb) in enumerate(zip(
+                    ids.tolist(), dist.tolist(), np.round(qboxes, 1).tolist(), np.round(dboxes, 1).tolist(),
                 ))
             ]
             collected[order[(f.path, f.crop)]] = QueryResult(f.path, hits)
@@ -460,36 +517,90 @@ class Index:
     def info(self) -> dict:
         """Counts and configuration, as `retrieval info --json` prints them."""
         images = self.manifest.count()
-        state = self._state()
-        whitening = self.whitening
+        try:
+            state = read_state(self.path) or State()
+        except DamagedFile:
+            state = State()
+        whitening = None
+        if state.whitening is not None:
+            try:
+                whitening = PCAWhitening.load(self.path / state.whitening["file"])
+            except ValueError:
+                whitening = None
         return {
             "images": images,
             "patches": images * self.patches_per_image,
             "dim": whitening.output_dim if whitening is not None else 0,
-            "extractor": self.extractor_config.to_dict(),
+            "extractor": self.extractor_config.describe(),
             "search": self.search_config.to_dict(),
-            "index_type": self.index_type or EXACT,
+            "index_type": (state.ann or {}).get("factory") or self.index_type or "exact",
+            "structure": _structure(state, self.index_type),
+            "segments": len(state.segments),
+            "removed_pending": (state.dead or {}).get("count", 0),
+            "whitening": None if whitening is None else {
+                **whitening.describe(),
+                "source": state.whitening.get("source"),
+                "sample_images": state.whitening.get("sample_images"),
+                "fitted_at_images": state.whitening.get("images"),
+                "refit": _refit_policy(state.whitening),
+            },
             "faiss_device": faiss_device(self.runtime.device),
             "native_kernel": kernel.describe(),
             "store": self.meta["store"],
-            "up_to_date": state["generation"] == self.manifest.generation,
+            "up_to_date": state.generation == self.manifest.generation,
             "path": str(self.path),
         }
+
+
+def read_state_or_none(path: Path) -> State | None:
+    try:
+        return read_state(path)
+    except DamagedFile:
+        return None
+
+
+def _structure(state: State, user: str | None) -> dict:
+    """Which search structure answers queries, and why (for `retrieval info`)."""
+    if state.ann is not None:
+        why = "set by --index-type" if not state.ann.get("auto") else (
+            f"chosen for {state.ann['windows']} windows (more than {EXACT_LIMIT} images); "
+            f"re-trained after {RETRAIN_GROWTH}-fold growth"
+        )
+        return {"search": "candidates", "factory": state.ann["factory"], "reason": why,
+                "exact_limit": EXACT_LIMIT}
+    if is_flat(user):
+        why = "--index-type Flat: the kernel scores every image"
+    elif state.note:
+        why = state.note
+    else:
+        why = f"{state.images} images: up to {EXACT_LIMIT} the kernel scores every image exactly, faster than candidates"
+    return {"search": "exact", "factory": None, "reason": why, "exact_limit": EXACT_LIMIT}
+
+
+def _refit_policy(info: dict) -> str:
+    if info.get("source") != "database":
+        return "fixed: learned on --whiten-on images"
+    if info["sample_images"] >= writer.WHITEN_SAMPLE_IMAGES:
+        return f"fixed: the sample is full ({writer.WHITEN_SAMPLE_IMAGES} images)"
+    return f"re-fitted when the collection reaches {writer.REFIT_GROWTH * info['images']} images"
+
+
+def _normalised(value):
+    """Compare configurations as stored: tuples and lists alike (JSON round trip)."""
+    return json.loads(json.dumps(value))
+
+
+def _absolute_input(item: str) -> str:
+    """An INPUT with its path made absolute (`@list.txt` keeps its @)."""
+    if item.startswith("@"):
+        return "@" + str(Path(item[1:]).resolve())
+    return str(Path(item).resolve())
 
 
 def _atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as fh:
-        np.save(fh, array)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)

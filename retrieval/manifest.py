@@ -11,6 +11,8 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -21,6 +23,10 @@ class Entry:
     height: int
 
 
+class ManifestError(RuntimeError):
+    """manifest.sqlite is not a readable SQLite database."""
+
+
 class Manifest:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -29,19 +35,26 @@ class Manifest:
     @property
     def conn(self) -> sqlite3.Connection:
         if self._conn is None:
-            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(
-                """
-                CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-                CREATE TABLE IF NOT EXISTS images (
-                    id INTEGER PRIMARY KEY AUTOINCREMENT, path TEXT NOT NULL UNIQUE,
-                    digest TEXT NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL);
-                CREATE INDEX IF NOT EXISTS images_digest ON images (digest);
-                INSERT OR IGNORE INTO meta VALUES ('generation', '0');
-                """
-            )
+            try:
+                conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.executescript(
+                    """
+                    CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+                    CREATE TABLE IF NOT EXISTS images (
+                        id INTEGER PRIMARY KEY AUTOINCREMENT, path TEXT NOT NULL UNIQUE,
+                        digest TEXT NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL);
+                    CREATE INDEX IF NOT EXISTS images_digest ON images (digest);
+                    INSERT OR IGNORE INTO meta VALUES ('generation', '0');
+                    """
+                )
+            except sqlite3.DatabaseError as err:
+                raise ManifestError(
+                    f"{self.path} is damaged ({err}): it is the list of the index's images and cannot be "
+                    "rebuilt; restore it from a backup, or build the index again into a new directory "
+                    "(the feature store keeps the descriptors, so nothing is extracted twice)"
+                ) from err
             self._conn = conn
         return self._conn
 
@@ -69,6 +82,45 @@ class Manifest:
             "SELECT id, path, digest, width, height FROM images WHERE id=?", (int(entry_id),)
         ).fetchone()
         return Entry(*row) if row else None
+
+    def get_many(self, ids) -> dict[int, Entry]:
+        """Entries by id (ids not in the manifest are absent)."""
+        out: dict[int, Entry] = {}
+        ids = [int(i) for i in ids]
+        for start in range(0, len(ids), 500):  # SQLite caps bound parameters
+            chunk = ids[start:start + 500]
+            rows = self.conn.execute(
+                f"SELECT id, path, digest, width, height FROM images WHERE id IN ({','.join('?' * len(chunk))})",
+                chunk,
+            )
+            out.update((row[0], Entry(*row)) for row in rows)
+        return out
+
+    def digests(self, ids) -> dict[int, str]:
+        return {i: e.digest for i, e in self.get_many(ids).items()}
+
+    def snapshot_ids(self) -> tuple[int, np.ndarray]:
+        """(generation, sorted image ids), read in one transaction."""
+        conn = self.conn
+        conn.execute("BEGIN")
+        try:
+            generation = self.generation
+            ids = np.fromiter((r[0] for r in conn.execute("SELECT id FROM images ORDER BY id")), dtype=np.int64)
+        finally:
+            conn.execute("COMMIT")
+        return generation, ids
+
+    def smallest_digests(self, n: int) -> list[str]:
+        """The n smallest distinct content digests: a uniform, reproducible sample of images."""
+        return [r[0] for r in self.conn.execute("SELECT DISTINCT digest FROM images ORDER BY digest LIMIT ?", (n,))]
+
+    def under(self, folder: str) -> list[str]:
+        """Paths of images inside `folder` (recursively)."""
+        prefix = folder.rstrip("/") + "/"
+        rows = self.conn.execute(
+            "SELECT path FROM images WHERE substr(path, 1, ?) = ? ORDER BY path", (len(prefix), prefix)
+        )
+        return [r[0] for r in rows]
 
     def by_path(self, path: str) -> Entry | None:
         row = self.conn.execute(
@@ -106,8 +158,9 @@ class Manifest:
     def move(self, entry_id: int, new_path: str) -> None:
         self._transaction([("UPDATE images SET path=? WHERE id=?", (new_path, entry_id))])
 
-    def remove(self, paths: list[str]) -> int:
-        before = self.count()
-        if paths:
-            self._transaction([("DELETE FROM images WHERE path=?", (p,)) for p in paths])
-        return before - self.count()
+    def remove(self, paths: list[str]) -> list[str]:
+        """Delete images by path in one transaction; returns the paths that were present."""
+        present = [p for p in dict.fromkeys(paths) if self.by_path(p) is not None]
+        if present:
+            self._transaction([("DELETE FROM images WHERE path=?", (p,)) for p in present])
+        return present

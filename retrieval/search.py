@@ -1,9 +1,10 @@
-"""Ranking: FAISS proposes candidate images, the native kernel scores them exactly.
+"""Ranking over a published view: exact kernel scoring, or FAISS candidates re-ranked exactly.
 
 Image distance is the minimum (or the mean over query windows of the minimum) of the
-Euclidean distances between window descriptors. FAISS only narrows the field: each
-query window's nearest database windows name candidate images, which the kernel then
-scores over all their window pairs. Below `exact_limit` images every image is scored.
+Euclidean distances between window descriptors. Up to `exact_limit` images the kernel
+scores every image (that is both exact and, measured, the faster way). Above it, each
+query window's `per_patch` nearest database windows in the FAISS structure name
+candidate images, and the kernel scores those over all their window pairs.
 """
 from __future__ import annotations
 
@@ -12,16 +13,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import kernel
-from .ann import VectorIndex
+from .ann import WINDOW_BITS
+from .config import EXACT_LIMIT
+from .snapshot import View
 
-EXACT_LIMIT = 20_000
+NPROBE = 8  # IVF lists searched per query window (RESULTS.md, engine scale)
 
 
 @dataclass
 class Ranking:
-    """Images sorted by distance: positions into the database, with the deciding windows."""
+    """Images sorted by distance (manifest ids), with the deciding pair of windows."""
 
-    images: np.ndarray  # int64 row numbers of database images
+    ids: np.ndarray  # int64 manifest image ids
     distances: np.ndarray  # float32
     query_patch: np.ndarray  # int32, window index within the query
     db_patch: np.ndarray  # int32, window index within the database image
@@ -29,39 +32,38 @@ class Ranking:
 
 def rank(
     query: np.ndarray,
-    vectors: np.ndarray,
-    patches_per_image: int,
-    ann: VectorIndex | None,
+    view: View,
     k: int | None,
-    aggregate: str = "min",
+    aggregate: str = "mean-min",
     exact_limit: int = EXACT_LIMIT,
     per_patch: int | None = None,
+    nprobe: int | None = None,
 ) -> Ranking:
-    """Rank the database for one query ([nq, d] unit vectors); k=None ranks every image.
-
-    Above `exact_limit` images (and when k is given), only the images owning one of the
-    `per_patch` nearest database windows of some query window are scored.
-    """
-    n_images = len(vectors) // patches_per_image if patches_per_image else 0
-    offsets = np.arange(n_images + 1, dtype=np.int64) * patches_per_image
-    if n_images == 0:
-        empty = np.empty(0, dtype=np.int64)
+    """Rank the view's images for one query ([nq, d] unit vectors); k=None ranks every image."""
+    ann = view.ann if k is not None and view.images > exact_limit and view.state.ann else None
+    if ann is None:
+        parts = [_score(query, view, i, view.live_rows(i), aggregate) for i in range(len(view.segments))]
+    else:
+        ann.nprobe = nprobe or NPROBE
+        _, found = ann.search(query, per_patch or max(4 * k, 64))
+        segment, row = view.locate(np.unique(found[found >= 0] >> WINDOW_BITS))
+        parts = [
+            _score(query, view, i, np.sort(row[segment == i]), aggregate)
+            for i in np.unique(segment).tolist()
+        ]
+    if not parts:
+        empty = np.empty(0, np.int64)
         return Ranking(empty, empty.astype(np.float32), empty.astype(np.int32), empty.astype(np.int32))
-    candidates = None
-    if k is not None and n_images > exact_limit and ann is not None:
-        candidates = candidate_images(query, ann, patches_per_image, per_patch or max(4 * k, 64))
-    dist, qp, dp = kernel.patch_distances(query, vectors, offsets, candidates, aggregate)
-    ids = np.arange(n_images, dtype=np.int64) if candidates is None else candidates
+    ids, dist, qp, dp = (np.concatenate(p) for p in zip(*parts))
     order = top_k(dist, ids, k)
     return Ranking(ids[order], dist[order], qp[order], dp[order])
 
 
-def candidate_images(query: np.ndarray, ann: VectorIndex, patches_per_image: int, per_patch: int) -> np.ndarray:
-    """Sorted row numbers of the images owning any of the `per_patch` nearest windows of
-    any query window (the windows of image i are rows i*P .. (i+1)*P-1)."""
-    _, ids = ann.search(query, per_patch)
-    ids = ids[ids >= 0]
-    return np.unique(ids // patches_per_image).astype(np.int64)
+def _score(query, view: View, segment: int, rows: np.ndarray | None, aggregate: str):
+    seg = view.segments[segment]
+    dist, qp, dp = kernel.patch_distances(query, seg.vectors, view.offsets(segment), rows, aggregate)
+    ids = seg.ids if rows is None else seg.ids[rows]
+    return ids, dist, qp, dp
 
 
 def top_k(dist: np.ndarray, ids: np.ndarray, k: int | None) -> np.ndarray:

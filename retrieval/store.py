@@ -5,6 +5,13 @@ a renamed or moved file has the same digest and costs no extraction, and an inde
 classifier may name the same image differently. WAL mode lets a reader (`info`, a
 classifier) open the store while a build writes to it, and a killed writer loses at most
 the transaction it was in.
+
+Descriptors are kept in float16 (half the disk of float32; pooled activations of the
+supported networks are far inside its range, and their relative rounding, 5e-4, is below
+what changes a ranking). `put` rounds, and `quantize` gives callers the exact values a
+later `get` returns, so the first run and every later run see identical numbers.
+Rows too large for float16 are kept in float32. Stores written before float16 storage
+(schema 1, all float32) are upgraded in place and read as they are.
 """
 from __future__ import annotations
 
@@ -16,7 +23,8 @@ from typing import Iterable
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+_FLOAT16_MAX = 60000.0
 DEFAULT_STORE_ENV = "RETRIEVAL_STORE"
 
 _SCHEMA = """
@@ -27,8 +35,29 @@ CREATE TABLE IF NOT EXISTS images (
 CREATE TABLE IF NOT EXISTS descriptors (
     digest TEXT NOT NULL, config TEXT NOT NULL, region TEXT NOT NULL,
     n INTEGER NOT NULL, dim INTEGER NOT NULL, data BLOB NOT NULL,
+    dtype TEXT NOT NULL DEFAULT 'float32',
     PRIMARY KEY (digest, config, region));
 """
+
+
+class StoreError(RuntimeError):
+    """The feature store file cannot be used (not a store, damaged, newer schema)."""
+
+
+def quantize(array: np.ndarray) -> np.ndarray:
+    """The values `FeatureStore.get` will return for `array` after `put`: float32 arrays
+    rounded through float16 (unless a value is out of float16's range)."""
+    array = np.asarray(array, dtype=np.float32)
+    if array.size and float(np.abs(array).max()) > _FLOAT16_MAX:
+        return array
+    return array.astype(np.float16).astype(np.float32)
+
+
+def _encode(array: np.ndarray) -> tuple[bytes, str]:
+    array = np.asarray(array, dtype=np.float32)
+    if array.size and float(np.abs(array).max()) > _FLOAT16_MAX:
+        return np.ascontiguousarray(array).tobytes(), "float32"
+    return np.ascontiguousarray(array, dtype=np.float16).tobytes(), "float16"
 
 
 def default_store_path() -> Path:
@@ -40,7 +69,7 @@ def default_store_path() -> Path:
 
 
 class FeatureStore:
-    """Raw (pooled, un-normalized) float32 descriptors of image windows.
+    """Raw (pooled, un-normalized) descriptors of image windows, float16 on disk.
 
     Open with `FeatureStore.open(path)`; use as a context manager or call `close()`.
     """
@@ -56,19 +85,37 @@ class FeatureStore:
         return store
 
     def _connect(self) -> None:
+        if self.path.is_dir():
+            raise StoreError(f"feature store {self.path} is a directory; --store takes a file path")
+        if self.path.exists() and self.path.stat().st_size > 0:
+            with open(self.path, "rb") as fh:
+                if fh.read(16) != b"SQLite format 3\x00":
+                    raise StoreError(
+                        f"{self.path} is not a feature store (not an SQLite file); "
+                        "choose another --store, or move that file away"
+                    )
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.executescript(_SCHEMA)
-        row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        if row is None:
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-        elif int(row[0]) != SCHEMA_VERSION:
-            raise RuntimeError(
-                f"feature store {self.path} has schema {row[0]}, this version reads {SCHEMA_VERSION}; "
-                "use another --store"
-            )
+        try:
+            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_SCHEMA)
+            row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) == 1:
+                # Schema 1 held float32 only: the new column's default says so.
+                columns = [r[1] for r in conn.execute("PRAGMA table_info(descriptors)")]
+                if "dtype" not in columns:
+                    conn.execute("ALTER TABLE descriptors ADD COLUMN dtype TEXT NOT NULL DEFAULT 'float32'")
+                conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise StoreError(
+                    f"feature store {self.path} has schema {row[0]}, this version reads {SCHEMA_VERSION}; "
+                    "upgrade retrieval or use another --store"
+                )
+        except sqlite3.DatabaseError as err:
+            raise StoreError(f"feature store {self.path} is damaged ({err}); restore it or choose another --store") from err
         self._conn = conn
 
     @property
@@ -103,12 +150,29 @@ class FeatureStore:
         regions = list(regions)
         marks = ",".join("?" * len(regions))
         rows = self.conn.execute(
-            f"SELECT region, n, dim, data FROM descriptors WHERE digest=? AND config=? AND region IN ({marks})",
+            f"SELECT region, n, dim, data, dtype FROM descriptors WHERE digest=? AND config=? AND region IN ({marks})",
             (digest, config, *regions),
         ).fetchall()
+        return {region: _decode(n, dim, data, dtype) for region, n, dim, data, dtype in rows}
+
+    def get_many(self, digests: list[str], config: str, regions: list[str]) -> dict[str, np.ndarray]:
+        """`regions` of many images at once: digest -> float32 [sum of region rows, C], the
+        regions stacked in the order given. Images lacking any region are left out."""
+        marks_r = ",".join("?" * len(regions))
+        order = {r: i for i, r in enumerate(regions)}
+        parts: dict[str, list] = {}
+        for start in range(0, len(digests), 500):  # SQLite caps bound parameters
+            chunk = digests[start:start + 500]
+            rows = self.conn.execute(
+                f"SELECT digest, region, n, dim, data, dtype FROM descriptors WHERE config=? "
+                f"AND region IN ({marks_r}) AND digest IN ({','.join('?' * len(chunk))})",
+                (config, *regions, *chunk),
+            )
+            for digest, region, n, dim, data, dtype in rows:
+                parts.setdefault(digest, []).append((order[region], _decode(n, dim, data, dtype)))
         return {
-            region: np.frombuffer(data, dtype=np.float32).reshape(n, dim)
-            for region, n, dim, data in rows
+            d: np.concatenate([a for _, a in sorted(p, key=lambda t: t[0])])
+            for d, p in parts.items() if len(p) == len(regions)
         }
 
     def put(
@@ -120,11 +184,9 @@ class FeatureStore:
         try:
             conn.execute("INSERT OR REPLACE INTO images VALUES (?, ?, ?)", (digest, width, height))
             conn.executemany(
-                "INSERT OR REPLACE INTO descriptors VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (digest, config, region, a.shape[0], a.shape[1], np.ascontiguousarray(a, np.float32).tobytes())
-                    for region, a in arrays.items()
-                ],
+                "INSERT OR REPLACE INTO descriptors (digest, config, region, n, dim, data, dtype) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(digest, config, region, a.shape[0], a.shape[1], *_encode(a)) for region, a in arrays.items()],
             )
             conn.execute("COMMIT")
         except BaseException:
@@ -140,3 +202,7 @@ class FeatureStore:
                 "SELECT COUNT(DISTINCT digest) FROM descriptors WHERE config=?", (config,)
             ).fetchone()[0]
         )
+
+
+def _decode(n: int, dim: int, data: bytes, dtype: str) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(n, dim).astype(np.float32)

@@ -19,6 +19,11 @@ TINY_FLAGS = ["--backbone", "resnet18", "--weights", "none", "--input-spec", "si
               "--levels", "1,2", "--pca-dim", "16", "--batch-size", "16", "--quiet"]
 
 
+# Window vectors are stored in float16: an image's distance to itself is about 0.01
+# (rounding of unit vectors, amplified by the square root near 0), not exactly 0.
+SELF_DISTANCE = 0.03
+
+
 def needs_shared(*parts: str):
     """Skip (with the reason) when a file or folder of ../shared is absent."""
     path = SHARED.joinpath(*parts)

@@ -11,7 +11,7 @@ import zlib
 
 import pytest
 
-from conftest import TINY_FLAGS, make_scene, run_cli
+from conftest import SELF_DISTANCE, TINY_FLAGS, make_scene, run_cli
 
 REPORT_FIELDS = {"index", "added", "already_present", "removed", "skipped", "images", "seconds"}
 
@@ -46,7 +46,7 @@ def test_build_query_info_remove_json_contract(tmp_path, image_dir, store_env):
     assert [h["rank"] for h in result["hits"]] == [1, 2, 3]
     top = result["hits"][0]
     assert set(top) == {"rank", "path", "distance", "query_box", "db_box"}
-    assert top["path"] == str(image_dir / "img2.jpg") and top["distance"] < 1e-3
+    assert top["path"] == str(image_dir / "img2.jpg") and top["distance"] < SELF_DISTANCE
     assert len(top["query_box"]) == 4 and all(0 <= v <= 160 for v in top["db_box"])
 
     out = run_cli("info", idx, "--json")

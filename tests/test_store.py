@@ -7,7 +7,7 @@ import pytest
 from retrieval.config import ExtractorConfig, InputSpec, RuntimeConfig
 from retrieval.extractor import Extractor, Skipped
 from retrieval.features import ImageFeatures, describe
-from retrieval.store import FeatureStore
+from retrieval.store import FeatureStore, quantize
 
 CONFIG = ExtractorConfig(backbone="resnet18", weights="none", input_spec=InputSpec(size=(64, 64)))
 
@@ -35,7 +35,12 @@ def test_put_get_round_trip(tmp_path):
         store.put("d1", "cfg", 30, 20, {"level2": a})
         got = store.get("d1", "cfg", ["level2", "level1"])
         assert list(got) == ["level2"]
-        np.testing.assert_array_equal(got["level2"], a)
+        # float16 on disk: what comes back is exactly what quantize() promised
+        np.testing.assert_array_equal(got["level2"], quantize(a))
+        np.testing.assert_allclose(got["level2"], a, rtol=1e-3, atol=1e-3)
+        huge = a * 1e6  # beyond float16's range: kept in float32
+        store.put("d2", "cfg", 30, 20, {"level2": huge})
+        np.testing.assert_array_equal(store.get("d2", "cfg", ["level2"])["level2"], huge)
         assert store.image_size("d1") == (30, 20)
         assert store.get("d1", "other-cfg", ["level2"]) == {}
 
@@ -88,3 +93,34 @@ def test_unreadable_inputs_are_skipped_with_reasons(tmp_path, image_dir, extract
         str(text): "not an image (unrecognised format)",
         str(tmp_path / "missing.jpg"): "file not found",
     }
+
+
+def test_schema_1_store_is_upgraded_and_read(tmp_path):
+    """A store written before float16 storage (float32 rows, no dtype column) still reads."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    a = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
+    with sqlite3.connect(path) as conn:
+        conn.executescript("""
+            CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            CREATE TABLE configs (key TEXT PRIMARY KEY, config TEXT NOT NULL);
+            CREATE TABLE images (digest TEXT PRIMARY KEY, width INTEGER NOT NULL, height INTEGER NOT NULL);
+            CREATE TABLE descriptors (digest TEXT NOT NULL, config TEXT NOT NULL, region TEXT NOT NULL,
+                n INTEGER NOT NULL, dim INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (digest, config, region));
+            INSERT INTO meta VALUES ('schema', '1');
+        """)
+        conn.execute("INSERT INTO descriptors VALUES ('d', 'c', 'level1', 3, 4, ?)", (a.tobytes(),))
+    with FeatureStore.open(path) as store:
+        np.testing.assert_array_equal(store.get("d", "c", ["level1"])["level1"], a)
+        np.testing.assert_array_equal(store.get_many(["d"], "c", ["level1"])["d"], a)
+
+
+def test_a_file_that_is_not_a_store_is_refused(tmp_path):
+    from retrieval.store import StoreError
+
+    bad = tmp_path / "notes.txt"
+    bad.write_text("my notes")
+    with pytest.raises(StoreError, match="not a feature store"):
+        FeatureStore.open(bad)
+    assert bad.read_text() == "my notes"

@@ -12,7 +12,7 @@ def _data(n=500, d=40, seed=0):
 
 def test_whitening_gives_identity_covariance_on_its_fit_data():
     x = _data()
-    w = PCAWhitening(16).fit(x)
+    w = PCAWhitening(16, shrinkage=0.0).fit(x)
     z = w.whiten(x)
     assert z.shape == (500, 16)
     np.testing.assert_allclose(z.mean(axis=0), 0, atol=1e-4)
@@ -28,9 +28,29 @@ def test_transform_is_l2_whiten_l2():
     np.testing.assert_allclose(out, l2_normalize(manual), atol=1e-5)
 
 
-def test_dimension_is_capped_by_rank_and_zero_disables():
+def test_shrinkage_follows_the_sample_size():
+    """Few windows per dimension: eigenvalues shrunk all the way (a PCA rotation that
+    keeps every direction, never the clamped whitening that collapsed small indexes);
+    many: little shrinkage. Too few to estimate anything: not whitened at all."""
+    small = PCAWhitening(256).fit(_data(n=30, d=40))
+    assert small.fitted_ and small.shrinkage_ == 1.0 and small.output_dim == 40
+    large = PCAWhitening(16).fit(_data(n=5000, d=40))
+    assert large.shrinkage_ == pytest.approx(4 * 40 / 5000) and large.output_dim == 16
+    tiny = PCAWhitening(16).fit(_data(n=1, d=40))
+    assert not tiny.fitted_ and tiny.output_dim == 40
+    np.testing.assert_allclose(tiny.transform(_data(n=3, d=40)), l2_normalize(_data(n=3, d=40)), atol=1e-6)
+
+
+def test_streamed_fit_equals_one_shot_fit():
+    x = _data(n=3000)
+    one = PCAWhitening(16).fit(x)
+    chunks = PCAWhitening(16).fit_chunks(x[i:i + 700] for i in range(0, 3000, 700))
+    np.testing.assert_allclose(chunks.transform(x[:20]), one.transform(x[:20]), atol=1e-4)
+    assert chunks.n_samples_ == 3000
+
+
+def test_zero_disables():
     x = _data(n=10, d=40)
-    assert PCAWhitening(256).fit(x).output_dim == 9
     off = PCAWhitening(0).fit(x)
     np.testing.assert_allclose(off.transform(x), l2_normalize(x), atol=1e-6)
     with pytest.raises(ValueError, match="dimension"):
@@ -43,4 +63,8 @@ def test_save_load_round_trip(tmp_path):
     w.save(tmp_path / "w.npz")
     back = PCAWhitening.load(tmp_path / "w.npz")
     np.testing.assert_array_equal(back.transform(x), w.transform(x))
+    assert back.describe() == w.describe()
     assert not list(tmp_path.glob("*.tmp*"))
+    (tmp_path / "w.npz").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="w.npz"):
+        PCAWhitening.load(tmp_path / "w.npz")

@@ -1,0 +1,158 @@
+"""The published state of an index, and a reader's view of it.
+
+`state.json` names every derived file of one published generation: the whitening, the
+segments, the tombstones (images removed since their segment was written) and the FAISS
+structure. A writer writes new files under new names, then replaces `state.json` in one
+atomic rename, then deletes the files no state names any more. A reader loads
+`state.json` once and maps the files it names, so it answers from one consistent
+generation while a writer works (readers on a snapshot, as in Lucene); a file deleted
+between the two steps only makes the reader load the newer state.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .ann import VectorIndex
+from .segments import DamagedFile, Segment, load_npy, open_segment
+from .whitening import PCAWhitening
+
+STATE = "state.json"
+_DERIVED = re.compile(r"^(whitening-\d+\.npz|seg-\d+(\.ids)?\.npy|dead-\d+\.npy|ann-\d+\.faiss"
+                      r"|vectors-\d+\.npy|ids-\d+\.npy|faiss-\d+\.index|whitening\.npz|.*\.tmp(\.npz)?)$")
+
+
+@dataclass
+class State:
+    """What one published generation consists of (the content of state.json)."""
+
+    generation: int = -1
+    images: int = 0
+    next: int = 0
+    whitening: dict | None = None  # {"file", "images": collection size when fitted, "source"}
+    segments: list[dict] = field(default_factory=list)  # [{"name", "images"}]
+    dead: dict | None = None  # {"file", "count"}
+    ann: dict | None = None  # {"file", "factory", "auto", "windows", "images"}
+    note: str | None = None  # why a structure the user asked for is not in use yet
+
+    def new_name(self, prefix: str, suffix: str = "") -> str:
+        self.next += 1
+        return f"{prefix}-{self.next}{suffix}"
+
+    def files(self) -> set[str]:
+        names = {s["name"] + ext for s in self.segments for ext in (".npy", ".ids.npy")}
+        for part in (self.whitening, self.dead, self.ann):
+            if part:
+                names.add(part["file"])
+        return names
+
+    @property
+    def rows(self) -> int:
+        """Images in segments, removed ones included."""
+        return sum(s["images"] for s in self.segments)
+
+
+def read_state(directory: Path) -> State | None:
+    """The published state, None if none was published; DamagedFile if state.json is bad."""
+    path = directory / STATE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise DamagedFile(path, f"not valid JSON ({err})") from None
+    try:
+        state = State(**data)
+        int(state.generation), int(state.next)
+        for s in state.segments:
+            str(s["name"]), int(s["images"])
+        for part in (state.whitening, state.dead, state.ann):
+            if part is not None:
+                str(part["file"])
+    except (TypeError, KeyError, ValueError) as err:
+        raise DamagedFile(path, f"malformed ({err})") from None
+    return state
+
+
+def publish(directory: Path, state: State) -> None:
+    """Make `state` the published one (atomic), then delete derived files it does not name."""
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(state.__dict__, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, directory / STATE)
+    keep = state.files()
+    for path in directory.iterdir():
+        if _DERIVED.match(path.name) and path.name not in keep:
+            path.unlink(missing_ok=True)
+
+
+class View:
+    """A reader's handle on one published state: whitening, segments, tombstones, FAISS."""
+
+    def __init__(self, directory: Path, state: State, patches: int, device: str = "auto") -> None:
+        self.directory, self.state, self.patches, self.device = directory, state, patches, device
+        self.whitening: PCAWhitening | None = None
+        self.segments: list[Segment] = []
+        self._ann: VectorIndex | None = None
+        if state.whitening is not None:
+            path = directory / state.whitening["file"]
+            try:
+                self.whitening = PCAWhitening.load(path)
+            except ValueError as err:
+                raise DamagedFile(path, str(err)) from None
+            dim = self.whitening.output_dim
+            self.segments = [open_segment(directory, s["name"], s["images"], patches, dim) for s in state.segments]
+        self.dead = np.sort(load_npy(directory / state.dead["file"], mmap=False)) if state.dead else np.empty(0, np.int64)
+        ids = [s.ids for s in self.segments]
+        all_ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
+        self._order = np.argsort(all_ids, kind="stable")
+        self._sorted = all_ids[self._order]
+        self._segment_of = np.repeat(np.arange(len(ids), dtype=np.int64), [len(i) for i in ids])
+        self._row_of = np.concatenate([np.arange(len(i), dtype=np.int64) for i in ids]) if ids else all_ids
+        self._live_rows: dict[int, np.ndarray | None] = {}
+
+    @property
+    def images(self) -> int:
+        return len(self._sorted) - len(self.dead)
+
+    @property
+    def ann(self) -> VectorIndex | None:
+        """The FAISS structure, loaded on first use (a large one is hundreds of MB)."""
+        if self._ann is None and self.state.ann is not None:
+            path = self.directory / self.state.ann["file"]
+            try:
+                self._ann = VectorIndex.load(path, self.state.ann["factory"], self.device)
+            except ValueError as err:
+                raise DamagedFile(path, str(err)) from None
+        return self._ann
+
+    def live_rows(self, segment: int) -> np.ndarray | None:
+        """Image rows of a segment that are not removed; None when all are live."""
+        if segment not in self._live_rows:
+            ids = self.segments[segment].ids
+            dead = np.isin(ids, self.dead) if len(self.dead) else np.zeros(len(ids), bool)
+            self._live_rows[segment] = np.flatnonzero(~dead).astype(np.int64) if dead.any() else None
+        return self._live_rows[segment]
+
+    def offsets(self, segment: int) -> np.ndarray:
+        """Kernel row offsets of a segment's images (image i owns rows i*P .. (i+1)*P-1)."""
+        return np.arange(self.segments[segment].images + 1, dtype=np.int64) * self.patches
+
+    def locate(self, image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(segment, row) of each live image id; ids not in this state are dropped."""
+        image_ids = np.asarray(image_ids, dtype=np.int64)
+        if len(self.dead):
+            image_ids = image_ids[~np.isin(image_ids, self.dead)]
+        pos = np.searchsorted(self._sorted, image_ids)
+        pos = np.minimum(pos, max(len(self._sorted) - 1, 0))
+        found = (len(self._sorted) > 0) & (self._sorted[pos] == image_ids) if len(self._sorted) else np.zeros(len(image_ids), bool)
+        hit = self._order[pos[found]]
+        return self._segment_of[hit], self._row_of[hit]

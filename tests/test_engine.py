@@ -1,0 +1,318 @@
+"""The engine under `Index`: segments, tombstones, whitening policy, readers during writes,
+self-healing, resumable builds (issue 8), through the public API and the real CLI."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from retrieval import ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchConfig
+from retrieval import writer
+from retrieval.snapshot import read_state
+
+from conftest import SELF_DISTANCE, TINY_FLAGS, make_scene, run_cli
+
+CONFIG = ExtractorConfig(backbone="resnet18", weights="none", input_spec=InputSpec(size=(64, 64)))
+SEARCH = SearchConfig(levels=(1, 2), pca_dim=16)
+
+
+def _scenes(folder, n, start=100):
+    folder.mkdir(exist_ok=True)
+    for i in range(n):
+        make_scene(start + i, size=(96, 72)).save(folder / f"s{start + i:04d}.jpg")
+    return sorted(str(p) for p in folder.iterdir())
+
+
+def _ranking(results):
+    return [[(h.path, round(h.distance, 4)) for h in r.hits] for r in results]
+
+
+def _create(path, store, **kw):
+    return Index.create(path, CONFIG, SEARCH, store=store, runtime=RuntimeConfig(batch_size=16), **kw)
+
+
+def test_segments_merge_and_tombstones_keep_exact_answers(tmp_path):
+    paths = _scenes(tmp_path / "imgs", 24)
+    store = tmp_path / "s.sqlite"
+    plain = SearchConfig(levels=(1, 2), pca_dim=0)  # the same vectors whatever the history
+    with Index.create(tmp_path / "fresh", CONFIG, plain, store=store) as fresh:
+        fresh.add(paths[4:], progress=False)  # the reference: one batch, removed ones never added
+        want = _ranking(fresh.search(paths[4:10], k=8))
+    with Index.create(tmp_path / "grown", CONFIG, plain, store=store) as idx:
+        for start in range(0, 24, 4):  # six adds: six segments, merged by tier
+            idx.add(paths[start:start + 4], progress=False)
+        state = read_state(idx.path)
+        assert len(state.segments) < 6 and state.images == 24
+        report = idx.remove(paths[:4])
+        assert (report.removed, report.images) == (4, 20)
+        state = read_state(idx.path)
+        # Removing costs a tombstone list, not a rewrite of every segment.
+        assert state.dead is None or state.dead["count"] <= 4
+        got = _ranking(idx.search(paths[4:10], k=8))
+        assert not {h.path for r in idx.search(paths[:2], k=None) for h in r.hits} & set(paths[:4])
+    # The same images ranked the same, whatever the history of segments and tombstones.
+    assert got == want
+
+
+def test_many_removals_compact_segments(tmp_path):
+    paths = _scenes(tmp_path / "imgs", 12)
+    with _create(tmp_path / "idx", tmp_path / "s.sqlite") as idx:
+        idx.add(paths, progress=False)
+        idx.remove(paths[:6])
+        state = read_state(idx.path)
+        assert state.dead is None and state.rows == 6  # half removed: the segment was rewritten
+        assert idx.info()["removed_pending"] == 0
+        assert {h.path for h in idx.search(paths[6:7], k=None)[0].hits} == set(paths[6:])
+
+
+def test_small_index_grown_tenfold_refits_its_whitening(tmp_path):
+    paths = _scenes(tmp_path / "imgs", 30)
+    with _create(tmp_path / "idx", tmp_path / "s.sqlite") as idx:
+        idx.add(paths[:3], progress=False)
+        small = idx.info()["whitening"]
+        assert small["fitted_at_images"] == 3 and small["sample_images"] == 3
+        assert "re-fitted when the collection reaches 6 images" == small["refit"]
+        idx.add(paths[3:], progress=False)
+        grown = idx.info()["whitening"]
+        assert grown["fitted_at_images"] == 30 and grown["windows"] == 30 * 5
+        top = idx.search(paths[:5], k=1)
+        assert [r.hits[0].path for r in top] == paths[:5]
+
+
+def test_one_image_index_searches_without_whitening(tmp_path):
+    paths = _scenes(tmp_path / "imgs", 2)
+    with _create(tmp_path / "idx", tmp_path / "s.sqlite") as idx:
+        idx.add(paths[:1], progress=False)
+        info = idx.info()
+        assert info["whitening"]["fitted"] is False and info["dim"] == 512  # raw ResNet-18 width
+        (result,) = idx.search(paths, k=3)[:1]
+        assert result.hits[0].path == paths[0] and result.hits[0].distance < SELF_DISTANCE
+
+
+def test_database_whitening_never_collapses_a_small_collection(tmp_path):
+    """Twenty images, five windows each: 100 windows for 512 dimensions. Plain PCA-whitening
+    clamped to the sample's rank ranked near chance here; the shrunk one must rank every
+    image first for itself and keep the same top hits as no whitening at all."""
+    paths = _scenes(tmp_path / "imgs", 20)
+    store = tmp_path / "s.sqlite"
+    with _create(tmp_path / "w", store) as whitened, Index.create(
+        tmp_path / "raw", CONFIG, SearchConfig(levels=(1, 2), pca_dim=0), store=store
+    ) as raw:
+        whitened.add(paths, progress=False)
+        raw.add(paths, progress=False)
+        w = whitened.search(paths, k=1)
+        r = raw.search(paths, k=1)
+    assert [x.hits[0].path for x in w] == paths
+    assert [x.hits[0].path for x in w] == [x.hits[0].path for x in r]
+
+
+def test_auto_structure_above_the_exact_limit(tmp_path, monkeypatch):
+    """Above the exact limit an IVF fast-scan PQ structure is trained on its own and its
+    candidates, re-ranked by the kernel, agree with exact search."""
+    monkeypatch.setattr(writer, "EXACT_LIMIT", 40)
+    paths = _scenes(tmp_path / "imgs", 60)
+    with _create(tmp_path / "idx", tmp_path / "s.sqlite") as idx:
+        idx.add(paths[:30], progress=False)
+        assert idx.info()["structure"]["search"] == "exact"
+        idx.add(paths[30:], progress=False)
+        info = idx.info()
+        assert info["structure"]["search"] == "candidates"
+        assert info["index_type"].startswith("IVF") and info["index_type"].endswith("x4fs")
+        exact = idx.search(paths[:10], k=5)
+        approx = idx.search(paths[:10], k=5, exact_limit=40, nprobe=16, per_patch=300)
+        assert _ranking(approx) == _ranking(exact)
+        # Removing images keeps them out of the candidates too.
+        idx.remove(paths[:2])
+        hits = idx.search(paths[:2], k=5, exact_limit=40, nprobe=16, per_patch=300)
+        assert all(h.path not in paths[:2] for r in hits for h in r.hits)
+
+
+def test_reindex_changes_the_structure_without_extraction(tmp_path, store_env):
+    folder = tmp_path / "imgs"
+    _scenes(folder, 10)
+    idx = str(tmp_path / "idx")
+    assert run_cli("build", idx, str(folder), *TINY_FLAGS).returncode == 0
+    out = run_cli("reindex", idx, "--index-type", "IVF4,Flat", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["factory"] == "IVF4,Flat"
+    out = run_cli("reindex", idx, "--index-type", "Bogus,XX")
+    assert out.returncode == 2 and "IVF1024,PQ64x4fs" in out.stderr  # says what is allowed
+    out = run_cli("reindex", idx, "--index-type", "auto", "--json")
+    assert json.loads(out.stdout)["search"] == "exact"
+
+
+# -- readers never wait for writers ---------------------------------------------------------
+SLOW_ADD = textwrap.dedent("""
+    import pathlib, sys, time
+    from retrieval import Index
+    index, started, release, *paths = sys.argv[1:]
+    def slowly():
+        yield paths[0]
+        pathlib.Path(started).touch()       # the lock is held from here on
+        while not pathlib.Path(release).exists():
+            time.sleep(0.05)
+        yield from paths[1:]
+    with Index.open(index) as idx:
+        print(idx.add(slowly(), progress=False).added)
+""")
+
+
+def test_query_during_a_running_add_returns_hits(tmp_path, store_env):
+    paths = _scenes(tmp_path / "imgs", 10)
+    idx = str(tmp_path / "idx")
+    assert run_cli("build", idx, *paths[:6], *TINY_FLAGS).returncode == 0
+    started, release = tmp_path / "started", tmp_path / "release"
+    writer_proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_ADD, idx, str(started), str(release), *paths[6:]],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ},
+    )
+    try:
+        deadline = time.time() + 120
+        while not started.exists() and writer_proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert started.exists(), writer_proc.stderr.read() if writer_proc.poll() is not None else "no start"
+        out = run_cli("query", idx, paths[0], "-k", "3", "--json")
+        assert out.returncode == 0, out.stderr
+        hits = json.loads(out.stdout)["results"][0]["hits"]
+        assert hits[0]["path"] == paths[0] and len(hits) == 3
+        assert writer_proc.poll() is None  # the writer was still running all along
+        info = run_cli("info", idx, "--json")
+        assert info.returncode == 0 and json.loads(info.stdout)["images"] >= 6
+    finally:
+        release.touch()
+        out, err = writer_proc.communicate(timeout=240)
+    assert writer_proc.returncode == 0, err
+    assert out.strip() == "4"
+    res = run_cli("query", idx, paths[9], "-k", "1", "--json")
+    assert json.loads(res.stdout)["results"][0]["hits"][0]["path"] == paths[9]
+
+
+# -- resumable builds ---------------------------------------------------------------------------
+def _manifest_count(index_dir):
+    try:
+        with sqlite3.connect(f"file:{index_dir / 'manifest.sqlite'}?mode=ro", uri=True, timeout=1) as conn:
+            return conn.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def _whitening_of(index_dir):
+    with Index.open(index_dir) as idx:
+        w = idx.whitening
+        return w.mean_, w.projection_
+
+
+def test_rebuild_twice_and_after_kill_9_resumes_with_the_same_whitening(tmp_path, store_env):
+    folder = tmp_path / "imgs"
+    paths = _scenes(folder, 30)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    args = [str(folder), *TINY_FLAGS, "--json"]
+    out = run_cli("build", str(whole), *args)
+    assert out.returncode == 0, out.stderr
+    again = run_cli("build", str(whole), *args)  # the same command twice: resumes, adds nothing
+    assert again.returncode == 0, again.stderr
+    assert (json.loads(again.stdout)["already_present"], json.loads(again.stdout)["images"]) == (30, 30)
+
+    # Fresh extractions for the cut build would be cached; a second store makes them real.
+    env = {"RETRIEVAL_STORE": str(tmp_path / "other.sqlite")}
+    proc = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "build", str(cut), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env})
+    kill_after = random.Random().randint(1, 29)
+    deadline = time.time() + 240
+    while _manifest_count(cut) < kill_after and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = run_cli("build", str(cut), *args, env=env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["images"] == 30
+    for a, b in zip(_whitening_of(whole), _whitening_of(cut)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"killed after {kill_after}")
+    res = run_cli("query", str(cut), paths[7], "-k", "30", "--json")
+    hits = json.loads(res.stdout)["results"][0]["hits"]
+    assert hits[0]["path"] == paths[7] and len({h["path"] for h in hits}) == 30
+
+
+def test_python_create_twice_is_a_resume(tmp_path, image_dir):
+    paths = [str(p) for p in image_dir.iterdir()]
+    with Index.create(tmp_path / "i", CONFIG, SEARCH, store=tmp_path / "s.sqlite") as idx:
+        idx.add(paths, progress=False)
+    with Index.create(tmp_path / "i", CONFIG, SEARCH, store=tmp_path / "s.sqlite") as idx:
+        assert idx.add(paths, progress=False).already_present == 6
+
+
+# -- self-healing -------------------------------------------------------------------------------
+def _damage(path, how):
+    if how == "delete":
+        path.unlink()
+    elif how == "truncate":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(b"{{garbage")
+
+
+@pytest.mark.parametrize("how", ["delete", "truncate", "garbage"])
+def test_each_damaged_derived_file_is_rebuilt_from_the_store(tmp_path, image_dir, store_env, how):
+    idx = tmp_path / "idx"
+    assert run_cli("build", str(idx), str(image_dir), *TINY_FLAGS, "--index-type", "IVF2,Flat").returncode == 0
+    query = ["query", str(idx), str(image_dir / "img3.jpg"), "-k", "6", "--json"]
+    want = json.loads(run_cli(*query).stdout)["results"]
+    for kind in ("whitening", "vectors", "ids", "ann", "state"):
+        target = _current(idx, kind)
+        _damage(target, how)
+        out = run_cli(*query)
+        assert out.returncode == 0, f"{target.name} ({how}): {out.stderr}"
+        got = json.loads(out.stdout)["results"]
+        assert [h["path"] for h in got[0]["hits"]] == [h["path"] for h in want[0]["hits"]], target.name
+        assert run_cli("info", str(idx), "--json").returncode == 0
+
+
+def _current(idx, kind):
+    """The file of one kind that the published state names now (names change on rebuild)."""
+    if kind == "state":
+        return idx / "state.json"
+    state = read_state(idx)
+    if kind in ("whitening", "ann"):
+        return idx / getattr(state, kind)["file"]
+    return idx / (state.segments[0]["name"] + (".ids.npy" if kind == "ids" else ".npy"))
+
+
+def test_damaged_databases_are_named(tmp_path, image_dir, store_env):
+    idx = tmp_path / "idx"
+    assert run_cli("build", str(idx), str(image_dir), *TINY_FLAGS).returncode == 0
+    manifest = idx / "manifest.sqlite"
+    for extra in ("-wal", "-shm"):
+        (idx / f"manifest.sqlite{extra}").unlink(missing_ok=True)
+    manifest.write_bytes(b"not a database" * 100)
+    out = run_cli("query", str(idx), str(image_dir / "img0.jpg"))
+    assert out.returncode != 0 and "manifest.sqlite" in out.stderr
+
+    idx2 = tmp_path / "idx2"
+    assert run_cli("build", str(idx2), str(image_dir), *TINY_FLAGS, "--store", str(tmp_path / "own.sqlite")).returncode == 0
+    (tmp_path / "own.sqlite").write_bytes(b"garbage" * 100)
+    for extra in ("-wal", "-shm"):
+        (tmp_path / f"own.sqlite{extra}").unlink(missing_ok=True)
+    out = run_cli("add", str(idx2), str(image_dir))
+    assert out.returncode != 0 and "own.sqlite" in out.stderr
+
+
+def test_store_missing_descriptors_names_the_image_and_the_fix(tmp_path, image_dir, store_env):
+    idx = tmp_path / "idx"
+    assert run_cli("build", str(idx), str(image_dir), *TINY_FLAGS).returncode == 0
+    with sqlite3.connect(store_env) as conn:
+        conn.execute("DELETE FROM descriptors")
+    state = read_state(idx)
+    (idx / state.segments[0]["name"]).with_suffix(".npy").unlink()
+    out = run_cli("query", str(idx), str(image_dir / "img0.jpg"))
+    assert out.returncode == 2
+    assert "lacks the descriptors of" in out.stderr and "retrieval add" in out.stderr
