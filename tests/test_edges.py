@@ -1,9 +1,14 @@
 """Issue 9, "every edge a user hits": clear errors, right exit codes, nothing half-written."""
 from __future__ import annotations
 
+import tracemalloc
+
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import TINY_FLAGS, run_cli
+from retrieval.images import load_rgb
 
 
 @pytest.mark.parametrize("spec,form", [
@@ -21,3 +26,40 @@ def test_input_spec_bad_number_is_a_usage_error(tmp_path, image_dir, store_env, 
     assert out.returncode == 2, out.stderr
     assert "--input-spec" in out.stderr and form in out.stderr and "ValueError" not in out.stderr
     assert not idx.exists() and not store_env.exists()
+
+
+def _stretch_reference(arr: np.ndarray) -> np.ndarray:
+    """The 16-bit -> 8-bit conversion spelled out on a whole array: [min, max] -> 0..255."""
+    a = arr.astype(np.float64)
+    return ((a - a.min()) / (a.max() - a.min()) * 255.0).astype(np.uint8)
+
+
+def test_large_16bit_png_decodes_right_in_bounded_memory(tmp_path):
+    rng = np.random.default_rng(3)
+    tile = rng.integers(0, 65536, size=(40, 50), dtype=np.uint16)
+    tile[0, 0], tile[0, 1] = 0, 65535  # every tile holds the global min and max
+    small = tmp_path / "small16.png"
+    Image.fromarray(tile).save(small)
+    expected_tile = _stretch_reference(tile)
+    got_small = np.asarray(load_rgb(small))
+    assert got_small.shape == (40, 50, 3)
+    assert all(np.array_equal(got_small[..., c], expected_tile) for c in range(3))
+
+    reps = (75, 80)  # 3000 x 4000 pixels
+    big = tmp_path / "big16.png"
+    Image.fromarray(np.tile(tile, reps)).save(big)
+    assert Image.open(big).mode.startswith("I")
+    tracemalloc.start()
+    try:
+        img = load_rgb(big)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    h, w = 40 * reps[0], 50 * reps[1]
+    assert img.size == (w, h) and img.mode == "RGB"
+    # The uint8 result (h * w bytes per band) is the floor; a float64 copy of the whole
+    # image alone would be 8 * h * w.
+    assert peak < 3 * h * w, f"peak {peak / 1e6:.0f} MB for a {h * w / 1e6:.0f} Mpx image"
+    got = np.asarray(img)
+    assert np.array_equal(got[..., 0], np.tile(expected_tile, reps))
+    assert np.array_equal(got[..., 2], got[..., 0])
