@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 
@@ -35,7 +36,7 @@ from . import metrics
 from .data import DataError, Dataset, Split, load_dataset, load_split
 from .features import JITTERS, FeatureTable, image_vectors
 from .modelfile import ModelFileError, load_model
-from .models import METHODS, Classifier, to_indicator
+from .models import METHODS, Classifier, cv_folds, to_indicator
 
 LAYOUT_HELP = """\
 DATA_DIR layouts:
@@ -50,6 +51,17 @@ Features: average of the region set's raw descriptors (1 = whole image, 12 = cor
 centre, whole, and mirrors), L2-normalised, then signed square root.
 SVM C grid: 1e-3..1e2 (6 values); logreg C: 45 values in 1e-6..1e5, warm-started.
 """
+
+
+def _fold_count(text: str) -> int:
+    """`--cv K`: an integer >= 2 (one fold would leave nothing to train or to hold out)."""
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 2:
+        raise argparse.ArgumentTypeError(f"folds must be an integer >= 2 (got {text!r})")
+    return k
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -78,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--out", required=True, metavar="MODEL", help="model file to write (.npz)")
         sp.add_argument("--method", choices=METHODS, default="logreg", help="linear SVM or logistic regression (default logreg)")
         sp.add_argument("--jitter", type=int, choices=JITTERS, default=1, help="1 (whole image) or 12 samples averaged")
-        sp.add_argument("--cv", type=int, default=4, help="folds when there is no validation split (default 4)")
+        sp.add_argument("--cv", type=_fold_count, default=4, metavar="K",
+                        help="cross-validation folds (>= 2) when there is no validation split (default 4)")
         sp.add_argument("--seed", type=int, default=0, help="fold shuffling seed")
         _add_common(sp)
         add_extractor_args(sp, search=False)
@@ -131,6 +144,11 @@ def _fit(ds: Dataset, table: FeatureTable, args) -> tuple[Classifier, int, int]:
     lost = [c for c in ds.classes if c not in have]
     if lost:
         raise DataError(f"training class {', '.join(lost)} has no readable image (all were skipped)")
+    counts = Counter(c for labs in tr_labels + va_labels for c in labs)
+    for c in sorted(c for c, n in counts.items() if n == 1):
+        how = "" if va_paths else "; cross-validation cannot hold it out and scores it on itself"
+        print(f"classify: warning: class {c!r} has a single training image: expect its predictions to be "
+              f"unreliable (add images){how}", file=sys.stderr)
     clf = Classifier(method=args.method, cv=args.cv, random_state=args.seed)
     X_val = table.matrix(va_paths) if va_paths else None
     clf.fit(table.matrix(tr_paths), tr_labels, X_val, va_labels if va_paths else None, classes=ds.classes)
@@ -188,6 +206,10 @@ def _prepare_training(args):
     config = extractor_config_from_args(args)
     runtime = runtime_config_from_args(args)
     ds = load_dataset(args.data_dir)
+    if ds.val is None:
+        # Checked on the listed images before any extraction, so an impossible --cv costs
+        # nothing; fit checks again on the readable ones.
+        cv_folds(to_indicator(ds.train.labels, ds.classes), args.cv, ds.multilabel, args.seed)
     return config, runtime, ds
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY_FLAGS, run_cli
+from conftest import TINY_FLAGS, make_scene, run_cli
 from retrieval.images import load_rgb
 
 
@@ -63,3 +63,41 @@ def test_large_16bit_png_decodes_right_in_bounded_memory(tmp_path):
     got = np.asarray(img)
     assert np.array_equal(got[..., 0], np.tile(expected_tile, reps))
     assert np.array_equal(got[..., 2], got[..., 0])
+
+
+CLASSIFY_TINY = ["--backbone", "resnet18", "--weights", "none", "--input-spec", "size=64",
+                 "--batch-size", "16", "--quiet"]
+
+
+def _class_folders(root, classes, per_class):
+    for split, n in (("train", per_class), ("test", 1)):
+        for ci, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                make_scene(100 * ci + 10 * (split == "test") + i, size=(48, 40)).save(folder / f"{i}.jpg")
+    return root
+
+
+@pytest.mark.parametrize("cv,message", [
+    ("10", "--cv 10 needs at least 10 training images in some class, but the largest class has 3: use --cv 3"),
+    ("0", "argument --cv: folds must be an integer >= 2 (got '0')"),
+    ("1", "argument --cv: folds must be an integer >= 2 (got '1')"),
+    ("-1", "argument --cv: folds must be an integer >= 2 (got '-1')"),
+])
+def test_classify_bad_cv_is_a_usage_error_quoting_the_value(tmp_path, cv, message):
+    data = _class_folders(tmp_path / "data", ["ants", "bees"], 3)
+    store = tmp_path / "s.sqlite"
+    out = run_cli("run", str(data), "--cv", cv, "--store", str(store), *CLASSIFY_TINY, module="classify.cli")
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+    assert not store.exists()  # refused before any extraction
+
+
+def test_classify_one_class_dataset_is_a_usage_error(tmp_path):
+    data = _class_folders(tmp_path / "data", ["ants"], 3)
+    store = tmp_path / "s.sqlite"
+    out = run_cli("run", str(data), "--store", str(store), *CLASSIFY_TINY, module="classify.cli")
+    assert out.returncode == 2, out.stderr
+    assert "'ants'" in out.stderr and "at least 2" in out.stderr
+    assert not store.exists()
