@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 
+from retrieval.cliutil import add_subcommands, stdout_closed
 from retrieval.config import (
     add_runtime_args,
     ConfigError,
@@ -53,6 +54,9 @@ SVM C grid: 1e-3..1e2 (6 values); logreg C: 45 values in 1e-6..1e5, warm-started
 """
 
 
+_MODEL_HELP = "model file written by `classify train`"
+
+
 def _fold_count(text: str) -> int:
     """`--cv K`: an integer >= 2 (one fold would leave nothing to train or to hold out)."""
     try:
@@ -79,13 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="classify", description=__doc__.split("\n\n")[0], epilog=LAYOUT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = add_subcommands(parser, dest="command", required=True)
     for name in ("run", "train"):
         sp = sub.add_parser(
             name, epilog=LAYOUT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
             help="choose C, train and evaluate on test" if name == "run" else "choose C, train on train(+validation), save a model",
         )
-        sp.add_argument("data_dir", metavar="DATA_DIR")
+        sp.add_argument("data_dir", metavar="DATA_DIR", help="dataset folder: train/<class>/ + test/<class>/, or train.csv + test.csv (layouts below)")
         if name == "train":
             sp.add_argument("--out", required=True, metavar="MODEL", help="model file to write (.npz)")
         sp.add_argument("--method", choices=METHODS, default="logreg", help="linear SVM or logistic regression (default logreg)")
@@ -97,14 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
         add_extractor_args(sp, search=False)
         sp.set_defaults(func=cmd_run if name == "run" else cmd_train)
     sp = sub.add_parser("eval", help="evaluate a model on a split (folder of class folders, or a CSV)")
-    sp.add_argument("model", metavar="MODEL")
-    sp.add_argument("split", metavar="SPLIT")
+    sp.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    sp.add_argument("split", metavar="SPLIT", help="images to evaluate on: a folder of class folders, or a CSV of path,label[,label...]")
     _add_common(sp)
     _add_runtime(sp)
     sp.set_defaults(func=cmd_eval)
     sp = sub.add_parser("predict", help="predict the class of images (files, folders, @list.txt)")
-    sp.add_argument("model", metavar="MODEL")
-    sp.add_argument("images", metavar="IMAGE", nargs="+")
+    sp.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    sp.add_argument("images", metavar="IMAGE", nargs="+", help="an image file, a folder (recursive) or @list.txt")
     _add_common(sp)
     _add_runtime(sp)
     sp.set_defaults(func=cmd_predict)
@@ -325,7 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return int(exc.code or 0)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # buffered output meets a closed pipe here, where it is handled
+        return code
+    except BrokenPipeError:
+        return stdout_closed()
     except (ConfigError, DataError) as err:
         print(f"classify: error: {err}", file=sys.stderr)
         return 2

@@ -1,13 +1,20 @@
 """Issue 9, "every edge a user hits": clear errors, right exit codes, nothing half-written."""
 from __future__ import annotations
 
+import argparse
+import os
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from classify import cli as classify_cli
 from conftest import TINY_FLAGS, make_scene, run_cli
+from retrieval import cli as retrieval_cli
+from retrieval.cliutil import EXIT_BROKEN_PIPE
 from retrieval.images import load_rgb
 
 
@@ -101,3 +108,84 @@ def test_classify_one_class_dataset_is_a_usage_error(tmp_path):
     assert out.returncode == 2, out.stderr
     assert "'ants'" in out.stderr and "at least 2" in out.stderr
     assert not store.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> dict:
+    """A model trained by `classify train` with the tiny extractor, its store and an image."""
+    root = tmp_path_factory.mktemp("tiny-model")
+    data = _class_folders(root / "data", ["ants", "bees"], 4)
+    model, store = root / "model.npz", root / "s.sqlite"
+    out = run_cli("train", str(data), "--out", str(model), "--store", str(store), *CLASSIFY_TINY,
+                  module="classify.cli")
+    assert out.returncode == 0, out.stderr
+    return {"model": model, "store": store, "image": data / "test" / "bees" / "0.jpg"}
+
+
+@pytest.fixture(scope="module")
+def tiny_index(tmp_path_factory) -> dict:
+    """An index built by `retrieval build` with the tiny extractor."""
+    root = tmp_path_factory.mktemp("tiny-index")
+    images = root / "images"
+    images.mkdir()
+    for i in range(4):
+        make_scene(i).save(images / f"img{i}.jpg")
+    env = {"RETRIEVAL_STORE": str(root / "features.sqlite")}
+    out = run_cli("build", str(root / "idx"), str(images), *TINY_FLAGS, env=env)
+    assert out.returncode == 0, out.stderr
+    return {"index": root / "idx", "image": images / "img0.jpg", "env": env}
+
+
+def test_model_with_nan_weights_refused_naming_the_file(tiny_model, tmp_path):
+    bad = tmp_path / "nan-model.npz"
+    with np.load(tiny_model["model"]) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    arrays["W"][0, 0] = np.nan
+    with open(bad, "wb") as fh:
+        np.savez(fh, **arrays)
+    out = run_cli("predict", str(bad), str(tiny_model["image"]), "--store", str(tiny_model["store"]), "--json",
+                  "--quiet", module="classify.cli")
+    assert out.returncode == 1, out.stdout
+    assert str(bad) in out.stderr and "NaN" in out.stderr
+    assert out.stdout == ""
+
+
+def _run_into_closed_pipe(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a CLI whose stdout is a pipe nobody reads any more (`... | head -0`)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # closed before the command starts: every write to stdout fails
+    try:
+        return subprocess.run([sys.executable, "-m", module, *args], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, **(env or {})}, timeout=300)
+    finally:
+        os.close(write_end)
+
+
+def test_retrieval_output_into_closed_pipe_exits_quietly(tiny_index):
+    out = _run_into_closed_pipe("retrieval.cli", "info", str(tiny_index["index"]), env=tiny_index["env"])
+    assert (out.returncode, out.stderr) == (EXIT_BROKEN_PIPE, "")
+
+
+def test_classify_output_into_closed_pipe_exits_quietly(tiny_model):
+    out = _run_into_closed_pipe("classify.cli", "predict", str(tiny_model["model"]), str(tiny_model["image"]),
+                                "--store", str(tiny_model["store"]), "--quiet")
+    assert (out.returncode, out.stderr) == (EXIT_BROKEN_PIPE, "")
+
+
+def test_bad_flag_shows_the_subcommands_usage(tiny_index, tiny_model):
+    out = run_cli("query", str(tiny_index["index"]), str(tiny_index["image"]), "--bogus", env=tiny_index["env"])
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith("usage: retrieval query ") and "unrecognized arguments: --bogus" in out.stderr
+    out = run_cli("predict", str(tiny_model["model"]), str(tiny_model["image"]), "--bogus", module="classify.cli")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith("usage: classify predict ") and "unrecognized arguments: --bogus" in out.stderr
+
+
+@pytest.mark.parametrize("build_parser", [retrieval_cli.build_parser, classify_cli.build_parser])
+def test_every_positional_is_explained_in_help(build_parser):
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if not action.option_strings:
+                assert action.help, f"{parser.prog} {name}: {action.metavar} has no help text"
