@@ -7,7 +7,8 @@
 
 Exit codes: 0 done; 2 usage error (bad flag, unusable dataset layout such as a class
 folder without images, missing model file); 3 done but some inputs were skipped (named
-on stderr and in the JSON "skipped" list); 1 any other failure (e.g. a refused model file).
+on stderr and in the JSON "skipped" list); 1 any other failure (e.g. a refused model file);
+141, silently, when stdout is a closed pipe (see `retrieval.cliutil.stdout_closed`).
 """
 from __future__ import annotations
 

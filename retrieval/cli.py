@@ -1,7 +1,8 @@
 """The `retrieval` command line: build, add, query, info, remove, export-onnx.
 
 Exit codes (SPEC §3): 0 all done; 2 usage error (unknown index, bad flag);
-3 done, but some inputs were skipped (each named on stderr and in the JSON); 1 other failure.
+3 done, but some inputs were skipped (each named on stderr and in the JSON); 1 other failure;
+141, silently, when stdout is a closed pipe (see `cliutil.stdout_closed`).
 """
 from __future__ import annotations
 
