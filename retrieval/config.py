@@ -37,7 +37,8 @@ def _spec_number(key: str, text: str, kind: type, form: str) -> Any:
     try:
         value = kind(text)
     except ValueError:
-        raise ConfigError(f"--input-spec {key}: {text!r} is not a number; expected {form}") from None
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"--input-spec {key}: {text!r} is not {what}; expected {form}") from None
     # float() accepts "nan" and "inf", which would silently poison every descriptor.
     if not math.isfinite(value):
         raise ConfigError(f"--input-spec {key}: {text!r} is not finite; expected {form}")
