@@ -7,7 +7,8 @@
 
 Exit codes: 0 done; 2 usage error (bad flag, unusable dataset layout such as a class
 folder without images, missing model file); 3 done but some inputs were skipped (named
-on stderr and in the JSON "skipped" list); 1 any other failure (e.g. a refused model file).
+on stderr and in the JSON "skipped" list); 1 any other failure (e.g. a refused model file);
+141, silently, when stdout is a closed pipe (see `retrieval.cliutil.stdout_closed`).
 """
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 
+from retrieval.cliutil import add_subcommands, stdout_closed
 from retrieval.config import (
     add_runtime_args,
     ConfigError,
@@ -35,7 +38,7 @@ from . import metrics
 from .data import DataError, Dataset, Split, load_dataset, load_split
 from .features import JITTERS, FeatureTable, image_vectors
 from .modelfile import ModelFileError, load_model
-from .models import METHODS, Classifier, to_indicator
+from .models import METHODS, Classifier, cv_folds, to_indicator
 
 LAYOUT_HELP = """\
 DATA_DIR layouts:
@@ -50,6 +53,20 @@ Features: average of the region set's raw descriptors (1 = whole image, 12 = cor
 centre, whole, and mirrors), L2-normalised, then signed square root.
 SVM C grid: 1e-3..1e2 (6 values); logreg C: 45 values in 1e-6..1e5, warm-started.
 """
+
+
+_MODEL_HELP = "model file written by `classify train`"
+
+
+def _fold_count(text: str) -> int:
+    """`--cv K`: an integer >= 2 (one fold would leave nothing to train or to hold out)."""
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 2:
+        raise argparse.ArgumentTypeError(f"folds must be an integer >= 2 (got {text!r})")
+    return k
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -67,31 +84,32 @@ def build_parser() -> argparse.ArgumentParser:
         prog="classify", description=__doc__.split("\n\n")[0], epilog=LAYOUT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = add_subcommands(parser, dest="command", required=True)
     for name in ("run", "train"):
         sp = sub.add_parser(
             name, epilog=LAYOUT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
             help="choose C, train and evaluate on test" if name == "run" else "choose C, train on train(+validation), save a model",
         )
-        sp.add_argument("data_dir", metavar="DATA_DIR")
+        sp.add_argument("data_dir", metavar="DATA_DIR", help="dataset folder: train/<class>/ + test/<class>/, or train.csv + test.csv (layouts below)")
         if name == "train":
             sp.add_argument("--out", required=True, metavar="MODEL", help="model file to write (.npz)")
         sp.add_argument("--method", choices=METHODS, default="logreg", help="linear SVM or logistic regression (default logreg)")
         sp.add_argument("--jitter", type=int, choices=JITTERS, default=1, help="1 (whole image) or 12 samples averaged")
-        sp.add_argument("--cv", type=int, default=4, help="folds when there is no validation split (default 4)")
+        sp.add_argument("--cv", type=_fold_count, default=4, metavar="K",
+                        help="cross-validation folds (>= 2) when there is no validation split (default 4)")
         sp.add_argument("--seed", type=int, default=0, help="fold shuffling seed")
         _add_common(sp)
         add_extractor_args(sp, search=False)
         sp.set_defaults(func=cmd_run if name == "run" else cmd_train)
     sp = sub.add_parser("eval", help="evaluate a model on a split (folder of class folders, or a CSV)")
-    sp.add_argument("model", metavar="MODEL")
-    sp.add_argument("split", metavar="SPLIT")
+    sp.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    sp.add_argument("split", metavar="SPLIT", help="images to evaluate on: a folder of class folders, or a CSV of path,label[,label...]")
     _add_common(sp)
     _add_runtime(sp)
     sp.set_defaults(func=cmd_eval)
     sp = sub.add_parser("predict", help="predict the class of images (files, folders, @list.txt)")
-    sp.add_argument("model", metavar="MODEL")
-    sp.add_argument("images", metavar="IMAGE", nargs="+")
+    sp.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    sp.add_argument("images", metavar="IMAGE", nargs="+", help="an image file, a folder (recursive) or @list.txt")
     _add_common(sp)
     _add_runtime(sp)
     sp.set_defaults(func=cmd_predict)
@@ -131,6 +149,11 @@ def _fit(ds: Dataset, table: FeatureTable, args) -> tuple[Classifier, int, int]:
     lost = [c for c in ds.classes if c not in have]
     if lost:
         raise DataError(f"training class {', '.join(lost)} has no readable image (all were skipped)")
+    counts = Counter(c for labs in tr_labels + va_labels for c in labs)
+    for c in sorted(c for c, n in counts.items() if n == 1):
+        how = "" if va_paths else "; cross-validation cannot hold it out and scores it on itself"
+        print(f"classify: warning: class {c!r} has a single training image: expect its predictions to be "
+              f"unreliable (add images){how}", file=sys.stderr)
     clf = Classifier(method=args.method, cv=args.cv, random_state=args.seed)
     X_val = table.matrix(va_paths) if va_paths else None
     clf.fit(table.matrix(tr_paths), tr_labels, X_val, va_labels if va_paths else None, classes=ds.classes)
@@ -188,6 +211,10 @@ def _prepare_training(args):
     config = extractor_config_from_args(args)
     runtime = runtime_config_from_args(args)
     ds = load_dataset(args.data_dir)
+    if ds.val is None:
+        # Checked on the listed images before any extraction, so an impossible --cv costs
+        # nothing; fit checks again on the readable ones.
+        cv_folds(to_indicator(ds.train.labels, ds.classes), args.cv, ds.multilabel, args.seed)
     return config, runtime, ds
 
 
@@ -303,7 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return int(exc.code or 0)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # buffered output meets a closed pipe here, where it is handled
+        return code
+    except BrokenPipeError:
+        return stdout_closed()
     except (ConfigError, DataError) as err:
         print(f"classify: error: {err}", file=sys.stderr)
         return 2

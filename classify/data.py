@@ -13,7 +13,8 @@ Folder layout (single-label)
 
     Files with an image suffix (``retrieval.images.IMAGE_SUFFIXES``) are listed
     recursively under each class folder; other files are ignored. A class folder with no
-    image file is an error that names it.
+    image file is an error that names it, and so is a training part (train + validation)
+    with fewer than two classes.
 
 CSV layout (multi-label, or single-label)
     ``DATA_DIR/train.csv`` and ``DATA_DIR/test.csv`` (optionally ``DATA_DIR/val.csv`` or
@@ -166,4 +167,9 @@ def load_dataset(data_dir: str | os.PathLike) -> Dataset:
     else:
         raise DataError(f"{root}: expected train/<class>/ folders or train.csv + test.csv")
     multilabel = train.multilabel or (val is not None and val.multilabel)
-    return Dataset(str(root.resolve()), train, test, val, multilabel)
+    dataset = Dataset(str(root.resolve()), train, test, val, multilabel)
+    if len(dataset.classes) < 2:
+        found = ", ".join(repr(c) for c in dataset.classes) or "none"
+        raise DataError(f"{root}: the training part has {len(dataset.classes)} class ({found}); "
+                        "a classifier needs at least 2 (add a folder or label of another class)")
+    return dataset

@@ -10,7 +10,7 @@ Layout (a zip written by ``numpy.savez``):
 
 Loading uses ``numpy.load(allow_pickle=False)``: a file holding a pickle (a raw pickle,
 or an object array inside the zip) is refused with ModelFileError, never unpickled.
-Unknown members, wrong dtypes and inconsistent shapes are refused too.
+Unknown members, wrong dtypes, inconsistent shapes and non-finite weights are refused too.
 """
 from __future__ import annotations
 
@@ -93,6 +93,10 @@ def load_model(path: str | os.PathLike) -> Classifier:
         W, b = arrays["W"], arrays["b"]
         if W.dtype.kind != "f" or b.dtype.kind != "f" or W.ndim != 2 or b.shape != (W.shape[0],):
             raise ValueError("W / b have the wrong type or shape")
+        # A NaN weight makes every score NaN: predictions are arbitrary and `--json`
+        # would print NaN, which is not JSON.
+        if not (np.isfinite(W).all() and np.isfinite(b).all()):
+            raise ValueError("W / b hold NaN or infinite values; retrain the model")
         K = len(classes)
         pairs = arrays.get("pairs")
         if kind == "ovo":

@@ -17,7 +17,8 @@ separable data large C has no finite optimum; the path then moves on).
 
 Choosing C: on the validation split when one is given (then the final model is fitted
 on train + validation), otherwise by k-fold cross-validation (stratified for
-single-label tasks, shuffled with a fixed seed) of the training data. Test data never
+single-label tasks, shuffled with a fixed seed; the only image of a class is trained on
+in every fold and scored on itself, see `cv_folds`) of the training data. Test data never
 enter. The criterion is the mean held-out top-1 accuracy (mAP for multi-label tasks);
 ties go to the lower held-out log-loss for logreg, and to the smaller C for the SVM.
 """
@@ -31,9 +32,12 @@ from typing import Iterator, Sequence
 import numpy as np
 from scipy.special import expit, log_expit, logsumexp
 
+from retrieval.config import ConfigError
+
 from . import metrics
 
-__all__ = ["LOGREG_CS", "SVM_CS", "METHODS", "LinearModel", "logreg_path", "fit_svm", "Classifier", "to_indicator"]
+__all__ = ["LOGREG_CS", "SVM_CS", "METHODS", "LinearModel", "logreg_path", "fit_svm", "cv_folds", "Classifier",
+           "to_indicator"]
 
 LOGREG_CS = np.logspace(-6, 5, 45)
 SVM_CS = np.logspace(-3, 2, 6)
@@ -269,27 +273,45 @@ def fit_svm(X: np.ndarray, Y: np.ndarray, C: float, *, multilabel: bool = False)
 # --------------------------------------------------------------------------- selection
 
 
-def _folds(Y: np.ndarray, k: int, multilabel: bool, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def cv_folds(Y: np.ndarray, k: int, multilabel: bool, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train rows, held-out rows) of `k`-fold cross-validation over the rows of `Y` [n, K]:
+    stratified for single-label tasks, shuffled with `seed`.
+
+    A row holding the only image of a class cannot be validated: held out (even by
+    leave-one-out), its class would be missing from that fold's training part and it
+    would be misclassified at every C, so no held-out score could tell a C that learns
+    the class from one that ignores it, and the tie-breaks chose the smallest C, a model
+    predicting the other classes everywhere. Such a row is therefore in every fold's
+    training part *and* scored in every held-out part: a C too small to fit even its own
+    training image loses. Multi-label tasks with fewer than `k` other rows use that many
+    folds.
+    Raises ConfigError (a usage error, naming `--cv` with the value given) when the
+    training data cannot be split `k` ways.
+    """
     from sklearn.model_selection import KFold, StratifiedKFold
 
-    n = len(Y)
     if k < 2:
-        raise ValueError(f"--cv needs at least 2 folds (got {k})")
-    k = min(k, n)
-    if k < 2:
-        raise ValueError("cross-validation needs at least 2 training images")
+        raise ConfigError(f"--cv needs at least 2 folds (got {k})")
+    Y = np.asarray(Y)
+    counts = Y.sum(axis=0)
+    single = (Y[:, counts == 1] > 0).any(axis=1)
+    rows, kept = np.flatnonzero(~single), np.flatnonzero(single)
     if multilabel:
-        return list(KFold(k, shuffle=True, random_state=seed).split(Y))
-    y = Y.argmax(axis=1)
-    largest = int(np.bincount(y).max())
-    if largest < k:
-        raise ValueError(
-            f"--cv {k} needs at least {k} training images in some class, but the largest class "
-            f"has {largest}: use --cv {max(2, largest)} or add images"
-        )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "least populated class has fewer members than folds"
-        return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(n), y))
+        if len(rows) < 2:
+            raise ConfigError(f"--cv {k}: cross-validation needs at least 2 training images of "
+                              f"classes that have more than one (got {len(rows)}); add images")
+        parts = KFold(min(k, len(rows)), shuffle=True, random_state=seed).split(rows)
+    else:
+        y = Y.argmax(axis=1)
+        largest = int(counts.max()) if len(Y) else 0
+        if largest < k:
+            fix = f"use --cv {largest} or add images" if largest >= 2 else "add images"
+            raise ConfigError(f"--cv {k} needs at least {k} training images in some class, "
+                              f"but the largest class has {largest}: {fix}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "least populated class has fewer members than folds"
+            parts = StratifiedKFold(k, shuffle=True, random_state=seed).split(rows, y[rows])
+    return [(np.concatenate([rows[a], kept]), np.concatenate([rows[b], kept])) for a, b in parts]
 
 
 def _score(scores: np.ndarray, Y: np.ndarray, multilabel: bool) -> float:
@@ -394,7 +416,7 @@ class Classifier:
                 held = [(X, Y, np.asarray(X_val, dtype=np.float64), to_indicator(list(y_val), self.classes_))]
                 mode, folds = "validation", 1
             else:
-                parts = _folds(Y, self.cv, self.multilabel_, self.random_state)
+                parts = cv_folds(Y, self.cv, self.multilabel_, self.random_state)
                 held = [(X[a], Y[a], X[b], Y[b]) for a, b in parts]
                 mode, folds = "cv", len(parts)
             grid, best, mean_s, iters = self._sweep(X, Y, held)

@@ -1,7 +1,8 @@
 """The `retrieval` command line: build, add, query, info, remove, export-onnx.
 
 Exit codes (SPEC §3): 0 all done; 2 usage error (unknown index, bad flag);
-3 done, but some inputs were skipped (each named on stderr and in the JSON); 1 other failure.
+3 done, but some inputs were skipped (each named on stderr and in the JSON); 1 other failure;
+141, silently, when stdout is a closed pipe (see `cliutil.stdout_closed`).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import sys
 import time
 
+from .cliutil import add_subcommands, stdout_closed
 from .config import (
     EXACT_LIMIT,
     ConfigError,
@@ -24,25 +26,23 @@ from .config import (
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse exits 2 already; keep its message
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+_INDEX_HELP = "folder of an index made by `retrieval build`"
+_INPUT_HELP = "an image file, a folder (recursive) or @list.txt (one path per line)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = argparse.ArgumentParser(
         prog="retrieval",
         description="Instance image retrieval with multi-scale CNN sub-patch descriptors "
         "(L2 + PCA-whitening + L2, min-over-patch-pairs distance).",
         epilog="INPUT is an image file, a folder (recursive) or @list.txt (one path per line). "
         "Exit codes: 0 done, 1 failure, 2 usage error, 3 done but some inputs skipped.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = add_subcommands(parser, dest="command", required=True)
 
     p = sub.add_parser("build", help="create an index from images (resumes an interrupted build)")
-    p.add_argument("index", metavar="INDEX_DIR")
-    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("index", metavar="INDEX_DIR", help="folder of the index to create (or to finish)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help=_INPUT_HELP)
     add_extractor_args(p)
     p.add_argument("--index-type", metavar="FACTORY",
                    help="FAISS index-factory string proposing candidates on large collections, e.g. "
@@ -53,14 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("add", help="add images to an index (already present ones are skipped)")
-    p.add_argument("index", metavar="INDEX_DIR")
-    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("index", metavar="INDEX_DIR", help=_INDEX_HELP)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help=_INPUT_HELP)
     add_runtime_args(p)
     _common(p)
 
     p = sub.add_parser("query", help="rank the index for query images")
-    p.add_argument("index", metavar="INDEX_DIR")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("index", metavar="INDEX_DIR", help=_INDEX_HELP)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="query image: a file, a folder (recursive) or @list.txt")
     p.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
     p.add_argument("--query-levels", type=parse_levels, help="override the index's query levels")
     p.add_argument("--aggregate", choices=("min", "mean-min"), help="override the index's image distance")
@@ -74,25 +74,25 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("info", help="counts and configuration of an index")
-    p.add_argument("index", metavar="INDEX_DIR")
+    p.add_argument("index", metavar="INDEX_DIR", help=_INDEX_HELP)
     _common(p)
 
     p = sub.add_parser("remove", help="remove images (by path) from an index")
-    p.add_argument("index", metavar="INDEX_DIR")
+    p.add_argument("index", metavar="INDEX_DIR", help=_INDEX_HELP)
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="an indexed image, a folder (every indexed image under it) or @list.txt; "
                    "the files need not exist any more")
     _common(p)
 
     p = sub.add_parser("reindex", help="change the search structure of an index (no extraction)")
-    p.add_argument("index", metavar="INDEX_DIR")
+    p.add_argument("index", metavar="INDEX_DIR", help=_INDEX_HELP)
     p.add_argument("--index-type", metavar="FACTORY", required=True,
                    help="a FAISS index-factory string, 'Flat' (exact search at any size) or 'auto' "
                    "(chosen by collection size)")
     _common(p)
 
     p = sub.add_parser("export-onnx", help="write a torch backbone and layer as an ONNX model")
-    p.add_argument("out", metavar="OUT.onnx")
+    p.add_argument("out", metavar="OUT.onnx", help="ONNX file to write")
     add_extractor_args(p, search=False)
     _common(p)
     return parser
@@ -108,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     from .index import IndexUsageError
 
     try:
-        return _COMMANDS[args.command](args)
+        code = _COMMANDS[args.command](args)
+        sys.stdout.flush()  # buffered output meets a closed pipe here, where it is handled
+        return code
+    except BrokenPipeError:
+        return stdout_closed()
     except (ConfigError, IndexUsageError) as err:
         print(f"retrieval {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,19 @@ EXACT_LIMIT = 10_000
 
 class ConfigError(ValueError):
     """A setting is malformed or inconsistent; the message says what is allowed."""
+
+
+def _spec_number(key: str, text: str, kind: type, form: str) -> Any:
+    """One number of an `--input-spec` value; a malformed one is a usage error naming the form."""
+    try:
+        value = kind(text)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"--input-spec {key}: {text!r} is not {what}; expected {form}") from None
+    # float() accepts "nan" and "inf", which would silently poison every descriptor.
+    if not math.isfinite(value):
+        raise ConfigError(f"--input-spec {key}: {text!r} is not finite; expected {form}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -76,8 +90,10 @@ class InputSpec:
         spec: dict[str, Any] = {}
         for key, parts in values.items():
             parts = [p for part in parts for p in part.replace(":", "/").split("/") if p]
+            if not parts:
+                raise ConfigError(f"--input-spec {key}= needs a value")
             if key == "size":
-                nums = [int(p) for p in parts]
+                nums = [_spec_number(key, p, int, "size=N or size=H/W (integers >= 16)") for p in parts]
                 if len(nums) == 1:
                     nums = nums * 2
                 if len(nums) != 2 or min(nums) < 16:
@@ -88,16 +104,18 @@ class InputSpec:
                     raise ConfigError("--input-spec order must be rgb or bgr")
                 spec["order"] = parts[0]
             elif key == "scale":
-                scale = float(parts[0])
+                scale = _spec_number(key, parts[0], float, "scale=1 or scale=255")
                 if scale not in (1.0, 255.0):
                     raise ConfigError("--input-spec scale must be 1 or 255")
                 spec["scale"] = scale
             elif key in ("mean", "std"):
-                nums3 = [float(p) for p in parts]
+                nums3 = [_spec_number(key, p, float, f"{key}=V or {key}=R/G/B (finite numbers)") for p in parts]
                 if len(nums3) == 1:
                     nums3 = nums3 * 3
                 if len(nums3) != 3:
                     raise ConfigError(f"--input-spec {key} takes 1 or 3 values")
+                if key == "std" and 0.0 in nums3:
+                    raise ConfigError("--input-spec std values must be non-zero (they divide the pixels)")
                 spec[key] = tuple(nums3)
             elif key == "dtype":
                 if parts[0] not in ("float32", "float16"):

@@ -29,18 +29,20 @@ the ranking before positions are counted.  Holidays: the query image
 shifting later positions by one (``rank_shift`` in ``eval_holidays.py``).
 
 mP@k (revisited ``compute_map``, kappas 1, 5, 10): with ``pos`` the 1-based
-junk-removed positions of the positives and ``kq = min(max(pos), k)``,
-``P@k = #(pos <= kq) / kq``.  (Note the official quirk: when every positive is
-within the top k, the denominator is the last positive's position, not k.)
-A positive absent from the ranking makes ``max(pos)`` infinite, so
-``kq = k``; a query with no positive in its ranking has ``P@k = 0``.
+junk-removed positions of the positives *found in the ranking* and
+``kq = min(max(pos), k)``, ``P@k = #(pos <= kq) / kq``.  (Note the official
+quirk: when the last positive found is within the top k, the denominator is its
+position, not k.)  On a ranking shorter than the database, positives it never
+reaches are simply not in ``pos``, exactly as in ``compute_map`` given a
+truncated ``ranks`` array, so the cutoff is capped at the last positive found.
+A query with no positive in its ranking has ``P@k = 0`` (``compute_map`` would
+fail on ``max`` of an empty array there).
 Queries without any positive for a protocol are skipped for that protocol
 (the official ``nempty``), for both mAP and mP@k.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
@@ -137,9 +139,11 @@ def precision_at_k(
 ) -> list[float]:
     """Revisited ``compute_map`` precision at k (see module docstring)."""
     pos = np.asarray(positions, dtype=np.float64) + 1.0  # 1-based
+    if pos.size > n_positives:
+        raise ValueError(f"{pos.size} positions for only {n_positives} positives")
     if pos.size == 0:
         return [0.0 for _ in kappas]
-    last = float(pos.max()) if pos.size == n_positives else math.inf
+    last = float(pos.max())
     out = []
     for k in kappas:
         kq = min(last, float(k))

@@ -59,14 +59,36 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise ImageError(f"cannot decode: {msg}")
 
 
+# Pixels rescaled at a time by _stretch_to_uint8: bounds its float64 working block to 2 MB
+# whatever the image size (the whole-image version needed over 1 GB of temporaries for a
+# 9000 x 9000 16-bit PNG that is 175 KB on disk).
+_STRETCH_BLOCK_PIXELS = 1 << 18
+
+
+def _stretch_to_uint8(img: Image.Image) -> Image.Image:
+    """A single-band 16/32-bit or float image, its [min, max] mapped linearly onto 0..255
+    (truncated), as an "L" image; a constant image becomes black."""
+    lo, hi = img.getextrema()
+    out = np.zeros((img.height, img.width), dtype=np.uint8)
+    if hi > lo:
+        rows = max(1, _STRETCH_BLOCK_PIXELS // img.width)
+        for top in range(0, img.height, rows):
+            bottom = min(top + rows, img.height)
+            block = np.asarray(img.crop((0, top, img.width, bottom)), dtype=np.float64)
+            # In place, and in the order (x - lo) / (hi - lo) * 255, so that the values are
+            # those of the whole-image formula, without its temporaries.
+            np.subtract(block, lo, out=block)
+            np.divide(block, hi - lo, out=block)
+            np.multiply(block, 255.0, out=block)
+            out[top:bottom] = block  # float -> uint8 truncates, as astype(np.uint8) does
+    return Image.fromarray(out)
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+        return _stretch_to_uint8(img).convert("RGB")
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):

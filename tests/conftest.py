@@ -63,10 +63,12 @@ def store_env(tmp_path, monkeypatch) -> Path:
     return path
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run `python -m retrieval.cli ...` the way a user runs `retrieval ...`."""
+def run_cli(*args: str, env: dict | None = None, timeout: int = 300,
+            module: str = "retrieval.cli") -> subprocess.CompletedProcess:
+    """Run `python -m retrieval.cli ...` the way a user runs `retrieval ...`
+    (`module="classify.cli"` for `classify ...`)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "retrieval.cli", *args],
+        [sys.executable, "-m", module, *args],
         capture_output=True, text=True, env=full_env, timeout=timeout,
     )

@@ -252,6 +252,21 @@ def test_empty_class_folder_named(fake_backbone, dataset, tmp_path, capsys):
     assert "purple" in err and "no images" in err
 
 
+@pytest.mark.parametrize("method", ["svm", "logreg"])
+def test_class_with_one_training_image_warned_and_learned(fake_backbone, dataset, tmp_path, capsys, method):
+    # Held out in cross-validation, the only blue image left blue out of that fold's
+    # training: every C missed it alike, the tie-break took the smallest C, and that
+    # model called every test image red or green.
+    for i in range(1, 6):
+        (dataset / "train" / "blue" / f"blue{i}.png").unlink()
+    code, out, err = _run(capsys, ["run", str(dataset), "--method", method, "--cv", "3",
+                                   "--store", str(tmp_path / "s.sqlite"), "--json", *FAKE])
+    assert code == 0, err
+    assert "'blue' has a single training image" in err
+    assert out["per_class_accuracy"][out["labels"].index("blue")] == 1.0
+    assert out["accuracy"] == 1.0
+
+
 def test_unseen_test_class_reported(fake_backbone, dataset, tmp_path, capsys):
     _image(dataset / "test" / "grey" / "g.png", (128, 128, 128), 7)
     code, out, err = _run(capsys, ["run", str(dataset), "--store", str(tmp_path / "s.sqlite"), "--json", *FAKE])

@@ -249,12 +249,12 @@ def test_revisited_protocols_hand_made_gnd():
 
 
 def test_revisited_mpk_with_unretrieved_positive():
-    # easy {0, 9}; prefix ranking [0, 1, 2]: 9 never ranked -> last position is
-    # "after everything", so kq = k: P@1 = 1, P@5 = 1/5, P@10 = 1/10.
-    # AP = (1 + 1)/2 / 2 = 1/2
+    # easy {0, 9}; prefix ranking [0, 1, 2]: 9 never ranked, so as in revisitop's
+    # compute_map the cutoff is capped at the last positive found (position 1):
+    # kq = 1 for every k, P@1 = P@5 = P@10 = 1.  AP = (1 + 1)/2 / 2 = 1/2
     ds = _ds("rparis6k", 10, [_rq("A", [0, 9], [], [])])
     res = evaluate(ds, [_i(0, 1, 2)])
-    assert res["mp@k"]["easy"] == pytest.approx([1.0, 0.2, 0.1])
+    assert res["mp@k"]["easy"] == pytest.approx([1.0, 1.0, 1.0])
     assert res["easy"] == pytest.approx(0.5)
     # no positive ranked at all -> P@k = 0, AP = 0
     res = evaluate(ds, [_i(1, 2)])
@@ -318,6 +318,39 @@ def test_revisited_matches_official_compute_map_on_random_gnd():
         m, pr = _official_compute_map(ranks, g, [1, 5, 10])
         assert res[name] == pytest.approx(m, abs=1e-12), name
         assert res["mp@k"][name] == pytest.approx(pr.tolist(), abs=1e-12), name
+
+
+def test_revisited_matches_official_compute_map_on_short_rankings():
+    # Rankings of 15 of the 60 images (as a search returning its top 15): positives
+    # beyond the prefix are never found, and compute_map, given the truncated ranks
+    # array, caps the P@k cutoff at the last positive found.  The port above fails
+    # (max of an empty array) on a query with no positive found, as the original does,
+    # so every protocol's first positive is put inside the prefix.
+    rng = np.random.default_rng(5)
+    n, nq, depth = 60, 9, 15
+    queries, gnd_e, gnd_m, gnd_h, rankings = [], [], [], [], []
+    for qi in range(nq):
+        perm = rng.permutation(n)
+        easy = perm[: rng.integers(1, 8)]
+        hard = perm[8: 8 + rng.integers(1, 8)]
+        junk = perm[16: 16 + rng.integers(0, 6)]
+        queries.append(_rq(f"q{qi}", sorted(easy), sorted(hard), sorted(junk)))
+        gnd_e.append({"ok": easy, "junk": np.concatenate([junk, hard])})
+        gnd_m.append({"ok": np.concatenate([easy, hard]), "junk": junk})
+        gnd_h.append({"ok": hard, "junk": np.concatenate([junk, easy])})
+        order = rng.permutation(n)
+        first = [easy[0], hard[0]]
+        order = np.concatenate([[order[0]], first, [i for i in order[1:] if i not in first]])
+        rankings.append(order[:depth])
+    res = evaluate(_ds("rparis6k", n, queries), rankings)
+    ranks = np.stack(rankings, axis=1)
+    unreached = 0
+    for name, g in (("easy", gnd_e), ("medium", gnd_m), ("hard", gnd_h)):
+        unreached += sum(not np.isin(q["ok"], ranks[:, i]).all() for i, q in enumerate(g))
+        m, pr = _official_compute_map(ranks, g, [1, 5, 10])
+        assert res[name] == pytest.approx(m, abs=1e-12), name
+        assert res["mp@k"][name] == pytest.approx(pr.tolist(), abs=1e-12), name
+    assert unreached > 0  # the case this test is about does occur
 
 
 # --------------------------------------------------------------------------
