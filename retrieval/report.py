@@ -111,11 +111,12 @@ def render_report(
     for result in results:
         parts.append(f"<section class=query><h2>{e(result.query)}</h2><div class=row>")
         q = thumb(result.query)
-        parts.append(_figure(q, "query", result.query, [
+        parts.append(_figure(q, "<span class=name>query</span>", result.query, [
             (i % COLOURS, hit.query_box) for i, hit in enumerate(result.hits)
         ], classes="query-shot"))
         for i, hit in enumerate(result.hits):
-            caption = f"<b>#{hit.rank}</b> {hit.distance:.4f} {e(os.path.basename(hit.path))}"
+            caption = (f"<b>#{hit.rank}</b> distance {hit.distance:.4f}"
+                       f"<span class=name>{e(os.path.basename(hit.path))}</span>")
             parts.append(_figure(
                 thumb(hit.path), caption, f"#{hit.rank}  distance {hit.distance:.4f}\n{hit.path}",
                 [(i % COLOURS, hit.db_box)], classes=f"hit c{i % COLOURS}", swatch=i % COLOURS,

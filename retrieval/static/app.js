@@ -88,7 +88,7 @@ function render(result, src) {
   });
   if (current.box) qframe.appendChild(el("div", {class: "box crop", style: pct(current.box, W, H)}));
   const qfig = el("figure", {class: "shot query-shot", title: "drag to search a part of the query"},
-    [qframe, el("figcaption", {text: "query: " + result.query})]);
+    [qframe, el("figcaption", {}, [el("span", {class: "name", text: "query: " + result.query})])]);
   enableCrop(qframe, W, H);
   hits.appendChild(qfig);
   result.hits.forEach((hit, i) => {
@@ -98,7 +98,7 @@ function render(result, src) {
       el("div", {class: `box ${c}`, style: pct(hit.db_box, hit.width, hit.height)}),
     ]);
     const caption = el("figcaption", {}, [el("span", {class: `swatch ${c}`}), el("b", {text: `#${hit.rank}`}),
-      document.createTextNode(` ${hit.distance.toFixed(4)} ${hit.path.split("/").pop()}`)]);
+      document.createTextNode(` distance ${hit.distance.toFixed(4)}`), el("span", {class: "name", text: hit.path.split("/").pop()})]);
     const fig = el("figure", {class: `shot hit ${c}`, title: `#${hit.rank}  distance ${hit.distance.toFixed(4)}\n${hit.path}\nclick to search from this image`,
       "data-id": hit.id, "data-path": hit.path, "data-rank": hit.rank}, [frame, caption]);
     fig.addEventListener("click", () => { current = {id: hit.id}; $("indexed").value = hit.path; search(); });
