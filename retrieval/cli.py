@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -179,6 +180,8 @@ def _query(args) -> int:
 
     if args.k < 1:
         raise ConfigError("-k must be >= 1")
+    if args.html and not os.path.isdir(os.path.dirname(os.path.abspath(args.html))):
+        raise ConfigError(f"--html {args.html}: its folder does not exist; create it first")
     for flag, value in (("--nprobe", args.nprobe), ("--per-patch", args.per_patch)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1")

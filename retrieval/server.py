@@ -30,6 +30,7 @@ from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from threadpoolctl import threadpool_limits
 
 from .config import AGGREGATES, RuntimeConfig, parse_levels
 from .images import ImageError, load_rgb
@@ -100,6 +101,11 @@ class IndexWorker:
     """
 
     def __init__(self, index_dir: str | Path, runtime: RuntimeConfig | None = None) -> None:
+        # A query whitens a handful of vectors, too few for BLAS threads to pay for waking
+        # up: on the shared 2-core machine they made a store-hit search ~4x slower (about
+        # 34 ms against 8.5 ms; benchmarks/RESULTS.md, section 7). The limit is process-wide,
+        # which suits a server process; the network and the kernel keep their own threads.
+        threadpool_limits(1, user_api="blas")
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval-index")
         self.index = self._pool.submit(self._open, index_dir, runtime).result()
 
@@ -157,12 +163,14 @@ def create_app(
 
     @app.post("/api/query")
     async def query_upload(
-        image: UploadFile = File(...),
+        image: UploadFile | None = File(None),
         k: str | None = Form(None),
         aggregate: str | None = Form(None),
         query_levels: str | None = Form(None),
         box: str | None = Form(None),
     ) -> dict:
+        if image is None:
+            raise HTTPException(400, "no query image: send it as the multipart file field 'image'")
         options = _options(k, aggregate, query_levels)
         data = await image.read()
         if len(data) > max_upload_bytes:

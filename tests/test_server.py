@@ -152,8 +152,9 @@ def test_non_image_upload_is_400_with_the_reason(client, tiny, private_tmp, data
     assert list(private_tmp.iterdir()) == []
 
 
-def test_missing_image_field_is_rejected(client):
-    assert client.post("/api/query", data={"k": "3"}).status_code == 422
+def test_missing_image_field_is_400(client):
+    r = client.post("/api/query", data={"k": "3"})
+    assert r.status_code == 400 and "multipart file field 'image'" in r.json()["detail"]
 
 
 def test_oversized_upload_is_413(client, private_tmp):
