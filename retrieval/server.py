@@ -183,7 +183,7 @@ def create_app(
             try:
                 width, height = await run_in_threadpool(_decoded_size, tmp)
             except ImageError as err:
-                raise HTTPException(400, f"{name}: {err}; upload a JPEG, PNG, WebP, BMP, GIF or TIFF image")
+                raise HTTPException(400, f"{name}: {err}; upload a JPEG, PNG, WebP, BMP, GIF or TIFF image") from None
             crop = _box(box, width, height)
             result = await worker.run(_search, tmp, crop, options)
         finally:
@@ -225,7 +225,7 @@ def create_app(
         try:
             png = await run_in_threadpool(_png, entry.path)
         except ImageError as err:
-            raise HTTPException(404, f"image {entry.id} ({entry.path}) cannot be read any more: {err}")
+            raise HTTPException(404, f"image {entry.id} ({entry.path}) cannot be read any more: {err}") from None
         return Response(png, media_type="image/png", headers=_CACHE)
 
     @app.get("/api/images/{image_id}/thumb")
@@ -234,7 +234,7 @@ def create_app(
         try:
             thumb = await run_in_threadpool(cached_thumbnail, entry.path, entry.digest)
         except ImageError as err:
-            raise HTTPException(404, f"image {entry.id} ({entry.path}) cannot be read any more: {err}")
+            raise HTTPException(404, f"image {entry.id} ({entry.path}) cannot be read any more: {err}") from None
         return Response(thumb.jpeg, media_type="image/jpeg", headers=_CACHE)
 
     async def _entry(image_id: str):
@@ -268,7 +268,7 @@ def _options(k: str | None, aggregate: str | None, query_levels: str | None) -> 
         try:
             options["query_levels"] = parse_levels(query_levels)
         except argparse.ArgumentTypeError as err:
-            raise HTTPException(400, f"query_levels: {err}")
+            raise HTTPException(400, f"query_levels: {err}") from None
     return options
 
 
@@ -279,7 +279,7 @@ def _box(text: str | None, width: int, height: int) -> tuple[float, float, float
     try:
         x0, y0, x1, y1 = (float(v) for v in text.split(","))
     except ValueError:
-        raise HTTPException(400, f"box must be four numbers x0,y0,x1,y1 in pixels (got {text!r})")
+        raise HTTPException(400, f"box must be four numbers x0,y0,x1,y1 in pixels (got {text!r})") from None
     if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
         raise HTTPException(
             400, f"box {text!r} must satisfy 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height} "
@@ -369,6 +369,8 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as err:
         sock.close()
-        raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}; choose another --port (0 = any free port)")
+        raise OSError(
+            f"cannot listen on {host}:{port}: {err.strerror or err}; choose another --port (0 = any free port)"
+        ) from err
     sock.listen(128)
     return sock
