@@ -136,3 +136,27 @@ def test_html_report_opens_offline_with_every_query(page, tiny, tmp_path):
     assert _all_images_loaded(page)
     assert all(url.startswith(("file:", "data:")) for url in page.requested), page.requested
     page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+
+
+def test_page_drag_on_the_query_searches_the_crop(page, server, tiny):
+    _, paths = tiny
+    page.goto(server)
+    page.set_input_files("#file", str(paths[1]))
+    page.wait_for_selector('#result[data-state="done"]', timeout=WAIT_MS)
+    frame = page.query_selector(".query-shot .frame").bounding_box()
+    page.mouse.move(frame["x"] + 0.1 * frame["width"], frame["y"] + 0.1 * frame["height"])
+    page.mouse.down()
+    page.mouse.move(frame["x"] + 0.6 * frame["width"], frame["y"] + 0.7 * frame["height"], steps=5)
+    page.mouse.up()
+    page.wait_for_function("document.getElementById('status').textContent.includes('crop')", timeout=WAIT_MS)
+    page.wait_for_selector('#result[data-state="done"]', timeout=WAIT_MS)
+    (crop,) = _boxes_drawn(page, ".query-shot .box.crop")
+    # Every deciding query window now lies inside the crop, give or take the crop's
+    # rounding to whole image pixels (2 screen pixels here: 160 px shown at 320).
+    tol = 1.5 * frame["width"] / 160
+    for box in _boxes_drawn(page, ".query-shot .box[data-rank]"):
+        assert crop["x"] - tol <= box["x"] and box["x"] + box["width"] <= crop["x"] + crop["width"] + tol
+        assert crop["y"] - tol <= box["y"] and box["y"] + box["height"] <= crop["y"] + crop["height"] + tol
+    page.dblclick(".query-shot .frame")
+    page.wait_for_function("!document.querySelector('.query-shot .box.crop') && "
+                           "document.getElementById('result').dataset.state === 'done'", timeout=WAIT_MS)

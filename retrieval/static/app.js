@@ -47,7 +47,7 @@ function options() {
   form.append("k", $("k").value || "10");
   if ($("aggregate").value) form.append("aggregate", $("aggregate").value);
   if ($("levels").value.trim()) form.append("query_levels", $("levels").value.trim());
-  if (current && current.box) form.append("box", current.box.map((v) => v.toFixed(1)).join(","));
+  if (current && current.box) form.append("box", current.box.join(","));
   return form;
 }
 
@@ -151,7 +151,9 @@ window.addEventListener("mouseup", (ev) => {
   drag = null;
   // A click without a drag is not a crop; tiny boxes leave the network nothing to see.
   if (box[2] - box[0] < W / 20 || box[3] - box[1] < H / 20) { shown.remove(); return; }
-  current.box = box;
+  // Whole pixels: the extractor crops at whole pixels, so the windows it reports then
+  // line up exactly with the crop drawn here.
+  current.box = box.map((v) => Math.round(v));
   search();
 });
 
