@@ -38,7 +38,10 @@ def server(tiny):
 def browser():
     with sync_api.sync_playwright() as p:
         # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start.
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        except sync_api.Error as err:
+            pytest.skip(f"the Chromium at {CHROMIUM} does not start under Playwright: {str(err).splitlines()[0]}")
         yield b
         b.close()
 
