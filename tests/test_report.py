@@ -9,7 +9,7 @@ from PIL import Image
 from retrieval import Index
 from retrieval.report import render_report, thumbnail, write_report
 
-from conftest import make_scene
+from conftest import make_scene, run_cli
 from serving import build_tiny_index
 
 
@@ -44,3 +44,16 @@ def test_thumbnail_keeps_the_original_size(tmp_path):
     assert (thumb.width, thumb.height) == (900, 300)
     assert Image.open(io.BytesIO(thumb.jpeg)).size == (120, 40)
     assert render_report([]).startswith("<!doctype html>")
+
+
+def test_query_html_flag_writes_the_report(tmp_path):
+    index, paths = build_tiny_index(tmp_path, 4)
+    report = tmp_path / "out" / "report.html"
+    out = run_cli("query", str(index), str(paths[1]), str(tmp_path / "missing.jpg"), "-k", "2", "--html", str(report))
+    assert out.returncode == 2 and "its folder does not exist" in out.stderr and not report.exists()
+    report.parent.mkdir()
+    out = run_cli("query", str(index), str(paths[1]), str(tmp_path / "missing.jpg"), "-k", "2", "--html", str(report))
+    assert out.returncode == 3, out.stderr  # the missing query is skipped, and named in the report
+    text = report.read_text()
+    assert text.count("<section class=query>") == 2 and "file not found" in text
+    assert text.count('figure class="shot hit') == 2 and str(paths[1]) in text
