@@ -1,4 +1,4 @@
-"""The `retrieval` command line: build, add, query, info, remove, export-onnx.
+"""The `retrieval` command line: build, add, query, info, remove, export-onnx, serve.
 
 Exit codes (SPEC §3): 0 all done; 2 usage error (unknown index, bad flag);
 3 done, but some inputs were skipped (each named on stderr and in the JSON); 1 other failure;
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nprobe", type=int, metavar="N", help="IVF lists searched per query window (default 8)")
     p.add_argument("--per-patch", type=int, metavar="N",
                    help="nearest database windows per query window that nominate candidates (default max(4k, 64))")
+    p.add_argument("--html", metavar="REPORT.html",
+                   help="also write a self-contained page of every query's hits with the matched windows drawn")
     add_runtime_args(p)
     _common(p)
 
@@ -95,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT.onnx", help="ONNX file to write")
     add_extractor_args(p, search=False)
     _common(p)
+
+    p = sub.add_parser("serve", help="search page and JSON API over an index (HTTP, loopback by default)")
+    p.add_argument("index", metavar="INDEX_DIR")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0 = any free port)")
+    p.add_argument("--max-upload-mb", type=float, default=20, metavar="MB",
+                   help="largest accepted query upload (default 20)")
+    add_runtime_args(p)
     return parser
 
 
@@ -199,6 +210,8 @@ def _query(args) -> int:
 
     if args.k < 1:
         raise ConfigError("-k must be >= 1")
+    if args.html and not os.path.isdir(os.path.dirname(os.path.abspath(args.html))):
+        raise ConfigError(f"--html {args.html}: its folder does not exist; create it first")
     for flag, value in (("--nprobe", args.nprobe), ("--per-patch", args.per_patch)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1")
@@ -210,8 +223,13 @@ def _query(args) -> int:
             progress=not args.quiet, skipped=skipped,
             exact_limit=args.exact_limit, nprobe=args.nprobe, per_patch=args.per_patch,
         )
+        info = idx.info() if args.html else None
     for item in skipped:
         print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
+    if args.html:
+        from .report import write_report
+
+        write_report(args.html, results, skipped=skipped, info=info, title=f"retrieval query {args.index}")
     if args.json:
         print(json.dumps({"results": [r.to_dict() for r in results], "skipped": skipped}))
     else:
@@ -245,6 +263,21 @@ def _export_onnx(args) -> int:
     return EXIT_OK
 
 
+def _serve(args) -> int:
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be from 0 to 65535 (got {args.port})")
+    if args.max_upload_mb <= 0:
+        raise ConfigError("--max-upload-mb must be > 0")
+    try:
+        from .server import serve
+    except ImportError as err:
+        raise ConfigError(f"retrieval serve needs the web extras ({err.name} is missing); "
+                          "install them with: pip install 'retrieval[serve]'")
+    serve(args.index, args.host, args.port, runtime=runtime_config_from_args(args),
+          max_upload_bytes=int(args.max_upload_mb * 2**20))
+    return EXIT_OK
+
+
 _COMMANDS = {
     "build": _build,
     "add": _add,
@@ -253,6 +286,7 @@ _COMMANDS = {
     "remove": _remove,
     "reindex": _reindex,
     "export-onnx": _export_onnx,
+    "serve": _serve,
 }
 
 if __name__ == "__main__":

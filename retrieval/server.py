@@ -1,0 +1,376 @@
+"""`retrieval serve`: the search page and a JSON API over one index (SPEC §3).
+
+The index and its network are loaded once, when the app is created. Images are only
+ever read by manifest id: no request can name a file to read. Uploaded query images
+go to a private temporary file that is deleted as soon as the query is answered.
+
+Routes: `GET /` the page; `GET /api/info`; `POST /api/query` (multipart `image`, and
+optional `k`, `aggregate`, `query_levels`, `box` = "x0,y0,x1,y1" in pixels);
+`POST /api/query/{id}` (same options, an indexed image as the query);
+`GET /api/lookup?path=` (the id of an indexed path); `GET /api/images/{id}` and
+`GET /api/images/{id}/thumb`.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import ipaddress
+import mimetypes
+import os
+import socket
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from threadpoolctl import threadpool_limits
+
+from .config import AGGREGATES, RuntimeConfig, parse_levels
+from .images import ImageError, load_rgb
+from .report import STATIC, cached_thumbnail
+
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MAX_K = 1000
+# Multipart framing and the small form fields around the image.
+FORM_OVERHEAD = 64 * 1024
+# Formats every browser shows as they are; anything else is served converted to PNG.
+BROWSER_FORMATS = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"}
+
+
+class UploadTooLarge(HTTPException):
+    """Raised while the request body streams in, before it is all buffered."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            413,
+            f"the upload is larger than the {limit / 2**20:.0f} MiB limit; send a smaller image "
+            "or start the server with a larger --max-upload-mb",
+        )
+
+
+class _BodyLimit:
+    """ASGI middleware: refuse a POST body above `limit` bytes while it is received.
+
+    The multipart parser spools a whole upload to disk before a route sees it, so the
+    size has to be enforced here, on the declared length and on the bytes as they come.
+    UploadTooLarge is an HTTPException so that FastAPI's body parsing, which turns other
+    errors into a 400, passes it on as a 413.
+    """
+
+    def __init__(self, app: Callable, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            err = UploadTooLarge(self.limit - FORM_OVERHEAD)
+            await JSONResponse({"detail": err.detail}, err.status_code)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise UploadTooLarge(self.limit - FORM_OVERHEAD)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class IndexWorker:
+    """Owns the open Index on one dedicated thread; every index call runs there.
+
+    One thread, rather than a lock around `search`: the manifest and the feature store
+    hold SQLite connections that may only be used by the thread that opened them, and the
+    network and the native kernel are shared and already use every core for one query,
+    so running queries one at a time costs no throughput. Uploads, decoding and
+    thumbnails run beside it on the server's other threads.
+    """
+
+    def __init__(self, index_dir: str | Path, runtime: RuntimeConfig | None = None) -> None:
+        # A query whitens a handful of vectors, too few for BLAS threads to pay for waking
+        # up: on the shared 2-core machine they made a store-hit search ~4x slower (about
+        # 34 ms against 8.5 ms; benchmarks/RESULTS.md, section 7). The limit is process-wide,
+        # which suits a server process; the network and the kernel keep their own threads.
+        threadpool_limits(1, user_api="blas")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval-index")
+        self.index = self._pool.submit(self._open, index_dir, runtime).result()
+
+    @staticmethod
+    def _open(index_dir: str | Path, runtime: RuntimeConfig | None):
+        from .index import Index
+
+        idx = Index.open(index_dir, runtime=runtime)
+        try:
+            idx.extractor.load()  # the first query should not pay for loading the network
+            idx.search([])  # ... nor for loading the published vectors and FAISS index
+        except BaseException:
+            idx.close()
+            raise
+        return idx
+
+    async def run(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        """Run `fn(index, *args, **kwargs)` on the index thread and await its result."""
+        return await asyncio.wrap_future(self._pool.submit(fn, self.index, *args, **kwargs))
+
+    def close(self) -> None:
+        self._pool.submit(self.index.close).result()
+        self._pool.shutdown()
+
+
+def create_app(
+    index_dir: str | Path,
+    *,
+    runtime: RuntimeConfig | None = None,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+) -> FastAPI:
+    """The FastAPI app serving the index at `index_dir` (opened now, closed on shutdown).
+
+    Raises IndexUsageError when `index_dir` is not an index.
+    """
+    worker = IndexWorker(index_dir, runtime)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        worker.close()
+
+    app = FastAPI(title="retrieval", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.worker = worker
+    app.add_middleware(_BodyLimit, limit=max_upload_bytes + FORM_OVERHEAD)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/api/info")
+    async def info() -> dict:
+        return await worker.run(lambda idx: idx.info())
+
+    @app.post("/api/query")
+    async def query_upload(
+        image: UploadFile | None = File(None),
+        k: str | None = Form(None),
+        aggregate: str | None = Form(None),
+        query_levels: str | None = Form(None),
+        box: str | None = Form(None),
+    ) -> dict:
+        if image is None:
+            raise HTTPException(400, "no query image: send it as the multipart file field 'image'")
+        options = _options(k, aggregate, query_levels)
+        data = await image.read()
+        if len(data) > max_upload_bytes:
+            raise UploadTooLarge(max_upload_bytes)
+        name = os.path.basename(image.filename or "") or "upload"
+        fd, tmp = tempfile.mkstemp(prefix="retrieval-query-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            try:
+                width, height = await run_in_threadpool(_decoded_size, tmp)
+            except ImageError as err:
+                raise HTTPException(400, f"{name}: {err}; upload a JPEG, PNG, WebP, BMP, GIF or TIFF image") from None
+            crop = _box(box, width, height)
+            result = await worker.run(_search, tmp, crop, options)
+        finally:
+            os.unlink(tmp)
+        result.update(query=name, width=width, height=height)
+        return {"results": [result]}
+
+    @app.post("/api/query/{image_id}")
+    async def query_indexed(
+        image_id: str,
+        k: str | None = Form(None),
+        aggregate: str | None = Form(None),
+        query_levels: str | None = Form(None),
+        box: str | None = Form(None),
+    ) -> dict:
+        options = _options(k, aggregate, query_levels)
+        entry = await _entry(image_id)
+        crop = _box(box, entry.width, entry.height)
+        result = await worker.run(_search, entry.path, crop, options)
+        result.update(query=entry.path, query_id=entry.id, width=entry.width, height=entry.height)
+        return {"results": [result]}
+
+    @app.get("/api/lookup")
+    async def lookup(path: str) -> dict:
+        # Compared with the manifest's paths as a string; the file itself is never touched.
+        entry = await worker.run(lambda idx: idx.manifest.by_path(path))
+        if entry is None:
+            raise HTTPException(404, f"{path} is not in the index; paste the path exactly as the hits show it")
+        return {"id": entry.id, "path": entry.path, "width": entry.width, "height": entry.height}
+
+    @app.get("/api/images/{image_id}")
+    async def image_file(image_id: str) -> Response:
+        entry = await _entry(image_id)
+        if not os.path.isfile(entry.path):
+            raise HTTPException(404, f"image {entry.id} ({entry.path}) is no longer on disk")
+        if Path(entry.path).suffix.lower() in BROWSER_FORMATS:
+            media = mimetypes.guess_type(entry.path)[0] or "application/octet-stream"
+            return FileResponse(entry.path, media_type=media, headers=_CACHE)
+        try:
+            png = await run_in_threadpool(_png, entry.path)
+        except ImageError as err:
+            raise HTTPException(404, f"image {entry.id} ({entry.path}) cannot be read any more: {err}") from None
+        return Response(png, media_type="image/png", headers=_CACHE)
+
+    @app.get("/api/images/{image_id}/thumb")
+    async def image_thumb(image_id: str) -> Response:
+        entry = await _entry(image_id)
+        try:
+            thumb = await run_in_threadpool(cached_thumbnail, entry.path, entry.digest)
+        except ImageError as err:
+            raise HTTPException(404, f"image {entry.id} ({entry.path}) cannot be read any more: {err}") from None
+        return Response(thumb.jpeg, media_type="image/jpeg", headers=_CACHE)
+
+    async def _entry(image_id: str):
+        # Ids are manifest row numbers; anything else (a path, "../x", "1.5") is no image.
+        if not (image_id.isascii() and image_id.isdigit() and len(image_id) < 19):
+            raise HTTPException(404, f"no image with id {image_id!r} in the index (ids are whole numbers)")
+        entry = await worker.run(lambda idx: idx.entry(int(image_id)))
+        if entry is None:
+            raise HTTPException(404, f"no image with id {image_id} in the index")
+        return entry
+
+    return app
+
+
+# Ids are never reused (AUTOINCREMENT), but a file may be re-indexed with new content.
+_CACHE = {"Cache-Control": "private, max-age=300"}
+
+
+def _options(k: str | None, aggregate: str | None, query_levels: str | None) -> dict:
+    """Validate the optional query fields; a bad one is a 400 saying what is allowed."""
+    options: dict[str, Any] = {"k": 10, "aggregate": None, "query_levels": None}
+    if k not in (None, ""):
+        if not (k.isascii() and k.isdigit()) or not 1 <= int(k) <= MAX_K:
+            raise HTTPException(400, f"k must be a whole number from 1 to {MAX_K} (got {k!r})")
+        options["k"] = int(k)
+    if aggregate not in (None, ""):
+        if aggregate not in AGGREGATES:
+            raise HTTPException(400, f"aggregate must be one of {', '.join(AGGREGATES)} (got {aggregate!r})")
+        options["aggregate"] = aggregate
+    if query_levels not in (None, ""):
+        try:
+            options["query_levels"] = parse_levels(query_levels)
+        except argparse.ArgumentTypeError as err:
+            raise HTTPException(400, f"query_levels: {err}") from None
+    return options
+
+
+def _box(text: str | None, width: int, height: int) -> tuple[float, float, float, float] | None:
+    """Parse the crop box "x0,y0,x1,y1" (pixels) and check it lies inside the image."""
+    if text in (None, ""):
+        return None
+    try:
+        x0, y0, x1, y1 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise HTTPException(400, f"box must be four numbers x0,y0,x1,y1 in pixels (got {text!r})") from None
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise HTTPException(
+            400, f"box {text!r} must satisfy 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height} "
+            f"(the image is {width}x{height} pixels)",
+        )
+    return (x0, y0, x1, y1)
+
+
+def _decoded_size(path: str) -> tuple[int, int]:
+    return load_rgb(path).size
+
+
+def _png(path: str) -> bytes:
+    buf = io.BytesIO()
+    load_rgb(path).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _search(idx, path: str, crop: tuple | None, options: dict) -> dict:
+    """One query on the index thread: the SPEC query JSON, each hit with its id and size."""
+    skipped: list[dict] = []
+    item = path if crop is None else (path, crop)
+    results = idx.search([item], options["k"], query_levels=options["query_levels"],
+                         aggregate=options["aggregate"], skipped=skipped)
+    if skipped:
+        raise HTTPException(400, f"cannot query this image: {skipped[0]['reason']}")
+    hits = []
+    for hit in results[0].hits:
+        entry = idx.entry(hit.id)
+        hits.append({**hit.to_dict(), "id": hit.id,
+                     "width": entry.width if entry else None, "height": entry.height if entry else None})
+    return {"query": results[0].query, "hits": hits}
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(
+    index_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    *,
+    runtime: RuntimeConfig | None = None,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+) -> None:
+    """Serve `index_dir` until interrupted (Ctrl-C or SIGTERM). Port 0 picks a free port.
+
+    The address actually listened on is printed on stderr once the index is loaded.
+    """
+    import uvicorn
+
+    if not is_loopback(host):
+        print(
+            f"retrieval serve: warning: listening on {host}: anyone who can reach this machine can "
+            "search the index and download every indexed image; use --host 127.0.0.1 to stay local",
+            file=sys.stderr, flush=True,
+        )
+    app = create_app(index_dir, runtime=runtime, max_upload_bytes=max_upload_bytes)
+    sock = _listen(host, port)
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"retrieval serve: {index_dir} on http://{shown}:{bound}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, log_level="warning", access_log=False)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:
+        # Ctrl-C is the normal way to stop a server: uvicorn has already shut down cleanly
+        # and re-raises the signal only to let the caller know.
+        pass
+    print("retrieval serve: stopped", file=sys.stderr, flush=True)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    # Bound here rather than by uvicorn so that the real port (for --port 0) can be printed
+    # and a busy port gets a message that says what to do.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise OSError(
+            f"cannot listen on {host}:{port}: {err.strerror or err}; choose another --port (0 = any free port)"
+        ) from err
+    sock.listen(128)
+    return sock

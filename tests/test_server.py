@@ -1,0 +1,243 @@
+"""`retrieval serve` (SPEC §3): every API route through FastAPI's TestClient, then a real
+server process queried over HTTP on 127.0.0.1."""
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+
+import pytest
+
+pytest.importorskip("fastapi", reason="fastapi is not installed (pip install 'retrieval[serve]')")
+pytest.importorskip("multipart", reason="python-multipart is not installed (pip install 'retrieval[serve]')")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from conftest import make_scene, run_cli  # noqa: E402
+from retrieval.server import create_app, is_loopback  # noqa: E402
+from serving import build_tiny_index, http, http_json, multipart, serve_process  # noqa: E402
+
+SPEC_HIT = {"rank", "path", "distance", "query_box", "db_box"}
+LIMIT = 200_000  # upload limit of the test app; the test images are ~10 KB
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The index, its image paths, and the id of an indexed image whose file is gone."""
+    root = tmp_path_factory.mktemp("serve")
+    index, paths = build_tiny_index(root, 6)
+    gone = root / "images" / "gone.jpg"
+    make_scene(99).save(gone, quality=90)
+    from retrieval import Index
+
+    with Index.open(index) as idx:
+        idx.add([str(gone)], progress=False)
+        gone_id = next(h.id for h in idx.search([str(gone)], k=1)[0].hits)
+    gone.unlink()
+    return index, paths, gone_id
+
+
+@pytest.fixture(scope="module")
+def client(tiny):
+    with TestClient(create_app(tiny[0], max_upload_bytes=LIMIT)) as c:
+        yield c
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """Uploads land in this folder, so a test can see that none is left behind."""
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def _upload(client, path, name="query.jpg", **fields):
+    return client.post("/api/query", files={"image": (name, path.read_bytes(), "image/jpeg")},
+                       data={k: str(v) for k, v in fields.items()})
+
+
+def _ids(client, paths):
+    return {str(p): client.get("/api/lookup", params={"path": str(p)}).json()["id"] for p in paths}
+
+
+def test_page_and_static_files(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "/static/app.js" in page.text and "/static/style.css" in page.text
+    for name in ("app.js", "style.css", "index.html"):
+        assert client.get(f"/static/{name}").status_code == 200
+    # Nothing on the page comes from another host.
+    assert "http://" not in page.text and "https://" not in page.text
+
+
+def test_info_is_the_index_info(client, tiny):
+    info = client.get("/api/info").json()
+    assert {"images", "patches", "dim", "extractor", "index_type", "faiss_device", "native_kernel", "store"} <= set(info)
+    assert (info["images"], info["patches"], info["dim"]) == (7, 35, 16)
+    assert info["extractor"]["backbone"] == "resnet18"
+
+
+def test_upload_query_returns_the_spec_json_with_ids(client, tiny, private_tmp):
+    _, paths, _ = tiny
+    r = _upload(client, paths[2], name="holiday.jpg", k=3)
+    assert r.status_code == 200, r.text
+    (result,) = r.json()["results"]
+    assert result["query"] == "holiday.jpg" and (result["width"], result["height"]) == (160, 120)
+    hits = result["hits"]
+    assert [h["rank"] for h in hits] == [1, 2, 3]
+    assert all(SPEC_HIT | {"id"} <= set(h) for h in hits)
+    assert hits[0]["path"] == str(paths[2]) and hits[0]["distance"] < 1e-3
+    assert hits[0]["id"] == _ids(client, [paths[2]])[str(paths[2])]
+    assert all(a["distance"] <= b["distance"] for a, b in zip(hits, hits[1:]))
+    for h in hits:
+        assert len(h["query_box"]) == 4 and len(h["db_box"]) == 4
+        assert 0 <= h["db_box"][0] < h["db_box"][2] <= h["width"]
+        assert 0 <= h["db_box"][1] < h["db_box"][3] <= h["height"]
+    assert list(private_tmp.iterdir()) == []  # the uploaded file is deleted after the query
+
+
+def test_upload_options_crop_aggregate_levels(client, tiny):
+    _, paths, _ = tiny
+    r = _upload(client, paths[1], k=2, box="40,30,120,90", aggregate="min", query_levels="1")
+    assert r.status_code == 200, r.text
+    for h in r.json()["results"][0]["hits"]:
+        # Level 1 only: the deciding query window is the whole crop.
+        assert h["query_box"] == [40.0, 30.0, 120.0, 90.0]
+    hits = _upload(client, paths[1], k=50).json()["results"][0]["hits"]
+    assert len(hits) == 7  # k above the index size returns every image
+
+
+def test_query_from_an_indexed_image(client, tiny):
+    _, paths, _ = tiny
+    ids = _ids(client, paths)
+    r = client.post(f"/api/query/{ids[str(paths[4])]}", data={"k": "2"})
+    assert r.status_code == 200, r.text
+    (result,) = r.json()["results"]
+    assert result["query"] == str(paths[4]) and result["query_id"] == ids[str(paths[4])]
+    assert result["hits"][0]["id"] == ids[str(paths[4])] and len(result["hits"]) == 2
+    assert all(SPEC_HIT | {"id"} <= set(h) for h in result["hits"])
+    # No form at all: the defaults.
+    assert len(client.post(f"/api/query/{ids[str(paths[0])]}").json()["results"][0]["hits"]) == 7
+
+
+@pytest.mark.parametrize("fields, needle", [
+    ({"k": "0"}, "k must be a whole number"),
+    ({"k": "ten"}, "k must be a whole number"),
+    ({"aggregate": "max"}, "aggregate must be one of"),
+    ({"query_levels": "1,7"}, "query_levels"),
+    ({"box": "1,2,3"}, "box must be four numbers"),
+    ({"box": "0,0,500,90"}, "the image is 160x120 pixels"),
+    ({"box": "50,50,10,90"}, "0 <= x0 < x1"),
+])
+def test_bad_options_are_400_with_the_reason(client, tiny, fields, needle):
+    r = _upload(client, tiny[1][0], **fields)
+    assert r.status_code == 400 and needle in r.json()["detail"], r.text
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"this is a text file, not a JPEG\n", "not an image"),
+    (b"", "empty file"),
+    ("truncated", "truncated"),
+])
+def test_non_image_upload_is_400_with_the_reason(client, tiny, private_tmp, data, reason):
+    if data == "truncated":
+        data = tiny[1][0].read_bytes()[:1500]
+    r = client.post("/api/query", files={"image": ("notes.jpg", data, "image/jpeg")})
+    assert r.status_code == 400 and reason in r.json()["detail"], r.text
+    assert "notes.jpg" in r.json()["detail"]
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_missing_image_field_is_400(client):
+    r = client.post("/api/query", data={"k": "3"})
+    assert r.status_code == 400 and "multipart file field 'image'" in r.json()["detail"]
+
+
+def test_oversized_upload_is_413(client, private_tmp):
+    big = io.BytesIO()
+    Image.effect_noise((400, 400), 80).convert("RGB").save(big, "PNG")  # noise does not compress
+    assert big.tell() > LIMIT
+    r = client.post("/api/query", files={"image": ("big.png", big.getvalue(), "image/png")})
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+
+    def chunks():  # no Content-Length: the limit must hold while the body streams in
+        yield b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x\"\r\n\r\n"
+        for _ in range(40):
+            yield b"\0" * 10_000
+    r = client.post("/api/query", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 413
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_images_by_id_only(client, tiny):
+    _, paths, gone_id = tiny
+    ids = _ids(client, paths)
+    full = client.get(f"/api/images/{ids[str(paths[3])]}")
+    assert full.status_code == 200 and full.content == paths[3].read_bytes()
+    assert full.headers["content-type"] == "image/jpeg"
+    thumb = client.get(f"/api/images/{ids[str(paths[3])]}/thumb")
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(thumb.content)).size) <= 320
+    for bad in ("0", "999", "-1", "1.0", "abc", "%2Fetc%2Fpasswd", "..%2F..%2Fetc%2Fpasswd", "1%20OR%201"):
+        for suffix in ("", "/thumb"):
+            r = client.get(f"/api/images/{bad}{suffix}")
+            assert r.status_code == 404, (bad, suffix, r.status_code)
+            assert b"root:" not in r.content
+    r = client.get(f"/api/images/{gone_id}")
+    assert r.status_code == 404 and "no longer on disk" in r.json()["detail"]
+    assert client.get(f"/api/images/{gone_id}/thumb").status_code == 404
+    r = client.post(f"/api/query/{gone_id}")
+    assert r.status_code == 400 and "file not found" in r.json()["detail"]
+    for bad in ("999", "abc", "..%2Fx"):
+        assert client.post(f"/api/query/{bad}").status_code == 404
+
+
+def test_no_request_can_read_a_file_outside_the_index(client, tiny, tmp_path):
+    secret = tmp_path / "secret.jpg"
+    make_scene(7).save(secret)
+    r = client.get("/api/lookup", params={"path": str(secret)})
+    assert r.status_code == 404 and "not in the index" in r.json()["detail"]
+    assert client.get("/api/lookup", params={"path": str(tiny[1][0])}).status_code == 200
+    for url in ("/static/../../pyproject.toml", "/static/%2e%2e/%2e%2e/pyproject.toml",
+                "/static/..%2F..%2Fpyproject.toml", f"/static/{secret}", f"/api/images/{secret}"):
+        r = client.get(url)
+        assert r.status_code == 404 and b"[project]" not in r.content, url
+    # A path in the query form is not a query image.
+    r = client.post("/api/query", data={"image": str(secret)})
+    assert r.status_code in (400, 422)
+
+
+def test_loopback_detection():
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.1.2.3", "::1", "localhost"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.4", "example.org"))
+
+
+def test_serve_warns_off_loopback_and_refuses_a_non_index(tmp_path):
+    out = run_cli("serve", str(tmp_path / "nothing"), "--host", "0.0.0.0", "--port", "0")
+    assert out.returncode == 2
+    assert "warning: listening on 0.0.0.0" in out.stderr and "--host 127.0.0.1" in out.stderr
+
+
+def test_serve_process_over_http(tiny, store_env):
+    """A real `retrieval serve` on an ephemeral loopback port, queried, then stopped."""
+    index, paths, _ = tiny
+    cli_info = json.loads(run_cli("info", str(index), "--json").stdout)
+    with serve_process(index) as url:
+        status, info = http_json(url + "api/info")
+        assert status == 200 and info == cli_info
+        status, page = http(url)
+        assert status == 200 and b"app.js" in page
+        body, ctype = multipart({"k": "3"}, {"image": ("q.jpg", paths[5].read_bytes())})
+        status, result = http_json(url + "api/query", body=body, content_type=ctype)
+        assert status == 200, result
+        top = result["results"][0]["hits"][0]
+        assert top["path"] == str(paths[5]) and SPEC_HIT | {"id"} <= set(top)
+        status, thumb = http(f"{url}api/images/{top['id']}/thumb")
+        assert status == 200 and thumb[:2] == b"\xff\xd8"
+        status, _ = http(url + "api/images/12345")
+        assert status == 404
+        body, ctype = multipart({}, {"image": ("x.jpg", b"not an image")})
+        status, err = http_json(url + "api/query", body=body, content_type=ctype)
+        assert status == 400 and "not an image" in err["detail"]
