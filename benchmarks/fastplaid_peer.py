@@ -73,7 +73,7 @@ by index). `--data FILE` with `--synthetic` keeps the generated npz there.
 
 Threads: --threads (default 2, for the shared 2-core machine) sets torch's intra-op
 threads, OMP/MKL/OpenBLAS and RAYON_NUM_THREADS (FastPLAID's Rust side uses rayon) before
-torch is imported; OMP_WAIT_POLICY=PASSIVE as in benchmarks/scale.py.
+torch is imported; OMP_WAIT_POLICY=PASSIVE as in retrieval/__init__.py.
 """
 from __future__ import annotations
 

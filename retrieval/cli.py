@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("serve", help="search page and JSON API over an index (HTTP, loopback by default)")
-    p.add_argument("index", metavar="INDEX_DIR")
+    p.add_argument("index", metavar="INDEX_DIR", help=_INDEX_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0 = any free port)")
     p.add_argument("--max-upload-mb", type=float, default=20, metavar="MB",

@@ -28,7 +28,7 @@ DEVICES = ("auto", "cpu", "cuda")
 LEVELS = (1, 2, 3, 4)
 # Up to this many images a query scores every image with the kernel (exact, and measured
 # faster than FAISS candidates: benchmarks/RESULTS.md, engine scale); above, candidates.
-EXACT_LIMIT = 10_000
+EXACT_LIMIT = 2_000
 
 
 class ConfigError(ValueError):

@@ -179,14 +179,21 @@ class FeatureStore:
         self, digest: str, config: str, width: int, height: int, arrays: dict[str, np.ndarray]
     ) -> None:
         """Store all region sets of one image in one transaction (all or nothing)."""
+        self.put_many(config, [(digest, width, height, arrays)])
+
+    def put_many(self, config: str, images: list[tuple[str, int, int, dict[str, np.ndarray]]]) -> None:
+        """Store (digest, width, height, {region: array}) of many images in one transaction."""
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute("INSERT OR REPLACE INTO images VALUES (?, ?, ?)", (digest, width, height))
+            conn.executemany("INSERT OR REPLACE INTO images VALUES (?, ?, ?)", [(d, w, h) for d, w, h, _ in images])
             conn.executemany(
                 "INSERT OR REPLACE INTO descriptors (digest, config, region, n, dim, data, dtype) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(digest, config, region, a.shape[0], a.shape[1], *_encode(a)) for region, a in arrays.items()],
+                [
+                    (digest, config, region, a.shape[0], a.shape[1], *_encode(a))
+                    for digest, _, _, arrays in images for region, a in arrays.items()
+                ],
             )
             conn.execute("COMMIT")
         except BaseException:

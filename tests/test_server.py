@@ -14,7 +14,7 @@ pytest.importorskip("multipart", reason="python-multipart is not installed (pip 
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from conftest import make_scene, run_cli  # noqa: E402
+from conftest import SELF_DISTANCE, make_scene, run_cli  # noqa: E402
 from retrieval.server import create_app, is_loopback  # noqa: E402
 from serving import build_tiny_index, http, http_json, multipart, serve_process  # noqa: E402
 
@@ -88,7 +88,7 @@ def test_upload_query_returns_the_spec_json_with_ids(client, tiny, private_tmp):
     hits = result["hits"]
     assert [h["rank"] for h in hits] == [1, 2, 3]
     assert all(SPEC_HIT | {"id"} <= set(h) for h in hits)
-    assert hits[0]["path"] == str(paths[2]) and hits[0]["distance"] < 1e-3
+    assert hits[0]["path"] == str(paths[2]) and hits[0]["distance"] < SELF_DISTANCE
     assert hits[0]["id"] == _ids(client, [paths[2]])[str(paths[2])]
     assert all(a["distance"] <= b["distance"] for a, b in zip(hits, hits[1:]))
     for h in hits:

@@ -1,0 +1,296 @@
+#!/usr/bin/env python
+"""The engine at scale, through the public API only: `Index.create` / `add` / `search` / `remove`.
+
+    python benchmarks/index_scale.py --images 1000,10000,100000 --json out.json --plot p50.png
+    python benchmarks/index_scale.py --images 1000000 --raw-dim 256 --hard --json out.json
+
+For each N it writes N small files, puts synthetic raw descriptors for them in a
+`FeatureStore` (as `retrieval build` would after extraction: levels 1-4, 30 windows,
+float16), then measures what a user would see:
+
+- build: `Index.create` + `Index.add` of all N (seconds, peak RSS of this process);
+- disk bytes per image: the feature store and the index directory apart;
+- `add` of 1,000 more images and `remove` of 1,000 (seconds);
+- p50 / p95 latency of `Index.search` (one query at a time, its descriptors already
+  stored), and recall@10 against exact kernel scoring of every image
+  (`search(..., exact_limit=huge)`);
+- beside it, on the same window vectors and queries, FastPLAID
+  (`benchmarks/fastplaid_peer.py`, in its own venv: run it once with `--setup`), up to
+  `--peer-max` images.
+
+Generator: images come in groups of `--group` (near-duplicates of one scene: the same
+30 window descriptors plus noise); each query is one more, unindexed member of a group.
+`--hard` raises the noise until group mates are barely nearer than the crowd. Raw
+descriptors are non-negative (like pooled ReLU activations) with a decaying spectrum,
+so the whitening has something to learn.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from retrieval import ExtractorConfig, FeatureStore, Index, InputSpec, SearchConfig  # noqa: E402
+from retrieval.config import file_digest  # noqa: E402
+from retrieval.extractor import Extractor  # noqa: E402
+from retrieval.patches import level_names  # noqa: E402
+
+LEVELS = (1, 2, 3, 4)
+PATCHES = 30
+# A small torch config: only its key is used (descriptors come from the generator), and
+# loading it needs no download.
+CONFIG = ExtractorConfig(backbone="resnet18", weights="none", input_spec=InputSpec(size=(64, 64)))
+PEER = ROOT / "benchmarks" / "fastplaid_peer.py"
+
+
+class Generator:
+    """Synthetic raw window descriptors with planted near-duplicate groups."""
+
+    def __init__(self, dim: int, group: int, hard: bool, seed: int = 0) -> None:
+        self.dim, self.group, self.seed = dim, group, seed
+        self.noise = 1.2 if hard else 0.35
+        rng = np.random.default_rng(seed)
+        self.scale = (1.0 / np.sqrt(1 + np.arange(dim))).astype(np.float32)
+        self.offset = rng.uniform(0.5, 1.5, dim).astype(np.float32)
+
+    def scene(self, g: int) -> np.ndarray:
+        rng = np.random.default_rng((self.seed, g))
+        return rng.normal(size=(PATCHES, self.dim)).astype(np.float32)
+
+    def image(self, i: int, scene: np.ndarray | None = None) -> np.ndarray:
+        """Raw descriptors [30, dim] of image i (member i % group of scene i // group)."""
+        scene = self.scene(i // self.group) if scene is None else scene
+        return self._member(scene, (self.seed, 1, i))
+
+    def query(self, q: int) -> np.ndarray:
+        """Query q: one more, unindexed member of scene q."""
+        return self._member(self.scene(q), (self.seed, 2, q))
+
+    def _member(self, scene: np.ndarray, seed: tuple) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        x = scene + self.noise * rng.normal(size=scene.shape).astype(np.float32)
+        return np.maximum(self.offset + x * self.scale, 0)
+
+
+def _regions(raw: np.ndarray) -> dict[str, np.ndarray]:
+    out, at = {}, 0
+    for name, level in zip(level_names(LEVELS), LEVELS):
+        out[name] = raw[at:at + level * level]
+        at += level * level
+    return out
+
+
+def write_images(folder: Path, store: FeatureStore, key: str, gen: Generator, ids: range, tag: str) -> list[str]:
+    """Files whose content names them, and their descriptors in the store."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, batch = [], []
+    for i in ids:
+        path = folder / f"{tag}{i:07d}.jpg"
+        path.write_bytes(f"{tag}{i}".encode())
+        paths.append(str(path))
+        batch.append((file_digest(path), 640, 480, _regions(gen.image(i) if tag == "img" else gen.query(i))))
+        if len(batch) == 2000:
+            store.put_many(key, batch)
+            batch = []
+    if batch:
+        store.put_many(key, batch)
+    return paths
+
+
+def _du(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size + sum(
+            Path(str(path) + s).stat().st_size for s in ("-wal", "-shm") if Path(str(path) + s).exists())
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_one(n: int, args, work: Path) -> dict:
+    gen = Generator(args.raw_dim, args.group, args.hard)
+    base = work / f"n{n}"
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    store_path = base / "store.sqlite"
+    key = Extractor(CONFIG).key
+    t = time.perf_counter()
+    with FeatureStore.open(store_path) as store:
+        store.register_config(key, CONFIG.to_dict())
+        images = write_images(base / "images", store, key, gen, range(n), "img")
+        extra = write_images(base / "extra", store, key, gen, range(n, n + 1000), "img")
+        n_groups = max(1, n // args.group)
+        queries = write_images(base / "queries", store, key, gen,
+                               range(0, n_groups, max(1, n_groups // args.queries))[: args.queries], "qry")
+    prepare_s = time.perf_counter() - t
+
+    t = time.perf_counter()
+    index = Index.create(base / "index", CONFIG, SearchConfig(levels=LEVELS, pca_dim=args.pca_dim),
+                         store=store_path, index_type=args.index_type)
+    index.add(images, progress=not args.quiet)
+    build_s = time.perf_counter() - t
+    build_rss = _rss_gib()
+    info = index.info()
+    row = {
+        "images": n, "raw_dim": args.raw_dim, "hard": args.hard, "prepare_s": round(prepare_s, 1),
+        "build_s": round(build_s, 1), "build_peak_rss_gib": round(build_rss, 2),
+        "store_bytes_per_image": round(_du(store_path) / (n + 1000 + len(queries))),
+        "index_bytes_per_image": round(_du(base / "index") / n),
+        "structure": info["structure"], "segments": info["segments"], "dim": info["dim"],
+        "whitening": info["whitening"],
+    }
+    t = time.perf_counter()
+    index.add(extra, progress=False)
+    row["add_1000_s"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    index.remove(extra)
+    row["remove_1000_s"] = round(time.perf_counter() - t, 2)
+
+    index.search(queries[:1], k=10)  # warm: loads the structures once, as a server would
+    latencies, approx = [], []
+    for q in queries:
+        t = time.perf_counter()
+        approx.append(index.search([q], k=10)[0])
+        latencies.append(time.perf_counter() - t)
+    exact = [index.search([q], k=10, exact_limit=10**12)[0] for q in queries]
+    recall = np.mean([len({h.id for h in a.hits} & {h.id for h in e.hits}) / 10 for a, e in zip(approx, exact)])
+    planted = np.mean([e.hits[0].id - 1 < n and (e.hits[0].id - 1) // args.group == i
+                       for i, e in zip(range(0, n_groups, max(1, n_groups // args.queries)), exact)])
+    row.update({
+        "queries": len(queries),
+        "p50_ms": round(1000 * float(np.percentile(latencies, 50)), 2),
+        "p95_ms": round(1000 * float(np.percentile(latencies, 95)), 2),
+        "recall@10": round(float(recall), 4),
+        "exact_top1_in_group": round(float(planted), 3),
+        "peak_rss_gib": round(_rss_gib(), 2),
+    })
+    if n <= args.peer_max:
+        row["fastplaid"] = run_peer(index, queries, exact, base, args)
+    index.close()
+    if not args.keep:
+        shutil.rmtree(base, ignore_errors=True)
+    return row
+
+
+def run_peer(index: Index, queries: list[str], exact, base: Path, args) -> dict:
+    """FastPLAID on the same whitened window vectors, queries and exact truth."""
+    view = index.view()
+    docs = np.concatenate([s.vectors.reshape(s.images, PATCHES, -1) for s in view.segments])
+    ids = np.concatenate([s.ids for s in view.segments])
+    live = ~np.isin(ids, view.dead)
+    docs, ids = docs[live], ids[live]
+    pos = {int(i): p for p, i in enumerate(ids.tolist())}
+    names = level_names(LEVELS)
+    raw = index.store.get_many([file_digest(q) for q in queries], index.extractor.key, names)
+    qv = np.stack([view.whitening.transform(raw[file_digest(q)]) for q in queries]).astype(np.float16)
+    truth = np.array([[pos[h.id] for h in e.hits] for e in exact], dtype=np.int64)
+    data, out = base / "peer.npz", base / "peer.json"
+    np.savez(data, docs=docs, queries=qv, truth=truth)
+    proc = subprocess.run([sys.executable, str(PEER), "--data", str(data), "--json", str(out), "--threads",
+                           str(os.cpu_count() or 2), "--quiet"], capture_output=True, text=True)
+    if proc.returncode == 3:
+        return {"status": "not set up: run `python benchmarks/fastplaid_peer.py --setup` once"}
+    if proc.returncode != 0:
+        return {"status": f"failed: {proc.stderr.strip()[-300:]}"}
+    peer = json.loads(out.read_text())
+    return {k: peer.get(k) for k in ("version", "build_s", "peak_rss_gib", "p50_ms", "p95_ms", "recall@10")}
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ns = [r["images"] for r in rows]
+    ax.plot(ns, [r["p50_ms"] for r in rows], "o-", label="Index.search p50")
+    ax.plot(ns, [r["p95_ms"] for r in rows], "o--", label="Index.search p95", alpha=0.6)
+    peer = [(r["images"], r["fastplaid"]["p50_ms"]) for r in rows
+            if isinstance(r.get("fastplaid"), dict) and r["fastplaid"].get("p50_ms")]
+    if peer:
+        ax.plot(*zip(*peer), "s-", label="FastPLAID p50")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("images in the index (30 windows each)")
+    ax.set_ylabel("query latency (ms)")
+    ax.set_title(f"one query, 2 CPU cores ({platform.processor() or platform.machine()})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _machine() -> str:
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor()
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", default="1000,10000", help="comma list of collection sizes N")
+    p.add_argument("--raw-dim", type=int, default=1280, help="raw descriptor width (MobileNetV2: 1280)")
+    p.add_argument("--pca-dim", type=int, default=256)
+    p.add_argument("--group", type=int, default=4, help="images per planted scene")
+    p.add_argument("--hard", action="store_true", help="group mates barely nearer than the crowd")
+    p.add_argument("--queries", type=int, default=100)
+    p.add_argument("--index-type", help="override the automatic structure (a FAISS factory string)")
+    p.add_argument("--peer-max", type=int, default=20_000, help="run FastPLAID up to this N (0: never)")
+    p.add_argument("--workdir", help="where the files, store and index go (default: a temp folder)")
+    p.add_argument("--keep", action="store_true", help="keep each N's files")
+    p.add_argument("--json", help="write the rows here")
+    p.add_argument("--plot", help="PNG of p50 latency against N")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        sizes = [int(v) for v in args.images.split(",")]
+    except ValueError:
+        p.error(f"--images takes a comma list of integers (got {args.images!r})")
+    if min(sizes) < args.group or args.queries < 1:
+        p.error("every N must be at least --group, and --queries at least 1")
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="index-scale-"))
+    rows = []
+    for n in sizes:
+        row = run_one(n, args, work)
+        rows.append(row)
+        peer = row.get("fastplaid") or {}
+        print(f"N={n}: build {row['build_s']} s, peak {row['build_peak_rss_gib']} GiB, "
+              f"{row['store_bytes_per_image']} + {row['index_bytes_per_image']} B/img, "
+              f"add 1000 {row['add_1000_s']} s, remove 1000 {row['remove_1000_s']} s, "
+              f"p50 {row['p50_ms']} ms, p95 {row['p95_ms']} ms, recall@10 {row['recall@10']} "
+              f"[{row['structure']['search']} {row['structure']['factory'] or ''}]"
+              + (f"; FastPLAID build {peer.get('build_s')} s, p50 {peer.get('p50_ms')} ms, "
+                 f"recall@10 {peer.get('recall@10')}" if peer.get("p50_ms") else
+                 (f"; FastPLAID {peer['status']}" if peer else "")), flush=True)
+    result = {"machine": _machine(), "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+              "rows": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    if args.plot:
+        plot(rows, args.plot)
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
