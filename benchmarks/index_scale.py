@@ -62,7 +62,7 @@ class Generator:
 
     def __init__(self, dim: int, group: int, hard: bool, seed: int = 0) -> None:
         self.dim, self.group, self.seed = dim, group, seed
-        self.noise = 1.2 if hard else 0.35
+        self.noise = 2.0 if hard else 0.35
         rng = np.random.default_rng(seed)
         self.scale = (1.0 / np.sqrt(1 + np.arange(dim))).astype(np.float32)
         self.offset = rng.uniform(0.5, 1.5, dim).astype(np.float32)
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", default="1000,10000", help="comma list of collection sizes N")
     p.add_argument("--raw-dim", type=int, default=1280, help="raw descriptor width (MobileNetV2: 1280)")
     p.add_argument("--pca-dim", type=int, default=256)
-    p.add_argument("--group", type=int, default=4, help="images per planted scene")
+    p.add_argument("--group", type=int, default=16, help="images per planted scene (more than 10, so that the exact top 10 are planted)")
     p.add_argument("--hard", action="store_true", help="group mates barely nearer than the crowd")
     p.add_argument("--queries", type=int, default=100)
     p.add_argument("--index-type", help="override the automatic structure (a FAISS factory string)")

@@ -36,7 +36,7 @@ from .ann import RETRAIN_GROWTH, FactoryError, check_factory, faiss_device, is_f
 from .config import EXACT_LIMIT, ExtractorConfig, RuntimeConfig, SearchConfig, file_digest
 from .extractor import Extractor, Skipped
 from .features import Crop, ImageFeatures, describe
-from .manifest import Entry, Manifest, ManifestError
+from .manifest import Entry, Manifest
 from .patches import level_names, level_regions, pixel_boxes
 from .search import rank
 from .segments import DamagedFile
@@ -231,9 +231,10 @@ class Index:
             path = Path(self.meta["store"])
             # Never create a store an existing index does not have: index.json naming a
             # missing file is damage to report, not a place to start writing.
-            if not path.is_file():
+            if not path.is_file() or path.stat().st_size == 0:
                 raise IndexUsageError(
-                    f"the feature store {path} named in {self.path / 'index.json'} does not exist; "
+                    f"the feature store {path} named in {self.path / 'index.json'} "
+                    f"{'is empty' if path.is_file() else 'does not exist'}; "
                     "restore it, or fix the \"store\" entry of index.json"
                 )
             try:

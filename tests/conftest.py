@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,15 @@ def store_env(tmp_path, monkeypatch) -> Path:
     path = tmp_path / "features.sqlite"
     monkeypatch.setenv("RETRIEVAL_STORE", str(path))
     return path
+
+
+def manifest_count(index_dir: Path) -> int:
+    """Images committed to an index's manifest, read-only (0 while it does not exist yet)."""
+    try:
+        with sqlite3.connect(f"file:{index_dir / 'manifest.sqlite'}?mode=ro", uri=True, timeout=1) as conn:
+            return conn.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+    except sqlite3.Error:
+        return 0
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 300,

@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import sqlite3
 import struct
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import zlib
 
 import pytest
 
-from conftest import SELF_DISTANCE, TINY_FLAGS, make_scene, run_cli
+from conftest import manifest_count, SELF_DISTANCE, TINY_FLAGS, make_scene, run_cli
 
 REPORT_FIELDS = {"index", "added", "already_present", "removed", "skipped", "images", "seconds"}
 
@@ -97,14 +96,6 @@ def test_bad_inputs_are_skipped_with_reasons_exit_3(tmp_path, image_dir, store_e
     assert again.returncode == 3 and json.loads(again.stdout)["images"] == 6
 
 
-def _manifest_count(index_dir):
-    try:
-        with sqlite3.connect(f"file:{index_dir / 'manifest.sqlite'}?mode=ro", uri=True, timeout=1) as conn:
-            return conn.execute("SELECT COUNT(*) FROM images").fetchone()[0]
-    except sqlite3.Error:
-        return 0
-
-
 @pytest.mark.parametrize("kill_after", [8, 40])
 def test_kill_9_during_build_then_info_then_add_completes(tmp_path, store_env, kill_after):
     folder = tmp_path / "many"
@@ -118,7 +109,7 @@ def test_kill_9_during_build_then_info_then_add_completes(tmp_path, store_env, k
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 240
-    while _manifest_count(idx) < kill_after and proc.poll() is None and time.time() < deadline:
+    while manifest_count(idx) < kill_after and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -192,3 +193,109 @@ def test_every_positional_is_explained_in_help(build_parser):
         for action in sub._actions:
             if not action.option_strings:
                 assert action.help, f"{parser.prog} {name}: {action.metavar} has no help text"
+
+
+# -- the index's own edges (rows 1-5, 7-9) --------------------------------------------------
+def test_bad_factory_is_refused_before_anything_is_written(tmp_path, image_dir, store_env):
+    idx = tmp_path / "f1"
+    out = run_cli("build", str(idx), str(image_dir), *TINY_FLAGS, "--index-type", "Bogus,XX")
+    assert out.returncode == 2 and "index-factory" in out.stderr and "IVF1024,PQ64x4fs" in out.stderr
+    assert not idx.exists() and not store_env.exists()
+
+
+def test_factory_too_big_for_the_collection_still_searches_exactly(tmp_path, image_dir, store_env):
+    idx = tmp_path / "f2"
+    out = run_cli("build", str(idx), str(image_dir), *TINY_FLAGS, "--index-type", "IVF4096,PQ8", "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(run_cli("info", str(idx), "--json").stdout)
+    assert info["structure"]["search"] == "exact" and "IVF4096,PQ8" in info["structure"]["reason"]
+    res = run_cli("query", str(idx), str(image_dir / "img1.jpg"), "-k", "2", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["results"][0]["hits"][0]["path"].endswith("img1.jpg")
+    assert run_cli("add", str(idx), str(image_dir)).returncode == 0
+
+
+def test_whiten_on_is_stored_absolute(tmp_path, image_dir, store_env):
+    other = tmp_path / "p40"
+    other.mkdir()
+    for i in range(3):
+        make_scene(50 + i).save(other / f"o{i}.jpg")
+    out = subprocess.run([sys.executable, "-m", "retrieval.cli", "build", "wo1", str(image_dir), *TINY_FLAGS,
+                          "--whiten-on", "p40"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    meta = json.loads((tmp_path / "wo1" / "index.json").read_text())
+    assert meta["whiten_on"] == [str(other)]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "p40").mkdir()  # a same-named folder must not be used
+    make_scene(7).save(tmp_path / "new.jpg")
+    out = subprocess.run([sys.executable, "-m", "retrieval.cli", "add", str(tmp_path / "wo1"), str(tmp_path / "new.jpg")],
+                         cwd=elsewhere, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_one_image_index_works(tmp_path, image_dir, store_env):
+    idx = tmp_path / "s1"
+    out = run_cli("build", str(idx), str(image_dir / "img0.jpg"), *TINY_FLAGS)
+    assert out.returncode == 0, out.stderr
+    res = run_cli("query", str(idx), str(image_dir / "img0.jpg"), "--json")
+    assert res.returncode == 0 and len(json.loads(res.stdout)["results"][0]["hits"]) == 1
+
+
+def test_remove_names_what_is_not_in_the_index_and_expands_folders(tmp_path, image_dir, store_env):
+    idx = tmp_path / "r"
+    assert run_cli("build", str(idx), str(image_dir), *TINY_FLAGS).returncode == 0
+    out = run_cli("remove", str(idx), str(tmp_path / "not-in-index.jpg"), "/etc/passwd", "--json")
+    report = json.loads(out.stdout)
+    assert out.returncode == 3 and report["removed"] == 0
+    assert {s["path"] for s in report["skipped"]} == {str(tmp_path / "not-in-index.jpg"), "/etc/passwd"}
+    assert "not in the index" in out.stderr
+    listing = tmp_path / "list.txt"
+    listing.write_text(str(image_dir / "img0.jpg") + "\n")
+    out = run_cli("remove", str(idx), f"@{listing}", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["removed"] == 1
+    (image_dir / "img1.jpg").unlink()  # a deleted file can still be removed with its folder
+    out = run_cli("remove", str(idx), str(image_dir), "--json")
+    assert out.returncode == 0 and (json.loads(out.stdout)["removed"], json.loads(out.stdout)["images"]) == (5, 0)
+
+
+def test_missing_list_file_writes_nothing(tmp_path, store_env):
+    idx = tmp_path / "l2"
+    out = run_cli("build", str(idx), f"@{tmp_path / 'missing-list.txt'}", *TINY_FLAGS)
+    assert out.returncode == 2 and "missing-list.txt" in out.stderr
+    assert not idx.exists()
+
+
+@pytest.mark.parametrize("content", ["{{garbage", '{"format": 1}', "[]"])
+def test_damaged_index_json_is_a_usage_error_naming_it(tmp_path, image_dir, store_env, content):
+    idx = tmp_path / "j"
+    assert run_cli("build", str(idx), str(image_dir), *TINY_FLAGS).returncode == 0
+    (idx / "index.json").write_text(content)
+    out = run_cli("query", str(idx), str(image_dir / "img0.jpg"))
+    assert out.returncode == 2 and "index.json" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_info_shows_only_the_extractor_fields_that_apply():
+    from retrieval import ExtractorConfig
+
+    onnx = ExtractorConfig(onnx="/models/m.onnx", onnx_output="627").describe()
+    assert "backbone" not in onnx and "weights" not in onnx and onnx["onnx_output"] == "627"
+    torch_cfg = ExtractorConfig(backbone="resnet18").describe()
+    assert "onnx" not in torch_cfg and torch_cfg["backbone"] == "resnet18" and "roi_size" not in torch_cfg
+
+
+def test_store_elsewhere_is_never_created_or_overwritten(tmp_path, image_dir, store_env):
+    idx = tmp_path / "st"
+    assert run_cli("build", str(idx), str(image_dir), *TINY_FLAGS).returncode == 0
+    meta = json.loads((idx / "index.json").read_text())
+    meta["store"] = str(tmp_path / "nowhere" / "s.sqlite")
+    (idx / "index.json").write_text(json.dumps(meta))
+    out = run_cli("add", str(idx), str(image_dir))
+    assert out.returncode == 2 and "does not exist" in out.stderr
+    assert not (tmp_path / "nowhere").exists()
+    empty = tmp_path / "empty.sqlite"
+    empty.write_bytes(b"")
+    meta["store"] = str(empty)
+    (idx / "index.json").write_text(json.dumps(meta))
+    out = run_cli("add", str(idx), str(image_dir))
+    assert out.returncode == 2 and "empty.sqlite" in out.stderr
+    assert empty.read_bytes() == b""

@@ -13,13 +13,12 @@ import textwrap
 import time
 
 import numpy as np
-import pytest
 
 from retrieval import ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchConfig
 from retrieval import writer
 from retrieval.snapshot import read_state
 
-from conftest import SELF_DISTANCE, TINY_FLAGS, make_scene, run_cli
+from conftest import manifest_count, SELF_DISTANCE, TINY_FLAGS, make_scene, run_cli
 
 CONFIG = ExtractorConfig(backbone="resnet18", weights="none", input_spec=InputSpec(size=(64, 64)))
 SEARCH = SearchConfig(levels=(1, 2), pca_dim=16)
@@ -197,14 +196,6 @@ def test_query_during_a_running_add_returns_hits(tmp_path, store_env):
 
 
 # -- resumable builds ---------------------------------------------------------------------------
-def _manifest_count(index_dir):
-    try:
-        with sqlite3.connect(f"file:{index_dir / 'manifest.sqlite'}?mode=ro", uri=True, timeout=1) as conn:
-            return conn.execute("SELECT COUNT(*) FROM images").fetchone()[0]
-    except sqlite3.Error:
-        return 0
-
-
 def _whitening_of(index_dir):
     with Index.open(index_dir) as idx:
         w = idx.whitening
@@ -228,7 +219,7 @@ def test_rebuild_twice_and_after_kill_9_resumes_with_the_same_whitening(tmp_path
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env})
     kill_after = random.Random().randint(1, 29)
     deadline = time.time() + 240
-    while _manifest_count(cut) < kill_after and proc.poll() is None and time.time() < deadline:
+    while manifest_count(cut) < kill_after and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
