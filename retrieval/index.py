@@ -304,7 +304,7 @@ class Index:
                 report.added += 1
                 count += 1
                 if count % CHECKPOINT_IMAGES == 0:
-                    writer.refresh(self, progress=progress)
+                    self._publish(progress)
             self._publish(progress)
         report.images = self.manifest.count()
         report.seconds = time.perf_counter() - start
