@@ -94,7 +94,7 @@ class VectorIndex:
         self.dim = dim
         self.factory = factory
         self.device = device
-        self.nprobe = 8
+        self.nprobe = 16
         self._cpu: faiss.Index | None = None
         self._gpu: faiss.Index | None = None
         self._resources = None

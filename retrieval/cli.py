@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exact-limit", type=int, default=EXACT_LIMIT, metavar="N",
                    help="score every image exactly up to N images; above, FAISS proposes candidates "
                    f"(default {EXACT_LIMIT})")
-    p.add_argument("--nprobe", type=int, metavar="N", help="IVF lists searched per query window (default 8)")
+    p.add_argument("--nprobe", type=int, metavar="N", help="IVF lists searched per query window (default 16)")
     p.add_argument("--per-patch", type=int, metavar="N",
                    help="nearest database windows per query window that nominate candidates (default max(4k, 64))")
     p.add_argument("--html", metavar="REPORT.html",

@@ -471,7 +471,7 @@ class Index:
         k=None returns every image. Up to `exact_limit` images every image is scored
         exactly; above it the FAISS structure proposes the images owning the `per_patch`
         nearest windows of each query window (default max(4k, 64)), searching `nprobe`
-        IVF lists (default 8), and the kernel scores those exactly. Answers come from the
+        IVF lists (default 16), and the kernel scores those exactly. Answers come from the
         last published generation, also while another process adds or removes images.
         Unreadable queries are left out of the result and appended to `skipped` as
         {"path", "reason"} when a list is given.
