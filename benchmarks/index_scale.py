@@ -179,6 +179,16 @@ def run_one(n: int, args, work: Path) -> dict:
         "exact_top1_in_group": round(float(planted), 3),
         "peak_rss_gib": round(_rss_gib(), 2),
     })
+    row["grid"] = []
+    for nprobe, per_patch in args.grid:
+        times, found = [], []
+        for q, e in zip(queries, exact):
+            t = time.perf_counter()
+            hits = index.search([q], k=10, nprobe=nprobe, per_patch=per_patch)[0].hits
+            times.append(time.perf_counter() - t)
+            found.append(len({h.id for h in hits} & {h.id for h in e.hits}) / 10)
+        row["grid"].append({"nprobe": nprobe, "per_patch": per_patch, "recall@10": round(float(np.mean(found)), 4),
+                            "p50_ms": round(1000 * float(np.percentile(times, 50)), 2)})
     if n <= args.peer_max:
         row["fastplaid"] = run_peer(index, queries, exact, base, args)
     index.close()
@@ -254,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hard", action="store_true", help="group mates barely nearer than the crowd")
     p.add_argument("--queries", type=int, default=100)
     p.add_argument("--index-type", help="override the automatic structure (a FAISS factory string)")
+    p.add_argument("--grid", default="", metavar="NPROBE:PER_PATCH,...",
+                   help="also measure these search settings, e.g. 8:64,16:64,16:128")
     p.add_argument("--peer-max", type=int, default=20_000, help="run FastPLAID up to this N (0: never)")
     p.add_argument("--workdir", help="where the files, store and index go (default: a temp folder)")
     p.add_argument("--keep", action="store_true", help="keep each N's files")
@@ -265,6 +277,12 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [int(v) for v in args.images.split(",")]
     except ValueError:
         p.error(f"--images takes a comma list of integers (got {args.images!r})")
+    try:
+        args.grid = [tuple(int(v) for v in item.split(":")) for item in args.grid.split(",") if item]
+        if any(len(g) != 2 or min(g) < 1 for g in args.grid):
+            raise ValueError
+    except ValueError:
+        p.error(f"--grid takes NPROBE:PER_PATCH pairs of positive integers (got {args.grid!r})")
     if min(sizes) < args.group or args.queries < 1:
         p.error("every N must be at least --group, and --queries at least 1")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="index-scale-"))
@@ -278,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
               f"add 1000 {row['add_1000_s']} s, remove 1000 {row['remove_1000_s']} s, "
               f"p50 {row['p50_ms']} ms, p95 {row['p95_ms']} ms, recall@10 {row['recall@10']} "
               f"[{row['structure']['search']} {row['structure']['factory'] or ''}]"
+              + "".join(f"; nprobe {g['nprobe']} per-patch {g['per_patch']}: p50 {g['p50_ms']} ms, "
+                        f"recall@10 {g['recall@10']}" for g in row["grid"])
               + (f"; FastPLAID build {peer.get('build_s')} s, p50 {peer.get('p50_ms')} ms, "
                  f"recall@10 {peer.get('recall@10')}" if peer.get("p50_ms") else
                  (f"; FastPLAID {peer['status']}" if peer else "")), flush=True)

@@ -15,7 +15,7 @@ def test_index_scale_small_run_reports_every_measure(tmp_path):
     png = tmp_path / "p50.png"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--images", "200,400", "--raw-dim", "64", "--pca-dim", "32",
-         "--queries", "10", "--peer-max", "0", "--quiet", "--workdir", str(tmp_path / "w"),
+         "--queries", "10", "--peer-max", "0", "--grid", "4:16", "--quiet", "--workdir", str(tmp_path / "w"),
          "--json", str(out), "--plot", str(png)],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
@@ -28,6 +28,7 @@ def test_index_scale_small_run_reports_every_measure(tmp_path):
             assert row[key] > 0, key
         assert row["p50_ms"] <= row["p95_ms"]
         assert row["structure"]["search"] == "exact" and row["recall@10"] == 1.0
+        assert [(g["nprobe"], g["per_patch"]) for g in row["grid"]] == [(4, 16)] and row["grid"][0]["p50_ms"] > 0
         # The planted scene mates are what exact search finds first.
         assert row["exact_top1_in_group"] >= 0.9
         # float16 everywhere: 30 windows x 64 raw dims x 2 bytes, plus SQLite's overhead
