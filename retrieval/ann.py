@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+from .fileio import replacing
 
 WINDOW_BITS = 6  # up to 64 windows per image (levels 1-4 have 30)
 RETRAIN_GROWTH = 4  # re-train once the collection holds this many times the trained windows
@@ -158,17 +159,8 @@ class VectorIndex:
 
     def save(self, path: str | Path) -> None:
         """Write atomically (temp file + rename)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
+        with replacing(path) as tmp:
             faiss.write_index(self.index, tmp)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     @classmethod
     def load(cls, path: str | Path, factory: str, device: str = "auto") -> "VectorIndex":

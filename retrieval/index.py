@@ -23,7 +23,6 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,8 @@ from .ann import RETRAIN_GROWTH, FactoryError, check_factory, faiss_device, is_f
 from .config import EXACT_LIMIT, ExtractorConfig, RuntimeConfig, SearchConfig, file_digest
 from .extractor import Extractor, Skipped
 from .features import Crop, ImageFeatures, describe
+from .fileio import write_text
+from .images import expand_inputs
 from .manifest import Entry, Manifest
 from .patches import level_names, level_regions, pixel_boxes
 from .search import rank
@@ -187,7 +188,7 @@ class Index:
         except StoreError as err:
             raise IndexUsageError(str(err)) from None
         path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path / "index.json", json.dumps(meta, indent=2, sort_keys=True))
+        write_text(path / "index.json", json.dumps(meta, indent=2, sort_keys=True))
         return index
 
     @classmethod
@@ -319,8 +320,6 @@ class Index:
             wanted: list[str] = []
             for item in paths:
                 if item.startswith("@"):
-                    from .images import expand_inputs
-
                     try:
                         wanted.extend(expand_inputs([item]))
                     except FileNotFoundError as err:
@@ -350,7 +349,7 @@ class Index:
                 raise IndexUsageError(str(err)) from None
         with self._writing():
             self.meta["index_type"] = self.index_type = factory
-            _atomic_write(self.path / "index.json", json.dumps(self.meta, indent=2, sort_keys=True))
+            write_text(self.path / "index.json", json.dumps(self.meta, indent=2, sort_keys=True))
             writer.refresh(self, progress=False, retrain=True)
         self._view = None
 
@@ -380,8 +379,6 @@ class Index:
 
     def describe_sources(self, sources: Sequence[str], *, progress: bool) -> dict[str, np.ndarray]:
         """Raw descriptors [P, C] of the `whiten_on` images by digest (extracted if needed)."""
-        from .images import expand_inputs
-
         names = level_names(self.search_config.levels)
         try:
             paths = expand_inputs(sources)
@@ -428,7 +425,7 @@ class Index:
             except DamagedFile as err:
                 # A writer may have published and cleaned up between our two reads: look
                 # again; if the same state still names a bad file, rebuild it.
-                if read_state_or_none(self.path) != state or self._try_refresh():
+                if _read_state_or_none(self.path) != state or self._try_refresh():
                     continue
                 raise self._damaged(err) from None
         raise IndexUsageError(f"{self.path}: no consistent published state after 3 tries; is something deleting its files?")
@@ -553,7 +550,7 @@ class Index:
         }
 
 
-def read_state_or_none(path: Path) -> State | None:
+def _read_state_or_none(path: Path) -> State | None:
     try:
         return read_state(path)
     except DamagedFile:
@@ -598,10 +595,3 @@ def _absolute_input(item: str) -> str:
     return str(Path(item).resolve())
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

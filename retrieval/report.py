@@ -11,7 +11,6 @@ import base64
 import html
 import io
 import os
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Iterable, Sequence
 
 from PIL import Image
 
+from .fileio import replacing
 from .images import load_rgb
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -168,9 +168,7 @@ def write_report(path: str | Path, results: Sequence, **kwargs) -> Path:
     """Write `render_report(results, **kwargs)` to `path` atomically; returns the path."""
     path = Path(path)
     text = render_report(results, **kwargs)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is meant to be shared
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is meant to be shared
     return path

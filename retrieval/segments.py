@@ -9,13 +9,13 @@ fsynced and renamed, so a reader only ever sees whole files.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
+from .fileio import replacing
 
 DTYPE = np.float16
 
@@ -47,9 +47,7 @@ def write_segment(directory: Path, name: str, ids: np.ndarray, chunks: Iterable[
     """Write `seg` files from float vector chunks (in id order) totalling len(ids) * patches rows."""
     ids = np.asarray(ids, dtype=np.int64)
     rows = len(ids) * patches
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(fd)
-    try:
+    with replacing(directory / f"{name}.npy") as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=DTYPE, shape=(rows, dim))
         at = 0
         for chunk in chunks:
@@ -59,12 +57,7 @@ def write_segment(directory: Path, name: str, ids: np.ndarray, chunks: Iterable[
             raise RuntimeError(f"segment {name}: {at} vector rows written, {rows} expected")
         out.flush()
         del out
-        _fsync(tmp)
         save_npy(directory / f"{name}.ids.npy", ids)
-        os.replace(tmp, directory / f"{name}.npy")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def open_segment(directory: Path, name: str, images: int, patches: int, dim: int) -> Segment:
@@ -91,18 +84,5 @@ def load_npy(path: Path, mmap: bool) -> np.ndarray:
 
 def save_npy(path: Path, array: np.ndarray) -> None:
     """Write an array atomically (temp file, fsync, rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _fsync(path: str) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
+    with replacing(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array)

@@ -11,15 +11,14 @@ between the two steps only makes the reader load the newer state.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .ann import VectorIndex
+from .fileio import write_text
 from .segments import DamagedFile, Segment, load_npy, open_segment
 from .whitening import PCAWhitening
 
@@ -82,12 +81,7 @@ def read_state(directory: Path) -> State | None:
 
 def publish(directory: Path, state: State) -> None:
     """Make `state` the published one (atomic), then delete derived files it does not name."""
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(state.__dict__, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, directory / STATE)
+    write_text(directory / STATE, json.dumps(state.__dict__, indent=1))
     keep = state.files()
     for path in directory.iterdir():
         if _DERIVED.match(path.name) and path.name not in keep:

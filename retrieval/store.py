@@ -44,20 +44,22 @@ class StoreError(RuntimeError):
     """The feature store file cannot be used (not a store, damaged, newer schema)."""
 
 
-def quantize(array: np.ndarray) -> np.ndarray:
-    """The values `FeatureStore.get` will return for `array` after `put`: float32 arrays
-    rounded through float16 (unless a value is out of float16's range)."""
+def _stored(array: np.ndarray) -> np.ndarray:
+    """`array` as it is kept on disk: float16, or float32 when out of float16's range."""
     array = np.asarray(array, dtype=np.float32)
     if array.size and float(np.abs(array).max()) > _FLOAT16_MAX:
-        return array
-    return array.astype(np.float16).astype(np.float32)
+        return np.ascontiguousarray(array)
+    return np.ascontiguousarray(array, dtype=np.float16)
+
+
+def quantize(array: np.ndarray) -> np.ndarray:
+    """The values `FeatureStore.get` will return for `array` after `put`."""
+    return _stored(array).astype(np.float32)
 
 
 def _encode(array: np.ndarray) -> tuple[bytes, str]:
-    array = np.asarray(array, dtype=np.float32)
-    if array.size and float(np.abs(array).max()) > _FLOAT16_MAX:
-        return np.ascontiguousarray(array).tobytes(), "float32"
-    return np.ascontiguousarray(array, dtype=np.float16).tobytes(), "float16"
+    stored = _stored(array)
+    return stored.tobytes(), stored.dtype.name
 
 
 def default_store_path() -> Path:

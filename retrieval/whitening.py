@@ -12,13 +12,13 @@ and one d x d matrix, whatever the sample.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
+from .fileio import replacing
 
 # Below this many windows per input dimension nothing is estimated: the whitening is the
 # identity (L2 only). Above, shrinkage = min(1, SHRINK_SCALE * d / n) (RESULTS.md, whitening).
@@ -127,16 +127,8 @@ class PCAWhitening:
         }
         if self.projection_ is not None:
             arrays.update(mean=self.mean_, projection=self.projection_)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-        os.close(fd)
-        try:
+        with replacing(path, suffix=".tmp.npz") as tmp:
             np.savez(tmp, **arrays)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     @classmethod
     def load(cls, path: str | Path) -> "PCAWhitening":
