@@ -27,10 +27,11 @@ from retrieval.config import (
     ExtractorConfig,
     RuntimeConfig,
     add_extractor_args,
+    add_ray_arg,
     extractor_config_from_args,
     runtime_config_from_args,
 )
-from retrieval.extractor import Extractor
+from retrieval.extractor import make_extractor
 from retrieval.images import expand_inputs
 from retrieval.store import FeatureStore
 
@@ -76,7 +77,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
-    add_runtime_args(p.add_argument_group("runtime"))
+    group = p.add_argument_group("runtime")
+    add_runtime_args(group)
+    add_ray_arg(group)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0, help="fold shuffling seed")
         _add_common(sp)
         add_extractor_args(sp, search=False)
+        add_ray_arg(sp)
         sp.set_defaults(func=cmd_run if name == "run" else cmd_train)
     sp = sub.add_parser("eval", help="evaluate a model on a split (folder of class folders, or a CSV)")
     sp.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
@@ -122,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _vectors(paths: list[str], config: ExtractorConfig, runtime: RuntimeConfig, args, jitter: int) -> FeatureTable:
     store = FeatureStore.open(args.store)
     try:
-        return image_vectors(paths, Extractor(config, runtime), store, jitter, progress=not args.quiet)
+        return image_vectors(paths, make_extractor(config, runtime), store, jitter, progress=not args.quiet)
     finally:
         store.close()
 

@@ -18,6 +18,7 @@ from .config import (
     ConfigError,
     parse_levels,
     add_extractor_args,
+    add_ray_arg,
     add_runtime_args,
     extractor_config_from_args,
     runtime_config_from_args,
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index", metavar="INDEX_DIR", help="folder of the index to create (or to finish)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help=_INPUT_HELP)
     add_extractor_args(p)
+    add_ray_arg(p)
     p.add_argument("--index-type", metavar="FACTORY",
                    help="FAISS index-factory string proposing candidates on large collections, e.g. "
                    "'IVF1024,PQ64x4fs', or 'Flat' for exact search at any size (default: chosen by "
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index", metavar="INDEX_DIR", help=_INDEX_HELP)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help=_INPUT_HELP)
     add_runtime_args(p)
+    add_ray_arg(p)
     _common(p)
 
     p = sub.add_parser("query", help="rank the index for query images")

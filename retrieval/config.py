@@ -255,12 +255,15 @@ class RuntimeConfig:
     device: str = "auto"
     batch_size: int = 32
     workers: int = 2
+    ray: str | None = None  # extract on this Ray cluster: "local", "auto" or an address
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ConfigError(f"--device must be one of {', '.join(DEVICES)} (got {self.device!r})")
         if self.batch_size < 1 or self.workers < 0:
             raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
+        if self.ray is not None and self.ray not in ("local", "auto") and ":" not in self.ray:
+            raise ConfigError(f"--ray takes local, auto or a cluster address HOST:PORT (got {self.ray!r})")
 
 
 def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -288,6 +291,16 @@ def add_runtime_args(parser) -> None:
     parser.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when available")
     parser.add_argument("--batch-size", type=int, default=32, help="windows per network batch (default 32)")
     parser.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
+
+
+def add_ray_arg(parser) -> None:
+    """`--ray [local|auto|ADDRESS]`: extract on a Ray cluster (build, add, classify)."""
+    parser.add_argument(
+        "--ray", nargs="?", const="local", metavar="local|auto|ADDRESS",
+        help="describe the images on a Ray cluster (needs `pip install 'retrieval[ray]'`): 'local' "
+        "(the default when the flag has no value) starts one on this machine, 'auto' joins the one "
+        "`ray start` made here, HOST:PORT joins that head node; the inputs must be readable on every node",
+    )
 
 
 def add_extractor_args(parser: argparse.ArgumentParser, *, search: bool = True) -> None:
@@ -359,4 +372,10 @@ def search_config_from_args(args: argparse.Namespace) -> SearchConfig:
 
 
 def runtime_config_from_args(args: argparse.Namespace) -> RuntimeConfig:
-    return RuntimeConfig(device=args.device, batch_size=args.batch_size, workers=args.workers)
+    runtime = RuntimeConfig(device=args.device, batch_size=args.batch_size, workers=args.workers,
+                            ray=getattr(args, "ray", None))
+    if runtime.ray:
+        from .distributed import require_ray
+
+        require_ray()  # before anything is written: a missing extra is a usage error
+    return runtime

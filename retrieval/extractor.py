@@ -158,6 +158,15 @@ class Extractor:
             bar.close()
 
 
+def make_extractor(config: ExtractorConfig, runtime: RuntimeConfig | None = None) -> Extractor:
+    """The extractor `runtime` asks for: local, or on a Ray cluster when `runtime.ray` is set."""
+    if runtime is not None and runtime.ray:
+        from .distributed import RayExtractor
+
+        return RayExtractor(config, runtime)
+    return Extractor(config, runtime)
+
+
 class _Pending:
     """An image whose network inputs are queued; `outputs` fill in as batches run."""
 

@@ -33,7 +33,7 @@ import numpy as np
 from . import kernel, writer
 from .ann import RETRAIN_GROWTH, FactoryError, check_factory, faiss_device, is_flat
 from .config import EXACT_LIMIT, ExtractorConfig, RuntimeConfig, SearchConfig, file_digest
-from .extractor import Extractor, Skipped
+from .extractor import Extractor, Skipped, make_extractor
 from .features import Crop, ImageFeatures, describe
 from .fileio import write_text
 from .images import expand_inputs
@@ -247,7 +247,7 @@ class Index:
     @property
     def extractor(self) -> Extractor:
         if self._extractor is None:
-            self._extractor = Extractor(self.extractor_config, self.runtime)
+            self._extractor = make_extractor(self.extractor_config, self.runtime)
         return self._extractor
 
     @property
