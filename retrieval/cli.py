@@ -1,4 +1,4 @@
-"""The `retrieval` command line: build, add, query, info, remove, export-onnx, serve.
+"""The `retrieval` command line: build, add, query, info, remove, reindex, split, export-onnx, serve.
 
 Exit codes (SPEC §3): 0 all done; 2 usage error (unknown index, bad flag);
 3 done, but some inputs were skipped (each named on stderr and in the JSON); 1 other failure;
@@ -16,6 +16,7 @@ from .cliutil import add_subcommands, stdout_closed
 from .config import (
     EXACT_LIMIT,
     ConfigError,
+    RuntimeConfig,
     parse_levels,
     add_extractor_args,
     add_ray_arg,
@@ -77,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", metavar="REPORT.html",
                    help="also write a self-contained page of every query's hits with the matched windows drawn")
     add_runtime_args(p)
+    p.add_argument("--ray", nargs="?", const="local", metavar="local|auto|ADDRESS", dest="shard_ray",
+                   help="a split index (`retrieval split`) only: serve each shard from a Ray actor on this "
+                   "cluster ('local' when no value; every node must read the shard directories); "
+                   "without it the shards are searched in threads")
     _common(p)
 
     p = sub.add_parser("info", help="counts and configuration of an index")
@@ -88,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="an indexed image, a folder (every indexed image under it) or @list.txt; "
                    "the files need not exist any more")
+    _common(p)
+
+    p = sub.add_parser("split", help="split an index by image into shards that share its whitening")
+    p.add_argument("index", metavar="INDEX_DIR", help=_INDEX_HELP)
+    p.add_argument("out", metavar="SHARDED_DIR", help="new folder for the shards (query and info take it as INDEX_DIR)")
+    p.add_argument("--shards", type=int, required=True, metavar="N",
+                   help="number of shards, each a contiguous range of the index's images (nothing is extracted)")
     _common(p)
 
     p = sub.add_parser("reindex", help="change the search structure of an index (no extraction)")
@@ -209,7 +221,7 @@ def _reindex(args) -> int:
 
 def _query(args) -> int:
     from .images import expand_inputs
-    from .index import Index
+    from .sharded import open_index
 
     if args.k < 1:
         raise ConfigError("-k must be >= 1")
@@ -219,7 +231,12 @@ def _query(args) -> int:
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1")
     skipped: list[dict] = []
-    with Index.open(args.index, runtime=runtime_config_from_args(args)) as idx:
+    if args.shard_ray:
+        from .distributed import require_ray
+
+        RuntimeConfig(ray=args.shard_ray)  # the same check of the address as for build
+        require_ray()
+    with open_index(args.index, runtime=runtime_config_from_args(args), ray=args.shard_ray) as idx:
         results = idx.search(
             expand_inputs(args.images), args.k,
             query_levels=args.query_levels, aggregate=args.aggregate,
@@ -244,15 +261,28 @@ def _query(args) -> int:
 
 
 def _info(args) -> int:
-    from .index import Index
+    from .sharded import open_index
 
-    with Index.open(args.index) as idx:
+    with open_index(args.index) as idx:
         info = idx.info()
     if args.json:
         print(json.dumps(info))
     else:
         for key, value in info.items():
             print(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    return EXIT_OK
+
+
+def _split(args) -> int:
+    from .sharded import split_index
+
+    with split_index(args.index, args.out, args.shards, progress=not args.quiet) as sharded:
+        info = sharded.info()
+    if args.json:
+        print(json.dumps({"path": info["path"], "images": info["images"], "shards": info["shards"]}))
+    else:
+        print(f"{info['path']}: {info['images']} images in {len(info['shards'])} shards "
+              f"({', '.join(str(s['images']) for s in info['shards'])})")
     return EXIT_OK
 
 
@@ -288,6 +318,7 @@ _COMMANDS = {
     "info": _info,
     "remove": _remove,
     "reindex": _reindex,
+    "split": _split,
     "export-onnx": _export_onnx,
     "serve": _serve,
 }

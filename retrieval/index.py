@@ -270,6 +270,7 @@ class Index:
     # -- writing ------------------------------------------------------------------------
     def add(self, paths: Iterable[str], *, progress: bool = True) -> Report:
         """Add images (paths) not yet in the index; extraction is skipped for stored ones."""
+        self._refuse_shard("add to")
         start = time.perf_counter()
         report = Report(str(self.path))
         with self._writing():
@@ -314,6 +315,7 @@ class Index:
     def remove(self, paths: Iterable[str]) -> Report:
         """Remove images by path; a folder removes the indexed images under it, `@list.txt`
         the paths it lists. Paths not in the index are reported in `skipped`."""
+        self._refuse_shard("remove from")
         start = time.perf_counter()
         report = Report(str(self.path))
         with self._writing():
@@ -337,6 +339,15 @@ class Index:
         report.images = self.manifest.count()
         report.seconds = time.perf_counter() - start
         return report
+
+    def _refuse_shard(self, what: str) -> None:
+        # Shards keep the source's image ids and share its whitening: changing one alone
+        # would break both (retrieval/sharded.py).
+        if self.meta.get("shard"):
+            raise IndexUsageError(
+                f"{self.path} is a shard of a split index: {what} the source index "
+                "and run `retrieval split` again"
+            )
 
     def set_index_type(self, factory: str | None) -> None:
         """Change the structure that proposes candidates (a FAISS factory string, 'Flat'
@@ -576,6 +587,8 @@ def _structure(state: State, user: str | None) -> dict:
 
 
 def _refit_policy(info: dict) -> str:
+    if info.get("source") == "shared":
+        return "fixed: shared by every shard of a split index"
     if info.get("source") != "database":
         return "fixed: learned on --whiten-on images"
     if info["sample_images"] >= writer.WHITEN_SAMPLE_IMAGES:

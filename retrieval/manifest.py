@@ -155,6 +155,14 @@ class Manifest:
             ]
         )
 
+    def copy_entries(self, entries: list[Entry]) -> None:
+        """Insert images with their ids kept (the shards of a split index), in one transaction."""
+        self._transaction([
+            ("INSERT INTO images (id, path, digest, width, height) VALUES (?, ?, ?, ?, ?)",
+             (e.id, e.path, e.digest, e.width, e.height))
+            for e in entries
+        ])
+
     def move(self, entry_id: int, new_path: str) -> None:
         self._transaction([("UPDATE images SET path=? WHERE id=?", (new_path, entry_id))])
 

@@ -47,6 +47,10 @@ class StoreGap(RuntimeError):
     """The feature store lacks descriptors of an indexed image: the index cannot be derived."""
 
 
+class SharedWhiteningGap(StoreGap):
+    """A shard's shared whitening is unreadable: the shard cannot be derived."""
+
+
 def refresh(index: "Index", *, progress: bool = False, retrain: bool = False) -> State:
     """Publish a state that matches the manifest (caller holds the write lock).
     `retrain` rebuilds the FAISS structure (after a change of `--index-type`)."""
@@ -125,6 +129,17 @@ class _Writer:
         )
 
     def _fit(self, images: int) -> tuple[PCAWhitening, dict]:
+        shared = self.index.meta.get("shared_whitening")
+        if shared:
+            # A shard never fits its own: its distances must stay comparable with the
+            # other shards' (retrieval/sharded.py).
+            path = self.dir / shared
+            try:
+                whitening = PCAWhitening.load(path)
+            except (OSError, ValueError) as err:
+                raise SharedWhiteningGap(f"{path}: the whitening shared by every shard is unreadable "
+                                         f"({err}); run `retrieval split` again") from None
+            return whitening, {"images": images, "sample_images": 0, "source": "shared"}
         pca_dim = self.index.search_config.pca_dim
         sources = self.index.meta.get("whiten_on")
         if sources:

@@ -1,0 +1,324 @@
+"""A sharded index: several ordinary indexes sharing one whitening, searched in parallel.
+
+`split_index` (the CLI's `retrieval split INDEX_DIR SHARDED_DIR --shards N`) cuts an
+index by image into N shards, each an ordinary index directory holding one contiguous
+range of the source's manifest ids (ids are kept, so hits carry the same ids as in the
+source). Layout of SHARDED_DIR:
+
+- `shards.json`    the shard directories, their id ranges, the source index
+- `whitening.npz`  the one PCA-whitening of every shard (copied from the source)
+- `shard-K/`       an index whose `index.json` names `../whitening.npz` as its whitening
+
+Distances from different shards are comparable only under one whitening, so a shard
+never fits its own: its writer loads the shared file (also when its copy is damaged),
+and `ShardedIndex` refuses shards whose whitening differs. Each shard then ranks its own
+images exactly as the unsharded index ranks them, and the merged top k (by distance,
+ties by image id, as `search.top_k` breaks them) is the unsharded index's top k when
+both search exactly.
+
+Shards are searched in threads, one thread per shard (each keeps its own SQLite
+connections), or, with `ray=`, each in a Ray actor that opens its directory on some node
+(the directory must be readable there) and scores with the native kernel; the driver
+describes the queries once, whitens them and merges. A shard actor that dies is
+restarted by Ray from its directory and the call is retried (`max_restarts=-1`,
+`max_task_retries=-1`).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .config import EXACT_LIMIT, RuntimeConfig
+from .extractor import Skipped
+from .features import Crop, describe
+from .fileio import write_text
+from .index import Hit, Index, IndexUsageError, QueryResult
+from .manifest import Manifest
+from .patches import level_names, level_regions, pixel_boxes
+from .search import rank, top_k
+from .whitening import PCAWhitening
+
+SHARDS = "shards.json"
+SHARED_WHITENING = "whitening.npz"
+FORMAT = 1
+
+
+def is_sharded(path: str | Path) -> bool:
+    """Whether `path` is a directory made by `split_index`."""
+    return (Path(path) / SHARDS).is_file()
+
+
+def open_index(path: str | Path, *, runtime: RuntimeConfig | None = None, ray: str | None = None) -> "Index | ShardedIndex":
+    """The index at `path`: a `ShardedIndex` when it holds shards, else an `Index`.
+    `ray` (shards only) serves the shards from actors on that Ray cluster."""
+    if is_sharded(path):
+        return ShardedIndex.open(path, runtime=runtime, ray=ray)
+    if ray:
+        raise IndexUsageError(f"{path} is not sharded: --ray on a query serves the shards of an index "
+                              "made by `retrieval split`")
+    return Index.open(path, runtime=runtime)
+
+
+def split_index(source: str | Path, out: str | Path, shards: int, *, progress: bool = False) -> "ShardedIndex":
+    """Write the published images of index `source` as `shards` shards into the new
+    directory `out`; the shards' window vectors are whitened again from the feature store
+    with the source's whitening (nothing is extracted). Returns the opened ShardedIndex."""
+    out = Path(out)
+    if shards < 1:
+        raise IndexUsageError(f"--shards must be >= 1 (got {shards})")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise IndexUsageError(f"{out} exists and is not empty; choose a new directory for the shards")
+    with Index.open(source) as src:
+        view = src.view()
+        if view.whitening is None:
+            raise IndexUsageError(f"{source} holds no images yet: nothing to split")
+        _, live = src.manifest.snapshot_ids()
+        if len(live) < shards:
+            raise IndexUsageError(f"{source} holds {len(live)} images: fewer than --shards {shards}")
+        entries = src.manifest.get_many(live.tolist())
+        meta = {k: v for k, v in src.meta.items() if k != "whiten_on"}
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src.path / view.state.whitening["file"], out / SHARED_WHITENING)
+        names, ranges = [], []
+        for k, ids in enumerate(np.array_split(live, shards)):
+            name = f"shard-{k}"
+            (out / name).mkdir()
+            shard_meta = {**meta, "shared_whitening": f"../{SHARED_WHITENING}",
+                          "shard": {"index": k, "of": shards, "ids": [int(ids[0]), int(ids[-1])]}}
+            write_text(out / name / "index.json", json.dumps(shard_meta, indent=2, sort_keys=True))
+            manifest = Manifest(out / name / "manifest.sqlite")
+            manifest.copy_entries([entries[i] for i in ids.tolist()])
+            manifest.close()
+            with Index.open(out / name) as shard:
+                shard.view()  # publishes: segments whitened with the shared whitening
+            names.append(name)
+            ranges.append([int(ids[0]), int(ids[-1])])
+            if progress:
+                print(f"split: {name} holds {len(ids)} images (ids {ids[0]}..{ids[-1]})", flush=True)
+    write_text(out / SHARDS, json.dumps({"format": FORMAT, "shards": names, "ids": ranges,
+                                          "whitening": SHARED_WHITENING, "source": str(Path(source).resolve()),
+                                          "images": int(len(live))}, indent=1))
+    return ShardedIndex.open(out)
+
+
+class _ShardSearcher:
+    """One shard: its Index and the ranking of whitened query vectors against it."""
+
+    def __init__(self, path: str, runtime: RuntimeConfig | None = None) -> None:
+        self.index = Index.open(path, runtime=runtime)
+
+    def whitening(self) -> tuple[np.ndarray, np.ndarray] | None:
+        w = self.index.whitening
+        return None if w is None else (w.mean_, w.projection_)
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+    def info(self) -> dict:
+        return self.index.info()
+
+    def search(self, queries: list[np.ndarray], k: int | None, aggregate: str, exact_limit: int,
+               per_patch: int | None, nprobe: int | None) -> list[tuple]:
+        """Per query: (ids, distances, query window, db window, paths, [width, height])."""
+        view = self.index.view()
+        out = []
+        for q in queries:
+            r = rank(q, view, k, aggregate, exact_limit, per_patch, nprobe)
+            # Images removed after this generation was published are dropped here.
+            entries = self.index.manifest.get_many(r.ids.tolist())
+            keep = np.array([i in entries for i in r.ids.tolist()], dtype=bool)
+            ids = r.ids[keep]
+            sizes = np.array([[entries[i].width, entries[i].height] for i in ids.tolist()], np.float64).reshape(-1, 2)
+            out.append((ids, r.distances[keep], r.query_patch[keep], r.db_patch[keep],
+                        [entries[i].path for i in ids.tolist()], sizes))
+        return out
+
+    def close(self) -> None:
+        self.index.close()
+
+
+class ShardedIndex:
+    """Shards sharing one whitening, searched as one index (threads, or Ray actors).
+
+    >>> idx = ShardedIndex.open("my-shards")                     # doctest: +SKIP
+    >>> idx.search(["query.jpg"], k=5)                           # doctest: +SKIP
+    >>> ShardedIndex(["a/shard-0", "a/shard-1"], ray="auto")     # doctest: +SKIP
+    """
+
+    def __init__(self, shards: Sequence[str | Path], *, runtime: RuntimeConfig | None = None,
+                 ray: str | None = None) -> None:
+        if not shards:
+            raise IndexUsageError("a sharded index needs at least one shard")
+        self.paths = [Path(s).resolve() for s in shards]
+        self.path: Path | None = None  # the directory holding the shards, when opened from one
+        self.runtime = runtime or RuntimeConfig()
+        self.ray = ray
+        # The driver describes and whitens the queries with the first shard's configuration.
+        self._front = Index.open(self.paths[0], runtime=RuntimeConfig(self.runtime.device, self.runtime.batch_size,
+                                                                      self.runtime.workers))
+        for p in self.paths[1:]:
+            with Index.open(p) as other:
+                if other.meta["extractor"] != self._front.meta["extractor"] or other.meta["search"] != self._front.meta["search"]:
+                    raise IndexUsageError(f"shard {p} has another extractor or search configuration than {self.paths[0]}")
+        self._actors: list = []
+        self._pools: list[cf.ThreadPoolExecutor] = []
+        self._local: list[_ShardSearcher] = []
+        if ray:
+            self._start_actors()
+        else:
+            # One thread per shard, always the same: SQLite connections stay in their thread.
+            self._pools = [cf.ThreadPoolExecutor(1, thread_name_prefix=f"shard{i}") for i in range(len(self.paths))]
+            self._local = [pool.submit(_ShardSearcher, str(p)).result() for pool, p in zip(self._pools, self.paths)]
+        self.whitening = self._check_whitening()
+
+    @classmethod
+    def open(cls, path: str | Path, *, runtime: RuntimeConfig | None = None, ray: str | None = None) -> "ShardedIndex":
+        """Open a directory made by `split_index` (its shards.json lists the shards)."""
+        path = Path(path)
+        try:
+            spec = json.loads((path / SHARDS).read_text())
+            names = [str(n) for n in spec["shards"]]
+        except FileNotFoundError:
+            raise IndexUsageError(f"{path} holds no shards ({SHARDS} is missing); make them with `retrieval split`") from None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise IndexUsageError(f"{path / SHARDS} is damaged ({err}); run `retrieval split` again") from None
+        sharded = cls([path / n for n in names], runtime=runtime, ray=ray)
+        sharded.path = path
+        return sharded
+
+    def _start_actors(self) -> None:
+        from .distributed import connect
+
+        ray = connect(self.ray)
+        # num_cpus=0: every shard gets an actor whatever the CPU count (4 shards on a
+        # 2-CPU cluster must not wait for each other); SPREAD puts them on different nodes.
+        actor = ray.remote(max_restarts=-1, max_task_retries=-1)(_ShardSearcher).options(
+            num_cpus=0, scheduling_strategy="SPREAD")
+        self._actors = [actor.remote(str(p)) for p in self.paths]
+
+    def _each(self, method: str, *args) -> list:
+        """Call `method` on every shard in parallel; results in shard order."""
+        if self._actors:
+            import ray
+
+            return ray.get([getattr(a, method).remote(*args) for a in self._actors])
+        futures = [pool.submit(getattr(s, method), *args) for pool, s in zip(self._pools, self._local)]
+        return [f.result() for f in futures]
+
+    def _check_whitening(self) -> PCAWhitening | None:
+        """The one whitening of every shard; IndexUsageError if a shard uses another."""
+        found = self._each("whitening")
+        mine = self._front.whitening
+        for path, w in zip(self.paths, found):
+            same = (w is None) == (mine is None) and (
+                mine is None or (np.array_equal(w[0], mine.mean_) and np.array_equal(w[1], mine.projection_)))
+            if not same:
+                raise IndexUsageError(
+                    f"shard {path} uses another whitening than {self.paths[0]}: distances of different "
+                    "shards would not be comparable; make the shards with `retrieval split`"
+                )
+        return mine
+
+    def shard_pids(self) -> list[int]:
+        """Process id of each shard's searcher (the actors' with Ray)."""
+        return self._each("pid")
+
+    def search(
+        self,
+        queries: Sequence[str | tuple[str, Crop | None]],
+        k: int | None = 10,
+        *,
+        query_levels: Sequence[int] | None = None,
+        aggregate: str | None = None,
+        progress: bool = False,
+        skipped: list | None = None,
+        exact_limit: int = EXACT_LIMIT,
+        nprobe: int | None = None,
+        per_patch: int | None = None,
+    ) -> list[QueryResult]:
+        """`Index.search` over every shard: the same arguments and result; each shard
+        returns its own top k and the driver keeps the k nearest overall. `exact_limit`
+        applies per shard."""
+        front = self._front
+        if self.whitening is None:
+            return [QueryResult(q if isinstance(q, str) else q[0], []) for q in queries]
+        levels = tuple(query_levels or front.search_config.effective_query_levels)
+        aggregate = aggregate or front.search_config.aggregate
+        names = level_names(levels)
+        feats = []
+        for f in describe(queries, front.extractor, front.store, names, progress=progress, desc="query"):
+            if isinstance(f, Skipped):
+                if skipped is not None:
+                    skipped.append({"path": f.path, "reason": f.reason})
+                continue
+            feats.append(f)
+        vectors = [self.whitening.transform(np.concatenate([f.descriptors[n] for n in names])) for f in feats]
+        per_shard = self._each("search", vectors, k, aggregate, exact_limit, per_patch, nprobe) if vectors else []
+        db_layout = np.concatenate([level_regions(lv).boxes for lv in front.search_config.levels])
+        q_layout = np.concatenate([level_regions(lv).boxes for lv in levels])
+        order = {(q, None) if isinstance(q, str) else (q[0], q[1]): i for i, q in enumerate(queries)}
+        collected: dict[int, QueryResult] = {}
+        for n, f in enumerate(feats):
+            parts = [shard[n] for shard in per_shard]
+            ids, dist, qp, dp = (np.concatenate([p[i] for p in parts]) for i in range(4))
+            paths = [path for p in parts for path in p[4]]
+            sizes = np.concatenate([p[5] for p in parts])
+            pick = top_k(dist, ids, k)
+            qboxes = pixel_boxes(q_layout[qp[pick]], f.width, f.height)
+            if f.crop is not None:
+                qboxes += np.array([f.crop[0], f.crop[1], f.crop[0], f.crop[1]])
+            dboxes = db_layout[dp[pick]] * np.tile(sizes[pick], 2)
+            hits = [
+                Hit(rank_ + 1, paths[j], float(dist[j]), qb, dbb, int(ids[j]))
+                for rank_, (j, qb, dbb) in enumerate(zip(
+                    pick.tolist(), np.round(qboxes, 1).tolist(), np.round(dboxes, 1).tolist()))
+            ]
+            collected[order[(f.path, f.crop)]] = QueryResult(f.path, hits)
+        return [collected[i] for i in sorted(collected)]
+
+    def info(self) -> dict:
+        """Counts and configuration as `Index.info()` gives them, totals over the shards,
+        and per shard its path, images, segments and search structure."""
+        info = self._front.info()
+        shards = self._each("info")
+        info.update({
+            "images": sum(s["images"] for s in shards),
+            "patches": sum(s["patches"] for s in shards),
+            "segments": sum(s["segments"] for s in shards),
+            "removed_pending": sum(s["removed_pending"] for s in shards),
+            "up_to_date": all(s["up_to_date"] for s in shards),
+            "structure": {"search": "sharded", "reason": f"{len(shards)} shards, each searched as below; "
+                          "the driver merges their top k"},
+            "shards": [{"path": s["path"], "images": s["images"], "segments": s["segments"],
+                        "structure": s["structure"]} for s in shards],
+            "served_by": f"Ray actors (--ray {self.ray})" if self._actors else "threads",
+            "path": str(self.path or self.paths[0].parent),
+        })
+        return info
+
+    def close(self) -> None:
+        """Close every shard (and end its actor)."""
+        if self._actors:
+            import ray
+
+            for a in self._actors:
+                ray.kill(a)
+            self._actors = []
+        for pool, s in zip(self._pools, self._local):
+            pool.submit(s.close).result()
+            pool.shutdown()
+        self._pools, self._local = [], []
+        self._front.close()
+
+    def __enter__(self) -> "ShardedIndex":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
