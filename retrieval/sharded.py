@@ -29,7 +29,7 @@ import concurrent.futures as cf
 import json
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -41,7 +41,10 @@ from .index import Hit, Index, IndexUsageError, QueryResult
 from .manifest import Manifest
 from .patches import level_names, level_regions, pixel_boxes
 from .search import rank, top_k
+from .segments import write_segment
+from .snapshot import State, View, publish
 from .whitening import PCAWhitening
+from .writer import CHUNK_IMAGES
 
 SHARDS = "shards.json"
 SHARED_WHITENING = "whitening.npz"
@@ -66,8 +69,9 @@ def open_index(path: str | Path, *, runtime: RuntimeConfig | None = None, ray: s
 
 def split_index(source: str | Path, out: str | Path, shards: int, *, progress: bool = False) -> "ShardedIndex":
     """Write the published images of index `source` as `shards` shards into the new
-    directory `out`; the shards' window vectors are whitened again from the feature store
-    with the source's whitening (nothing is extracted). Returns the opened ShardedIndex."""
+    directory `out` and open them. Each shard gets the source's whitened window vectors
+    as they are (bit for bit: whitening them again in other chunk sizes could round a
+    few float16 values differently) and its own search structure, chosen for its size."""
     out = Path(out)
     if shards < 1:
         raise IndexUsageError(f"--shards must be >= 1 (got {shards})")
@@ -77,25 +81,20 @@ def split_index(source: str | Path, out: str | Path, shards: int, *, progress: b
         view = src.view()
         if view.whitening is None:
             raise IndexUsageError(f"{source} holds no images yet: nothing to split")
-        _, live = src.manifest.snapshot_ids()
+        entries = src.manifest.get_many(_published_ids(view).tolist())
+        live = np.array(sorted(entries), dtype=np.int64)  # published and still in the manifest
         if len(live) < shards:
             raise IndexUsageError(f"{source} holds {len(live)} images: fewer than --shards {shards}")
-        entries = src.manifest.get_many(live.tolist())
         meta = {k: v for k, v in src.meta.items() if k != "whiten_on"}
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src.path / view.state.whitening["file"], out / SHARED_WHITENING)
         names, ranges = [], []
         for k, ids in enumerate(np.array_split(live, shards)):
             name = f"shard-{k}"
-            (out / name).mkdir()
-            shard_meta = {**meta, "shared_whitening": f"../{SHARED_WHITENING}",
-                          "shard": {"index": k, "of": shards, "ids": [int(ids[0]), int(ids[-1])]}}
-            write_text(out / name / "index.json", json.dumps(shard_meta, indent=2, sort_keys=True))
-            manifest = Manifest(out / name / "manifest.sqlite")
-            manifest.copy_entries([entries[i] for i in ids.tolist()])
-            manifest.close()
-            with Index.open(out / name) as shard:
-                shard.view()  # publishes: segments whitened with the shared whitening
+            _write_shard(out / name, view, ids, [entries[i] for i in ids.tolist()], {
+                **meta, "shared_whitening": f"../{SHARED_WHITENING}",
+                "shard": {"index": k, "of": shards, "ids": [int(ids[0]), int(ids[-1])]},
+            })
             names.append(name)
             ranges.append([int(ids[0]), int(ids[-1])])
             if progress:
@@ -104,6 +103,42 @@ def split_index(source: str | Path, out: str | Path, shards: int, *, progress: b
                                           "whitening": SHARED_WHITENING, "source": str(Path(source).resolve()),
                                           "images": int(len(live))}, indent=1))
     return ShardedIndex.open(out)
+
+
+def _published_ids(view: View) -> np.ndarray:
+    ids = np.concatenate([s.ids for s in view.segments]) if view.segments else np.empty(0, np.int64)
+    return np.setdiff1d(ids, view.dead)
+
+
+def _write_shard(directory: Path, view: View, ids: np.ndarray, entries: list, meta: dict) -> None:
+    """One shard: index.json, its manifest (ids kept), the source's vectors of `ids` as one
+    segment, the shared whitening, published; then its search structure."""
+    directory.mkdir()
+    write_text(directory / "index.json", json.dumps(meta, indent=2, sort_keys=True))
+    manifest = Manifest(directory / "manifest.sqlite")
+    manifest.copy_entries(entries)
+    generation = manifest.generation
+    manifest.close()
+    patches, dim = view.patches, view.whitening.output_dim
+
+    def rows() -> Iterator[np.ndarray]:
+        for start in range(0, len(ids), CHUNK_IMAGES):
+            chunk = ids[start:start + CHUNK_IMAGES]
+            segment, row = view.locate(chunk)
+            block = np.empty((len(chunk), patches, dim), np.float16)
+            for s in np.unique(segment).tolist():
+                at = segment == s
+                block[at] = view.segments[s].vectors.reshape(-1, patches, dim)[row[at]]
+            yield block.reshape(-1, dim)
+
+    write_segment(directory, "seg-1", ids, rows(), patches, dim)
+    shutil.copyfile(view.directory / view.state.whitening["file"], directory / "whitening-2.npz")
+    publish(directory, State(
+        generation=generation, images=len(ids), next=2, segments=[{"name": "seg-1", "images": int(len(ids))}],
+        whitening={"file": "whitening-2.npz", "images": len(ids), "sample_images": 0, "source": "shared"},
+    ))
+    with Index.open(directory) as shard:
+        shard.set_index_type(shard.index_type)  # trains the FAISS structure a shard this size gets
 
 
 class _ShardSearcher:

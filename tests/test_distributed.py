@@ -1,0 +1,256 @@
+"""Issue 11: extraction on a Ray cluster (`--ray`) and the sharded index (`retrieval split`,
+`ShardedIndex`), on one local Ray cluster started by this module (ray.init(num_cpus=2)).
+The CLI runs join it by address, as a user's commands join a cluster made by `ray start`."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from retrieval import ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchConfig
+from retrieval import cli
+from retrieval.sharded import ShardedIndex, split_index
+
+from conftest import TINY_FLAGS, make_scene, manifest_count, run_cli
+
+CONFIG = ExtractorConfig(backbone="resnet18", weights="none", input_spec=InputSpec(size=(64, 64)))
+SEARCH = SearchConfig(levels=(1, 2), pca_dim=16)
+
+try:
+    import ray
+    import ray.data  # noqa: F401
+except ImportError:
+    ray = None
+needs_ray = pytest.mark.skipif(ray is None, reason="Ray is not installed (pip install 'retrieval[ray]')")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray cluster for the module (starting one takes seconds): its address."""
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20, logging_level="WARNING")
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def _scenes(folder, n, start=300):
+    folder.mkdir(exist_ok=True)
+    for i in range(n):
+        make_scene(start + i, size=(96, 72)).save(folder / f"s{start + i:04d}.jpg")
+    return sorted(str(p) for p in folder.iterdir())
+
+
+def _descriptors(store) -> dict:
+    with sqlite3.connect(store) as conn:
+        rows = conn.execute("SELECT digest, region, data, dtype FROM descriptors").fetchall()
+    return {(d, r): np.frombuffer(b, dtype=t).astype(np.float32) for d, r, b, t in rows}
+
+
+def _hits(result) -> list:
+    return [[(h["path"], h["distance"]) for h in r["hits"]] for r in result["results"]]
+
+
+# -- usage errors (no cluster needed) --------------------------------------------------------
+def test_ray_flag_without_ray_is_a_usage_error_naming_the_extra(tmp_path, image_dir, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    idx = tmp_path / "idx"
+    code = cli.main(["build", str(idx), str(image_dir), *TINY_FLAGS, "--store", str(tmp_path / "s.sqlite"), "--ray"])
+    assert code == 2
+    assert "pip install 'retrieval[ray]'" in capsys.readouterr().err
+    assert not idx.exists() and not (tmp_path / "s.sqlite").exists()
+
+
+def test_bad_ray_address_and_bad_shard_count_are_usage_errors(tmp_path, image_dir, store_env):
+    idx = tmp_path / "idx"
+    out = run_cli("build", str(idx), str(image_dir), *TINY_FLAGS, "--ray", "nonsense")
+    assert out.returncode == 2 and "--ray takes local, auto or a cluster address" in out.stderr
+    assert not idx.exists()
+    assert run_cli("build", str(idx), str(image_dir), *TINY_FLAGS).returncode == 0
+    out = run_cli("split", str(idx), str(tmp_path / "sh"), "--shards", "7")
+    assert out.returncode == 2 and "fewer than --shards 7" in out.stderr and not (tmp_path / "sh").exists()
+    commands = cli.build_parser()._subparsers._group_actions[0].choices
+    for name in ("build", "add", "query"):
+        assert "--ray" in commands[name].format_help()
+    from classify import cli as classify_cli
+
+    commands = classify_cli.build_parser()._subparsers._group_actions[0].choices
+    assert all("--ray" in commands[name].format_help() for name in ("run", "train", "eval", "predict"))
+
+
+# -- extraction on Ray ---------------------------------------------------------------------
+@needs_ray
+def test_ray_build_equals_local_build_and_skips_bad_inputs_alike(tmp_path, cluster):
+    folder = tmp_path / "imgs"
+    paths = _scenes(folder, 10)
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("not an image")
+    (folder / "cut.jpg").write_bytes(open(paths[0], "rb").read()[:300])
+    runs = {}
+    for mode in ("local", "ray"):
+        extra = ["--ray", cluster] if mode == "ray" else []
+        out = run_cli("build", str(tmp_path / mode), str(folder), *TINY_FLAGS, "--json",
+                      "--store", str(tmp_path / f"{mode}.sqlite"), *extra)
+        assert out.returncode == 3, out.stderr  # done, some inputs skipped
+        runs[mode] = json.loads(out.stdout)
+    local, distributed = runs["local"], runs["ray"]
+    assert (distributed["added"], distributed["images"]) == (local["added"], local["images"]) == (10, 10)
+    assert sorted(map(tuple, (s.values() for s in distributed["skipped"]))) == \
+        sorted(map(tuple, (s.values() for s in local["skipped"])))
+    assert {os.path.basename(s["path"]) for s in distributed["skipped"]} == {"empty.jpg", "text.jpg", "cut.jpg"}
+    # Nothing half-added: only the ten readable images are in the store and the manifest.
+    a, b = _descriptors(tmp_path / "local.sqlite"), _descriptors(tmp_path / "ray.sqlite")
+    assert a.keys() == b.keys() and len({d for d, _ in b}) == 10
+    worst = max(float(np.abs(a[key] - b[key]).max() / np.abs(a[key]).max()) for key in a)
+    assert worst <= 1e-6
+    answers = [json.loads(run_cli("query", str(tmp_path / mode), *paths[:4], "-k", "5", "--json").stdout)
+               for mode in ("local", "ray")]
+    assert _hits(answers[0]) == _hits(answers[1])
+
+
+def _dispatched(monkeypatch) -> list[str]:
+    """Record the images each RayExtractor.extract call sends to the cluster."""
+    from retrieval import distributed
+
+    sent: list[str] = []
+    original = distributed.RayExtractor.extract
+
+    def spy(self, jobs, **kw):
+        jobs = list(jobs)
+        sent.extend(job.path for job in jobs)
+        return original(self, jobs, **kw)
+
+    monkeypatch.setattr(distributed.RayExtractor, "extract", spy)
+    return sent
+
+
+@needs_ray
+def test_ray_build_killed_then_rerun_completes_without_reextracting(tmp_path, cluster, monkeypatch):
+    folder = tmp_path / "imgs"
+    paths = _scenes(folder, 40)
+    idx, store = tmp_path / "idx", tmp_path / "s.sqlite"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "retrieval.cli", "build", str(idx), str(folder), *TINY_FLAGS,
+         "--store", str(store), "--ray", cluster],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    kill_after = random.Random().randint(1, 8)
+    deadline = time.time() + 240
+    while manifest_count(idx) < kill_after and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stored = {d for d, _ in _descriptors(store)}
+    assert len(stored) < 40, "the build finished before it was killed"
+    sent = _dispatched(monkeypatch)
+    with Index.create(idx, CONFIG, SEARCH, store=store, runtime=RuntimeConfig(batch_size=16, ray=cluster)) as index:
+        report = index.add(paths, progress=False)
+        assert report.images == 40 and index.manifest.count() == 40
+        top = index.search(paths[:3], k=1)
+    from retrieval.config import file_digest
+
+    assert len(sent) == 40 - len(stored) and not {file_digest(p) for p in sent} & stored
+    assert [r.hits[0].path for r in top] == paths[:3]
+
+
+def _describer_pids() -> list[int]:
+    """The extraction actors of this process's Ray job (not those of an earlier driver)."""
+    from ray._private import state
+
+    job = ray.get_runtime_context().get_job_id()
+    return [a["Pid"] for a in state.actors().values()
+            if "_Describer" in str(a.get("ActorClassName")) and a.get("State") == "ALIVE"
+            and a.get("JobID") == job and a.get("Pid")]
+
+
+@needs_ray
+def test_worker_killed_mid_build_still_adds_every_image(tmp_path, cluster):
+    paths = _scenes(tmp_path / "imgs", 48)
+    killed: list[int] = []
+    index = Index.create(tmp_path / "idx", CONFIG, SEARCH, store=tmp_path / "s.sqlite",
+                         runtime=RuntimeConfig(batch_size=16, ray=cluster))
+
+    def kill_a_worker() -> None:
+        deadline = time.time() + 180
+        while time.time() < deadline and not killed:
+            pids = _describer_pids()
+            if pids and manifest_count(index.path) >= 1:  # mid-build: results are coming back
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(manifest_count(index.path))
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_a_worker)
+    killer.start()
+    try:
+        report = index.add(paths, progress=False)
+    finally:
+        killer.join()
+    with index:
+        assert killed and killed[0] < 48, "no worker was killed mid-build"
+        assert (report.added, report.images, report.skipped) == (48, 48, [])
+        assert [r.hits[0].path for r in index.search(paths[::12], k=1)] == paths[::12]
+
+
+# -- the sharded index -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sharded_pair(tmp_path_factory):
+    """An index of 36 images, its 3 shards, and 20 queries (12 indexed images, 8 new ones)."""
+    base = tmp_path_factory.mktemp("shards")
+    paths = _scenes(base / "imgs", 36)
+    queries = paths[::3] + _scenes(base / "queries", 8, start=900)
+    with Index.create(base / "idx", CONFIG, SEARCH, store=base / "s.sqlite") as idx:
+        idx.add(paths, progress=False)
+        idx.remove(paths[5:7])  # tombstones and a hole in the ids must not matter
+    split_index(base / "idx", base / "sh", 3).close()
+    return base / "idx", base / "sh", queries
+
+
+def _top(results) -> list:
+    return [[(h.id, h.path, h.distance, h.query_box, h.db_box) for h in r.hits] for r in results]
+
+
+def test_three_shards_return_the_unsharded_top_k_in_threads(sharded_pair):
+    whole, sharded, queries = sharded_pair
+    with Index.open(whole) as idx, ShardedIndex.open(sharded) as shards:
+        assert [s["images"] for s in shards.info()["shards"]] == [12, 11, 11]
+        for k in (1, 10, None):
+            assert _top(shards.search(queries, k=k)) == _top(idx.search(queries, k=k))
+        assert len(shards.search(queries, k=None)[0].hits) == 34
+
+
+def test_a_shard_with_another_whitening_is_refused(sharded_pair, tmp_path):
+    _, sharded, _ = sharded_pair
+    from retrieval.index import IndexUsageError
+
+    with Index.create(tmp_path / "other", CONFIG, SEARCH, store=tmp_path / "s.sqlite") as other:
+        other.add(_scenes(tmp_path / "imgs", 4, start=700), progress=False)  # its own whitening
+    with pytest.raises(IndexUsageError, match="another whitening"):
+        ShardedIndex([sharded / "shard-0", tmp_path / "other"])
+    out = run_cli("add", str(sharded / "shard-1"), str(tmp_path))
+    assert out.returncode == 2 and "shard of a split index" in out.stderr
+
+
+@needs_ray
+def test_three_shards_on_ray_actors_match_and_survive_a_killed_actor(sharded_pair, cluster):
+    whole, sharded, queries = sharded_pair
+    with Index.open(whole) as idx, ShardedIndex.open(sharded, ray=cluster) as shards:
+        want = _top(idx.search(queries, k=10))
+        assert _top(shards.search(queries, k=10)) == want
+        pids = shards.shard_pids()
+        assert len(set(pids)) == 3 and os.getpid() not in pids
+        os.kill(pids[1], signal.SIGKILL)
+        assert _top(shards.search(queries, k=10)) == want  # restarted from its directory
+        assert shards.shard_pids()[1] != pids[1]
+    out = run_cli("query", str(sharded), *queries[:2], "-k", "5", "--json", "--ray", cluster)
+    assert out.returncode == 0, out.stderr
+    assert [[h[1] for h in r[:5]] for r in want[:2]] == \
+        [[h["path"] for h in r["hits"]] for r in json.loads(out.stdout)["results"]]
