@@ -56,8 +56,8 @@ def _descriptors(store) -> dict:
     return {(d, r): np.frombuffer(b, dtype=t).astype(np.float32) for d, r, b, t in rows}
 
 
-def _hits(result) -> list:
-    return [[(h["path"], h["distance"]) for h in r["hits"]] for r in result["results"]]
+def _top(results) -> list:
+    return [[(h.id, h.path, h.distance, h.query_box, h.db_box) for h in r.hits] for r in results]
 
 
 # -- usage errors (no cluster needed) --------------------------------------------------------
@@ -112,9 +112,8 @@ def test_ray_build_equals_local_build_and_skips_bad_inputs_alike(tmp_path, clust
     assert a.keys() == b.keys() and len({d for d, _ in b}) == 10
     worst = max(float(np.abs(a[key] - b[key]).max() / np.abs(a[key]).max()) for key in a)
     assert worst <= 1e-6
-    answers = [json.loads(run_cli("query", str(tmp_path / mode), *paths[:4], "-k", "5", "--json").stdout)
-               for mode in ("local", "ray")]
-    assert _hits(answers[0]) == _hits(answers[1])
+    with Index.open(tmp_path / "local") as plain, Index.open(tmp_path / "ray") as distributed_index:
+        assert _top(distributed_index.search(paths[:4], k=5)) == _top(plain.search(paths[:4], k=5))
 
 
 def _dispatched(monkeypatch) -> list[str]:
@@ -212,10 +211,6 @@ def sharded_pair(tmp_path_factory):
         idx.remove(paths[5:7])  # tombstones and a hole in the ids must not matter
     split_index(base / "idx", base / "sh", 3).close()
     return base / "idx", base / "sh", queries
-
-
-def _top(results) -> list:
-    return [[(h.id, h.path, h.distance, h.query_box, h.db_box) for h in r.hits] for r in results]
 
 
 def test_three_shards_return_the_unsharded_top_k_in_threads(sharded_pair):
