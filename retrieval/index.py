@@ -197,6 +197,11 @@ class Index:
         path = Path(path)
         meta_file = path / "index.json"
         if not meta_file.is_file():
+            if (path / "shards.json").is_file():
+                raise IndexUsageError(
+                    f"{path} holds the shards of a split index: `retrieval query` and `info` take it "
+                    "(Python: retrieval.sharded.ShardedIndex); add to or remove from the source index, then split again"
+                )
             raise IndexUsageError(f"{path} is not an index (no index.json); create one with `retrieval build`")
         try:
             meta = json.loads(meta_file.read_text())

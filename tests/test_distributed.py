@@ -222,7 +222,7 @@ def test_three_shards_return_the_unsharded_top_k_in_threads(sharded_pair):
         assert len(shards.search(queries, k=None)[0].hits) == 34
 
 
-def test_a_shard_with_another_whitening_is_refused(sharded_pair, tmp_path):
+def test_shards_with_another_whitening_and_changes_to_shards_are_refused(sharded_pair, tmp_path):
     _, sharded, _ = sharded_pair
     from retrieval.index import IndexUsageError
 
@@ -232,6 +232,8 @@ def test_a_shard_with_another_whitening_is_refused(sharded_pair, tmp_path):
         ShardedIndex([sharded / "shard-0", tmp_path / "other"])
     out = run_cli("add", str(sharded / "shard-1"), str(tmp_path))
     assert out.returncode == 2 and "shard of a split index" in out.stderr
+    out = run_cli("remove", str(sharded), str(tmp_path))
+    assert out.returncode == 2 and "holds the shards of a split index" in out.stderr
 
 
 @needs_ray
