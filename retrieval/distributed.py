@@ -108,8 +108,10 @@ class RayExtractor(Extractor):
         # per-operator lines on top of it.
         context.execution_options.preserve_order, context.enable_progress_bars = True, False
         # No execution plan per run on stderr, nor the notice that Ray's bars are off.
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+        loggers = {name: logging.getLogger(name) for name in ("ray.data", "ray.data._internal.progress")}
+        levels = {name: log.level for name, log in loggers.items()}
+        loggers["ray.data"].setLevel(logging.WARNING)
+        loggers["ray.data._internal.progress"].setLevel(logging.ERROR)
         bar = tqdm(total=len(jobs), desc=f"{desc} (ray: {placement['actors']} actors)", unit="img",
                    disable=not progress, leave=False)
         try:
@@ -144,6 +146,8 @@ class RayExtractor(Extractor):
                 raise RuntimeError(f"Ray returned {expected} of {len(jobs)} images")
         finally:
             context.execution_options.preserve_order, context.enable_progress_bars = saved
+            for name, level in levels.items():
+                loggers[name].setLevel(level)
             bar.close()
 
 

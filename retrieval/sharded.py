@@ -193,25 +193,31 @@ class ShardedIndex:
             raise IndexUsageError("a sharded index needs at least one shard")
         self.paths = [Path(s).resolve() for s in shards]
         self.path: Path | None = None  # the directory holding the shards, when opened from one
-        self.runtime = runtime or RuntimeConfig()
+        runtime = runtime or RuntimeConfig()
+        # Queries are described here, never on the cluster: `ray` serves the shards only.
+        self.runtime = RuntimeConfig(runtime.device, runtime.batch_size, runtime.workers)
         self.ray = ray
-        # The driver describes and whitens the queries with the first shard's configuration.
-        self._front = Index.open(self.paths[0], runtime=RuntimeConfig(self.runtime.device, self.runtime.batch_size,
-                                                                      self.runtime.workers))
-        for p in self.paths[1:]:
-            with Index.open(p) as other:
-                if other.meta["extractor"] != self._front.meta["extractor"] or other.meta["search"] != self._front.meta["search"]:
-                    raise IndexUsageError(f"shard {p} has another extractor or search configuration than {self.paths[0]}")
         self._actors: list = []
         self._pools: list[cf.ThreadPoolExecutor] = []
         self._local: list[_ShardSearcher] = []
-        if ray:
-            self._start_actors()
-        else:
-            # One thread per shard, always the same: SQLite connections stay in their thread.
-            self._pools = [cf.ThreadPoolExecutor(1, thread_name_prefix=f"shard{i}") for i in range(len(self.paths))]
-            self._local = [pool.submit(_ShardSearcher, str(p)).result() for pool, p in zip(self._pools, self.paths)]
-        self.whitening = self._check_whitening()
+        # The driver describes and whitens the queries with the first shard's configuration.
+        self._front = Index.open(self.paths[0], runtime=self.runtime)
+        try:
+            for p in self.paths[1:]:
+                with Index.open(p) as other:
+                    if (other.meta["extractor"], other.meta["search"]) != (self._front.meta["extractor"], self._front.meta["search"]):
+                        raise IndexUsageError(f"shard {p} has another extractor or search configuration than {self.paths[0]}")
+            if ray:
+                self._start_actors()
+            else:
+                # One thread per shard, always the same: SQLite connections stay in their thread.
+                self._pools = [cf.ThreadPoolExecutor(1, thread_name_prefix=f"shard{i}") for i in range(len(self.paths))]
+                self._local = [pool.submit(_ShardSearcher, str(p), self.runtime).result()
+                               for pool, p in zip(self._pools, self.paths)]
+            self.whitening = self._check_whitening()
+        except BaseException:
+            self.close()
+            raise
 
     @classmethod
     def open(cls, path: str | Path, *, runtime: RuntimeConfig | None = None, ray: str | None = None) -> "ShardedIndex":
@@ -348,6 +354,7 @@ class ShardedIndex:
             self._actors = []
         for pool, s in zip(self._pools, self._local):
             pool.submit(s.close).result()
+        for pool in self._pools:
             pool.shutdown()
         self._pools, self._local = [], []
         self._front.close()

@@ -116,6 +116,23 @@ def test_ray_build_equals_local_build_and_skips_bad_inputs_alike(tmp_path, clust
         assert _top(distributed_index.search(paths[:4], k=5)) == _top(plain.search(paths[:4], k=5))
 
 
+@needs_ray
+def test_classify_vectors_on_ray_equal_local_ones(tmp_path, cluster):
+    """classify's 12-crop jitter (mirrored windows) through the Ray path."""
+    from classify.features import image_vectors
+    from retrieval import FeatureStore
+    from retrieval.extractor import make_extractor
+
+    paths = _scenes(tmp_path / "imgs", 3)
+    tables = []
+    for name, runtime in (("local", RuntimeConfig(batch_size=16)), ("ray", RuntimeConfig(batch_size=16, ray=cluster))):
+        with FeatureStore.open(tmp_path / f"{name}.sqlite") as store:
+            tables.append(image_vectors(paths, make_extractor(CONFIG, runtime), store, 12, progress=False))
+    assert tables[0].extracted == tables[1].extracted == 3
+    for path in paths:
+        np.testing.assert_array_equal(tables[0].vectors[path], tables[1].vectors[path])
+
+
 def _dispatched(monkeypatch) -> list[str]:
     """Record the images each RayExtractor.extract call sends to the cluster."""
     from retrieval import distributed
