@@ -8,11 +8,13 @@ For each N it writes N small files, puts synthetic raw descriptors for them in a
 `FeatureStore` (as `retrieval build` would after extraction: levels 1-4, 30 windows,
 float16), then measures what a user would see:
 
-- build: `Index.create` + `Index.add` of all N (seconds, peak RSS of this process);
+- build: `Index.create` + `Index.add` of all N (seconds; peak RSS of this process, and
+  its anonymous and file-backed parts apart);
 - disk bytes per image: the feature store and the index directory apart;
 - `add` of 1,000 more images and `remove` of 1,000 (seconds);
 - p50 / p95 latency of `Index.search` (one query at a time, its descriptors already
-  stored), and recall@10 against exact kernel scoring of every image
+  stored) after `Index.warm(wait=True)` as `retrieval serve` does at start (and, before
+  it, with the page cache as the build left it), and recall@10 against exact kernel scoring of every image
   (`search(..., exact_limit=huge)`);
 - beside it, on the same window vectors and queries, FastPLAID
   (`benchmarks/fastplaid_peer.py`, in its own venv: run it once with `--setup`), up to
@@ -35,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -122,6 +125,50 @@ def _rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+class MemorySampler:
+    """Peak anonymous and file-backed resident memory of this process, sampled 4x a second.
+
+    ru_maxrss adds both: file-backed pages are mapped file contents (segments, FAISS
+    reads) the kernel can drop at any time, anonymous pages are what the process holds.
+    """
+
+    def __init__(self) -> None:
+        self.peak = {"RssAnon": 0, "RssFile": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                key = line.split(":", 1)[0]
+                if key in self.peak:
+                    self.peak[key] = max(self.peak[key], int(line.split()[1]) * 1024)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            self._sample()
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        return {"anon_gib": round(self.peak["RssAnon"] / 2**30, 2), "file_gib": round(self.peak["RssFile"] / 2**30, 2)}
+
+
+def _latencies(index: Index, queries: list[str]) -> tuple[list[float], list]:
+    times, results = [], []
+    for q in queries:
+        t = time.perf_counter()
+        results.append(index.search([q], k=10)[0])
+        times.append(time.perf_counter() - t)
+    return times, results
+
+
+def _ms(times: list[float], q: int) -> float:
+    return round(1000 * float(np.percentile(times, q)), 2)
+
+
 def run_one(n: int, args, work: Path) -> dict:
     gen = Generator(args.raw_dim, args.group, args.hard)
     base = work / f"n{n}"
@@ -139,16 +186,19 @@ def run_one(n: int, args, work: Path) -> dict:
                                range(0, n_groups, max(1, n_groups // args.queries))[: args.queries], "qry")
     prepare_s = time.perf_counter() - t
 
+    sampler = MemorySampler()
     t = time.perf_counter()
     index = Index.create(base / "index", CONFIG, SearchConfig(levels=LEVELS, pca_dim=args.pca_dim),
                          store=store_path, index_type=args.index_type)
     index.add(images, progress=not args.quiet)
     build_s = time.perf_counter() - t
     build_rss = _rss_gib()
+    build_mem = sampler.stop()
     info = index.info()
     row = {
         "images": n, "raw_dim": args.raw_dim, "hard": args.hard, "prepare_s": round(prepare_s, 1),
         "build_s": round(build_s, 1), "build_peak_rss_gib": round(build_rss, 2),
+        "build_peak_anon_gib": build_mem["anon_gib"], "build_peak_file_gib": build_mem["file_gib"],
         "store_bytes_per_image": round(_du(store_path) / (n + 1000 + len(queries))),
         "index_bytes_per_image": round(_du(base / "index") / n),
         "structure": info["structure"], "segments": info["segments"], "dim": info["dim"],
@@ -161,20 +211,20 @@ def run_one(n: int, args, work: Path) -> dict:
     index.remove(extra)
     row["remove_1000_s"] = round(time.perf_counter() - t, 2)
 
-    index.search(queries[:1], k=10)  # warm: loads the structures once, as a server would
-    latencies, approx = [], []
-    for q in queries:
-        t = time.perf_counter()
-        approx.append(index.search([q], k=10)[0])
-        latencies.append(time.perf_counter() - t)
+    index.search(queries[:1], k=10)  # loads the view and the FAISS structure
+    first, _ = _latencies(index, queries)  # the page cache as the build left it
+    t = time.perf_counter()
+    row["warm_bytes"] = index.warm(wait=True)  # as `retrieval serve` does at start
+    row["warm_s"] = round(time.perf_counter() - t, 1)
+    latencies, approx = _latencies(index, queries)
     exact = [index.search([q], k=10, exact_limit=10**12)[0] for q in queries]
     recall = np.mean([len({h.id for h in a.hits} & {h.id for h in e.hits}) / 10 for a, e in zip(approx, exact)])
     planted = np.mean([e.hits[0].id - 1 < n and (e.hits[0].id - 1) // args.group == i
                        for i, e in zip(range(0, n_groups, max(1, n_groups // args.queries)), exact)])
     row.update({
         "queries": len(queries),
-        "p50_ms": round(1000 * float(np.percentile(latencies, 50)), 2),
-        "p95_ms": round(1000 * float(np.percentile(latencies, 95)), 2),
+        "p50_ms": _ms(latencies, 50), "p95_ms": _ms(latencies, 95),
+        "unwarmed_p50_ms": _ms(first, 50), "unwarmed_p95_ms": _ms(first, 95),
         "recall@10": round(float(recall), 4),
         "exact_top1_in_group": round(float(planted), 3),
         "peak_rss_gib": round(_rss_gib(), 2),
@@ -291,10 +341,12 @@ def main(argv: list[str] | None = None) -> int:
         row = run_one(n, args, work)
         rows.append(row)
         peer = row.get("fastplaid") or {}
-        print(f"N={n}: build {row['build_s']} s, peak {row['build_peak_rss_gib']} GiB, "
+        print(f"N={n}: build {row['build_s']} s, peak {row['build_peak_rss_gib']} GiB "
+              f"(anon {row['build_peak_anon_gib']}, file {row['build_peak_file_gib']}), "
               f"{row['store_bytes_per_image']} + {row['index_bytes_per_image']} B/img, "
               f"add 1000 {row['add_1000_s']} s, remove 1000 {row['remove_1000_s']} s, "
-              f"p50 {row['p50_ms']} ms, p95 {row['p95_ms']} ms, recall@10 {row['recall@10']} "
+              f"p50 {row['p50_ms']} ms, p95 {row['p95_ms']} ms (before warm: {row['unwarmed_p50_ms']} / "
+              f"{row['unwarmed_p95_ms']}), recall@10 {row['recall@10']} "
               f"[{row['structure']['search']} {row['structure']['factory'] or ''}]"
               + "".join(f"; nprobe {g['nprobe']} per-patch {g['per_patch']}: p50 {g['p50_ms']} ms, "
                         f"recall@10 {g['recall@10']}" for g in row["grid"])
