@@ -170,8 +170,25 @@ def _ms(times: list[float], q: int) -> float:
 
 
 def run_one(n: int, args, work: Path) -> dict:
-    gen = Generator(args.raw_dim, args.group, args.hard)
     base = work / f"n{n}"
+    n_groups = max(1, n // args.group)
+    if args.reuse and (base / "build.json").exists():
+        # Measure search again on an index built by an earlier run (--keep), e.g. on a
+        # quieter machine: the build columns are that run's.
+        row = json.loads((base / "build.json").read_text())
+        index = Index.open(base / "index")
+        images, extra, queries = ([str(p) for p in sorted((base / sub).iterdir())] for sub in ("images", "extra", "queries"))
+    else:
+        index, row, images, extra, queries = build(n, args, base, n_groups)
+    run_queries(index, row, args, n, n_groups, extra, queries, base)
+    index.close()
+    if not args.keep:
+        shutil.rmtree(base, ignore_errors=True)
+    return row
+
+
+def build(n: int, args, base: Path, n_groups: int):
+    gen = Generator(args.raw_dim, args.group, args.hard)
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
     store_path = base / "store.sqlite"
@@ -181,7 +198,6 @@ def run_one(n: int, args, work: Path) -> dict:
         store.register_config(key, CONFIG.to_dict())
         images = write_images(base / "images", store, key, gen, range(n), "img")
         extra = write_images(base / "extra", store, key, gen, range(n, n + 1000), "img")
-        n_groups = max(1, n // args.group)
         queries = write_images(base / "queries", store, key, gen,
                                range(0, n_groups, max(1, n_groups // args.queries))[: args.queries], "qry")
     prepare_s = time.perf_counter() - t
@@ -204,6 +220,11 @@ def run_one(n: int, args, work: Path) -> dict:
         "structure": info["structure"], "segments": info["segments"], "dim": info["dim"],
         "whitening": info["whitening"],
     }
+    (base / "build.json").write_text(json.dumps(row))
+    return index, row, images, extra, queries
+
+
+def run_queries(index: Index, row: dict, args, n: int, n_groups: int, extra: list[str], queries: list[str], base: Path) -> None:
     t = time.perf_counter()
     index.add(extra, progress=False)
     row["add_1000_s"] = round(time.perf_counter() - t, 2)
@@ -228,6 +249,7 @@ def run_one(n: int, args, work: Path) -> dict:
         "recall@10": round(float(recall), 4),
         "exact_top1_in_group": round(float(planted), 3),
         "peak_rss_gib": round(_rss_gib(), 2),
+        "load_1min": round(os.getloadavg()[0], 1),  # other processes on the cores inflate latencies
     })
     row["grid"] = []
     for nprobe, per_patch in args.grid:
@@ -241,10 +263,6 @@ def run_one(n: int, args, work: Path) -> dict:
                             "p50_ms": round(1000 * float(np.percentile(times, 50)), 2)})
     if n <= args.peer_max:
         row["fastplaid"] = run_peer(index, queries, exact, base, args)
-    index.close()
-    if not args.keep:
-        shutil.rmtree(base, ignore_errors=True)
-    return row
 
 
 def run_peer(index: Index, queries: list[str], exact, base: Path, args) -> dict:
@@ -318,7 +336,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="also measure these search settings, e.g. 8:64,16:64,16:128")
     p.add_argument("--peer-max", type=int, default=20_000, help="run FastPLAID up to this N (0: never)")
     p.add_argument("--workdir", help="where the files, store and index go (default: a temp folder)")
-    p.add_argument("--keep", action="store_true", help="keep each N's files")
+    p.add_argument("--keep", action="store_true", help="keep each N's files (for a later --reuse)")
+    p.add_argument("--reuse", action="store_true",
+                   help="where --workdir holds an index kept from an earlier run for N, measure search on it "
+                        "instead of building again (the build columns are the earlier run's)")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--plot", help="PNG of p50 latency against N")
     p.add_argument("--quiet", action="store_true")
