@@ -8,11 +8,13 @@ For each N it writes N small files, puts synthetic raw descriptors for them in a
 `FeatureStore` (as `retrieval build` would after extraction: levels 1-4, 30 windows,
 float16), then measures what a user would see:
 
-- build: `Index.create` + `Index.add` of all N (seconds, peak RSS of this process);
+- build: `Index.create` + `Index.add` of all N (seconds; peak RSS of this process, and
+  its anonymous and file-backed parts apart);
 - disk bytes per image: the feature store and the index directory apart;
 - `add` of 1,000 more images and `remove` of 1,000 (seconds);
 - p50 / p95 latency of `Index.search` (one query at a time, its descriptors already
-  stored), and recall@10 against exact kernel scoring of every image
+  stored) after `Index.warm(wait=True)` as `retrieval serve` does at start (and, before
+  it, with the page cache as the build left it), and recall@10 against exact kernel scoring of every image
   (`search(..., exact_limit=huge)`);
 - beside it, on the same window vectors and queries, FastPLAID
   (`benchmarks/fastplaid_peer.py`, in its own venv: run it once with `--setup`), up to
@@ -35,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -122,9 +125,70 @@ def _rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+class MemorySampler:
+    """Peak anonymous and file-backed resident memory of this process, sampled 4x a second.
+
+    ru_maxrss adds both: file-backed pages are mapped file contents (segments, FAISS
+    reads) the kernel can drop at any time, anonymous pages are what the process holds.
+    """
+
+    def __init__(self) -> None:
+        self.peak = {"RssAnon": 0, "RssFile": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                key = line.split(":", 1)[0]
+                if key in self.peak:
+                    self.peak[key] = max(self.peak[key], int(line.split()[1]) * 1024)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            self._sample()
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        return {"anon_gib": round(self.peak["RssAnon"] / 2**30, 2), "file_gib": round(self.peak["RssFile"] / 2**30, 2)}
+
+
+def _latencies(index: Index, queries: list[str]) -> tuple[list[float], list]:
+    times, results = [], []
+    for q in queries:
+        t = time.perf_counter()
+        results.append(index.search([q], k=10)[0])
+        times.append(time.perf_counter() - t)
+    return times, results
+
+
+def _ms(times: list[float], q: int) -> float:
+    return round(1000 * float(np.percentile(times, q)), 2)
+
+
 def run_one(n: int, args, work: Path) -> dict:
-    gen = Generator(args.raw_dim, args.group, args.hard)
     base = work / f"n{n}"
+    n_groups = max(1, n // args.group)
+    if args.reuse and (base / "build.json").exists():
+        # Measure search again on an index built by an earlier run (--keep), e.g. on a
+        # quieter machine: the build columns are that run's.
+        row = json.loads((base / "build.json").read_text())
+        index = Index.open(base / "index")
+        images, extra, queries = ([str(p) for p in sorted((base / sub).iterdir())] for sub in ("images", "extra", "queries"))
+    else:
+        index, row, images, extra, queries = build(n, args, base, n_groups)
+    run_queries(index, row, args, n, n_groups, extra, queries, base)
+    index.close()
+    if not args.keep:
+        shutil.rmtree(base, ignore_errors=True)
+    return row
+
+
+def build(n: int, args, base: Path, n_groups: int):
+    gen = Generator(args.raw_dim, args.group, args.hard)
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
     store_path = base / "store.sqlite"
@@ -134,26 +198,33 @@ def run_one(n: int, args, work: Path) -> dict:
         store.register_config(key, CONFIG.to_dict())
         images = write_images(base / "images", store, key, gen, range(n), "img")
         extra = write_images(base / "extra", store, key, gen, range(n, n + 1000), "img")
-        n_groups = max(1, n // args.group)
         queries = write_images(base / "queries", store, key, gen,
                                range(0, n_groups, max(1, n_groups // args.queries))[: args.queries], "qry")
     prepare_s = time.perf_counter() - t
 
+    sampler = MemorySampler()
     t = time.perf_counter()
     index = Index.create(base / "index", CONFIG, SearchConfig(levels=LEVELS, pca_dim=args.pca_dim),
                          store=store_path, index_type=args.index_type)
     index.add(images, progress=not args.quiet)
     build_s = time.perf_counter() - t
     build_rss = _rss_gib()
+    build_mem = sampler.stop()
     info = index.info()
     row = {
         "images": n, "raw_dim": args.raw_dim, "hard": args.hard, "prepare_s": round(prepare_s, 1),
         "build_s": round(build_s, 1), "build_peak_rss_gib": round(build_rss, 2),
+        "build_peak_anon_gib": build_mem["anon_gib"], "build_peak_file_gib": build_mem["file_gib"],
         "store_bytes_per_image": round(_du(store_path) / (n + 1000 + len(queries))),
         "index_bytes_per_image": round(_du(base / "index") / n),
         "structure": info["structure"], "segments": info["segments"], "dim": info["dim"],
         "whitening": info["whitening"],
     }
+    (base / "build.json").write_text(json.dumps(row))
+    return index, row, images, extra, queries
+
+
+def run_queries(index: Index, row: dict, args, n: int, n_groups: int, extra: list[str], queries: list[str], base: Path) -> None:
     t = time.perf_counter()
     index.add(extra, progress=False)
     row["add_1000_s"] = round(time.perf_counter() - t, 2)
@@ -161,23 +232,24 @@ def run_one(n: int, args, work: Path) -> dict:
     index.remove(extra)
     row["remove_1000_s"] = round(time.perf_counter() - t, 2)
 
-    index.search(queries[:1], k=10)  # warm: loads the structures once, as a server would
-    latencies, approx = [], []
-    for q in queries:
-        t = time.perf_counter()
-        approx.append(index.search([q], k=10)[0])
-        latencies.append(time.perf_counter() - t)
+    index.search(queries[:1], k=10)  # loads the view and the FAISS structure
+    first, _ = _latencies(index, queries)  # the page cache as the build left it
+    t = time.perf_counter()
+    row["warm_bytes"] = index.warm(wait=True)  # as `retrieval serve` does at start
+    row["warm_s"] = round(time.perf_counter() - t, 1)
+    latencies, approx = _latencies(index, queries)
     exact = [index.search([q], k=10, exact_limit=10**12)[0] for q in queries]
     recall = np.mean([len({h.id for h in a.hits} & {h.id for h in e.hits}) / 10 for a, e in zip(approx, exact)])
     planted = np.mean([e.hits[0].id - 1 < n and (e.hits[0].id - 1) // args.group == i
                        for i, e in zip(range(0, n_groups, max(1, n_groups // args.queries)), exact)])
     row.update({
         "queries": len(queries),
-        "p50_ms": round(1000 * float(np.percentile(latencies, 50)), 2),
-        "p95_ms": round(1000 * float(np.percentile(latencies, 95)), 2),
+        "p50_ms": _ms(latencies, 50), "p95_ms": _ms(latencies, 95),
+        "unwarmed_p50_ms": _ms(first, 50), "unwarmed_p95_ms": _ms(first, 95),
         "recall@10": round(float(recall), 4),
         "exact_top1_in_group": round(float(planted), 3),
         "peak_rss_gib": round(_rss_gib(), 2),
+        "load_1min": round(os.getloadavg()[0], 1),  # other processes on the cores inflate latencies
     })
     row["grid"] = []
     for nprobe, per_patch in args.grid:
@@ -191,10 +263,6 @@ def run_one(n: int, args, work: Path) -> dict:
                             "p50_ms": round(1000 * float(np.percentile(times, 50)), 2)})
     if n <= args.peer_max:
         row["fastplaid"] = run_peer(index, queries, exact, base, args)
-    index.close()
-    if not args.keep:
-        shutil.rmtree(base, ignore_errors=True)
-    return row
 
 
 def run_peer(index: Index, queries: list[str], exact, base: Path, args) -> dict:
@@ -268,7 +336,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="also measure these search settings, e.g. 8:64,16:64,16:128")
     p.add_argument("--peer-max", type=int, default=20_000, help="run FastPLAID up to this N (0: never)")
     p.add_argument("--workdir", help="where the files, store and index go (default: a temp folder)")
-    p.add_argument("--keep", action="store_true", help="keep each N's files")
+    p.add_argument("--keep", action="store_true", help="keep each N's files (for a later --reuse)")
+    p.add_argument("--reuse", action="store_true",
+                   help="where --workdir holds an index kept from an earlier run for N, measure search on it "
+                        "instead of building again (the build columns are the earlier run's)")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--plot", help="PNG of p50 latency against N")
     p.add_argument("--quiet", action="store_true")
@@ -291,10 +362,12 @@ def main(argv: list[str] | None = None) -> int:
         row = run_one(n, args, work)
         rows.append(row)
         peer = row.get("fastplaid") or {}
-        print(f"N={n}: build {row['build_s']} s, peak {row['build_peak_rss_gib']} GiB, "
+        print(f"N={n}: build {row['build_s']} s, peak {row['build_peak_rss_gib']} GiB "
+              f"(anon {row['build_peak_anon_gib']}, file {row['build_peak_file_gib']}), "
               f"{row['store_bytes_per_image']} + {row['index_bytes_per_image']} B/img, "
               f"add 1000 {row['add_1000_s']} s, remove 1000 {row['remove_1000_s']} s, "
-              f"p50 {row['p50_ms']} ms, p95 {row['p95_ms']} ms, recall@10 {row['recall@10']} "
+              f"p50 {row['p50_ms']} ms, p95 {row['p95_ms']} ms (before warm: {row['unwarmed_p50_ms']} / "
+              f"{row['unwarmed_p95_ms']}), recall@10 {row['recall@10']} "
               f"[{row['structure']['search']} {row['structure']['factory'] or ''}]"
               + "".join(f"; nprobe {g['nprobe']} per-patch {g['per_patch']}: p50 {g['p50_ms']} ms, "
                         f"recall@10 {g['recall@10']}" for g in row["grid"])

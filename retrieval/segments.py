@@ -41,23 +41,53 @@ class Segment:
     def images(self) -> int:
         return len(self.ids)
 
+    def read(self, images: np.ndarray, patches: int) -> np.ndarray:
+        """The rows of the given image positions (sorted), read with plain file reads.
+
+        Bulk passes (merges, FAISS appends) read this way instead of through the memory
+        map: mapped pages count in the process's resident memory until the kernel drops
+        them, and a pass over a million images would touch every page of 15 GB.
+        """
+        images = np.asarray(images, dtype=np.int64)
+        dim = self.vectors.shape[1]
+        if not len(images):
+            return np.empty((0, dim), DTYPE)
+        width = patches * dim
+
+        def span(first: int, last: int) -> np.ndarray:
+            fh.seek(self.vectors.offset + first * width * np.dtype(DTYPE).itemsize)
+            return np.fromfile(fh, dtype=DTYPE, count=(last - first) * width).reshape(last - first, width)
+
+        first, last = int(images[0]), int(images[-1]) + 1
+        with open(self.vectors.filename, "rb") as fh:
+            if last - first > 2 * len(images):  # scattered (a sample): one read per image
+                return np.concatenate([span(i, i + 1) for i in images.tolist()]).reshape(-1, dim)
+            return span(first, last)[images - first].reshape(-1, dim)
+
 
 def write_segment(directory: Path, name: str, ids: np.ndarray, chunks: Iterable[np.ndarray],
                   patches: int, dim: int) -> None:
-    """Write `seg` files from float vector chunks (in id order) totalling len(ids) * patches rows."""
+    """Write `seg` files from float vector chunks (in id order) totalling len(ids) * patches rows.
+
+    Streamed with plain writes rather than into a writable memory map, whose dirty pages
+    would count in the writer's resident memory for the whole (up to 15 GB) file.
+    """
     ids = np.asarray(ids, dtype=np.int64)
     rows = len(ids) * patches
-    with replacing(directory / f"{name}.npy") as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=DTYPE, shape=(rows, dim))
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(DTYPE)), "fortran_order": False, "shape": (rows, dim)}
+    with replacing(directory / f"{name}.npy") as tmp, open(tmp, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, header)
         at = 0
         for chunk in chunks:
-            out[at:at + len(chunk)] = chunk
+            chunk = np.ascontiguousarray(chunk, dtype=DTYPE)
+            if chunk.ndim != 2 or chunk.shape[1] != dim:
+                raise RuntimeError(f"segment {name}: a chunk of shape {chunk.shape}, expected (n, {dim})")
+            fh.write(chunk.tobytes())
             at += len(chunk)
         if at != rows:
             raise RuntimeError(f"segment {name}: {at} vector rows written, {rows} expected")
-        out.flush()
-        del out
-        save_npy(directory / f"{name}.ids.npy", ids)
+        fh.flush()
+    save_npy(directory / f"{name}.ids.npy", ids)
 
 
 def open_segment(directory: Path, name: str, images: int, patches: int, dim: int) -> Segment:

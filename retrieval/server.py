@@ -116,7 +116,7 @@ class IndexWorker:
         idx = Index.open(index_dir, runtime=runtime)
         try:
             idx.extractor.load()  # the first query should not pay for loading the network
-            idx.search([])  # ... nor for loading the published vectors and FAISS index
+            idx.warm()  # ... nor for loading the published vectors, FAISS, or cold disk pages
         except BaseException:
             idx.close()
             raise

@@ -12,11 +12,14 @@ and one d x d matrix, whatever the sample.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import zipfile
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from .fileio import replacing
 
@@ -24,6 +27,10 @@ from .fileio import replacing
 # identity (L2 only). Above, shrinkage = min(1, SHRINK_SCALE * d / n) (RESULTS.md, whitening).
 MIN_WINDOWS_PER_DIM = 0.05
 SHRINK_SCALE = 4.0
+# Up to this many rows (a query's windows) the projection runs on one BLAS thread: waking
+# the others cost more than the product (RESULTS.md section 8: 67 ms against 2 ms for a
+# 30 x 1280 query on 2 busy cores); the writer's chunks of thousands of rows use them all.
+SINGLE_THREAD_ROWS = 1024
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -96,7 +103,8 @@ class PCAWhitening:
         x = l2_normalize(x)
         if self.projection_ is None:
             return x
-        return (x - self.mean_) @ self.projection_
+        with _one_blas_thread() if len(x) <= SINGLE_THREAD_ROWS else contextlib.nullcontext():
+            return (x - self.mean_) @ self.projection_
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         """Raw descriptors -> L2 -> PCA-whiten -> L2, float32 [n, dim_]."""
@@ -149,3 +157,12 @@ class PCAWhitening:
         if obj.projection_ is not None and obj.projection_.shape != (obj.input_dim_, obj.dim_):
             raise ValueError(f"{path} is damaged: projection shape {obj.projection_.shape}")
         return obj
+
+
+@functools.lru_cache(maxsize=1)
+def _blas() -> ThreadpoolController:
+    return ThreadpoolController()  # inspects the loaded libraries once (about 15 ms)
+
+
+def _one_blas_thread():
+    return _blas().limit(limits=1, user_api="blas")

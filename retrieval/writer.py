@@ -189,11 +189,7 @@ class _Writer:
             if not picks:
                 return
             ids = np.concatenate([opened[i].ids[alive[i]] for i in picks])
-            chunks = (
-                opened[i].vectors.reshape(opened[i].images, self.patches, dim)[rows].reshape(-1, dim)
-                for i in picks
-                for rows in _chunks(np.flatnonzero(alive[i]))
-            )
+            chunks = (opened[i].read(rows, self.patches) for i in picks for rows in _chunks(np.flatnonzero(alive[i])))
             name = state.new_name("seg")
             write_segment(self.dir, name, ids, chunks, self.patches, dim)
             merged = {"name": name, "images": int(len(ids))}
@@ -239,8 +235,7 @@ class _Writer:
     def _add_to_ann(self, ann: VectorIndex, state: State, ids: np.ndarray, dim: int) -> None:
         for seg in self._open(state, dim):
             for chunk in _chunks(np.flatnonzero(np.isin(seg.ids, ids))):
-                vectors = seg.vectors.reshape(seg.images, self.patches, dim)[chunk].reshape(-1, dim)
-                ann.add(vectors, window_ids(seg.ids[chunk], self.patches))
+                ann.add(seg.read(chunk, self.patches), window_ids(seg.ids[chunk], self.patches))
 
     def _training_sample(self, state: State, live: np.ndarray, dim: int, size: int) -> np.ndarray:
         """`size` windows of evenly spread live images (deterministic)."""
@@ -249,7 +244,7 @@ class _Writer:
         parts = []
         for seg in self._open(state, dim):
             rows = np.flatnonzero(np.isin(seg.ids, chosen))
-            parts.append(seg.vectors.reshape(seg.images, self.patches, dim)[rows].reshape(-1, dim))
+            parts.extend(seg.read(chunk, self.patches) for chunk in _chunks(rows))
         return np.concatenate(parts).astype(np.float32)
 
     def _open(self, state: State, dim: int):

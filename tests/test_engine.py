@@ -73,6 +73,21 @@ def test_many_removals_compact_segments(tmp_path):
         assert {h.path for h in idx.search(paths[6:7], k=None)[0].hits} == set(paths[6:])
 
 
+def test_segment_reads_match_the_map_and_warm_keeps_answers(tmp_path):
+    paths = _scenes(tmp_path / "imgs", 10)
+    with _create(tmp_path / "idx", tmp_path / "s.sqlite") as idx:
+        idx.add(paths, progress=False)
+        before = _ranking(idx.search(paths[:3], k=5))
+        view = idx.view()
+        seg = view.segments[0]
+        mapped = np.asarray(seg.vectors).reshape(seg.images, idx.patches_per_image, -1)
+        for rows in ([0, 1, 2, 3], [1, 2, 4], [0, 9], [7]):  # contiguous, gappy, scattered, one
+            got = seg.read(np.array(rows), idx.patches_per_image)
+            np.testing.assert_array_equal(got, mapped[rows].reshape(-1, mapped.shape[2]))
+        assert idx.warm(wait=True) == sum(os.path.getsize(s.vectors.filename) for s in view.segments)
+        assert _ranking(idx.search(paths[:3], k=5)) == before
+
+
 def test_small_index_grown_tenfold_refits_its_whitening(tmp_path):
     paths = _scenes(tmp_path / "imgs", 30)
     with _create(tmp_path / "idx", tmp_path / "s.sqlite") as idx:
