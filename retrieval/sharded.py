@@ -127,8 +127,9 @@ def _write_shard(directory: Path, view: View, ids: np.ndarray, entries: list, me
             segment, row = view.locate(chunk)
             block = np.empty((len(chunk), patches, dim), np.float16)
             for s in np.unique(segment).tolist():
-                at = segment == s
-                block[at] = view.segments[s].vectors.reshape(-1, patches, dim)[row[at]]
+                at = np.flatnonzero(segment == s)
+                order = np.argsort(row[at], kind="stable")  # Segment.read takes sorted rows
+                block[at[order]] = view.segments[s].read(row[at][order], patches).reshape(-1, patches, dim)
             yield block.reshape(-1, dim)
 
     write_segment(directory, "seg-1", ids, rows(), patches, dim)
@@ -158,6 +159,9 @@ class _ShardSearcher:
 
     def info(self) -> dict:
         return self.index.info()
+
+    def warm(self, wait: bool) -> int:
+        return self.index.warm(wait)
 
     def search(self, queries: list[np.ndarray], k: int | None, aggregate: str, exact_limit: int,
                per_patch: int | None, nprobe: int | None) -> list[tuple]:
@@ -266,6 +270,11 @@ class ShardedIndex:
                     "shards would not be comparable; make the shards with `retrieval split`"
                 )
         return mine
+
+    def warm(self, wait: bool = False) -> int:
+        """`Index.warm` on every shard, where it is served (each actor's node reads its own
+        shard ahead). Returns the bytes read ahead in all."""
+        return int(sum(self._each("warm", wait)))
 
     def shard_pids(self) -> list[int]:
         """Process id of each shard's searcher (the actors' with Ray)."""

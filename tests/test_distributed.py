@@ -234,6 +234,7 @@ def test_three_shards_return_the_unsharded_top_k_in_threads(sharded_pair):
     whole, sharded, queries = sharded_pair
     with Index.open(whole) as idx, ShardedIndex.open(sharded) as shards:
         assert [s["images"] for s in shards.info()["shards"]] == [12, 11, 11]
+        assert shards.warm(wait=True) > 0  # each shard reads its vectors ahead
         for k in (1, 10, None):
             assert _top(shards.search(queries, k=k)) == _top(idx.search(queries, k=k))
         assert len(shards.search(queries, k=None)[0].hits) == 34
