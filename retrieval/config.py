@@ -29,6 +29,7 @@ LEVELS = (1, 2, 3, 4)
 # Up to this many images a query scores every image with the kernel (exact, and measured
 # faster than FAISS candidates: benchmarks/RESULTS.md, engine scale); above, candidates.
 EXACT_LIMIT = 2_000
+QE_ALPHA = 3.0  # the exponent of alpha-QE (Radenovic et al.): near hits weigh much more than far ones
 
 
 class ConfigError(ValueError):
