@@ -52,7 +52,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from retrieval.cli import add_rerank_args, parse_rotations  # noqa: E402
+from retrieval.cli import add_rerank_args  # noqa: E402
 from retrieval.config import (  # noqa: E402
     AGGREGATES,
     PATCH_MODES,
@@ -64,6 +64,7 @@ from retrieval.config import (  # noqa: E402
     add_extractor_args,
     extractor_config_from_args,
     parse_levels,
+    parse_rotations,
     runtime_config_from_args,
     search_config_from_args,
 )

@@ -18,6 +18,7 @@ from .config import (
     QE_ALPHA,
     ConfigError,
     parse_levels,
+    parse_rotations,
     add_extractor_args,
     add_runtime_args,
     extractor_config_from_args,
@@ -143,16 +144,6 @@ def _non_negative(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0 (got {text!r})")
     return value
-
-
-def parse_rotations(text: str) -> tuple[int, ...]:
-    """`0,90` -> (0, 90); a usage error unless distinct values from 0, 90, 180, 270."""
-    from .patches import check_rotations
-
-    try:
-        return check_rotations([int(t) for t in text.split(",") if t.strip()])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"rotations are distinct values from 0,90,180,270 (got {text!r})") from None
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -33,14 +33,14 @@ from tqdm import tqdm
 
 from . import kernel, writer
 from .ann import RETRAIN_GROWTH, FactoryError, check_factory, faiss_device, is_flat
-from .config import EXACT_LIMIT, QE_ALPHA, ExtractorConfig, RuntimeConfig, SearchConfig, file_digest
+from .config import EXACT_LIMIT, QE_ALPHA, ExtractorConfig, RuntimeConfig, SearchConfig, check_rotations, file_digest
 from .extractor import Extractor, Skipped
 from .features import Crop, ImageFeatures, describe
 from .fileio import write_text
 from .images import expand_inputs
 from .manifest import Entry, Manifest
 from .neighbours import Neighbours
-from .patches import check_rotations, level_names, level_regions, pixel_boxes, unrotate_boxes
+from .patches import level_names, level_regions, pixel_boxes, unrotate_boxes
 from .search import rank, rank_many
 from .segments import DamagedFile
 from .snapshot import State, View, read_state

@@ -93,20 +93,6 @@ def pixel_boxes(rel_boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(rel_boxes, dtype=np.float64) * scale
 
 
-ROTATIONS = (0, 90, 180, 270)
-
-
-def check_rotations(rotations) -> tuple[int, ...]:
-    """Query rotations in degrees counter-clockwise, in the given order (None: no rotation);
-    ValueError unless a non-empty list of distinct values from 0, 90, 180, 270."""
-    if rotations is None:
-        return (0,)
-    out = tuple(int(r) for r in rotations)
-    if not out or any(r not in ROTATIONS for r in out) or len(set(out)) != len(out):
-        raise ValueError(f"query rotations are distinct values from 0,90,180,270 (got {list(rotations)!r})")
-    return out
-
-
 def unrotate_boxes(boxes: np.ndarray, rotation: int, width: int, height: int) -> np.ndarray:
     """Pixel boxes of an image turned `rotation` degrees counter-clockwise (now width x
     height) as boxes of the image before the turn."""
