@@ -635,6 +635,7 @@ class Index:
                 "fitted_at_images": state.whitening.get("images"),
                 "refit": _refit_policy(state.whitening),
             },
+            "neighbours": _neighbours_info(self.path, state),
             "faiss_device": faiss_device(self.runtime.device),
             "native_kernel": kernel.describe(),
             "store": self.meta["store"],
@@ -648,6 +649,17 @@ def _read_state_or_none(path: Path) -> State | None:
         return read_state(path)
     except DamagedFile:
         return None
+
+
+def _neighbours_info(path: Path, state: State) -> dict | None:
+    """What `retrieval dba` stored (None: nothing), and whether images came or went since."""
+    try:
+        found = Neighbours.load(path)
+    except ValueError as err:
+        return {"error": str(err)}
+    if found is None:
+        return None
+    return {**found.meta, "up_to_date": found.meta.get("generation") == state.generation}
 
 
 def _structure(state: State, user: str | None) -> dict:
