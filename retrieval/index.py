@@ -509,9 +509,7 @@ class Index:
         aggregate = aggregate or self.search_config.aggregate
         db_layout = np.concatenate([level_regions(lv).boxes for lv in self.search_config.levels])
         q_layout = np.concatenate([level_regions(lv).boxes for lv in levels])
-        # An expanded query is a hit's windows at the query's levels, so it is scored like one.
-        db_level = np.concatenate([[lv] * len(level_regions(lv).boxes) for lv in self.search_config.levels])
-        expand_rows = np.flatnonzero(np.isin(db_level, levels)) if np.isin(db_level, levels).any() else None
+        expand_rows = self._rows_at(levels)
         items = [(q, None) if isinstance(q, str) else (q[0], q[1]) for q in queries]
         order = {item: i for i, item in enumerate(items)}
         feats = describe(
@@ -526,7 +524,7 @@ class Index:
             else:
                 described.setdefault((f.path, f.crop), {})[f.rotation] = f
         collected: dict[int, QueryResult] = {}
-        for item, i in order.items():
+        for item, slot in order.items():
             views = described.get(item, {})
             if len(views) < len(rotations):
                 if skipped is not None:
@@ -556,8 +554,16 @@ class Index:
                     which.tolist(),
                 ))
             ]
-            collected[i] = QueryResult(item[0], hits)
+            collected[slot] = QueryResult(item[0], hits)
         return [collected[i] for i in sorted(collected)]
+
+    def _rows_at(self, levels: Sequence[int]) -> np.ndarray | None:
+        """Rows of a database image's windows that lie at `levels` (None: all of them, when
+        none does). An indexed image used as a query (expansion, neighbours) is described
+        at the query levels, as a query image is."""
+        db_level = np.concatenate([[lv] * len(level_regions(lv)) for lv in self.search_config.levels])
+        rows = np.flatnonzero(np.isin(db_level, levels))
+        return rows if len(rows) else None
 
     def neighbours(self, k: int) -> Neighbours:
         """The stored nearest neighbours of the indexed images, holding at least k each
@@ -583,8 +589,7 @@ class Index:
             self._publish(progress=False)
             view = self.view()
             levels = self.search_config.effective_query_levels
-            db_level = np.concatenate([[lv] * len(level_regions(lv).boxes) for lv in self.search_config.levels])
-            rows = np.flatnonzero(np.isin(db_level, levels)) if np.isin(db_level, levels).any() else None
+            rows = self._rows_at(levels)
             ids = np.sort(np.concatenate([
                 seg.ids if view.live_rows(i) is None else seg.ids[view.live_rows(i)]
                 for i, seg in enumerate(view.segments)
