@@ -3,6 +3,7 @@ rotation-robust queries, on small generated collections whose expected order is 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -171,3 +172,23 @@ def test_cli_flags_and_the_dba_command(qe_chain, tmp_path):
     assert len(hits) == 3 and all(h["rotation"] in (0, 180) for h in hits)
     plain = json.loads(run_cli("query", str(index), query, "-k", "3", "--json", "--quiet").stdout)
     assert all("rotation" not in h for h in plain["results"][0]["hits"])
+
+
+def test_candidate_search_gives_the_exact_answer_when_it_sees_everything(qe_chain, tmp_path):
+    """Above the exact limit the options work on a candidate pool; with a structure that
+    nominates every image the pool is the collection, so the answers must be the same."""
+    index, query, _ = qe_chain
+    copy = tmp_path / "idx"
+    shutil.copytree(index, copy)
+    turned = tmp_path / "turned.png"
+    Image.open(query).transpose(Image.Transpose.ROTATE_180).save(turned)
+    with Index.open(copy) as idx:
+        idx.build_neighbours(2)
+        options = ({"qe": 2}, {"dba": 2}, {"qe": 2, "dba": 2, "query_rotations": (0, 180)}, {"query_rotations": (90, 180)})
+        exact = [idx.search([str(turned)], k=4, **kw)[0].hits for kw in options]
+        idx.set_index_type("IVF1,Flat")
+        assert idx.info()["structure"]["search"] == "candidates"
+        pooled = [idx.search([str(turned)], k=4, exact_limit=0, per_patch=100, **kw)[0].hits for kw in options]
+    for a, b in zip(exact, pooled):
+        assert [(h.path, h.rotation) for h in a] == [(h.path, h.rotation) for h in b]
+        assert np.allclose([h.distance for h in a], [h.distance for h in b], atol=1e-6)
