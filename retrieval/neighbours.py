@@ -50,8 +50,6 @@ class Neighbours:
         """Each image's distance averaged with its first k neighbours' (weight 1 for its own,
         alpha-QE weight of the neighbour's distance to it for each neighbour); neighbours
         not among `ids` (removed, or not candidates) are left out."""
-        from .search import qe_weight
-
         pos, known = self._rows(ids)
         nb = np.where(known[:, None], self.neighbours[pos, :k], -1)
         weight = qe_weight(self.distances[pos, :k], alpha) * (nb >= 0)
@@ -83,3 +81,11 @@ class Neighbours:
         if out.neighbours.shape != (len(out.ids), out.neighbours.shape[1]) or out.distances.shape != out.neighbours.shape:
             raise ValueError(f"{path}: malformed; recompute it with `retrieval dba`")
         return out
+
+
+def qe_weight(dist: np.ndarray, alpha: float) -> np.ndarray:
+    """alpha-QE weight of images at window-set distance `dist`: (1 - d^2/2)^alpha, >= 0.
+
+    1 - d^2/2 is the cosine similarity two unit vectors at Euclidean distance d have.
+    """
+    return np.clip(1.0 - np.asarray(dist, np.float64) ** 2 / 2.0, 0.0, 1.0) ** alpha

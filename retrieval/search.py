@@ -21,7 +21,7 @@ import numpy as np
 from . import kernel
 from .ann import WINDOW_BITS
 from .config import EXACT_LIMIT, QE_ALPHA
-from .neighbours import Neighbours
+from .neighbours import Neighbours, qe_weight
 from .snapshot import View
 
 NPROBE = 16  # IVF lists per query window: recall 0.955 against 0.85 for 8 on hard data (RESULTS.md section 8)
@@ -162,14 +162,6 @@ def rank_many(
     dist = (total / weight).astype(np.float32)
     order = top_k(dist, ids, k)
     return Ranking(ids[order], dist[order], qp[order], dp[order], which[order])
-
-
-def qe_weight(dist: np.ndarray, alpha: float) -> np.ndarray:
-    """alpha-QE weight of images at window-set distance `dist`: (1 - d^2/2)^alpha, >= 0.
-
-    1 - d^2/2 is the cosine similarity two unit vectors at Euclidean distance d have.
-    """
-    return np.clip(1.0 - np.asarray(dist, np.float64) ** 2 / 2.0, 0.0, 1.0) ** alpha
 
 
 def _scored(queries, view: View, pool, aggregate, neighbours, dba: int, alpha: float):
