@@ -52,9 +52,11 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from retrieval.cli import add_rerank_args  # noqa: E402
 from retrieval.config import (  # noqa: E402
     AGGREGATES,
     PATCH_MODES,
+    QE_ALPHA,
     ConfigError,
     ExtractorConfig,
     RuntimeConfig,
@@ -62,6 +64,7 @@ from retrieval.config import (  # noqa: E402
     add_extractor_args,
     extractor_config_from_args,
     parse_levels,
+    parse_rotations,
     runtime_config_from_args,
     search_config_from_args,
 )
@@ -110,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 16; 0 = do not time extraction)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_rerank_args(p)
+    p.add_argument(
+        "--rotate-queries", type=int, choices=(90, 180, 270), metavar="DEG",
+        help="turn every query image by DEG degrees counter-clockwise before searching (lossless "
+        "PNG copies, crop boxes turned with them; the database stays upright): a test of "
+        "--query-rotations",
+    )
     g = p.add_argument_group("sweep (a grid; one table row per combination)")
     g.add_argument("--sweep", action="store_true", help="run the grid given by the *-grid flags")
     g.add_argument(
@@ -125,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--aggregate-grid", metavar="A,...", help="comma list of min,mean-min (default --aggregate)")
     g.add_argument("--pca-grid", metavar="N,...", help="comma list of PCA dimensions (default --pca-dim)")
     g.add_argument("--patch-mode-grid", metavar="M,...", help="comma list of crop,roi (default --patch-mode)")
+    g.add_argument("--qe-grid", metavar="K,...", help="comma list of --qe values (default --qe)")
+    g.add_argument("--dba-grid", metavar="K,...", help="comma list of --dba values (default --dba)")
+    g.add_argument(
+        "--query-rotations-grid", metavar="R,...;...",
+        help="';'-separated rotation lists, e.g. '0;0,90,180,270' (default --query-rotations)",
+    )
     g.add_argument(
         "--whiten-on-grid", metavar="SRC;...",
         help="';'-separated whitening sources: a folder (or several, ','-separated) or 'database' "
@@ -157,7 +173,9 @@ def _split(text: str | None, sep: str) -> list[str]:
 
 
 def combinations(args: argparse.Namespace) -> list[dict]:
-    """The rows to run: dicts with levels, query_levels, aggregate, pca_dim, patch_mode, whiten_on."""
+    """The rows to run: dicts with levels, query_levels, aggregate, pca_dim, patch_mode,
+    whiten_on, qe, dba, query_rotations."""
+    rotations = tuple(args.query_rotations) if args.query_rotations else None
     if not args.sweep:
         return [{
             "levels": tuple(args.levels),
@@ -166,6 +184,9 @@ def combinations(args: argparse.Namespace) -> list[dict]:
             "pca_dim": args.pca_dim,
             "patch_mode": args.patch_mode,
             "whiten_on": _whiten_sources(args.whiten_on),
+            "qe": args.qe,
+            "dba": args.dba,
+            "query_rotations": rotations,
         }]
     pairs: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
     qgrid = _split(args.query_levels_grid, ";")
@@ -197,17 +218,34 @@ def combinations(args: argparse.Namespace) -> list[dict]:
         [_whiten_sources(_split(w, ",")) for w in _split(args.whiten_on_grid, ";")]
         if args.whiten_on_grid else [_whiten_sources(args.whiten_on)]
     )
+    qes, dbas = _counts(args.qe_grid, "--qe-grid", args.qe), _counts(args.dba_grid, "--dba-grid", args.dba)
+    try:
+        rotation_sets = [parse_rotations(r) for r in _split(args.query_rotations_grid, ";")] or [rotations]
+    except argparse.ArgumentTypeError as err:
+        raise ConfigError(f"--query-rotations-grid: {err}")
     rows, seen = [], set()
-    for mode, whiten, (db, q), pca, agg in itertools.product(modes, whitens, pairs, pcas, aggregates):
+    for mode, whiten, (db, q), pca, agg, dba, qe, rot in itertools.product(
+            modes, whitens, pairs, pcas, aggregates, dbas, qes, rotation_sets):
         if q == (1,):
             agg = "min"  # one query window: min and mean-min are the same distance
-        key = (mode, tuple(whiten or ()), db, q, pca, agg)
+        key = (mode, tuple(whiten or ()), db, q, pca, agg, dba, qe, rot)
         if key in seen:
             continue
         seen.add(key)
         rows.append({"levels": db, "query_levels": q, "aggregate": agg, "pca_dim": pca,
-                     "patch_mode": mode, "whiten_on": whiten})
+                     "patch_mode": mode, "whiten_on": whiten, "qe": qe, "dba": dba,
+                     "query_rotations": rot})
     return rows
+
+
+def _counts(text: str | None, flag: str, default: int) -> list[int]:
+    try:
+        values = [int(v) for v in _split(text, ",")] or [default]
+    except ValueError:
+        values = [-1]
+    if min(values) < 0:
+        raise ConfigError(f"{flag} is a comma list of integers >= 0 (got {text!r})")
+    return values
 
 
 def _whiten_sources(values) -> list[str] | None:
@@ -238,9 +276,41 @@ def _lookup(pos_of: dict, path: str) -> int | None:
     return i if i is not None else pos_of.get(os.path.realpath(path))
 
 
-def run_search(index, dataset: Dataset, query_levels, aggregate, progress: bool, top_k: int = 0):
-    """Rank the whole database for every query; returns (rankings, skipped, seconds, hits)."""
-    items = _queries(dataset)
+def rotated_queries(dataset: Dataset, degrees: int, folder: Path) -> list:
+    """`_queries` with every query image turned by `degrees` counter-clockwise: lossless PNG
+    copies in `folder` (kept, so re-runs find the same content in the feature store), and
+    crop boxes turned with their image."""
+    from PIL import Image
+
+    from retrieval.extractor import _TRANSPOSE
+    from retrieval.images import load_rgb
+    from retrieval.patches import unrotate_boxes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for q in dataset.queries:
+        target = folder / (hashlib.sha256(os.path.realpath(q.path).encode()).hexdigest()[:16] + ".png")
+        img = load_rgb(q.path)
+        if not target.exists():
+            tmp = target.with_suffix(".tmp.png")
+            img.transpose(_TRANSPOSE[degrees]).save(tmp)
+            os.replace(tmp, target)
+        if q.bbox is None:
+            out.append(str(target))
+        else:
+            # The upright image is the turned one turned back by 360 - degrees.
+            box = unrotate_boxes(np.array([q.bbox], np.float64), 360 - degrees, img.width, img.height)[0]
+            out.append((str(target), tuple(float(v) for v in box)))
+    return out
+
+
+def run_search(index, dataset: Dataset, query_levels, aggregate, progress: bool, top_k: int = 0,
+               items: list | None = None, **rerank):
+    """Rank the whole database for every query; returns (rankings, skipped, seconds, hits).
+
+    `items` replaces the dataset's queries (same order), e.g. `rotated_queries`; `rerank`
+    goes to Index.search (qe, qe_alpha, dba, query_rotations)."""
+    items = items or _queries(dataset)
     unique = list(dict.fromkeys(items))  # Index.search answers each distinct (path, crop) once
     pos_of = {os.path.realpath(p): i for i, p in enumerate(dataset.images)}
     pos_of.update({os.path.abspath(p): i for i, p in enumerate(dataset.images)})
@@ -251,7 +321,7 @@ def run_search(index, dataset: Dataset, query_levels, aggregate, progress: bool,
     skipped: list[dict] = []
     start = time.perf_counter()
     results = index.search(unique, k=k, query_levels=query_levels, aggregate=aggregate,
-                           progress=progress, skipped=skipped)
+                           progress=progress, skipped=skipped, **rerank)
     seconds = time.perf_counter() - start
     by_item: dict = {}
     skipped_paths = {s["path"] for s in skipped}
@@ -341,10 +411,19 @@ def run_rows(args, dataset: Dataset, rows: list[dict], store: str, index_base: P
             build_seconds = time.perf_counter() - t0
             whitening = index.whitening
             pca_used = whitening.output_dim if whitening is not None else None
+            dba_k = max(row["dba"] for row in group)
+            dba_seconds = None
+            if dba_k:
+                t2 = time.perf_counter()
+                index.build_neighbours(dba_k, progress=progress)
+                dba_seconds = time.perf_counter() - t2
+            items = (rotated_queries(dataset, args.rotate_queries, index_base / f"queries-rot{args.rotate_queries}")
+                     if args.rotate_queries else None)
             for row in group:
                 t1 = time.perf_counter()
                 rankings, skipped, search_seconds, tops = run_search(
-                    index, dataset, row["query_levels"], row["aggregate"], progress, args.json_top)
+                    index, dataset, row["query_levels"], row["aggregate"], progress, args.json_top, items,
+                    qe=row["qe"], qe_alpha=args.qe_alpha, dba=row["dba"], query_rotations=row["query_rotations"])
                 scores = evaluate(dataset, rankings)
                 eval_seconds = time.perf_counter() - t1
                 tkey_db = (mode, levels)
@@ -366,6 +445,11 @@ def run_rows(args, dataset: Dataset, rows: list[dict], store: str, index_base: P
                     "whiten_on": whiten_on or DATABASE,
                     "index_type": args.index_type,
                     "store": store,
+                    "qe": row["qe"],
+                    "qe_alpha": args.qe_alpha,
+                    "dba": row["dba"],
+                    "query_rotations": list(row["query_rotations"] or [0]),
+                    "rotate_queries": args.rotate_queries or 0,
                 }
                 result = {
                     "dataset": dataset.name,
@@ -388,6 +472,7 @@ def run_rows(args, dataset: Dataset, rows: list[dict], store: str, index_base: P
                     "build_seconds": round(build_seconds, 3),
                     "build_extracted_images": report.added,
                     "search_seconds": round(search_seconds, 3),
+                    "dba_neighbours_seconds": _r(dba_seconds),
                 }
                 result["skipped"] = report.skipped + skipped
                 result["missing_queries"] = dataset.missing_queries
@@ -436,6 +521,16 @@ def command_line(args, row: dict) -> str:
         parts += ["--whiten-on", *[os.path.relpath(w) if not w.startswith("@") else w for w in row["whiten_on"]]]
     if args.index_type:
         parts += ["--index-type", args.index_type]
+    if row["qe"]:
+        parts += ["--qe", str(row["qe"])]
+    if (row["qe"] or row["dba"]) and args.qe_alpha != QE_ALPHA:
+        parts += ["--qe-alpha", f"{args.qe_alpha:g}"]
+    if row["dba"]:
+        parts += ["--dba", str(row["dba"])]
+    if row["query_rotations"]:
+        parts += ["--query-rotations", ",".join(map(str, row["query_rotations"]))]
+    if args.rotate_queries:
+        parts += ["--rotate-queries", str(args.rotate_queries)]
     return " ".join(_quote(p) for p in parts)
 
 
@@ -445,7 +540,7 @@ def _quote(s: str) -> str:
     return shlex.quote(s)
 
 
-HEADER = ("dataset", "mode", "db lv", "q lv", "agg", "pca", "whiten", "score", "E/M/H mAP",
+HEADER = ("dataset", "mode", "db lv", "q lv", "agg", "pca", "whiten", "re-rank", "score", "E/M/H mAP",
           "db s/img", "q s/img", "rank s/q", "s")
 
 
@@ -461,10 +556,20 @@ def format_row(r: dict) -> str:
     if mode == "roi" and c["extractor"].get("roi_size"):
         mode = f"roi@{c['extractor']['roi_size']}"
     cells = (r["dataset"], mode, ",".join(map(str, c["levels"])),
-             ",".join(map(str, c["query_levels"])), agg, pca, whiten, score, emh,
+             ",".join(map(str, c["query_levels"])), agg, pca, whiten, _rerank_cell(c), score, emh,
              _fmt(t["db_extract_s_per_image"]), _fmt(t["query_s_per_image"]),
              _fmt(t["query_rank_s_per_query"]), f"{r['seconds']:.1f}")
     return " | ".join(cells)
+
+
+def _rerank_cell(c: dict) -> str:
+    """e.g. 'qe2 dba5 rot0/90 (q@90)': the query-time options of a row, '-' for none."""
+    parts = [f"{name}{c[name]}" for name in ("qe", "dba") if c.get(name)]
+    if c.get("query_rotations", [0]) != [0]:
+        parts.append("rot" + "/".join(map(str, c["query_rotations"])))
+    if c.get("rotate_queries"):
+        parts.append(f"(q@{c['rotate_queries']})")
+    return " ".join(parts) or "-"
 
 
 def _short(path: str) -> str:

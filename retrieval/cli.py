@@ -15,9 +15,11 @@ import time
 from .cliutil import add_subcommands, stdout_closed
 from .config import (
     EXACT_LIMIT,
+    QE_ALPHA,
     ConfigError,
     RuntimeConfig,
     parse_levels,
+    parse_rotations,
     add_extractor_args,
     add_ray_arg,
     add_runtime_args,
@@ -77,11 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nearest database windows per query window that nominate candidates (default max(4k, 64))")
     p.add_argument("--html", metavar="REPORT.html",
                    help="also write a self-contained page of every query's hits with the matched windows drawn")
+    add_rerank_args(p)
     add_runtime_args(p)
     p.add_argument("--ray", nargs="?", const="local", metavar="local|auto|ADDRESS", dest="shard_ray",
                    help="a split index (`retrieval split`) only: serve each shard from a Ray actor on this "
                    "cluster ('local' when no value; every node must read the shard directories); "
                    "without it the shards are searched in threads")
+    _common(p)
+
+    p = sub.add_parser("dba", help="compute every image's nearest neighbours, for `query --dba K`")
+    p.add_argument("index", metavar="INDEX_DIR", help=_INDEX_HELP)
+    p.add_argument("-k", type=int, default=10,
+                   help="neighbours kept per image (default 10; `query --dba K` uses up to this many). "
+                   "Re-run after add/remove: images added since are searched without augmentation")
     _common(p)
 
     p = sub.add_parser("info", help="counts and configuration of an index")
@@ -122,6 +132,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest accepted query upload (default 20)")
     add_runtime_args(p)
     return parser
+
+
+def add_rerank_args(p: argparse.ArgumentParser) -> None:
+    """The re-ranking and rotation flags of `query` (also used by benchmarks/retrieval_map.py)."""
+    g = p.add_argument_group("re-ranking (off by default; benchmarks/RESULTS.md section 10)")
+    g.add_argument("--qe", type=_non_negative, default=0, metavar="K",
+                   help="query expansion: also score the windows of the K best images as queries and "
+                   "average the distances with alpha-QE weights (default 0 = off)")
+    g.add_argument("--qe-alpha", type=float, default=QE_ALPHA, metavar="A",
+                   help=f"alpha-QE exponent: a hit at distance d weighs (1 - d^2/2)^A (default {QE_ALPHA:g})")
+    g.add_argument("--dba", type=_non_negative, default=0, metavar="K",
+                   help="database-side augmentation: average each image's distance with its K nearest "
+                   "neighbours' (computed by `retrieval dba`; default 0 = off)")
+    g.add_argument("--query-rotations", type=parse_rotations, default=None, metavar="R,...",
+                   help="describe the query turned by each of these angles (degrees counter-clockwise, "
+                   "from 0,90,180,270) and keep each image's smallest distance; hits say which rotation "
+                   "decided (default: the query as it is)")
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (got {text!r})")
+    return value
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -230,6 +267,8 @@ def _query(args) -> int:
     for flag, value in (("--nprobe", args.nprobe), ("--per-patch", args.per_patch)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1")
+    if not args.qe_alpha >= 0:
+        raise ConfigError("--qe-alpha must be >= 0")
     skipped: list[dict] = []
     if args.shard_ray:
         from .distributed import require_ray
@@ -242,6 +281,7 @@ def _query(args) -> int:
             query_levels=args.query_levels, aggregate=args.aggregate,
             progress=not args.quiet, skipped=skipped,
             exact_limit=args.exact_limit, nprobe=args.nprobe, per_patch=args.per_patch,
+            qe=args.qe, qe_alpha=args.qe_alpha, dba=args.dba, query_rotations=args.query_rotations,
         )
         info = idx.info() if args.html else None
     for item in skipped:
@@ -258,6 +298,20 @@ def _query(args) -> int:
             for h in r.hits:
                 print(f"  {h.rank:3d}  {h.distance:.4f}  {h.path}")
     return EXIT_SKIPPED if skipped else EXIT_OK
+
+
+def _dba(args) -> int:
+    from .index import Index
+
+    if args.k < 1:
+        raise ConfigError("-k must be >= 1")
+    start = time.perf_counter()
+    with Index.open(args.index) as idx:
+        meta = idx.build_neighbours(args.k, progress=not args.quiet)
+    meta["seconds"] = round(time.perf_counter() - start, 3)
+    print(json.dumps(meta) if args.json else
+          f"{args.index}: {meta['k']} nearest neighbours of {meta['images']} images ({meta['seconds']:.1f} s)")
+    return EXIT_OK
 
 
 def _info(args) -> int:
@@ -315,6 +369,7 @@ _COMMANDS = {
     "build": _build,
     "add": _add,
     "query": _query,
+    "dba": _dba,
     "info": _info,
     "remove": _remove,
     "reindex": _reindex,

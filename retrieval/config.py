@@ -26,9 +26,11 @@ PATCH_MODES = ("crop", "roi")
 AGGREGATES = ("min", "mean-min")
 DEVICES = ("auto", "cpu", "cuda")
 LEVELS = (1, 2, 3, 4)
+ROTATIONS = (0, 90, 180, 270)  # query rotations, degrees counter-clockwise (lossless turns)
 # Up to this many images a query scores every image with the kernel (exact, and measured
 # faster than FAISS candidates: benchmarks/RESULTS.md, engine scale); above, candidates.
 EXACT_LIMIT = 2_000
+QE_ALPHA = 3.0  # the exponent of alpha-QE (Radenovic et al.): near hits weigh much more than far ones
 
 
 class ConfigError(ValueError):
@@ -284,6 +286,28 @@ def parse_levels(text: str) -> tuple[int, ...]:
     if not levels or any(level not in LEVELS for level in levels):
         raise argparse.ArgumentTypeError(f"levels are a comma list from 1,2,3,4 (got {text!r})")
     return levels
+
+
+def check_rotations(rotations) -> tuple[int, ...]:
+    """Query rotations in the given order (None: the query as it is); ConfigError unless a
+    non-empty list of distinct values from 0, 90, 180, 270."""
+    if rotations is None:
+        return (0,)
+    try:
+        out = tuple(int(r) for r in rotations)
+    except (TypeError, ValueError):
+        out = ()
+    if not out or any(r not in ROTATIONS for r in out) or len(set(out)) != len(out):
+        raise ConfigError(f"query rotations are distinct values from 0,90,180,270 (got {rotations!r})")
+    return out
+
+
+def parse_rotations(text: str) -> tuple[int, ...]:
+    """`0,90` -> (0, 90); anything else than distinct values from 0,90,180,270 is refused."""
+    try:
+        return check_rotations([t for t in text.split(",") if t.strip()])
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"rotations are distinct values from 0,90,180,270 (got {text!r})") from None
 
 
 def add_runtime_args(parser) -> None:

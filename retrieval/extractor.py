@@ -21,16 +21,20 @@ from .images import ImageError, load_rgb
 from .patches import RegionSet
 
 GEM_P = 3.0
+# PIL's counter-clockwise turns: lossless (pixels are moved, not resampled).
+_TRANSPOSE = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
 
 
 @dataclass(frozen=True)
 class Job:
-    """One image to describe: `crop` (pixels x0, y0, x1, y1) restricts it to a box first."""
+    """One image to describe: `crop` (pixels x0, y0, x1, y1) restricts it to a box first,
+    then `rotation` (0, 90, 180 or 270 degrees counter-clockwise) turns what is left."""
 
     path: str
     regions: tuple[RegionSet, ...]
     crop: tuple[float, float, float, float] | None = None
     tag: object = None
+    rotation: int = 0
 
 
 @dataclass
@@ -216,6 +220,8 @@ def _prepare(
         if box[2] - box[0] < 1 or box[3] - box[1] < 1:
             raise ImageError(f"crop box {job.crop} is empty for a {img.width}x{img.height} image")
         img = img.crop(box)
+    if job.rotation:
+        img = img.transpose(_TRANSPOSE[job.rotation])
     w, h = img.size
     out_h, out_w = size
     if mode == "roi":

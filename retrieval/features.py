@@ -29,10 +29,11 @@ class ImageFeatures:
     descriptors: dict[str, np.ndarray]
     crop: Crop | None = None
     extracted: bool = False  # False when every region set came from the store
+    rotation: int = 0  # degrees counter-clockwise the (cropped) image was turned; width/height are after it
 
 
 def describe(
-    items: Iterable[str | tuple[str, Crop | None]],
+    items: Iterable[str | tuple[str, Crop | None] | tuple[str, Crop | None, int]],
     extractor: Extractor,
     store: FeatureStore,
     regions: Sequence[str | RegionSet],
@@ -41,7 +42,8 @@ def describe(
     desc: str = "extract",
     digests: dict[str, str] | None = None,
 ) -> Iterator[ImageFeatures | Skipped]:
-    """Yield the descriptors of every item (a path, or (path, crop box in pixels)).
+    """Yield the descriptors of every item (a path, (path, crop box in pixels), or
+    (path, crop, rotation): the crop turned by 0/90/180/270 degrees counter-clockwise).
 
     Store hits are yielded first, then extractions as they finish; each extraction is
     committed to the store before it is yielded. Unreadable inputs come out as Skipped.
@@ -55,7 +57,7 @@ def describe(
     misses: dict[str, Job] = {}
     twins: dict[str, list[str]] = {}  # digest -> further paths with the same content
     for item in items:
-        path, crop = (item, None) if isinstance(item, str) else item
+        path, crop, rotation = (item, None, 0) if isinstance(item, str) else (*item, 0)[:3]
         try:
             digest = digests.get(path) or file_digest(path)
         except FileNotFoundError:
@@ -69,16 +71,19 @@ def describe(
             continue
         if crop is not None:
             digest = f"{digest}:crop:{','.join(f'{v:.1f}' for v in crop)}"
+        if rotation:
+            # A turned image has other descriptors (and a swapped size): its own store key.
+            digest = f"{digest}:rot:{rotation}"
         if digest in misses:
             twins.setdefault(digest, []).append(path)
             continue
         found = store.get(digest, key, names)
         size = store.image_size(digest) if found else None
         if size is not None and len(found) == len(names):
-            yield ImageFeatures(path, digest, size[0], size[1], found, crop)
+            yield ImageFeatures(path, digest, size[0], size[1], found, crop, rotation=rotation)
             continue
         missing = tuple(rs for rs in sets if rs.name not in found)
-        misses[digest] = Job(path, missing, crop, tag=(digest, found))
+        misses[digest] = Job(path, missing, crop, tag=(digest, found), rotation=rotation)
     if not misses:
         return
     jobs = list(misses.values())
@@ -94,4 +99,4 @@ def describe(
         # What the store now returns, so this run and every later one see the same numbers.
         descriptors = {**found, **{name: quantize(a) for name, a in out.descriptors.items()}}
         for path in paths:
-            yield ImageFeatures(path, digest, out.width, out.height, descriptors, out.job.crop, True)
+            yield ImageFeatures(path, digest, out.width, out.height, descriptors, out.job.crop, True, out.job.rotation)

@@ -29,17 +29,19 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from . import kernel, writer
 from .ann import RETRAIN_GROWTH, FactoryError, check_factory, faiss_device, is_flat
-from .config import EXACT_LIMIT, ExtractorConfig, RuntimeConfig, SearchConfig, file_digest
+from .config import EXACT_LIMIT, QE_ALPHA, ExtractorConfig, RuntimeConfig, SearchConfig, check_rotations, file_digest
 from .extractor import Extractor, Skipped, make_extractor
 from .features import Crop, ImageFeatures, describe
 from .fileio import write_text
 from .images import expand_inputs
 from .manifest import Entry, Manifest
-from .patches import level_names, level_regions, pixel_boxes
-from .search import rank
+from .neighbours import Neighbours
+from .patches import level_names, level_regions, pixel_boxes, unrotate_boxes
+from .search import rank, rank_many
 from .segments import DamagedFile
 from .snapshot import State, View, read_state
 from .store import FeatureStore, StoreError, default_store_path
@@ -89,7 +91,8 @@ class Report:
 
 @dataclass
 class Hit:
-    """One ranked image: its manifest `id`, path, distance and the deciding pair of windows."""
+    """One ranked image: its manifest `id`, path, distance and the deciding pair of windows
+    (and, with query rotations, the rotation of the query that decided)."""
 
     rank: int
     path: str
@@ -97,15 +100,19 @@ class Hit:
     query_box: list[float]
     db_box: list[float]
     id: int = -1
+    rotation: int | None = None  # set when the query was described at several rotations
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "rank": self.rank,
             "path": self.path,
             "distance": self.distance,
             "query_box": self.query_box,
             "db_box": self.db_box,
         }
+        if self.rotation is not None:
+            out["rotation"] = self.rotation
+        return out
 
 
 @dataclass
@@ -490,6 +497,10 @@ class Index:
         exact_limit: int = EXACT_LIMIT,
         nprobe: int | None = None,
         per_patch: int | None = None,
+        qe: int = 0,
+        qe_alpha: float = QE_ALPHA,
+        dba: int = 0,
+        query_rotations: Sequence[int] | None = None,
     ) -> list[QueryResult]:
         """Rank the index for each query image (a path, or (path, crop box in pixels)).
 
@@ -500,41 +511,128 @@ class Index:
         last published generation, also while another process adds or removes images.
         Unreadable queries are left out of the result and appended to `skipped` as
         {"path", "reason"} when a list is given.
+
+        Re-ranking (off by default; `benchmarks/RESULTS.md` section 10): `qe` > 0 also
+        scores the windows of the `qe` best images as queries and averages the distances
+        (alpha-QE weights, exponent `qe_alpha`); `dba` > 0 averages each image's distance
+        with its `dba` nearest neighbours' (computed by `build_neighbours`). Then a hit's
+        `distance` is that average. `query_rotations` (degrees counter-clockwise, from
+        0, 90, 180, 270) describes the query at each rotation and keeps an image's smallest
+        distance; each hit then says which rotation decided (`Hit.rotation`), its
+        `query_box` in the unrotated query's pixels.
         """
+        try:
+            rotations = check_rotations(query_rotations)
+        except ValueError as err:
+            raise IndexUsageError(str(err)) from None
+        if qe < 0 or dba < 0:
+            raise IndexUsageError("qe and dba must be >= 0")
+        if qe_alpha < 0:
+            raise IndexUsageError("qe_alpha must be >= 0")
         view = self.view()
         if view.images == 0 or view.whitening is None:
             return [QueryResult(q if isinstance(q, str) else q[0], []) for q in queries]
+        neighbours = self.neighbours(dba) if dba else None
         levels = tuple(query_levels or self.search_config.effective_query_levels)
         aggregate = aggregate or self.search_config.aggregate
         db_layout = np.concatenate([level_regions(lv).boxes for lv in self.search_config.levels])
         q_layout = np.concatenate([level_regions(lv).boxes for lv in levels])
-        feats = describe(queries, self.extractor, self.store, level_names(levels), progress=progress, desc="query")
-        order = {(q, None) if isinstance(q, str) else (q[0], q[1]): i for i, q in enumerate(queries)}
-        collected: dict[int, QueryResult] = {}
+        expand_rows = self._rows_at(levels)
+        items = [(q, None) if isinstance(q, str) else (q[0], q[1]) for q in queries]
+        order = {item: i for i, item in enumerate(items)}
+        feats = describe(
+            [(path, crop, r) for path, crop in items for r in rotations],
+            self.extractor, self.store, level_names(levels), progress=progress, desc="query",
+        )
+        described: dict[tuple, dict[int, ImageFeatures]] = {}
+        failed: dict[str, str] = {}
         for f in feats:
             if isinstance(f, Skipped):
+                failed.setdefault(f.path, f.reason)
+            else:
+                described.setdefault((f.path, f.crop), {})[f.rotation] = f
+        collected: dict[int, QueryResult] = {}
+        for item, slot in order.items():
+            views = described.get(item, {})
+            if len(views) < len(rotations):
                 if skipped is not None:
-                    skipped.append({"path": f.path, "reason": f.reason})
+                    skipped.append({"path": item[0], "reason": failed.get(item[0], "could not be described")})
                 continue
-            q = view.whitening.transform(np.concatenate([f.descriptors[n] for n in level_names(levels)]))
-            r = rank(q, view, k, aggregate, exact_limit, per_patch, nprobe)
+            fs = [views[r] for r in rotations]
+            qs = [view.whitening.transform(np.concatenate([f.descriptors[n] for n in level_names(levels)])) for f in fs]
+            r = rank_many(qs, view, k, aggregate, exact_limit, per_patch, nprobe, qe=qe, qe_alpha=qe_alpha,
+                          expand_rows=expand_rows, neighbours=neighbours, dba=dba)
+            which = r.query if r.query is not None else np.zeros(len(r.ids), np.int32)
             # Images removed after this generation was published are dropped here.
             entries = self.manifest.get_many(r.ids.tolist())
             keep = np.array([i in entries for i in r.ids.tolist()], dtype=bool)
-            ids, dist, qp, dp = r.ids[keep], r.distances[keep], r.query_patch[keep], r.db_patch[keep]
+            ids, dist, qp, dp, which = r.ids[keep], r.distances[keep], r.query_patch[keep], r.db_patch[keep], which[keep]
             sizes = np.array([[entries[i].width, entries[i].height] * 2 for i in ids.tolist()], np.float64).reshape(-1, 4)
-            qboxes = pixel_boxes(q_layout[qp], f.width, f.height)
-            if f.crop is not None:
-                qboxes += np.array([f.crop[0], f.crop[1], f.crop[0], f.crop[1]])
+            qboxes = np.zeros((len(ids), 4))
+            for j, f in enumerate(fs):
+                at = which == j
+                qboxes[at] = unrotate_boxes(pixel_boxes(q_layout[qp[at]], f.width, f.height), f.rotation, f.width, f.height)
+            if fs[0].crop is not None:
+                qboxes += np.array([fs[0].crop[0], fs[0].crop[1], fs[0].crop[0], fs[0].crop[1]])
             dboxes = db_layout[dp] * sizes
             hits = [
-                Hit(pos + 1, entries[i].path, d, qb, dbb, i)
-                for pos, (i, d, qb, dbb) in enumerate(zip(
+                Hit(pos + 1, entries[i].path, d, qb, dbb, i, rotations[w] if query_rotations is not None else None)
+                for pos, (i, d, qb, dbb, w) in enumerate(zip(
                     ids.tolist(), dist.tolist(), np.round(qboxes, 1).tolist(), np.round(dboxes, 1).tolist(),
+                    which.tolist(),
                 ))
             ]
-            collected[order[(f.path, f.crop)]] = QueryResult(f.path, hits)
+            collected[slot] = QueryResult(item[0], hits)
         return [collected[i] for i in sorted(collected)]
+
+    def _rows_at(self, levels: Sequence[int]) -> np.ndarray | None:
+        """Rows of a database image's windows that lie at `levels` (None: all of them, when
+        none does). An indexed image used as a query (expansion, neighbours) is described
+        at the query levels, as a query image is."""
+        db_level = np.concatenate([[lv] * len(level_regions(lv)) for lv in self.search_config.levels])
+        rows = np.flatnonzero(np.isin(db_level, levels))
+        return rows if len(rows) else None
+
+    def neighbours(self, k: int) -> Neighbours:
+        """The stored nearest neighbours of the indexed images, holding at least k each
+        (IndexUsageError, saying to run `retrieval dba`, when there are none or fewer)."""
+        try:
+            found = Neighbours.load(self.path)
+        except ValueError as err:
+            raise IndexUsageError(str(err)) from None
+        if found is None or found.k < k:
+            have = "none are stored" if found is None else f"{found.k} per image are stored"
+            raise IndexUsageError(
+                f"--dba {k} needs the {k} nearest neighbours of every image of {self.path}, but {have}; "
+                f"compute them with `retrieval dba {self.path} -k {k}`"
+            )
+        return found
+
+    def build_neighbours(self, k: int, *, progress: bool = False) -> dict:
+        """Compute and store every image's k nearest other images (for `search(dba=...)`),
+        with the index's query levels and image distance; returns what `info` reports."""
+        if k < 1:
+            raise IndexUsageError("-k must be >= 1")
+        with self._writing():
+            self._publish(progress=False)
+            view = self.view()
+            levels = self.search_config.effective_query_levels
+            rows = self._rows_at(levels)
+            ids = np.sort(np.concatenate([
+                seg.ids if view.live_rows(i) is None else seg.ids[view.live_rows(i)]
+                for i, seg in enumerate(view.segments)
+            ])) if view.segments else np.empty(0, np.int64)
+            near = np.full((len(ids), k), -1, np.int64)
+            dist = np.full((len(ids), k), np.inf, np.float32)
+            for j, image_id in enumerate(tqdm(ids.tolist(), desc="neighbours", unit="img", disable=not progress, leave=False)):
+                r = rank(view.windows(image_id, rows), view, k + 1, self.search_config.aggregate)
+                other = r.ids != image_id
+                found = r.ids[other][:k]
+                near[j, :len(found)], dist[j, :len(found)] = found, r.distances[other][:k]
+            meta = {"k": k, "images": len(ids), "generation": view.state.generation,
+                    "aggregate": self.search_config.aggregate, "query_levels": list(levels)}
+            Neighbours(ids, near, dist, meta).save(self.path)
+        return meta
 
     def entry(self, image_id: int) -> Entry | None:
         """The indexed image with manifest id `image_id` (path, digest, size), or None."""
@@ -570,6 +668,7 @@ class Index:
                 "fitted_at_images": state.whitening.get("images"),
                 "refit": _refit_policy(state.whitening),
             },
+            "neighbours": _neighbours_info(self.path, state),
             "faiss_device": faiss_device(self.runtime.device),
             "native_kernel": kernel.describe(),
             "store": self.meta["store"],
@@ -583,6 +682,17 @@ def _read_state_or_none(path: Path) -> State | None:
         return read_state(path)
     except DamagedFile:
         return None
+
+
+def _neighbours_info(path: Path, state: State) -> dict | None:
+    """What `retrieval dba` stored (None: nothing), and whether images came or went since."""
+    try:
+        found = Neighbours.load(path)
+    except ValueError as err:
+        return {"error": str(err)}
+    if found is None:
+        return None
+    return {**found.meta, "up_to_date": found.meta.get("generation") == state.generation}
 
 
 def _structure(state: State, user: str | None) -> dict:

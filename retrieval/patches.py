@@ -91,3 +91,16 @@ def pixel_boxes(rel_boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     """Relative boxes to pixel boxes of a width x height image (float, x0 y0 x1 y1)."""
     scale = np.array([width, height, width, height], dtype=np.float64)
     return np.asarray(rel_boxes, dtype=np.float64) * scale
+
+
+def unrotate_boxes(boxes: np.ndarray, rotation: int, width: int, height: int) -> np.ndarray:
+    """Pixel boxes of an image turned `rotation` degrees counter-clockwise (now width x
+    height) as boxes of the image before the turn."""
+    x0, y0, x1, y1 = (np.asarray(boxes, np.float64).reshape(-1, 4)[:, i] for i in range(4))
+    if rotation == 90:  # (x, y) went to (y, W0 - x), W0 = height
+        return np.stack([height - y1, x0, height - y0, x1], axis=1)
+    if rotation == 180:
+        return np.stack([width - x1, height - y1, width - x0, height - y0], axis=1)
+    if rotation == 270:  # (x, y) went to (H0 - y, x), H0 = width
+        return np.stack([y0, width - x1, y1, width - x0], axis=1)
+    return np.stack([x0, y0, x1, y1], axis=1)

@@ -5,7 +5,8 @@ ever read by manifest id: no request can name a file to read. Uploaded query ima
 go to a private temporary file that is deleted as soon as the query is answered.
 
 Routes: `GET /` the page; `GET /api/info`; `POST /api/query` (multipart `image`, and
-optional `k`, `aggregate`, `query_levels`, `box` = "x0,y0,x1,y1" in pixels);
+optional `k`, `aggregate`, `query_levels`, `box` = "x0,y0,x1,y1" in pixels, and the
+re-ranking fields `qe`, `dba`, `query_rotations` = "0,90,180,270", as `retrieval query`);
 `POST /api/query/{id}` (same options, an indexed image as the query);
 `GET /api/lookup?path=` (the id of an indexed path); `GET /api/images/{id}` and
 `GET /api/images/{id}/thumb`.
@@ -32,7 +33,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from threadpoolctl import threadpool_limits
 
-from .config import AGGREGATES, RuntimeConfig, parse_levels
+from .config import AGGREGATES, RuntimeConfig, parse_levels, parse_rotations
 from .images import ImageError, load_rgb
 from .report import STATIC, cached_thumbnail
 
@@ -168,10 +169,13 @@ def create_app(
         aggregate: str | None = Form(None),
         query_levels: str | None = Form(None),
         box: str | None = Form(None),
+        qe: str | None = Form(None),
+        dba: str | None = Form(None),
+        query_rotations: str | None = Form(None),
     ) -> dict:
         if image is None:
             raise HTTPException(400, "no query image: send it as the multipart file field 'image'")
-        options = _options(k, aggregate, query_levels)
+        options = _options(k, aggregate, query_levels, qe, dba, query_rotations)
         data = await image.read()
         if len(data) > max_upload_bytes:
             raise UploadTooLarge(max_upload_bytes)
@@ -198,8 +202,11 @@ def create_app(
         aggregate: str | None = Form(None),
         query_levels: str | None = Form(None),
         box: str | None = Form(None),
+        qe: str | None = Form(None),
+        dba: str | None = Form(None),
+        query_rotations: str | None = Form(None),
     ) -> dict:
-        options = _options(k, aggregate, query_levels)
+        options = _options(k, aggregate, query_levels, qe, dba, query_rotations)
         entry = await _entry(image_id)
         crop = _box(box, entry.width, entry.height)
         result = await worker.run(_search, entry.path, crop, options)
@@ -253,9 +260,21 @@ def create_app(
 _CACHE = {"Cache-Control": "private, max-age=300"}
 
 
-def _options(k: str | None, aggregate: str | None, query_levels: str | None) -> dict:
+def _options(k: str | None, aggregate: str | None, query_levels: str | None, qe: str | None = None,
+             dba: str | None = None, query_rotations: str | None = None) -> dict:
     """Validate the optional query fields; a bad one is a 400 saying what is allowed."""
-    options: dict[str, Any] = {"k": 10, "aggregate": None, "query_levels": None}
+    options: dict[str, Any] = {"k": 10, "aggregate": None, "query_levels": None, "qe": 0, "dba": 0,
+                               "query_rotations": None}
+    for name, value in (("qe", qe), ("dba", dba)):
+        if value not in (None, ""):
+            if not (value.isascii() and value.isdigit()) or int(value) > MAX_K:
+                raise HTTPException(400, f"{name} must be a whole number from 0 to {MAX_K} (got {value!r})")
+            options[name] = int(value)
+    if query_rotations not in (None, ""):
+        try:
+            options["query_rotations"] = parse_rotations(query_rotations)
+        except argparse.ArgumentTypeError as err:
+            raise HTTPException(400, f"query_rotations: {err}") from None
     if k not in (None, ""):
         if not (k.isascii() and k.isdigit()) or not 1 <= int(k) <= MAX_K:
             raise HTTPException(400, f"k must be a whole number from 1 to {MAX_K} (got {k!r})")
@@ -300,10 +319,16 @@ def _png(path: str) -> bytes:
 
 def _search(idx, path: str, crop: tuple | None, options: dict) -> dict:
     """One query on the index thread: the SPEC query JSON, each hit with its id and size."""
+    from .index import IndexUsageError
+
     skipped: list[dict] = []
     item = path if crop is None else (path, crop)
-    results = idx.search([item], options["k"], query_levels=options["query_levels"],
-                         aggregate=options["aggregate"], skipped=skipped)
+    try:
+        results = idx.search([item], options["k"], query_levels=options["query_levels"],
+                             aggregate=options["aggregate"], skipped=skipped, qe=options["qe"],
+                             dba=options["dba"], query_rotations=options["query_rotations"])
+    except IndexUsageError as err:  # e.g. dba asked of an index whose neighbours were not computed
+        raise HTTPException(400, str(err)) from None
     if skipped:
         raise HTTPException(400, f"cannot query this image: {skipped[0]['reason']}")
     hits = []

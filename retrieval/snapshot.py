@@ -188,6 +188,15 @@ class View:
         hit = self._order[pos[found]]
         return self._segment_of[hit], self._row_of[hit]
 
+    def windows(self, image_id: int, rows: np.ndarray | None = None) -> np.ndarray:
+        """The window vectors of one live image (float32 [P, d]; only `rows` of them if given)."""
+        segment, row = self.locate(np.array([image_id]))
+        if not len(segment):
+            raise KeyError(f"image {image_id} is not in this generation")
+        seg, at = self.segments[int(segment[0])], int(row[0]) * self.patches
+        vectors = np.asarray(seg.vectors[at:at + self.patches], dtype=np.float32)
+        return vectors if rows is None else vectors[rows]
+
 
 def _available_memory() -> int:
     """MemAvailable in bytes (0 when /proc/meminfo cannot tell)."""

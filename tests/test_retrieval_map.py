@@ -103,3 +103,25 @@ def test_bad_flag_is_usage_error(ukbench_root, tmp_path):
                 "--sweep", "--aggregate-grid", "max", tmp=tmp_path)
     assert proc.returncode == 2
     assert "aggregate" in proc.stderr
+
+
+def test_rerank_and_rotation_options_in_a_sweep(ukbench_root, tmp_path):
+    out = tmp_path / "rerank.json"
+    proc = _run("--dataset", "ukbench", "--root", str(ukbench_root), *TINY_FLAGS,
+                "--timing-sample", "0", "--sweep", "--qe-grid", "0,2", "--dba-grid", "0,2",
+                "--query-rotations-grid", "0;0,90", "--rotate-queries", "90",
+                "--index-dir", str(tmp_path / "idx"), "--json", str(out), tmp=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    combos = {(r["config"]["qe"], r["config"]["dba"], tuple(r["config"]["query_rotations"])) for r in rows}
+    assert combos == {(q, d, rot) for q in (0, 2) for d in (0, 2) for rot in ((0,), (0, 90))}
+    assert all(r["config"]["rotate_queries"] == 90 and 0.0 <= r["value"] <= 4.0 for r in rows)
+    full = next(r for r in rows if r["config"]["qe"] == 2 and r["config"]["dba"] == 2
+                and r["config"]["query_rotations"] == [0, 90])
+    assert "--qe 2 --dba 2 --query-rotations 0,90 --rotate-queries 90" in full["command"]
+    assert full["timing"]["dba_neighbours_seconds"] is not None
+    # the turned copies are lossless PNGs beside the indexes, made once
+    assert len(list((tmp_path / "idx" / "queries-rot90").glob("*.png"))) == 4 * GROUPS
+    bad = _run("--dataset", "ukbench", "--root", str(ukbench_root), *TINY_FLAGS,
+               "--sweep", "--qe-grid", "1,-1", tmp=tmp_path)
+    assert bad.returncode == 2 and "--qe-grid" in bad.stderr

@@ -109,6 +109,15 @@ def test_upload_options_crop_aggregate_levels(client, tiny):
     assert len(hits) == 7  # k above the index size returns every image
 
 
+def test_upload_with_query_expansion_and_rotations(client, tiny):
+    _, paths, _ = tiny
+    r = _upload(client, paths[2], k=3, qe="2", query_rotations="0,90")
+    assert r.status_code == 200, r.text
+    hits = r.json()["results"][0]["hits"]
+    assert hits[0]["path"] == str(paths[2]) and hits[0]["rotation"] == 0
+    assert all(SPEC_HIT | {"id", "rotation"} <= set(h) for h in hits)
+
+
 def test_query_from_an_indexed_image(client, tiny):
     _, paths, _ = tiny
     ids = _ids(client, paths)
@@ -130,6 +139,9 @@ def test_query_from_an_indexed_image(client, tiny):
     ({"box": "1,2,3"}, "box must be four numbers"),
     ({"box": "0,0,500,90"}, "the image is 160x120 pixels"),
     ({"box": "50,50,10,90"}, "0 <= x0 < x1"),
+    ({"qe": "-1"}, "qe must be a whole number"),
+    ({"query_rotations": "0,45"}, "query_rotations"),
+    ({"dba": "2"}, "retrieval dba"),
 ])
 def test_bad_options_are_400_with_the_reason(client, tiny, fields, needle):
     r = _upload(client, tiny[1][0], **fields)

@@ -1,0 +1,91 @@
+"""Database-side augmentation: every image's nearest images, computed once per collection.
+
+`neighbours.npz` in the index folder holds, for each image of the generation it was
+computed on, its `k` nearest other images and their distances (the index's own query
+levels and image distance). At query time an image's distance is averaged with its
+neighbours' (alpha-QE weights), so an image whose view of the object is poor is lifted
+by its better views: DBA (Arandjelovic & Zisserman) in the distance domain, where a
+window set needs no averaged descriptor. It is a derived file like the others but not
+part of a published state: `retrieval dba` (re)computes it; images added later are
+scored without augmentation until then, and removed images simply drop out.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .fileio import replacing
+
+FILE = "neighbours.npz"
+
+
+@dataclass
+class Neighbours:
+    """`ids` (sorted int64 [m]); `neighbours` int64 [m, k] (-1 = none) and their `distances`."""
+
+    ids: np.ndarray
+    neighbours: np.ndarray
+    distances: np.ndarray
+    meta: dict
+
+    @property
+    def k(self) -> int:
+        return int(self.neighbours.shape[1])
+
+    def _rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pos = np.minimum(np.searchsorted(self.ids, ids), max(len(self.ids) - 1, 0))
+        known = (self.ids[pos] == ids) if len(self.ids) else np.zeros(len(ids), bool)
+        return pos, known
+
+    def widen(self, pool: np.ndarray, k: int) -> np.ndarray:
+        """`pool` plus the first k neighbours of its images (sorted, unique)."""
+        pos, known = self._rows(pool)
+        more = self.neighbours[pos[known], :k].ravel()
+        return np.unique(np.concatenate([pool, more[more >= 0]]))
+
+    def augment(self, ids: np.ndarray, dist: np.ndarray, k: int, alpha: float) -> np.ndarray:
+        """Each image's distance averaged with its first k neighbours' (weight 1 for its own,
+        alpha-QE weight of the neighbour's distance to it for each neighbour); neighbours
+        not among `ids` (removed, or not candidates) are left out."""
+        pos, known = self._rows(ids)
+        nb = np.where(known[:, None], self.neighbours[pos, :k], -1)
+        weight = qe_weight(self.distances[pos, :k], alpha) * (nb >= 0)
+        order = np.argsort(ids, kind="stable")
+        at = np.minimum(np.searchsorted(ids[order], nb), len(ids) - 1)
+        found = ids[order][at] == nb
+        weight = weight * found
+        their = dist[order][at]
+        total = dist.astype(np.float64) + (weight * their).sum(axis=1)
+        return (total / (1.0 + weight.sum(axis=1))).astype(np.float32)
+
+    def save(self, directory: Path) -> None:
+        with replacing(Path(directory) / FILE, suffix=".tmp.npz") as tmp:
+            np.savez(tmp, ids=self.ids, neighbours=self.neighbours, distances=self.distances,
+                     meta=np.array(json.dumps(self.meta)))
+
+    @classmethod
+    def load(cls, directory: Path) -> "Neighbours | None":
+        """The stored neighbours, None when none were computed; ValueError if the file is bad."""
+        path = Path(directory) / FILE
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                out = cls(data["ids"].astype(np.int64), data["neighbours"].astype(np.int64),
+                          data["distances"].astype(np.float32), json.loads(str(data["meta"])))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, EOFError) as err:
+            raise ValueError(f"{path}: unreadable ({err}); recompute it with `retrieval dba`") from None
+        if out.neighbours.shape != (len(out.ids), out.neighbours.shape[1]) or out.distances.shape != out.neighbours.shape:
+            raise ValueError(f"{path}: malformed; recompute it with `retrieval dba`")
+        return out
+
+
+def qe_weight(dist: np.ndarray, alpha: float) -> np.ndarray:
+    """alpha-QE weight of images at window-set distance `dist`: (1 - d^2/2)^alpha, >= 0.
+
+    1 - d^2/2 is the cosine similarity two unit vectors at Euclidean distance d have.
+    """
+    return np.clip(1.0 - np.asarray(dist, np.float64) ** 2 / 2.0, 0.0, 1.0) ** alpha

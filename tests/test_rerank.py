@@ -1,0 +1,194 @@
+"""Re-ranking with the neighbours (query expansion, database-side augmentation) and
+rotation-robust queries, on small generated collections whose expected order is known."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import SELF_DISTANCE, make_scene, run_cli
+from retrieval import ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchConfig
+from retrieval.features import describe
+from retrieval.index import IndexUsageError
+from retrieval.patches import level_names, unrotate_boxes
+from retrieval.search import rank
+
+CONFIG = ExtractorConfig(backbone="resnet18", weights="none", input_spec=InputSpec(size=(64, 64)))
+SEARCH = SearchConfig(levels=(1, 2), pca_dim=16)
+LEVELS = level_names((1, 2))
+
+
+def _chain(root, seed: int):
+    """Query A; indexed: B (A's left half beside C's right half), C, six distractors.
+
+    A and C share no pixel: B, the query's best hit, is their only link."""
+    scene_a, scene_c = make_scene(seed), make_scene(seed + 1)
+    query = root / "a.png"
+    scene_a.save(query)
+    linked = scene_a.copy()
+    linked.paste(scene_c.crop((80, 0, 160, 120)), (80, 0))
+    paths = {"B": root / "b.png", "C": root / "c.png"}
+    linked.save(paths["B"])
+    scene_c.save(paths["C"])
+    for i in range(6):
+        paths[f"D{i}"] = root / f"d{i}.png"
+        make_scene(seed + 10 + i).save(paths[f"D{i}"])
+    with Index.create(root / "idx", CONFIG, SEARCH, store=root / "s.sqlite", runtime=RuntimeConfig(batch_size=16)) as idx:
+        idx.add([str(p) for p in paths.values()], progress=False)
+    return root / "idx", str(query), {str(p): name for name, p in paths.items()}
+
+
+@pytest.fixture(scope="module")
+def qe_chain(tmp_path_factory):
+    return _chain(tmp_path_factory.mktemp("qe"), 500)
+
+
+@pytest.fixture(scope="module")
+def dba_chain(tmp_path_factory):
+    return _chain(tmp_path_factory.mktemp("dba"), 400)
+
+
+def _order(idx, query, names, **kw):
+    return [names[h.path] for h in idx.search([query], k=None, **kw)[0].hits]
+
+
+def test_off_reproduces_the_plain_ranking_exactly(qe_chain):
+    index, query, _ = qe_chain
+    with Index.open(index) as idx:
+        view = idx.view()
+        f = next(describe([query], idx.extractor, idx.store, LEVELS, progress=False))
+        # What search was before re-ranking existed: one whitened query through `rank`.
+        plain = rank(view.whitening.transform(np.concatenate([f.descriptors[n] for n in LEVELS])), view, None)
+        for kw in ({}, {"qe": 0, "dba": 0}, {"query_rotations": (0,)}):
+            hits = idx.search([query], k=None, **kw)[0].hits
+            assert [h.id for h in hits] == plain.ids.tolist()
+            assert [h.distance for h in hits] == plain.distances.tolist()
+            assert all(h.rotation == (0 if kw.get("query_rotations") else None) for h in hits)
+
+
+def test_query_expansion_reaches_the_far_end_of_a_chain(qe_chain):
+    index, query, names = qe_chain
+    with Index.open(index) as idx:
+        plain = _order(idx, query, names)
+        expanded = _order(idx, query, names, qe=1)
+        hits = idx.search([query], k=3, qe=1)[0].hits
+    assert plain[0] == "B" and plain.index("C") > 1  # a distractor beats C without expansion
+    assert expanded[:2] == ["B", "C"]
+    assert [names[h.path] for h in hits] == expanded[:3]  # k cuts the same ranking
+    assert all(a.distance <= b.distance for a, b in zip(hits, hits[1:]))
+
+
+def test_database_side_augmentation_lifts_the_neighbour_and_follows_removals(dba_chain, tmp_path):
+    index, query, names = dba_chain
+    with Index.open(index) as idx:
+        with pytest.raises(IndexUsageError, match="retrieval dba"):
+            idx.search([query], k=3, dba=1)
+        meta = idx.build_neighbours(2)
+        assert meta["k"] == 2 and meta["images"] == 8
+        assert idx.info()["neighbours"]["up_to_date"] is True
+        plain = _order(idx, query, names)
+        augmented = _order(idx, query, names, dba=1, qe_alpha=1)
+        with pytest.raises(IndexUsageError, match="-k 3"):
+            idx.search([query], k=3, dba=3)
+        # B removed: C loses its only link; the stored neighbours skip what is gone.
+        b = next(p for p, n in names.items() if n == "B")
+        idx.remove([b])
+        after = _order(idx, query, names, dba=1, qe_alpha=1)
+        extra = tmp_path / "new.png"
+        make_scene(777).save(extra)
+        idx.add([str(extra)], progress=False)
+        names[str(extra)] = "new"
+        with_new = _order(idx, query, names, dba=1, qe_alpha=1)
+        assert idx.info()["neighbours"]["up_to_date"] is False
+    assert plain[0] == "B" and plain[-1] == "C"
+    assert augmented[:2] == ["B", "C"]
+    assert "B" not in after and after.index("C") > 1
+    assert sorted(with_new) == sorted(after + ["new"])  # a new image is searched, unaugmented
+
+
+def test_an_image_found_only_when_the_query_is_turned(qe_chain, tmp_path):
+    index, _, names = qe_chain
+    source = next(p for p, n in names.items() if n == "D0")
+    query = tmp_path / "turned.png"
+    Image.open(source).transpose(Image.Transpose.ROTATE_90).save(query)  # 120 x 160 now
+    with Index.open(index) as idx:
+        upright = idx.search([str(query)], k=3)[0].hits
+        turned = idx.search([str(query)], k=3, query_rotations=(0, 90, 180, 270))[0].hits
+        again = idx.search([str(query)], k=3)[0].hits
+    assert upright[0].distance > 0.3 and upright[0].rotation is None
+    top = turned[0]
+    assert top.path == source and top.distance < SELF_DISTANCE
+    assert top.rotation == 270  # turning the query back undoes the 90
+    # The deciding windows are the same pixels: the hit's box, turned with the query.
+    assert np.allclose(unrotate_boxes(np.array([top.db_box]), 270, 160, 120)[0], top.query_box, atol=0.2)
+    assert all(0 <= v <= 160 for v in top.query_box) and top.query_box[2] <= 120
+    # Upright and turned descriptors are stored under different keys: nothing leaked.
+    assert [(h.path, h.distance) for h in again] == [(h.path, h.distance) for h in upright]
+
+
+def test_rotations_with_a_crop_map_boxes_into_the_original_pixels(qe_chain, tmp_path):
+    index, _, names = qe_chain
+    source = next(p for p, n in names.items() if n == "D1")
+    query = tmp_path / "turned.png"
+    Image.open(source).transpose(Image.Transpose.ROTATE_270).save(query)  # 120 x 160
+    crop = (10.0, 20.0, 110.0, 150.0)
+    with Index.open(index) as idx:
+        hits = idx.search([(str(query), crop)], k=2, query_rotations=(0, 90))[0].hits
+    assert hits[0].path == source and hits[0].rotation == 90
+    x0, y0, x1, y1 = hits[0].query_box
+    assert crop[0] - 0.1 <= x0 < x1 <= crop[2] + 0.1 and crop[1] - 0.1 <= y0 < y1 <= crop[3] + 0.1
+
+
+def test_bad_options_are_usage_errors(qe_chain):
+    index, query, _ = qe_chain
+    with Index.open(index) as idx:
+        for kw in ({"query_rotations": (45,)}, {"query_rotations": (0, 0)}, {"query_rotations": ()},
+                   {"qe": -1}, {"qe_alpha": -1.0}):
+            with pytest.raises(IndexUsageError):
+                idx.search([query], k=2, **kw)
+
+
+def test_cli_flags_and_the_dba_command(qe_chain, tmp_path):
+    index, query, _ = qe_chain
+    before = sorted(p.name for p in index.iterdir())
+    for flags, needle in ((["--qe", "-1"], "--qe"), (["--query-rotations", "0,45"], "--query-rotations"),
+                          (["--dba", "x"], "--dba"), (["--qe-alpha", "-2"], "--qe-alpha"),
+                          (["--dba", "2"], "retrieval dba")):
+        out = run_cli("query", str(index), query, "--json", "--quiet", *flags)
+        assert out.returncode == 2 and needle in out.stderr and out.stdout == "", (flags, out.stderr)
+    assert sorted(p.name for p in index.iterdir()) == before  # a refused command wrote nothing
+    out = run_cli("dba", str(index), "-k", "0", "--json")
+    assert out.returncode == 2 and "-k" in out.stderr
+    out = run_cli("dba", str(index), "-k", "2", "--json", "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["k"] == 2
+    out = run_cli("query", str(index), query, "-k", "3", "--json", "--quiet",
+                  "--qe", "2", "--dba", "2", "--query-rotations", "0,180")
+    assert out.returncode == 0, out.stderr
+    hits = json.loads(out.stdout)["results"][0]["hits"]
+    assert len(hits) == 3 and all(h["rotation"] in (0, 180) for h in hits)
+    plain = json.loads(run_cli("query", str(index), query, "-k", "3", "--json", "--quiet").stdout)
+    assert all("rotation" not in h for h in plain["results"][0]["hits"])
+
+
+def test_candidate_search_gives_the_exact_answer_when_it_sees_everything(qe_chain, tmp_path):
+    """Above the exact limit the options work on a candidate pool; with a structure that
+    nominates every image the pool is the collection, so the answers must be the same."""
+    index, query, _ = qe_chain
+    copy = tmp_path / "idx"
+    shutil.copytree(index, copy)
+    turned = tmp_path / "turned.png"
+    Image.open(query).transpose(Image.Transpose.ROTATE_180).save(turned)
+    with Index.open(copy) as idx:
+        idx.build_neighbours(2)
+        options = ({"qe": 2}, {"dba": 2}, {"qe": 2, "dba": 2, "query_rotations": (0, 180)}, {"query_rotations": (90, 180)})
+        exact = [idx.search([str(turned)], k=4, **kw)[0].hits for kw in options]
+        idx.set_index_type("IVF1,Flat")
+        assert idx.info()["structure"]["search"] == "candidates"
+        pooled = [idx.search([str(turned)], k=4, exact_limit=0, per_patch=100, **kw)[0].hits for kw in options]
+    for a, b in zip(exact, pooled):
+        assert [(h.path, h.rotation) for h in a] == [(h.path, h.rotation) for h in b]
+        assert np.allclose([h.distance for h in a], [h.distance for h in b], atol=1e-6)
