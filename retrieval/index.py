@@ -476,7 +476,7 @@ class Index:
     def warm(self, wait: bool = False) -> int:
         """Prepare for a stream of queries, as a server does once at start: load the
         published view and its FAISS structure, and have the OS read the window vectors
-        into its page cache in the background (when they fit in half the available
+        into its page cache in the background (when they fit in 80 % of the available
         memory; `wait` blocks until it is done). Returns the bytes read ahead."""
         return self.view().warm(wait)
 

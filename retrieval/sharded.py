@@ -33,7 +33,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .config import EXACT_LIMIT, RuntimeConfig
+from .config import EXACT_LIMIT, QE_ALPHA, RuntimeConfig
 from .extractor import Skipped
 from .features import Crop, describe
 from .fileio import write_text
@@ -292,10 +292,20 @@ class ShardedIndex:
         exact_limit: int = EXACT_LIMIT,
         nprobe: int | None = None,
         per_patch: int | None = None,
+        qe: int = 0,
+        qe_alpha: float = QE_ALPHA,
+        dba: int = 0,
+        query_rotations: Sequence[int] | None = None,
     ) -> list[QueryResult]:
         """`Index.search` over every shard: the same arguments and result; each shard
         returns its own top k and the driver keeps the k nearest overall. `exact_limit`
-        applies per shard."""
+        applies per shard. Query expansion, database-side augmentation and rotations need
+        the whole collection's ranking and are not offered over shards yet: asking for
+        them is an IndexUsageError."""
+        asked = [flag for flag, on in (("--qe", qe), ("--dba", dba), ("--query-rotations", query_rotations)) if on]
+        if asked:
+            raise IndexUsageError(f"{', '.join(asked)}: not available on a sharded index yet; "
+                                  "query the unsplit index for these options")
         front = self._front
         if self.whitening is None:
             return [QueryResult(q if isinstance(q, str) else q[0], []) for q in queries]

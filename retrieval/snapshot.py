@@ -25,6 +25,10 @@ from .whitening import PCAWhitening
 
 STATE = "state.json"
 READAHEAD_BYTES = 8 << 20
+# Segments are read ahead only when they fit in this share of MemAvailable (memory not
+# held by processes, page cache included): they are a query server's working set, but
+# must not push out what the machine needs.
+WARM_MEMORY_FRACTION = 0.8
 _DERIVED = re.compile(r"^(whitening-\d+\.npz|seg-\d+(\.ids)?\.npy|dead-\d+\.npy|ann-\d+\.faiss"
                       r"|vectors-\d+\.npy|ids-\d+\.npy|faiss-\d+\.index|whitening\.npz|.*\.tmp(\.npz)?)$")
 
@@ -137,13 +141,13 @@ class View:
         Candidates' rows are scattered over every segment, so a query on a cold cache
         pays a disk read per candidate (measured at 1,000,000 images: RESULTS.md section
         8). The read-ahead runs in a background thread and only when the segments fit in
-        half the memory available, so it never pushes out what the machine needs.
+        WARM_MEMORY_FRACTION of the memory available.
         Returns the bytes asked for (0 when they do not fit).
         """
         self.ann  # noqa: B018 - loads it
         paths = [Path(s.vectors.filename) for s in self.segments]
         total = sum(p.stat().st_size for p in paths if p.exists())
-        if not total or total > _available_memory() // 2:
+        if not total or total > WARM_MEMORY_FRACTION * _available_memory():
             return 0
 
         def readahead() -> None:

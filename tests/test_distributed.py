@@ -252,6 +252,11 @@ def test_shards_with_another_whitening_and_changes_to_shards_are_refused(sharded
     assert out.returncode == 2 and "shard of a split index" in out.stderr
     out = run_cli("remove", str(sharded), str(tmp_path))
     assert out.returncode == 2 and "holds the shards of a split index" in out.stderr
+    query = sharded_pair[2][0]
+    out = run_cli("query", str(sharded), query, "-k", "3", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["results"][0]["hits"][0]["path"] == query
+    out = run_cli("query", str(sharded), query, "--qe", "3")
+    assert out.returncode == 2 and "--qe: not available on a sharded index" in out.stderr
 
 
 @needs_ray
