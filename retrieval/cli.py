@@ -254,7 +254,7 @@ def _info(args) -> int:
 
 
 def _export_onnx(args) -> int:
-    from .backbone import export_onnx
+    from .onnx_export import export_onnx
 
     start = time.perf_counter()
     result = export_onnx(extractor_config_from_args(args), args.out)
