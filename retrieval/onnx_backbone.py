@@ -19,6 +19,61 @@ from .backbone import DEFAULT_SIZE, PROBE_EXTRA, Backbone, cpu_count, cuda_prese
 from .config import ConfigError, ExtractorConfig
 
 _NP_DTYPES = {1: "float32", 10: "float16", 11: "float64"}
+_QUANTIZED = (2, 3)  # uint8, int8 (TensorProto element types)
+
+# Where a quantized op's output scale and zero point are among its inputs; ops absent
+# here (MaxPool, Reshape, ...) pass their input's quantization through unchanged.
+_OUTPUT_QPARAMS = {
+    "QuantizeLinear": (1, 2),
+    "QLinearConv": (6, 7),
+    "QLinearAdd": (6, 7),
+    "QLinearMul": (6, 7),
+    "QLinearMatMul": (6, 7),
+    "QLinearGlobalAveragePool": (3, 4),
+    "QLinearAveragePool": (3, 4),
+    "QLinearLeakyRelu": (3, 4),
+    "QLinearSigmoid": (3, 4),
+    "QLinearConcat": (0, 1),
+}
+
+
+def quantization_of(model, name: str) -> tuple[str, str] | None:
+    """(scale, zero point) tensor names of quantized tensor `name`, from the op that
+    produced it (followed through ops that keep their input's quantization); None when
+    the graph does not say."""
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    seen: set[str] = set()
+    while name in producer and name not in seen:
+        seen.add(name)
+        node = producer[name]
+        where = _OUTPUT_QPARAMS.get(node.op_type)
+        if where is not None:
+            scale, zero = where
+            return node.input[scale], (node.input[zero] if len(node.input) > zero else "")
+        if node.op_type.startswith("QLinear") or not node.input:
+            return None
+        name = node.input[0]
+    return None
+
+
+def dequantize_at(model, name: str):
+    """A copy of `model` with a DequantizeLinear reading quantized tensor `name`;
+    -> (model, name of the float32 tensor). Raises ConfigError when the graph does not
+    declare the tensor's scale."""
+    import onnx
+    from onnx import helper
+
+    qparams = quantization_of(model, name)
+    if qparams is None:
+        raise ConfigError(
+            f"--onnx-output {name!r} is a quantized tensor whose scale the graph does not declare; "
+            "pick a tensor produced by a QLinear*/QuantizeLinear op (see `retrieval layers`)"
+        )
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    out = f"{name}:dequantized"
+    inputs = [name, qparams[0]] + ([qparams[1]] if qparams[1] else [])
+    model.graph.node.append(helper.make_node("DequantizeLinear", inputs, [out], name=out))
+    return model, out
 
 
 def _subgraph_inputs(graph) -> set[str]:
@@ -46,21 +101,33 @@ def _node_inputs(node) -> list[str]:
     return names
 
 
-def _tensor_type(model, name: str) -> int | None:
+def _tensor_types(model) -> dict[str, int]:
+    """Element type of every tensor of the graph whose type is known or can be inferred."""
     g = model.graph
-    for vi in list(g.value_info) + list(g.output) + list(g.input):
-        if vi.name == name and vi.type.tensor_type.elem_type:
-            return vi.type.tensor_type.elem_type
+    types: dict[str, int] = {}
     try:
         import onnx
 
-        inferred = onnx.shape_inference.infer_shapes(model)
-        for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
-            if vi.name == name and vi.type.tensor_type.elem_type:
-                return vi.type.tensor_type.elem_type
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+        sources = list(inferred.value_info) + list(inferred.output)
     except Exception:
-        pass
-    return None
+        sources = []
+    for vi in sources + list(g.value_info) + list(g.output) + list(g.input):
+        if vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    # Shape inference does not know contrib QLinear* ops: their output has the element
+    # type of the zero point they are given (uint8 when none is given).
+    inits = {t.name: t.data_type for t in g.initializer}
+    for node in g.node:
+        where = _OUTPUT_QPARAMS.get(node.op_type)
+        if where is not None and node.output[0] not in types:
+            zero = node.input[where[1]] if len(node.input) > where[1] else ""
+            types[node.output[0]] = inits.get(zero, 2)
+    return types
+
+
+def _tensor_type(model, name: str) -> int | None:
+    return _tensor_types(model).get(name)
 
 
 def cut_onnx(model, output: str, dynamic_batch: bool = False, dynamic_hw: bool = False, out_type: int | None = None):
@@ -140,7 +207,7 @@ def _dim(d) -> int | None:
 
 
 class OnnxBackbone(Backbone):
-    def __init__(self, config: ExtractorConfig, device: str = "auto"):
+    def __init__(self, config: ExtractorConfig, device: str = "auto") -> None:
         import onnx
         import onnxruntime as ort
 
@@ -164,7 +231,12 @@ class OnnxBackbone(Backbone):
                 f"some valid tensor names (last 15 of {len(produced)}): {', '.join(produced[-15:])}"
             )
         out_type = _tensor_type(model, self.output)
-        base = cut_onnx(model, self.output, out_type=out_type)
+        # The tensor actually read: a quantized one is read through a DequantizeLinear.
+        self.tensor = self.output
+        if out_type in _QUANTIZED:
+            model, self.tensor = dequantize_at(model, self.output)
+            out_type = onnx.TensorProto.FLOAT
+        base = cut_onnx(model, self.tensor, out_type=out_type)
         if len(base.graph.input) != 1 or len(base.graph.input[0].type.tensor_type.shape.dim) != 4:
             raise ConfigError(
                 f"--onnx {self.path}: the graph up to {self.output!r} needs "
@@ -207,7 +279,7 @@ class OnnxBackbone(Backbone):
         chosen = (base, ref_sess, False, False)
         for b, h in tries:
             try:
-                m = cut_onnx(model, self.output, b, h, out_type=out_type)
+                m = cut_onnx(model, self.tensor, b, h, out_type=out_type)
                 sess = self._session(m, ort)
                 got = self._run_loop(sess, self._prep(probe), None if b else self.declared_batch)
                 if got.shape != ref.shape or rel_err(got, ref) > tol:
@@ -269,7 +341,7 @@ class OnnxBackbone(Backbone):
 
     def _run_loop(self, sess, x: np.ndarray, batch: int | None) -> np.ndarray:
         if batch is None:
-            out = sess.run([self.output], {self.input_name: x})[0]
+            out = sess.run([self.tensor], {self.input_name: x})[0]
             return np.asarray(out, dtype=np.float32)
         outs = []
         for i in range(0, len(x), batch):
@@ -277,7 +349,7 @@ class OnnxBackbone(Backbone):
             n = len(chunk)
             if n < batch:  # pad the last chunk of a fixed-batch graph
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
-            outs.append(np.asarray(sess.run([self.output], {self.input_name: chunk})[0][:n], dtype=np.float32))
+            outs.append(np.asarray(sess.run([self.tensor], {self.input_name: chunk})[0][:n], dtype=np.float32))
         return np.concatenate(outs)
 
     def _forward(self, images: np.ndarray) -> np.ndarray:
@@ -288,6 +360,7 @@ class OnnxBackbone(Backbone):
             "kind": "onnx",
             "file": self.path,
             "output": self.output,
+            "dequantized": self.tensor != self.output,
             "input": self.input_name,
             "provider": self.session.get_providers()[0],
             "device": self.device,
