@@ -15,7 +15,7 @@ fusion concatenated (each part L2-normalised, so each weighs the same), then PCA
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
@@ -28,7 +28,7 @@ from retrieval.whitening import l2_normalize
 
 from .data import Dataset
 from .features import FeatureTable, image_vectors, power_normalize
-from .protocol import run_protocol, usable
+from .protocol import run_protocol
 
 __all__ = ["FactorGrid", "study"]
 
@@ -61,7 +61,7 @@ class _Features:
 
     table: FeatureTable
     seconds: float
-    charged: bool = field(default=False)
+    charged: bool = False
 
 
 def _apply_power(table: FeatureTable, on: bool) -> dict[str, np.ndarray]:
@@ -104,7 +104,8 @@ def study(
     """Evaluate every configuration of `grid` on `ds`; yields one row (dict) per
     configuration as it is done. `depths` maps layer names to their depth (0..1)."""
     layer_field = "onnx_output" if base.onnx else "layer"
-    paths = list(dict.fromkeys(ds.train.paths + (ds.val.paths if ds.val else []) + ds.test.paths))
+    training_part = ds.train.paths + (ds.val.paths if ds.val else [])
+    paths = list(dict.fromkeys(training_part + ds.test.paths))
     cache: dict[tuple[str, str, int], _Features] = {}
 
     def features(layer: str, pool: str, jitter: int) -> _Features:
@@ -130,7 +131,7 @@ def study(
                     skipped = sorted({s.path for f in feats for s in f.table.skipped})
                     for power in grid.power_norms:
                         encoded = _fused([_apply_power(f.table, power) for f in feats])
-                        fit_paths = usable(ds.train, FeatureTable(encoded))[0] + usable(ds.val, FeatureTable(encoded))[0]
+                        fit_paths = [p for p in training_part if p in encoded]
                         for pca_dim in grid.pca_dims:
                             t0 = time.perf_counter()
                             table = FeatureTable(_reduced(encoded, fit_paths, pca_dim))

@@ -331,7 +331,7 @@ def test_c_selection_in_run_uses_train_rows_only(fake_backbone, dataset, tmp_pat
             seen.append((len(X), None if X_val is None else len(X_val), list(y)))
             return super().fit(X, y, X_val, y_val, classes)
 
-    monkeypatch.setattr(cli, "Classifier", Spy)
+    monkeypatch.setattr("classify.protocol.Classifier", Spy)
     _make_split(dataset, "validation", COLOURS, 2, seed=5000)
     code, out, err = _run(capsys, ["run", str(dataset), "--store", str(tmp_path / "s.sqlite"), "--json", *FAKE])
     assert code == 0, err
