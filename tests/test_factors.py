@@ -8,22 +8,33 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import MOBILENET, ROOT, SHARED, make_scene, needs_shared, run_cli
+from conftest import MOBILENET, ROOT, SHARED, make_scene, needs_shared
 
 SQUEEZENET = SHARED / "weights" / "squeezenet1.1-fp16.onnx"
 R18 = ["--backbone", "resnet18", "--weights", "none", "--input-spec", "size=64", "--device", "cpu",
        "--workers", "1", "--quiet"]
 
 
-def _layers(*flags: str) -> dict:
-    proc = run_cli("layers", *flags, "--json")
-    assert proc.returncode == 0, proc.stderr
-    return {lay["name"]: lay for lay in json.loads(proc.stdout)["layers"]}
+def _retrieval(capsys, *argv: str) -> tuple[int, str, str]:
+    from retrieval import cli
+
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exc:  # argparse usage errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _layers(capsys, *flags: str) -> dict:
+    code, out, err = _retrieval(capsys, "layers", *flags, "--json")
+    assert code == 0, err
+    return {lay["name"]: lay for lay in json.loads(out)["layers"]}
 
 
 @needs_shared("weights", "mobilenetv2-12-int8.onnx")
-def test_layers_of_int8_mobilenet():
-    layers = _layers("--onnx", str(MOBILENET))
+def test_layers_of_int8_mobilenet(capsys):
+    layers = _layers(capsys, "--onnx", str(MOBILENET))
     assert layers["627"]["shape"] == [1280, 7, 7] and layers["627"]["kind"] == "map"
     assert not layers["627"]["quantized"]
     block = layers["356_quantized"]  # output of block 5 of 17
@@ -35,8 +46,8 @@ def test_layers_of_int8_mobilenet():
 
 
 @needs_shared("weights", "squeezenet1.1-fp16.onnx")
-def test_layers_of_fp16_squeezenet():
-    layers = _layers("--onnx", str(SQUEEZENET))
+def test_layers_of_fp16_squeezenet(capsys):
+    layers = _layers(capsys, "--onnx", str(SQUEEZENET))
     assert layers["fire9/concat_1"]["shape"] == [512, 13, 13] and layers["fire9/concat_1"]["kind"] == "map"
     assert layers["fire3/concat_1"]["shape"] == [128, 55, 55]
     assert layers["fire9/concat_1"]["dtype"] == "float16"
@@ -44,15 +55,15 @@ def test_layers_of_fp16_squeezenet():
     assert all(lay["kind"] == "other" for lay in layers.values() if lay["dtype"] == "bool")
 
 
-def test_layers_of_random_torchvision_model():
-    layers = _layers("--backbone", "resnet18", "--weights", "none")
+def test_layers_of_random_torchvision_model(capsys):
+    layers = _layers(capsys, "--backbone", "resnet18", "--weights", "none")
     assert layers["layer4.1.relu_1"]["shape"] == [512, 7, 7] and layers["layer4.1.relu_1"]["kind"] == "map"
     assert layers["layer2.1.relu_1"]["shape"] == [128, 28, 28]
     assert layers["penultimate"]["shape"] == [512] and layers["penultimate"]["kind"] == "vector"
-    table = run_cli("layers", "--backbone", "resnet18", "--maps-only")
-    assert table.returncode == 0 and "layer3.1.relu_1" in table.stdout and "penultimate" not in table.stdout
-    bad = run_cli("layers", "--backbone", "resnet18", "--onnx", "x.onnx")
-    assert bad.returncode == 2 and "not allowed with" in bad.stderr
+    code, out, _ = _retrieval(capsys, "layers", "--backbone", "resnet18", "--input-spec", "size=64", "--maps-only")
+    assert code == 0 and "layer3.1.relu_1" in out and "2x2" in out and "penultimate" not in out
+    code, _, err = _retrieval(capsys, "layers", "--backbone", "resnet18", "--onnx", "x.onnx")
+    assert code == 2 and "not allowed with" in err
 
 
 @needs_shared("weights", "mobilenetv2-12-int8.onnx")
