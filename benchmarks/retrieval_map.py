@@ -18,8 +18,10 @@ reads are returned, or the top `--json-top`), maps the hits back to dataset indi
      + "easy", "medium", "hard", "mp@k" for roxford5k/rparis6k (value = Medium mAP),
      + "timing": {...}, "skipped": [...], "per_query": [...]}
 
-`--sweep` runs a grid (database/query levels x aggregate x PCA dimension x patch mode)
-and prints one table, a row per combination; `--json` then writes a list of such objects.
+`--sweep` runs a grid (database/query levels x aggregate x PCA dimension x patch mode x
+layer x pooling) and prints one table, a row per combination; `--json` then writes a
+list of such objects, and `--plot OUT.png` draws the score against layer depth (one line
+per pooling) and against the PCA dimension (one line per layer).
 Raw descriptors go through the persistent feature store (`--store`), so re-runs and the
 rows of a sweep extract each (image, extractor configuration, level) once; the
 whitening and the FAISS index are recomputed for each combination.
@@ -56,6 +58,7 @@ from retrieval.cli import add_rerank_args  # noqa: E402
 from retrieval.config import (  # noqa: E402
     AGGREGATES,
     PATCH_MODES,
+    POOLS,
     QE_ALPHA,
     ConfigError,
     ExtractorConfig,
@@ -70,6 +73,8 @@ from retrieval.config import (  # noqa: E402
 )
 from retrieval.datasets import DATASETS, Dataset, load_dataset  # noqa: E402
 from retrieval.evaluate import evaluate  # noqa: E402
+from retrieval.factor_plot import check_plotting, plot_factors  # noqa: E402
+from retrieval.layers import layer_depths  # noqa: E402
 
 DEFAULT_STORE = ROOT / "benchmarks" / ".cache" / "features.sqlite"
 DATABASE = "database"  # --whiten-on database: learn the whitening on the database itself
@@ -135,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--aggregate-grid", metavar="A,...", help="comma list of min,mean-min (default --aggregate)")
     g.add_argument("--pca-grid", metavar="N,...", help="comma list of PCA dimensions (default --pca-dim)")
     g.add_argument("--patch-mode-grid", metavar="M,...", help="comma list of crop,roi (default --patch-mode)")
+    g.add_argument("--layer-grid", metavar="L,...",
+                   help="comma list of torch layers (see `retrieval layers --backbone NAME`; default --layer)")
+    g.add_argument("--onnx-output-grid", metavar="T,...",
+                   help="comma list of ONNX tensors (see `retrieval layers --onnx FILE`; default --onnx-output)")
+    g.add_argument("--pool-grid", metavar="P,...", help="comma list of avg,max,gem (default --pool)")
+    g.add_argument("--plot", metavar="OUT.png",
+                   help="with --sweep: plot the score against layer depth (per pooling) and PCA dimension (matplotlib)")
     g.add_argument("--qe-grid", metavar="K,...", help="comma list of --qe values (default --qe)")
     g.add_argument("--dba-grid", metavar="K,...", help="comma list of --dba values (default --dba)")
     g.add_argument(
@@ -174,8 +186,9 @@ def _split(text: str | None, sep: str) -> list[str]:
 
 def combinations(args: argparse.Namespace) -> list[dict]:
     """The rows to run: dicts with levels, query_levels, aggregate, pca_dim, patch_mode,
-    whiten_on, qe, dba, query_rotations."""
+    whiten_on, qe, dba, query_rotations, layer (a --layer or --onnx-output name) and pool."""
     rotations = tuple(args.query_rotations) if args.query_rotations else None
+    layer = args.onnx_output if args.onnx else args.layer
     if not args.sweep:
         return [{
             "levels": tuple(args.levels),
@@ -187,7 +200,18 @@ def combinations(args: argparse.Namespace) -> list[dict]:
             "qe": args.qe,
             "dba": args.dba,
             "query_rotations": rotations,
+            "layer": layer,
+            "pool": args.pool,
         }]
+    if args.onnx_output_grid and not args.onnx:
+        raise ConfigError("--onnx-output-grid needs --onnx FILE (use --layer-grid for a torch backbone)")
+    if args.layer_grid and args.onnx:
+        raise ConfigError("--layer-grid names torch layers; with --onnx use --onnx-output-grid")
+    layers = _split(args.onnx_output_grid if args.onnx else args.layer_grid, ",") or [layer]
+    pools = _split(args.pool_grid, ",") or [args.pool]
+    for pool in pools:
+        if pool not in POOLS:
+            raise ConfigError(f"--pool-grid takes {', '.join(POOLS)} (got {pool!r})")
     pairs: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
     qgrid = _split(args.query_levels_grid, ";")
     entries = _split(args.levels_grid, ";") or [
@@ -224,17 +248,17 @@ def combinations(args: argparse.Namespace) -> list[dict]:
     except argparse.ArgumentTypeError as err:
         raise ConfigError(f"--query-rotations-grid: {err}")
     rows, seen = [], set()
-    for mode, whiten, (db, q), pca, agg, dba, qe, rot in itertools.product(
-            modes, whitens, pairs, pcas, aggregates, dbas, qes, rotation_sets):
+    for layer, pool, mode, whiten, (db, q), pca, agg, dba, qe, rot in itertools.product(
+            layers, pools, modes, whitens, pairs, pcas, aggregates, dbas, qes, rotation_sets):
         if q == (1,):
             agg = "min"  # one query window: min and mean-min are the same distance
-        key = (mode, tuple(whiten or ()), db, q, pca, agg, dba, qe, rot)
+        key = (layer, pool, mode, tuple(whiten or ()), db, q, pca, agg, dba, qe, rot)
         if key in seen:
             continue
         seen.add(key)
         rows.append({"levels": db, "query_levels": q, "aggregate": agg, "pca_dim": pca,
                      "patch_mode": mode, "whiten_on": whiten, "qe": qe, "dba": dba,
-                     "query_rotations": rot})
+                     "query_rotations": rot, "layer": layer, "pool": pool})
     return rows
 
 
@@ -395,10 +419,11 @@ def run_rows(args, dataset: Dataset, rows: list[dict], store: str, index_base: P
     # levels are search-time settings, so rows that share an index are run on it together
     groups: dict = {}
     for row in rows:
-        key = (row["patch_mode"], tuple(row["whiten_on"] or ()), row["levels"], row["pca_dim"])
+        key = (row["layer"], row["pool"], row["patch_mode"], tuple(row["whiten_on"] or ()), row["levels"], row["pca_dim"])
         groups.setdefault(key, []).append(row)
-    for (mode, _, levels, pca), group in groups.items():
-        ext = dataclasses.replace(base_ext, patch_mode=mode)
+    layer_field = "onnx_output" if base_ext.onnx else "layer"
+    for (layer, pool, mode, _, levels, pca), group in groups.items():
+        ext = dataclasses.replace(base_ext, patch_mode=mode, pool=pool, **{layer_field: layer})
         whiten_on = group[0]["whiten_on"]
         search = SearchConfig(levels=levels, query_levels=group[0]["query_levels"], pca_dim=pca,
                               aggregate=group[0]["aggregate"])
@@ -426,10 +451,10 @@ def run_rows(args, dataset: Dataset, rows: list[dict], store: str, index_base: P
                     qe=row["qe"], qe_alpha=args.qe_alpha, dba=row["dba"], query_rotations=row["query_rotations"])
                 scores = evaluate(dataset, rankings)
                 eval_seconds = time.perf_counter() - t1
-                tkey_db = (mode, levels)
+                tkey_db = (ext.key(), levels)
                 if tkey_db not in timing_cache:
                     timing_cache[tkey_db] = time_extraction(ext, runtime, list(dataset.images), levels, args.timing_sample)
-                tkey_q = (mode, row["query_levels"], "q")
+                tkey_q = (ext.key(), row["query_levels"], "q")
                 if tkey_q not in timing_cache:
                     timing_cache[tkey_q] = time_extraction(ext, runtime, _queries(dataset), row["query_levels"], args.timing_sample)
                 db_ext, q_ext = timing_cache[tkey_db], timing_cache[tkey_q]
@@ -500,18 +525,18 @@ def command_line(args, row: dict) -> str:
     parts = ["python", "benchmarks/retrieval_map.py", "--dataset", args.dataset, "--root", args.root]
     if args.onnx:
         parts += ["--onnx", args.onnx]
-        if args.onnx_output:
-            parts += ["--onnx-output", args.onnx_output]
+        if row["layer"]:
+            parts += ["--onnx-output", row["layer"]]
         if args.input_spec:
             parts += ["--input-spec", args.input_spec]
     else:
         parts += ["--backbone", args.backbone, "--weights", args.weights]
-        if args.layer:
-            parts += ["--layer", args.layer]
+        if row["layer"]:
+            parts += ["--layer", row["layer"]]
         if args.input_spec:
             parts += ["--input-spec", args.input_spec]
-    if args.pool != "avg":
-        parts += ["--pool", args.pool]
+    if row["pool"] != "avg":
+        parts += ["--pool", row["pool"]]
     parts += ["--patch-mode", row["patch_mode"], "--levels", ",".join(map(str, row["levels"])),
               "--query-levels", ",".join(map(str, row["query_levels"])),
               "--aggregate", row["aggregate"], "--pca-dim", str(row["pca_dim"])]
@@ -540,7 +565,7 @@ def _quote(s: str) -> str:
     return shlex.quote(s)
 
 
-HEADER = ("dataset", "mode", "db lv", "q lv", "agg", "pca", "whiten", "re-rank", "score", "E/M/H mAP",
+HEADER = ("dataset", "layer", "pool", "mode", "db lv", "q lv", "agg", "pca", "whiten", "re-rank", "score", "E/M/H mAP",
           "db s/img", "q s/img", "rank s/q", "s")
 
 
@@ -555,8 +580,9 @@ def format_row(r: dict) -> str:
     mode = c["extractor"]["patch_mode"]
     if mode == "roi" and c["extractor"].get("roi_size"):
         mode = f"roi@{c['extractor']['roi_size']}"
-    cells = (r["dataset"], mode, ",".join(map(str, c["levels"])),
-             ",".join(map(str, c["query_levels"])), agg, pca, whiten, _rerank_cell(c), score, emh,
+    cells = (r["dataset"], _layer_of(c["extractor"]) or "default", c["extractor"]["pool"], mode,
+             ",".join(map(str, c["levels"])), ",".join(map(str, c["query_levels"])), agg, pca, whiten,
+             _rerank_cell(c), score, emh,
              _fmt(t["db_extract_s_per_image"]), _fmt(t["query_s_per_image"]),
              _fmt(t["query_rank_s_per_query"]), f"{r['seconds']:.1f}")
     return " | ".join(cells)
@@ -570,6 +596,11 @@ def _rerank_cell(c: dict) -> str:
     if c.get("rotate_queries"):
         parts.append(f"(q@{c['rotate_queries']})")
     return " ".join(parts) or "-"
+
+
+def _layer_of(extractor: dict) -> str | None:
+    """The --onnx-output or --layer of a row's extractor configuration (None: the default)."""
+    return extractor["onnx_output" if extractor["onnx"] else "layer"]
 
 
 def _short(path: str) -> str:
@@ -613,6 +644,12 @@ def main(argv: list[str] | None = None) -> int:
         search_config_from_args(args)  # validates --levels/--pca-dim/--aggregate
         extractor_config_from_args(args)
         rows = combinations(args)
+        if args.plot:
+            if not args.sweep:
+                raise ConfigError("--plot draws a sweep: add --sweep")
+            check_plotting(args.plot)
+            depths = layer_depths(extractor_config_from_args(args), list(dict.fromkeys(
+                r["layer"] for r in rows if r["layer"])))
         dataset = load_dataset(args.dataset, args.root)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"retrieval_map.py: error: {err}", file=sys.stderr)
@@ -642,6 +679,14 @@ def main(argv: list[str] | None = None) -> int:
         r["machine"] = info
     print_table(results)
     print(f"total {time.perf_counter() - start:.1f} s on {info['cpu']} ({info['cores']} cores)")
+    if args.plot:
+        plot_factors(
+            [{"layer": _layer_of(r["config"]["extractor"]), "depth": depths.get(_layer_of(r["config"]["extractor"])),
+              "pool": r["config"]["extractor"]["pool"], "pca_dim": r["config"]["pca_dim"], "value": r["value"]}
+             for r in results],
+            args.plot, score="value", score_label="N-S" if results[0]["metric"] == "ns" else "mAP",
+            title=f"{args.dataset}: {Path(args.onnx).name if args.onnx else args.backbone}",
+        )
     if args.json:
         payload = results if args.sweep else results[0]
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

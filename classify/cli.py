@@ -4,6 +4,8 @@
     classify train   DATA_DIR --out MODEL [same options]
     classify eval    MODEL SPLIT [--store FILE] [--json]
     classify predict MODEL IMAGE... [--store FILE] [--json]
+    classify factors DATA_DIR [--layer L,... | --onnx-output T,...] [--pool avg,max,gem] [--pca-dim 0,128,...]
+                     [--jitter 1,12] [--power-norm on,off] [--method svm,logreg] [--fuse A+B] [--json] [--plot OUT.png]
 
 Exit codes: 0 done; 2 usage error (bad flag, unusable dataset layout such as a class
 folder without images, missing model file); 3 done but some inputs were skipped (named
@@ -16,12 +18,12 @@ import argparse
 import json
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 
 from retrieval.cliutil import add_subcommands, stdout_closed
 from retrieval.config import (
+    POOLS,
     add_runtime_args,
     ConfigError,
     ExtractorConfig,
@@ -31,15 +33,16 @@ from retrieval.config import (
     extractor_config_from_args,
     runtime_config_from_args,
 )
-from retrieval.extractor import make_extractor
+from retrieval.extractor import Extractor, make_extractor
 from retrieval.images import expand_inputs
 from retrieval.store import FeatureStore
 
-from . import metrics
-from .data import DataError, Dataset, Split, load_dataset, load_split
-from .features import JITTERS, FeatureTable, image_vectors
+from .data import DataError, load_dataset, load_split
+from .factors import FactorGrid, study
+from .features import JITTERS, POWER_NORM, FeatureTable, image_vectors
 from .modelfile import ModelFileError, load_model
 from .models import METHODS, Classifier, cv_folds, to_indicator
+from .protocol import evaluate_split, fit_training_part, run_protocol, warn_C_at_edge
 
 LAYOUT_HELP = """\
 DATA_DIR layouts:
@@ -51,7 +54,7 @@ DATA_DIR layouts:
            rows "path,label[,label...]", paths relative to the CSV; multi-label when any
            training row has other than one label.
 Features: average of the region set's raw descriptors (1 = whole image, 12 = corners,
-centre, whole, and mirrors), L2-normalised, then signed square root.
+centre, whole, and mirrors), L2-normalised, then (--power-norm on) signed square root.
 SVM C grid: 1e-3..1e2 (6 values); logreg C: 45 values in 1e-6..1e5, warm-started.
 """
 
@@ -98,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--out", required=True, metavar="MODEL", help="model file to write (.npz)")
         sp.add_argument("--method", choices=METHODS, default="logreg", help="linear SVM or logistic regression (default logreg)")
         sp.add_argument("--jitter", type=int, choices=JITTERS, default=1, help="1 (whole image) or 12 samples averaged")
+        sp.add_argument("--power-norm", choices=("on", "off"), default="on" if POWER_NORM else "off",
+                        help="signed square root of the L2-normalised features (default %(default)s, "
+                        "chosen by the factor study: benchmarks/RESULTS.md section 11)")
         sp.add_argument("--cv", type=_fold_count, default=4, metavar="K",
                         help="cross-validation folds (>= 2) when there is no validation split (default 4)")
         sp.add_argument("--seed", type=int, default=0, help="fold shuffling seed")
@@ -117,16 +123,65 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(sp)
     _add_runtime(sp)
     sp.set_defaults(func=cmd_predict)
+    _add_factors_parser(sub)
     return parser
+
+
+_FACTORS_HELP = """\
+Every combination of the comma lists is one configuration, evaluated like `classify run`
+(C chosen on the training part only; the test split used once). Each (image, layer,
+pooling, jitter) is extracted once through the feature store; power normalisation, PCA
+(fitted on train + validation only), fusion and C are computed from stored features, so
+re-running with other PCA sizes or methods extracts nothing.
+Columns: acc = top-1 accuracy, mpc = mean per-class accuracy, mAP (multi-label only),
+C (with < or > when it is the lowest / highest value of its grid), s = seconds,
+extracted / stored = images run through the network / read from the store or reused.
+
+example:
+  classify factors ../shared/data/hymenoptera --onnx ../shared/weights/mobilenetv2-12-int8.onnx \\
+      --onnx-output 356_quantized,391_quantized,426_quantized,627 --pool avg,max,gem \\
+      --pca-dim 0,128,512 --fuse 391_quantized+627 --plot hym.png
+"""
+
+
+def _add_factors_parser(sub) -> None:
+    # "resolve": the grid versions of --layer / --onnx-output / --pool replace the
+    # single-value extractor flags.
+    sp = sub.add_parser(
+        "factors", conflict_handler="resolve", epilog=_FACTORS_HELP + "\n" + LAYOUT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="evaluate a grid of layer / pooling / PCA / jitter / power norm / method (transfer factors)",
+    )
+    sp.add_argument("data_dir", metavar="DATA_DIR", help="dataset folder, as for `classify run`")
+    add_extractor_args(sp, search=False)
+    g = sp.add_argument_group("factors (comma lists; every combination is evaluated)")
+    g.add_argument("--layer", metavar="L,...", help="torch layers (see `retrieval layers --backbone NAME`; default: the network's default layer)")
+    g.add_argument("--onnx-output", metavar="T,...", help="ONNX tensors (see `retrieval layers --onnx FILE`; default: the graph output)")
+    g.add_argument("--pool", metavar="P,...", default="avg", help="poolings of conv maps: avg, max, gem (default avg)")
+    g.add_argument("--pca-dim", metavar="N,...", default="0", help="PCA dimensions fitted on train + validation; 0 = none (default 0)")
+    g.add_argument("--jitter", metavar="J,...", default="1", help="1 (whole image) and/or 12 (12 samples averaged) (default 1)")
+    g.add_argument("--power-norm", metavar="on|off,...", default="on" if POWER_NORM else "off",
+                   help="signed square root after L2: on, off or on,off (default %(default)s)")
+    g.add_argument("--method", metavar="M,...", default="logreg", help="svm and/or logreg (default logreg)")
+    g.add_argument("--fuse", metavar="A+B[+...]", action="append", default=[],
+                   help="late fusion: also evaluate these layers concatenated (each part L2-normalised); repeatable")
+    sp.add_argument("--cv", type=_fold_count, default=4, metavar="K",
+                    help="cross-validation folds (>= 2) when there is no validation split (default 4)")
+    sp.add_argument("--seed", type=int, default=0, help="fold shuffling seed")
+    sp.add_argument("--plot", metavar="OUT.png", help="write accuracy against layer depth (per pooling) and against PCA dimension (matplotlib)")
+    _add_common(sp)
+    sp.set_defaults(func=cmd_factors)
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def _vectors(paths: list[str], config: ExtractorConfig, runtime: RuntimeConfig, args, jitter: int) -> FeatureTable:
+def _vectors(paths: list[str], config: ExtractorConfig, runtime: RuntimeConfig, args, jitter: int,
+             power_norm: bool) -> FeatureTable:
     store = FeatureStore.open(args.store)
     try:
-        return image_vectors(paths, make_extractor(config, runtime), store, jitter, progress=not args.quiet)
+        return image_vectors(paths, make_extractor(config, runtime), store, jitter, power_norm=power_norm,
+                             progress=not args.quiet)
     finally:
         store.close()
 
@@ -135,55 +190,6 @@ def _report_skipped(table: FeatureTable) -> list[dict]:
     out = [{"path": s.path, "reason": s.reason} for s in table.skipped]
     for s in out:
         print(f"classify: skipped {s['path']}: {s['reason']}", file=sys.stderr)
-    return out
-
-
-def _usable(split: Split | None, table: FeatureTable) -> tuple[list[str], list[tuple[str, ...]]]:
-    if split is None:
-        return [], []
-    keep = [i for i, p in enumerate(split.paths) if p in table.vectors]
-    return [split.paths[i] for i in keep], [split.labels[i] for i in keep]
-
-
-def _fit(ds: Dataset, table: FeatureTable, args) -> tuple[Classifier, int, int]:
-    """Fit on the training part (train + validation) only; returns (clf, n_train, n_val)."""
-    tr_paths, tr_labels = _usable(ds.train, table)
-    va_paths, va_labels = _usable(ds.val, table)
-    have = {c for labs in tr_labels + va_labels for c in labs}
-    lost = [c for c in ds.classes if c not in have]
-    if lost:
-        raise DataError(f"training class {', '.join(lost)} has no readable image (all were skipped)")
-    counts = Counter(c for labs in tr_labels + va_labels for c in labs)
-    for c in sorted(c for c, n in counts.items() if n == 1):
-        how = "" if va_paths else "; cross-validation cannot hold it out and scores it on itself"
-        print(f"classify: warning: class {c!r} has a single training image: expect its predictions to be "
-              f"unreliable (add images){how}", file=sys.stderr)
-    clf = Classifier(method=args.method, cv=args.cv, random_state=args.seed)
-    X_val = table.matrix(va_paths) if va_paths else None
-    clf.fit(table.matrix(tr_paths), tr_labels, X_val, va_labels if va_paths else None, classes=ds.classes)
-    return clf, len(tr_paths) + len(va_paths), len(va_paths)
-
-
-def _evaluate(clf: Classifier, split: Split, table: FeatureTable) -> dict:
-    """Metrics on the readable images of `split`; test classes unknown to the model are
-    reported and their images left out of the metrics (no model can predict them)."""
-    paths, labels = _usable(split, table)
-    known = set(clf.classes_)
-    unseen: dict[str, int] = {}
-    for labs in labels:
-        for c in labs:
-            if c not in known:
-                unseen[c] = unseen.get(c, 0) + 1
-    keep = [i for i, labs in enumerate(labels) if not labs or any(c in known for c in labs)]
-    for c, n in sorted(unseen.items()):
-        print(f"classify: warning: test class {c!r} ({n} images) was not seen in training; "
-              "its images are left out of the metrics", file=sys.stderr)
-    X = table.matrix([paths[i] for i in keep])
-    Y = to_indicator([labels[i] for i in keep], clf.classes_)
-    if len(keep) == 0:
-        raise DataError(f"{split.name} split: no readable image of a known class to evaluate")
-    out = metrics.evaluate(clf.decision_function(X), Y, multilabel=clf.multilabel_)
-    out.update(test=len(keep), unseen_test_classes=dict(sorted(unseen.items())), labels=list(clf.classes_))
     return out
 
 
@@ -226,24 +232,13 @@ def cmd_run(args) -> int:
     t0 = time.perf_counter()
     config, runtime, ds = _prepare_training(args)
     all_paths = ds.train.paths + (ds.val.paths if ds.val else []) + ds.test.paths
-    table = _vectors(all_paths, config, runtime, args, args.jitter)
+    power_norm = args.power_norm == "on"
+    table = _vectors(all_paths, config, runtime, args, args.jitter, power_norm)
     skipped = _report_skipped(table)
-    clf, n_train, n_val = _fit(ds, table, args)
-    res = _evaluate(clf, ds.test, table)
-    sel = clf.selection_
-    result = {
-        "accuracy": res["accuracy"], "mean_per_class": res["mean_per_class"], "map": res["map"],
-        "classes": len(clf.classes_), "train": n_train, "test": res["test"], "method": args.method,
-        "C": clf.C_, "seconds": time.perf_counter() - t0,
-        "validation": n_val, "jitter": args.jitter, "selection": sel["mode"],
-        "cv": sel["folds"] if sel["mode"] == "cv" else None,
-        "sweep_seconds": sel["sweep_seconds"], "fit_seconds": sel["fit_seconds"],
-        "sweep_Cs": sel["Cs"], "sweep_scores": sel["scores"], "sweep_iterations": sel["n_iter"],
-        "multilabel": clf.multilabel_, "labels": res["labels"],
-        "per_class_accuracy": res["per_class_accuracy"], "confusion_matrix": res["confusion_matrix"],
-        "unseen_test_classes": res["unseen_test_classes"], "skipped": skipped,
-        "extracted": table.extracted, "extractor_key": config.key(),
-    }
+    clf, result = run_protocol(ds, table, args.method, args.cv, args.seed)
+    warn_C_at_edge(clf)
+    result.update(seconds=time.perf_counter() - t0, jitter=args.jitter, power_norm=power_norm, skipped=skipped,
+                  extracted=table.extracted, extractor_key=config.key())
     _emit(args, result, _summary(result))
     return 3 if skipped else 0
 
@@ -251,14 +246,18 @@ def cmd_run(args) -> int:
 def cmd_train(args) -> int:
     t0 = time.perf_counter()
     config, runtime, ds = _prepare_training(args)
-    table = _vectors(ds.train.paths + (ds.val.paths if ds.val else []), config, runtime, args, args.jitter)
+    power_norm = args.power_norm == "on"
+    table = _vectors(ds.train.paths + (ds.val.paths if ds.val else []), config, runtime, args, args.jitter, power_norm)
     skipped = _report_skipped(table)
-    clf, n_train, n_val = _fit(ds, table, args)
+    clf, n_train, n_val = fit_training_part(ds, table, args.method, args.cv, args.seed)
+    warn_C_at_edge(clf)
     clf.save(args.out, extractor=config.to_dict(), extractor_key=config.key(), jitter=args.jitter,
-             feature_dim=int(clf.model_.W.shape[1]), trained_on=ds.root, train=n_train, validation=n_val)
+             power_norm=power_norm, feature_dim=int(clf.model_.W.shape[1]), trained_on=ds.root,
+             train=n_train, validation=n_val)
     result = {
         "model": str(args.out), "classes": len(clf.classes_), "train": n_train, "validation": n_val,
-        "method": args.method, "C": clf.C_, "jitter": args.jitter, "selection": clf.selection_["mode"],
+        "method": args.method, "C": clf.C_, "C_at_edge": clf.C_at_edge_, "jitter": args.jitter,
+        "power_norm": power_norm, "selection": clf.selection_["mode"],
         "sweep_seconds": clf.selection_["sweep_seconds"], "skipped": skipped,
         "extracted": table.extracted, "seconds": time.perf_counter() - t0,
     }
@@ -266,7 +265,7 @@ def cmd_train(args) -> int:
     return 3 if skipped else 0
 
 
-def _load(args) -> tuple[Classifier, ExtractorConfig, int]:
+def _load(args) -> tuple[Classifier, ExtractorConfig, int, bool]:
     if not Path(args.model).is_file():
         raise DataError(f"{args.model}: model file not found")
     clf = load_model(args.model)
@@ -274,22 +273,24 @@ def _load(args) -> tuple[Classifier, ExtractorConfig, int]:
     try:
         config = ExtractorConfig.from_dict(meta["extractor"])
         jitter = int(meta["jitter"])
+        # Models written before --power-norm existed used the signed square root.
+        power_norm = bool(meta.get("power_norm", True))
     except (KeyError, TypeError, ValueError) as err:
         raise ModelFileError(f"{args.model}: no usable extractor configuration ({err})") from None
     if meta.get("extractor_key") and config.key() != meta["extractor_key"]:
         print("classify: warning: the extractor's weights differ from those the model was trained with "
               f"(key {config.key()} != {meta['extractor_key']})", file=sys.stderr)
-    return clf, config, jitter
+    return clf, config, jitter, power_norm
 
 
 def cmd_eval(args) -> int:
     t0 = time.perf_counter()
-    clf, config, jitter = _load(args)
+    clf, config, jitter, power_norm = _load(args)
     split = load_split(args.split, "test")
-    table = _vectors(split.paths, config, runtime_config_from_args(args), args, jitter)
+    table = _vectors(split.paths, config, runtime_config_from_args(args), args, jitter, power_norm)
     skipped = _report_skipped(table)
     _check_dim(clf, table)
-    res = _evaluate(clf, split, table)
+    res = evaluate_split(clf, split, table)
     result = {
         "accuracy": res["accuracy"], "mean_per_class": res["mean_per_class"], "map": res["map"],
         "classes": len(clf.classes_), "test": res["test"], "method": clf.method, "C": clf.C_,
@@ -303,9 +304,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    clf, config, jitter = _load(args)
+    clf, config, jitter, power_norm = _load(args)
     paths = expand_inputs(args.images)
-    table = _vectors(paths, config, runtime_config_from_args(args), args, jitter)
+    table = _vectors(paths, config, runtime_config_from_args(args), args, jitter, power_norm)
     skipped = _report_skipped(table)
     _check_dim(clf, table)
     done = [p for p in paths if p in table.vectors]
@@ -323,6 +324,106 @@ def cmd_predict(args) -> int:
     result = {"predictions": preds, "skipped": skipped}
     text = "\n".join(f"{p['path']}\t{p['label']}\t{p['scores'][p['label']]:.4f}" for p in preds)
     _emit(args, result, text)
+    return 3 if skipped else 0
+
+
+def _grid_list(text: str | None, flag: str, parse=str, allowed: tuple = ()) -> tuple:
+    """A comma list of one factor; a value that does not parse or is not allowed is a usage error."""
+    values = []
+    for token in (t.strip() for t in (text or "").split(",")):
+        if not token:
+            continue
+        try:
+            value = parse(token)
+        except ValueError:
+            raise ConfigError(f"{flag}: {token!r} is not valid (expected a comma list)") from None
+        if allowed and value not in allowed:
+            raise ConfigError(f"{flag} takes {', '.join(map(str, allowed))} (got {token!r})")
+        values.append(value)
+    return tuple(dict.fromkeys(values))
+
+
+def _factor_grid(args, base: ExtractorConfig) -> FactorGrid:
+    if args.onnx_output and not args.onnx:
+        raise ConfigError("--onnx-output needs --onnx FILE (use --layer for a torch backbone)")
+    if args.layer and args.onnx:
+        raise ConfigError("--layer names torch layers; with --onnx use --onnx-output")
+    layers = _grid_list(args.onnx_output if args.onnx else args.layer, "--onnx-output" if args.onnx else "--layer")
+    pca_dims = _grid_list(args.pca_dim, "--pca-dim", int)
+    if any(d < 0 for d in pca_dims):
+        raise ConfigError("--pca-dim values must be >= 0 (0 = no PCA)")
+    fuse = []
+    for text in args.fuse:
+        parts = tuple(p.strip() for p in text.split("+") if p.strip())
+        if len(parts) < 2:
+            raise ConfigError(f"--fuse {text!r}: name two or more layers joined by '+', e.g. A+B")
+        fuse.append(parts)
+    grid = FactorGrid(
+        layers=layers or (Extractor(base).load().describe()["backbone_info"]["output" if base.onnx else "layer"],),
+        pools=_grid_list(args.pool, "--pool", allowed=POOLS),
+        pca_dims=pca_dims or (0,),
+        jitters=_grid_list(args.jitter, "--jitter", int, JITTERS),
+        power_norms=tuple(v == "on" for v in _grid_list(args.power_norm, "--power-norm", allowed=("on", "off"))),
+        methods=_grid_list(args.method, "--method", allowed=METHODS),
+        fuse=tuple(fuse),
+    )
+    for name, values in (("--pool", grid.pools), ("--jitter", grid.jitters), ("--power-norm", grid.power_norms),
+                         ("--method", grid.methods)):
+        if not values:
+            raise ConfigError(f"{name} needs at least one value")
+    return grid
+
+
+def _factors_table(rows: list[dict]) -> str:
+    head = ("layer", "pool", "jit", "pow", "pca", "dim", "method", "acc", "mpc", "mAP", "C", "s", "extracted", "stored")
+    cells = [head]
+    for r in rows:
+        edge = {"lowest": "<", "highest": ">"}.get(r["C_at_edge"], "")
+        cells.append((r["layer"], r["pool"], str(r["jitter"]), "on" if r["power_norm"] else "off", str(r["pca_dim"]),
+                      str(r["dim"]), r["method"], f"{r['accuracy']:.4f}", f"{r['mean_per_class']:.4f}",
+                      "-" if r["map"] is None else f"{r['map']:.4f}", f"{edge}{r['C']:.3g}", f"{r['seconds']:.1f}",
+                      str(r["extracted"]), str(r["from_store"])))
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def cmd_factors(args) -> int:
+    from retrieval.factor_plot import check_plotting, plot_factors
+    from retrieval.layers import layer_depths
+
+    t0 = time.perf_counter()
+    if args.plot:
+        try:
+            check_plotting(args.plot)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    ds = load_dataset(args.data_dir)
+    if ds.val is None:
+        cv_folds(to_indicator(ds.train.labels, ds.classes), args.cv, ds.multilabel, args.seed)
+    single = argparse.Namespace(**{**vars(args), "layer": None, "onnx_output": None, "pool": "avg"})
+    base = extractor_config_from_args(single)
+    runtime = runtime_config_from_args(args)
+    grid = _factor_grid(args, base)
+    depths = layer_depths(base, list(dict.fromkeys(grid.layers + tuple(p for parts in grid.fuse for p in parts))))
+    with FeatureStore.open(args.store) as store:
+        rows = list(study(ds, base, runtime, store, grid, depths, cv=args.cv, seed=args.seed, progress=not args.quiet))
+    skipped = sorted({p for r in rows for p in r.pop("skipped")})
+    for path in skipped:
+        print(f"classify: skipped {path}", file=sys.stderr)
+    if args.plot:
+        plot_factors(rows, args.plot, score="map" if ds.multilabel else "accuracy",
+                     score_label="mAP" if ds.multilabel else "top-1 accuracy",
+                     title=f"{Path(ds.root).name}: {Path(base.onnx).name if base.onnx else base.backbone}")
+    result = {
+        "dataset": ds.root, "rows": rows, "extractor": base.to_dict(),
+        "grid": {"layers": list(grid.layers), "pools": list(grid.pools), "pca_dims": list(grid.pca_dims),
+                 "jitters": list(grid.jitters), "power_norms": list(grid.power_norms),
+                 "methods": list(grid.methods), "fuse": ["+".join(f) for f in grid.fuse]},
+        "extracted": sum(r["extracted"] for r in rows), "skipped": skipped, "plot": args.plot,
+        "seconds": time.perf_counter() - t0,
+    }
+    _emit(args, result, _factors_table(rows) + f"\n{len(rows)} configurations, {result['extracted']} images extracted, "
+          f"{result['seconds']:.1f}s" + (f"; plot: {args.plot}" if args.plot else ""))
     return 3 if skipped else 0
 
 

@@ -6,10 +6,13 @@ reads region set ``level1`` (the whole image; the same rows `retrieval build` fi
 level 1), ``--jitter 12`` reads ``jitter12`` (4 corners, centre, whole image, and their
 mirrors).
 
-Encoding (Razavian et al. 2014), in this order, identical at train and test time:
+Encoding, in this order, identical at train and test time:
 1. average the raw window descriptors of the region set (12 for jitter, 1 otherwise);
 2. L2-normalise;
-3. signed square root (power normalisation, ``sign(x) * |x| ** 0.5``).
+3. optionally, signed square root (power normalisation, ``sign(x) * |x| ** 0.5``;
+   Razavian et al. 2014). Off by default since the factor study (benchmarks/RESULTS.md,
+   section 11): on every dataset measured it did not help a linear classifier on these
+   features; a model file records whether its features used it.
 """
 from __future__ import annotations
 
@@ -24,10 +27,12 @@ from retrieval.features import ImageFeatures, describe
 from retrieval.patches import JITTER
 from retrieval.store import FeatureStore
 
-__all__ = ["JITTERS", "region_name", "power_normalize", "encode", "FeatureTable", "image_vectors"]
+__all__ = ["JITTERS", "POWER_NORM", "region_name", "power_normalize", "encode", "FeatureTable", "image_vectors"]
 
 JITTERS = (1, 12)
 POWER = 0.5
+# Default of `--power-norm` (signed square root): chosen by the factor study.
+POWER_NORM = False
 
 
 def region_name(jitter: int) -> str:
@@ -45,12 +50,14 @@ def power_normalize(x: np.ndarray, power: float = POWER) -> np.ndarray:
     return np.sign(x) * np.abs(x) ** power
 
 
-def encode(windows: np.ndarray) -> np.ndarray:
-    """One image vector from its raw window descriptors [n, C]: mean, L2, signed sqrt."""
+def encode(windows: np.ndarray, power_norm: bool = POWER_NORM) -> np.ndarray:
+    """One image vector from its raw window descriptors [n, C]: mean, L2, and the signed
+    square root when `power_norm`."""
     windows = np.asarray(windows, dtype=np.float32)
     if windows.ndim == 1:
         windows = windows[None, :]
-    return power_normalize(l2_normalize(windows.mean(axis=0)))
+    vector = l2_normalize(windows.mean(axis=0))
+    return power_normalize(vector) if power_norm else vector
 
 
 @dataclass
@@ -76,9 +83,11 @@ def image_vectors(
     store: FeatureStore,
     jitter: int = 1,
     *,
+    power_norm: bool = POWER_NORM,
     progress: bool = True,
 ) -> FeatureTable:
-    """Encoded vectors of `paths`: store hits are read, misses extracted and stored.
+    """Encoded vectors of `paths` (see `encode`): store hits are read, misses extracted
+    and stored.
 
     Duplicate paths are described once. Unreadable images end up in `skipped`.
     """
@@ -90,6 +99,6 @@ def image_vectors(
             table.skipped.append(out)
             continue
         assert isinstance(out, ImageFeatures)
-        table.vectors[out.path] = encode(out.descriptors[name])
+        table.vectors[out.path] = encode(out.descriptors[name], power_norm)
         table.extracted += int(out.extracted)
     return table

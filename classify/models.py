@@ -435,6 +435,15 @@ class Classifier:
         self.selection_["fit_seconds"] = time.perf_counter() - t1
         return self
 
+    @property
+    def C_at_edge_(self) -> str | None:
+        """"lowest" / "highest" when the chosen C is an end of a grid it was selected
+        from (the best C may lie beyond it), else None."""
+        Cs = self.selection_["Cs"]
+        if self.selection_["mode"] == "fixed" or len(Cs) < 2:
+            return None
+        return "lowest" if self.C_ == Cs[0] else "highest" if self.C_ == Cs[-1] else None
+
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         """Class scores [n, K] in `classes_` order (higher = more likely)."""
         return self.model_.decision(X)

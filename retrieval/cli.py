@@ -1,4 +1,4 @@
-"""The `retrieval` command line: build, add, query, info, remove, reindex, split, export-onnx, serve.
+"""The `retrieval` command line: build, add, query, info, remove, reindex, split, dba, export-onnx, layers, serve.
 
 Exit codes (SPEC §3): 0 all done; 2 usage error (unknown index, bad flag);
 3 done, but some inputs were skipped (each named on stderr and in the JSON); 1 other failure;
@@ -122,6 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-onnx", help="write a torch backbone and layer as an ONNX model")
     p.add_argument("out", metavar="OUT.onnx", help="ONNX file to write")
     add_extractor_args(p, search=False)
+    _common(p)
+
+    p = sub.add_parser(
+        "layers", help="list the tensors / nodes a network can be cut at, with their shapes",
+        description="List every tensor (ONNX) or node (torch) of a network with its output shape "
+        "for one image at the input size (224 x 224 unless the model or --input-spec says "
+        "otherwise). kind 'map' = a conv map [C, h, w], usable with --pool and --patch-mode roi; "
+        "'vector' = [C], --patch-mode crop only; 'other' cannot be a descriptor. Quantized "
+        "(uint8/int8) tensors are dequantized when cut at. depth = position in execution order (0..1).",
+    )
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--onnx", metavar="FILE", help="an ONNX model: list its tensors (names for --onnx-output)")
+    g.add_argument("--backbone", metavar="NAME", help="a torchvision architecture: list its nodes (names for --layer)")
+    p.add_argument("--weights", default="none",
+                   help="torchvision weights (names and shapes do not depend on them; default none: "
+                   "random init, nothing downloaded)")
+    p.add_argument("--input-spec", metavar="K=V,...", help="input preprocessing, e.g. size=320 (see build --help)")
+    p.add_argument("--maps-only", action="store_true", help="list only conv maps (kind 'map')")
     _common(p)
 
     p = sub.add_parser("serve", help="search page and JSON API over an index (HTTP, loopback by default)")
@@ -341,12 +359,37 @@ def _split(args) -> int:
 
 
 def _export_onnx(args) -> int:
-    from .backbone import export_onnx
+    from .onnx_export import export_onnx
 
     start = time.perf_counter()
     result = export_onnx(extractor_config_from_args(args), args.out)
     result["seconds"] = round(time.perf_counter() - start, 3)
     print(json.dumps(result) if args.json else f"wrote {result['path']} (max relative error vs torch {result['max_rel_error']:.2e})")
+    return EXIT_OK
+
+
+def _layers(args) -> int:
+    from .config import ExtractorConfig, InputSpec
+    from .layers import list_layers
+
+    config = ExtractorConfig(
+        backbone=args.backbone or "resnet50", weights=args.weights,
+        onnx=os.path.abspath(args.onnx) if args.onnx else None, input_spec=InputSpec.parse(args.input_spec),
+    )
+    layers = [lay for lay in list_layers(config) if lay.kind == "map" or not args.maps_only]
+    model = config.onnx or config.backbone
+    if args.json:
+        print(json.dumps({"model": model, "layers": [lay.to_dict() for lay in layers]}))
+        return EXIT_OK
+    rows = [("depth", "name", "op", "shape", "dtype", "kind")] + [
+        (f"{lay.depth:.2f}", lay.name, lay.op, "x".join(map(str, lay.shape)),
+         lay.dtype + (" (dequantized at the cut)" if lay.quantized else ""), lay.kind)
+        for lay in layers
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print(f"{model}: {len(layers)} tensors")
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     return EXIT_OK
 
 
@@ -375,6 +418,7 @@ _COMMANDS = {
     "reindex": _reindex,
     "split": _split,
     "export-onnx": _export_onnx,
+    "layers": _layers,
     "serve": _serve,
 }
 

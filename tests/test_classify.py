@@ -111,10 +111,26 @@ def test_voc07_11_point_ap():
 
 def test_power_norm_and_encode_order():
     assert power_normalize(np.array([4.0, -9.0, 0.0])).tolist() == pytest.approx([2.0, -3.0, 0.0])
-    # average first, then L2, then signed sqrt
+    # average first, then L2, then signed sqrt (when power normalisation is on)
     win = np.array([[2.0, 4.0], [4.0, 4.0]])  # mean (3, 4) -> (0.6, 0.8) -> sqrt
-    assert encode(win).tolist() == pytest.approx([np.sqrt(0.6), np.sqrt(0.8)], rel=1e-6)
-    assert encode(np.array([[-3.0, 4.0]])).tolist() == pytest.approx([-np.sqrt(0.6), np.sqrt(0.8)], rel=1e-6)
+    assert encode(win, power_norm=True).tolist() == pytest.approx([np.sqrt(0.6), np.sqrt(0.8)], rel=1e-6)
+    assert encode(np.array([[-3.0, 4.0]]), power_norm=True).tolist() == pytest.approx(
+        [-np.sqrt(0.6), np.sqrt(0.8)], rel=1e-6)
+    assert encode(win, power_norm=False).tolist() == pytest.approx([0.6, 0.8], rel=1e-6)
+
+
+def test_c_on_the_edge_of_its_grid_is_said(fake_backbone, dataset, tmp_path, capsys, monkeypatch):
+    # Separable classes and a grid of tiny Cs: every C ties on accuracy and the log loss
+    # keeps falling with C, so the largest C of the grid wins.
+    X, y = _blobs(n=60, K=2, spread=0.1)
+    clf = Classifier(Cs=[1e-6, 1e-5, 1e-4], cv=3).fit(X, y)
+    assert clf.C_ == 1e-4 and clf.C_at_edge_ == "highest"
+    assert Classifier(Cs=[1.0]).fit(X, y).C_at_edge_ is None  # no selection, no edge
+    monkeypatch.setattr("classify.models.LOGREG_CS", np.array([1e-6, 1e-5, 1e-4]))
+    code, out, err = _run(capsys, ["run", str(dataset), "--cv", "3", "--store", str(tmp_path / "s.sqlite"),
+                                   "--json", *FAKE])
+    assert code == 0, err
+    assert out["C_at_edge"] == "highest" and "highest value of the grid" in err
 
 
 # ----------------------------------------------------------------------------- models
@@ -315,7 +331,7 @@ def test_c_selection_in_run_uses_train_rows_only(fake_backbone, dataset, tmp_pat
             seen.append((len(X), None if X_val is None else len(X_val), list(y)))
             return super().fit(X, y, X_val, y_val, classes)
 
-    monkeypatch.setattr(cli, "Classifier", Spy)
+    monkeypatch.setattr("classify.protocol.Classifier", Spy)
     _make_split(dataset, "validation", COLOURS, 2, seed=5000)
     code, out, err = _run(capsys, ["run", str(dataset), "--store", str(tmp_path / "s.sqlite"), "--json", *FAKE])
     assert code == 0, err

@@ -1,0 +1,374 @@
+"""ONNX backbones: any .onnx file, cut in memory at any tensor (`--onnx-output`).
+
+Quantized models (QLinear* ops, uint8/int8 tensors between them) can be cut anywhere: a
+quantized tensor is dequantized at the cut with the scale and zero point its producer
+declares, so every cut yields float32 like a float model's.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backbone import DEFAULT_SIZE, PROBE_EXTRA, Backbone, cpu_count, cuda_present, preprocess, rel_err
+from .config import ConfigError, ExtractorConfig
+
+_NP_DTYPES = {1: "float32", 10: "float16", 11: "float64"}
+_QUANTIZED = (2, 3)  # uint8, int8 (TensorProto element types)
+
+# Where a quantized op's output scale and zero point are among its inputs; ops absent
+# here (MaxPool, Reshape, ...) pass their input's quantization through unchanged.
+_OUTPUT_QPARAMS = {
+    "QuantizeLinear": (1, 2),
+    "QLinearConv": (6, 7),
+    "QLinearAdd": (6, 7),
+    "QLinearMul": (6, 7),
+    "QLinearMatMul": (6, 7),
+    "QLinearGlobalAveragePool": (3, 4),
+    "QLinearAveragePool": (3, 4),
+    "QLinearLeakyRelu": (3, 4),
+    "QLinearSigmoid": (3, 4),
+    "QLinearConcat": (0, 1),
+}
+
+
+def quantization_of(model, name: str) -> tuple[str, str] | None:
+    """(scale, zero point) tensor names of quantized tensor `name`, from the op that
+    produced it (followed through ops that keep their input's quantization); None when
+    the graph does not say."""
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    seen: set[str] = set()
+    while name in producer and name not in seen:
+        seen.add(name)
+        node = producer[name]
+        where = _OUTPUT_QPARAMS.get(node.op_type)
+        if where is not None:
+            scale, zero = where
+            return node.input[scale], (node.input[zero] if len(node.input) > zero else "")
+        if node.op_type.startswith("QLinear") or not node.input:
+            return None
+        name = node.input[0]
+    return None
+
+
+def dequantize_at(model, name: str):
+    """A copy of `model` with a DequantizeLinear reading quantized tensor `name`;
+    -> (model, name of the float32 tensor). Raises ConfigError when the graph does not
+    declare the tensor's scale."""
+    import onnx
+    from onnx import helper
+
+    qparams = quantization_of(model, name)
+    if qparams is None:
+        raise ConfigError(
+            f"--onnx-output {name!r} is a quantized tensor whose scale the graph does not declare; "
+            "pick a tensor produced by a QLinear*/QuantizeLinear op (see `retrieval layers`)"
+        )
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    out = f"{name}:dequantized"
+    inputs = [name, qparams[0]] + ([qparams[1]] if qparams[1] else [])
+    model.graph.node.append(helper.make_node("DequantizeLinear", inputs, [out], name=out))
+    return model, out
+
+
+def _subgraph_inputs(graph) -> set[str]:
+    """Names a subgraph reads from its enclosing scope."""
+    produced = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    needed: set[str] = set()
+    for node in graph.node:
+        for name in _node_inputs(node):
+            if name not in produced:
+                needed.add(name)
+        produced.update(o for o in node.output if o)
+    return needed
+
+
+def _node_inputs(node) -> list[str]:
+    import onnx
+
+    names = [i for i in node.input if i]
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            names.extend(_subgraph_inputs(attr.g))
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for g in attr.graphs:
+                names.extend(_subgraph_inputs(g))
+    return names
+
+
+def _tensor_types(model) -> dict[str, int]:
+    """Element type of every tensor of the graph whose type is known or can be inferred."""
+    g = model.graph
+    types: dict[str, int] = {}
+    try:
+        import onnx
+
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+        sources = list(inferred.value_info) + list(inferred.output)
+    except Exception:
+        sources = []
+    for vi in sources + list(g.value_info) + list(g.output) + list(g.input):
+        if vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    # Shape inference does not know contrib QLinear* ops: their output has the element
+    # type of the zero point they are given (uint8 when none is given).
+    inits = {t.name: t.data_type for t in g.initializer}
+    for node in g.node:
+        where = _OUTPUT_QPARAMS.get(node.op_type)
+        if where is not None and node.output[0] not in types:
+            zero = node.input[where[1]] if len(node.input) > where[1] else ""
+            types[node.output[0]] = inits.get(zero, 2)
+    return types
+
+
+def _tensor_type(model, name: str) -> int | None:
+    return _tensor_types(model).get(name)
+
+
+def cut_onnx(model, output: str, dynamic_batch: bool = False, dynamic_hw: bool = False, out_type: int | None = None):
+    """A new ModelProto computing only `output` from the graph's real input.
+
+    Own backwards traversal (works on old opsets, initializers listed as inputs, contrib
+    ops, where `onnx.utils.extract_model` may fail). Initializer-inputs are dropped (so
+    the runtime can constant-fold them); `dynamic_batch` / `dynamic_hw` replace fixed
+    input dims 0 / 2, 3 (NCHW; 1, 2 for NHWC) by symbolic ones.
+    """
+    import onnx
+    from onnx import helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    producer: dict[str, int] = {}
+    for idx, node in enumerate(g.node):
+        for o in node.output:
+            if o:
+                producer[o] = idx
+    real_inputs = {i.name: i for i in g.input if i.name not in inits}
+    needed_nodes: set[int] = set()
+    needed: set[str] = set()
+    stack = [output]
+    while stack:
+        name = stack.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        if name in producer:
+            idx = producer[name]
+            if idx not in needed_nodes:
+                needed_nodes.add(idx)
+                stack.extend(_node_inputs(g.node[idx]))
+        elif name not in inits and name not in real_inputs:
+            raise ValueError(f"tensor {name!r} is neither produced in the graph nor an input/initializer")
+    inputs = []
+    for name, vi in real_inputs.items():
+        if name not in needed:
+            continue
+        vi = onnx.ValueInfoProto.FromString(vi.SerializeToString())
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) == 4:
+            layout = _layout(vi)
+            hw = (2, 3) if layout == "NCHW" else (1, 2)
+            for pos, sym in [(0, "batch")] * dynamic_batch + list(zip(hw, ("height", "width"))) * dynamic_hw:
+                if dims[pos].HasField("dim_value"):
+                    dims[pos].Clear()
+                    dims[pos].dim_param = sym
+        inputs.append(vi)
+    nodes = [g.node[i] for i in sorted(needed_nodes)]
+    initializers = [t for name, t in inits.items() if name in needed]
+    if out_type is None:
+        out_type = _tensor_type(model, output) or onnx.TensorProto.FLOAT
+    out_vi = helper.make_tensor_value_info(output, out_type, None)
+    graph = helper.make_graph(nodes, f"{g.name or 'graph'}_cut", inputs, [out_vi], initializer=initializers)
+    graph.sparse_initializer.extend(t for t in g.sparse_initializer if t.values.name in needed)
+    cut = helper.make_model(graph, opset_imports=list(model.opset_import))
+    # IR >= 4 lets initializers be absent from the inputs
+    cut.ir_version = max(model.ir_version, 4)
+    cut.functions.extend(model.functions)
+    cut.producer_name = "retrieval.backbone"
+    return cut
+
+
+def _layout(vi) -> str:
+    dims = vi.type.tensor_type.shape.dim
+    if len(dims) == 4 and dims[1].HasField("dim_value") and dims[1].dim_value == 3:
+        return "NCHW"
+    if len(dims) == 4 and dims[3].HasField("dim_value") and dims[3].dim_value == 3:
+        return "NHWC"
+    return "NCHW"
+
+
+def _dim(d) -> int | None:
+    return d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+
+
+class OnnxBackbone(Backbone):
+    def __init__(self, config: ExtractorConfig, device: str = "auto") -> None:
+        import onnx
+        import onnxruntime as ort
+
+        self.config = config
+        self.path = str(Path(config.onnx).expanduser())
+        if not Path(self.path).is_file():
+            raise ConfigError(f"--onnx {self.path}: file not found")
+        try:
+            model = onnx.load(self.path)
+        except Exception as err:
+            raise ConfigError(f"--onnx {self.path}: not a readable ONNX model ({err})") from None
+        g = model.graph
+        produced = [o for n in g.node for o in n.output if o]
+        self.output = config.onnx_output or g.output[0].name
+        if self.output not in set(produced):
+            close = difflib.get_close_matches(self.output, produced, n=5)
+            raise ConfigError(
+                f"--onnx-output {self.output!r} is not a tensor of {self.path}"
+                + (f"; did you mean {', '.join(close)}?" if close else "")
+                + f" Graph outputs: {', '.join(o.name for o in g.output)}; "
+                f"some valid tensor names (last 15 of {len(produced)}): {', '.join(produced[-15:])}"
+            )
+        out_type = _tensor_type(model, self.output)
+        # The tensor actually read: a quantized one is read through a DequantizeLinear.
+        self.tensor = self.output
+        if out_type in _QUANTIZED:
+            model, self.tensor = dequantize_at(model, self.output)
+            out_type = onnx.TensorProto.FLOAT
+        base = cut_onnx(model, self.tensor, out_type=out_type)
+        if len(base.graph.input) != 1 or len(base.graph.input[0].type.tensor_type.shape.dim) != 4:
+            raise ConfigError(
+                f"--onnx {self.path}: the graph up to {self.output!r} needs "
+                f"{[i.name for i in base.graph.input]}; only models with one 4-D image input are supported"
+            )
+        vi = base.graph.input[0]
+        self.input_name = vi.name
+        self.layout = _layout(vi)
+        dims = vi.type.tensor_type.shape.dim
+        hw = (dims[2], dims[3]) if self.layout == "NCHW" else (dims[1], dims[2])
+        declared = (_dim(hw[0]), _dim(hw[1]))
+        declared = declared if None not in declared else None
+        elem = vi.type.tensor_type.elem_type
+        if elem not in _NP_DTYPES:
+            raise ConfigError(f"--onnx {self.path}: input {self.input_name!r} has unsupported element type {elem}")
+        # effective input spec: dtype from the graph, size from the user or the graph
+        user = config.input_spec
+        size = tuple(user.size) if user.size else (declared or DEFAULT_SIZE)
+        self.spec = replace(user, size=size, dtype=_NP_DTYPES[elem])
+        self.input_size = size
+        self.declared_size = declared
+        self.declared_batch = _dim(dims[0])
+
+        self.providers = self._providers(device, ort)
+        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        # reference: the graph as declared
+        hw_fixed = declared is not None
+        probe_size = declared or size
+        rng = np.random.default_rng(0)
+        probe = rng.integers(0, 256, size=(2, probe_size[0], probe_size[1], 3), dtype=np.uint8)
+        ref_sess = self._session(base, ort)
+        ref = self._run_loop(ref_sess, self._prep(probe), self.declared_batch)
+        tol = 1e-2 if elem == 10 else 1e-3
+        tries = []
+        for b, h in ((True, True), (False, True), (True, False)):
+            b = b and self.declared_batch is not None
+            h = h and hw_fixed
+            if (b or h) and (b, h) not in tries:
+                tries.append((b, h))
+        chosen = (base, ref_sess, False, False)
+        for b, h in tries:
+            try:
+                m = cut_onnx(model, self.tensor, b, h, out_type=out_type)
+                sess = self._session(m, ort)
+                got = self._run_loop(sess, self._prep(probe), None if b else self.declared_batch)
+                if got.shape != ref.shape or rel_err(got, ref) > tol:
+                    continue
+                if h:
+                    bigger = (probe_size[0] + PROBE_EXTRA, probe_size[1] + PROBE_EXTRA)
+                    img = rng.integers(0, 256, size=(1, bigger[0], bigger[1], 3), dtype=np.uint8)
+                    big = self._run_loop(sess, self._prep(img), None if b else self.declared_batch)
+                    if big.ndim == 4 and big.shape[2:] == ref.shape[2:] and ref.shape[2] > 1:
+                        continue  # spatial dims ignored: something is pinned inside the graph
+                chosen = (m, sess, b, h)
+                break
+            except Exception:
+                continue
+        self.model, self.session, dyn_b, dyn_h = chosen
+        self.batch = None if (dyn_b or self.declared_batch is None) else self.declared_batch
+        self.dynamic_size = bool(dyn_h) or declared is None
+        if not self.dynamic_size and declared is not None and size != declared:
+            raise ConfigError(
+                f"--input-spec size={size[0]}/{size[1]} but {self.path} only accepts "
+                f"{declared[0]}x{declared[1]} inputs"
+            )
+        out = self(np.zeros((1, size[0], size[1], 3), np.uint8))
+        if out.ndim not in (2, 4):
+            raise ConfigError(
+                f"--onnx-output {self.output!r} has shape {out.shape[1:]}; need a 4-D map "
+                "[N, C, h, w] or a 2-D vector [N, C]"
+            )
+        self.output_kind = "map" if out.ndim == 4 else "vector"
+        self.output_shape = tuple(out.shape[1:])
+
+    @staticmethod
+    def _providers(device: str, ort) -> list[str]:
+        available = ort.get_available_providers()
+        want_cuda = device not in ("cpu",) and "CUDAExecutionProvider" in available and cuda_present()
+        if device and device.startswith("cuda") and not want_cuda:
+            raise ConfigError("--device cuda: onnxruntime has no usable CUDAExecutionProvider here")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
+
+    def _session(self, model, ort):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = cpu_count()
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        # no busy-waiting between runs: image decoding threads share these cores
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        blob = model.SerializeToString() if model.ByteSize() < (1 << 31) - (1 << 26) else None
+        if blob is not None:
+            return ort.InferenceSession(blob, sess_options=opts, providers=self.providers)
+        import onnx
+
+        with tempfile.TemporaryDirectory(prefix="retrieval-onnx-") as tmp:
+            path = os.path.join(tmp, "cut.onnx")
+            onnx.save(model, path, save_as_external_data=True, location="cut.onnx.data")
+            return ort.InferenceSession(path, sess_options=opts, providers=self.providers)
+
+    def _prep(self, images: np.ndarray) -> np.ndarray:
+        return preprocess(images, self.spec, self.layout)
+
+    def _run_loop(self, sess, x: np.ndarray, batch: int | None) -> np.ndarray:
+        if batch is None:
+            out = sess.run([self.tensor], {self.input_name: x})[0]
+            return np.asarray(out, dtype=np.float32)
+        outs = []
+        for i in range(0, len(x), batch):
+            chunk = x[i : i + batch]
+            n = len(chunk)
+            if n < batch:  # pad the last chunk of a fixed-batch graph
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
+            outs.append(np.asarray(sess.run([self.tensor], {self.input_name: chunk})[0][:n], dtype=np.float32))
+        return np.concatenate(outs)
+
+    def _forward(self, images: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(self._run_loop(self.session, self._prep(images), self.batch))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "onnx",
+            "file": self.path,
+            "output": self.output,
+            "dequantized": self.tensor != self.output,
+            "input": self.input_name,
+            "provider": self.session.get_providers()[0],
+            "device": self.device,
+            "weights": "pretrained",
+            "input_size": list(self.input_size),
+            "dynamic_size": self.dynamic_size,
+            "batch": self.batch or "dynamic",
+            "output_kind": self.output_kind,
+            "output_shape": list(self.output_shape),
+            "input_spec": self.spec.to_dict(),
+        }
