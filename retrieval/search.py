@@ -51,20 +51,12 @@ def rank(
 ) -> Ranking:
     """Rank the view's images for one query ([nq, d] unit vectors); k=None ranks every image."""
     ann = view.ann if k is not None and view.images > exact_limit and view.state.ann else None
-    if ann is None:
-        parts = [_score(query, view, i, view.live_rows(i), aggregate) for i in range(len(view.segments))]
-    else:
+    pool = None
+    if ann is not None:
         ann.nprobe = nprobe or NPROBE
         _, found = ann.search(query, per_patch or max(4 * k, 64))
-        segment, row = view.locate(np.unique(found[found >= 0] >> WINDOW_BITS))
-        parts = [
-            _score(query, view, i, np.sort(row[segment == i]), aggregate)
-            for i in np.unique(segment).tolist()
-        ]
-    if not parts:
-        empty = np.empty(0, np.int64)
-        return Ranking(empty, empty.astype(np.float32), empty.astype(np.int32), empty.astype(np.int32))
-    ids, dist, qp, dp = (np.concatenate(p) for p in zip(*parts))
+        pool = np.unique(found[found >= 0] >> WINDOW_BITS)
+    ids, dist, qp, dp = _distances(query, view, pool, aggregate)
     order = top_k(dist, ids, k)
     return Ranking(ids[order], dist[order], qp[order], dp[order])
 
