@@ -178,6 +178,9 @@ def run_one(n: int, args, work: Path) -> dict:
         row = json.loads((base / "build.json").read_text())
         index = Index.open(base / "index")
         images, extra, queries = ([str(p) for p in sorted((base / sub).iterdir())] for sub in ("images", "extra", "queries"))
+    elif args.prepare_only:
+        prepare(n, args, base, n_groups)
+        return {"images": n, "prepared": str(base)}
     else:
         index, row, images, extra, queries = build(n, args, base, n_groups)
     run_queries(index, row, args, n, n_groups, extra, queries, base)
@@ -187,7 +190,13 @@ def run_one(n: int, args, work: Path) -> dict:
     return row
 
 
-def build(n: int, args, base: Path, n_groups: int):
+def prepare(n: int, args, base: Path, n_groups: int) -> tuple[Path, list[str], list[str], list[str], float]:
+    """The N files and their raw descriptors in a store; reused when an earlier --keep
+    run left them complete (prepared.json is written last)."""
+    marker = base / "prepared.json"
+    names = lambda sub: [str(p) for p in sorted((base / sub).iterdir())]  # noqa: E731
+    if args.reuse and marker.exists():
+        return base / "store.sqlite", names("images"), names("extra"), names("queries"), json.loads(marker.read_text())["prepare_s"]
     gen = Generator(args.raw_dim, args.group, args.hard)
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
@@ -200,8 +209,14 @@ def build(n: int, args, base: Path, n_groups: int):
         extra = write_images(base / "extra", store, key, gen, range(n, n + 1000), "img")
         queries = write_images(base / "queries", store, key, gen,
                                range(0, n_groups, max(1, n_groups // args.queries))[: args.queries], "qry")
-    prepare_s = time.perf_counter() - t
+    prepare_s = round(time.perf_counter() - t, 1)
+    marker.write_text(json.dumps({"prepare_s": prepare_s, "raw_dim": args.raw_dim, "hard": args.hard}))
+    return store_path, images, extra, queries, prepare_s
 
+
+def build(n: int, args, base: Path, n_groups: int):
+    store_path, images, extra, queries, prepare_s = prepare(n, args, base, n_groups)
+    shutil.rmtree(base / "index", ignore_errors=True)
     sampler = MemorySampler()
     t = time.perf_counter()
     index = Index.create(base / "index", CONFIG, SearchConfig(levels=LEVELS, pca_dim=args.pca_dim),
@@ -212,7 +227,7 @@ def build(n: int, args, base: Path, n_groups: int):
     build_mem = sampler.stop()
     info = index.info()
     row = {
-        "images": n, "raw_dim": args.raw_dim, "hard": args.hard, "prepare_s": round(prepare_s, 1),
+        "images": n, "raw_dim": args.raw_dim, "hard": args.hard, "prepare_s": prepare_s,
         "build_s": round(build_s, 1), "build_peak_rss_gib": round(build_rss, 2),
         "build_peak_anon_gib": build_mem["anon_gib"], "build_peak_file_gib": build_mem["file_gib"],
         "store_bytes_per_image": round(_du(store_path) / (n + 1000 + len(queries))),
@@ -260,14 +275,15 @@ def run_queries(index: Index, row: dict, args, n: int, n_groups: int, extra: lis
         "load_1min": round(os.getloadavg()[0], 1),  # other processes on the cores inflate latencies
     })
     row["grid"] = []
-    for nprobe, per_patch in args.grid:
+    for nprobe, per_patch, *layout in args.grid:
+        layout_k = layout[0] if layout else None
         times, found = [], []
         for q, e in zip(queries, exact):
             t = time.perf_counter()
-            hits = index.search([q], k=10, nprobe=nprobe, per_patch=per_patch)[0].hits
+            hits = index.search([q], k=10, nprobe=nprobe, per_patch=per_patch, layout_k=layout_k)[0].hits
             times.append(time.perf_counter() - t)
             found.append(len({h.id for h in hits} & {h.id for h in e.hits}) / 10)
-        row["grid"].append({"nprobe": nprobe, "per_patch": per_patch, "recall@10": round(float(np.mean(found)), 4),
+        row["grid"].append({"nprobe": nprobe, "per_patch": per_patch, "layout_k": layout_k, "recall@10": round(float(np.mean(found)), 4),
                             "p50_ms": round(1000 * float(np.percentile(times, 50)), 2)})
     if n <= args.peer_max:
         row["fastplaid"] = run_peer(index, queries, exact, base, args)
@@ -340,14 +356,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hard", action="store_true", help="group mates barely nearer than the crowd")
     p.add_argument("--queries", type=int, default=100)
     p.add_argument("--index-type", help="override the automatic structure (a FAISS factory string)")
-    p.add_argument("--grid", default="", metavar="NPROBE:PER_PATCH,...",
-                   help="also measure these search settings, e.g. 8:64,16:64,16:128")
+    p.add_argument("--grid", default="", metavar="NPROBE:PER_PATCH[:LAYOUT_K],...",
+                   help="also measure these search settings, e.g. 8:64,16:64,16:128:0 (LAYOUT_K 0: no layout index)")
     p.add_argument("--peer-max", type=int, default=20_000, help="run FastPLAID up to this N (0: never)")
     p.add_argument("--workdir", help="where the files, store and index go (default: a temp folder)")
     p.add_argument("--keep", action="store_true", help="keep each N's files (for a later --reuse)")
     p.add_argument("--reuse", action="store_true",
                    help="where --workdir holds an index kept from an earlier run for N, measure search on it "
-                        "instead of building again (the build columns are the earlier run's)")
+                        "instead of building again (the build columns are the earlier run's); where it "
+                        "holds only the prepared files and store, build the index on them")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="only write the files and the store (with --workdir --keep, for a later --reuse)")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--plot", help="PNG of p50 latency against N")
     p.add_argument("--quiet", action="store_true")
@@ -358,10 +377,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--images takes a comma list of integers (got {args.images!r})")
     try:
         args.grid = [tuple(int(v) for v in item.split(":")) for item in args.grid.split(",") if item]
-        if any(len(g) != 2 or min(g) < 1 for g in args.grid):
+        if any(len(g) not in (2, 3) or min(g[:2]) < 1 or min(g) < 0 for g in args.grid):
             raise ValueError
     except ValueError:
-        p.error(f"--grid takes NPROBE:PER_PATCH pairs of positive integers (got {args.grid!r})")
+        p.error(f"--grid takes NPROBE:PER_PATCH[:LAYOUT_K] (positive, LAYOUT_K >= 0) integers (got {args.grid!r})")
     if min(sizes) < args.group or args.queries < 1:
         p.error("every N must be at least --group, and --queries at least 1")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="index-scale-"))
@@ -369,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     for n in sizes:
         row = run_one(n, args, work)
         rows.append(row)
+        if args.prepare_only:
+            print(f"N={n}: prepared in {row['prepared']}", flush=True)
+            continue
         peer = row.get("fastplaid") or {}
         print(f"N={n}: build {row['build_s']} s, peak {row['build_peak_rss_gib']} GiB "
               f"(anon {row['build_peak_anon_gib']}, file {row['build_peak_file_gib']}), "
@@ -377,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
               f"p50 {row['p50_ms']} ms, p95 {row['p95_ms']} ms (before warm: {row['unwarmed_p50_ms']} / "
               f"{row['unwarmed_p95_ms']}), recall@10 {row['recall@10']} "
               f"[{row['structure']['search']} {row['structure']['factory'] or ''}]"
-              + "".join(f"; nprobe {g['nprobe']} per-patch {g['per_patch']}: p50 {g['p50_ms']} ms, "
+              + "".join(f"; nprobe {g['nprobe']} per-patch {g['per_patch']} layout-k {g['layout_k']}: p50 {g['p50_ms']} ms, "
                         f"recall@10 {g['recall@10']}" for g in row["grid"])
               + (f"; FastPLAID build {peer.get('build_s')} s, p50 {peer.get('p50_ms')} ms, "
                  f"recall@10 {peer.get('recall@10')}" if peer.get("p50_ms") else

@@ -1,9 +1,16 @@
 """A thin FAISS wrapper: index-factory strings, explicit GPU resources, atomic persistence.
 
-The FAISS index holds one vector per window (inner product on unit vectors, so nearest
+The window index holds one vector per window (inner product on unit vectors, so nearest
 by inner product is nearest in Euclidean distance). Its ids are `image id * 64 + window`
 (manifest ids, stable across segment merges), so a hit names its image by a shift. It
 only proposes candidate images: their distances come from the exact kernel.
+
+The layout index holds one vector per image: its windows laid end to end in their fixed
+order (levels 1..4, row-major), ids = image ids. Its inner product sums the evidence of
+every window pair in the same place, which a window's own neighbours cannot: where
+near-duplicates are barely nearer than the crowd window by window, the window index
+loses most of them and the layout index finds them (RESULTS.md section 8). It proposes
+candidates beside the window index, for queries described at the database's levels.
 
 Without `--index-type`, the structure follows the collection (`auto_factory`): an IVF
 list count near sqrt(windows) / 2, fast-scan product quantisation with 4 dimensions per
@@ -25,6 +32,7 @@ from .fileio import replacing
 WINDOW_BITS = 6  # up to 64 windows per image (levels 1-4 have 30)
 RETRAIN_GROWTH = 4  # re-train once the collection holds this many times the trained windows
 TRAIN_PER_LIST = 64  # training windows per IVF list (FAISS warns below 39)
+LAYOUT_TRAIN_IMAGES = 1024  # the layout index's 4-bit codebooks: FAISS warns below 39 x 16 images
 
 
 class FactoryError(ValueError):
@@ -67,6 +75,18 @@ def auto_factory(windows: int, dim: int) -> str:
     return f"IVF{lists},PQ{m}x4fs"
 
 
+def layout_factory(patches: int, dim: int) -> str | None:
+    """Fast-scan PQ over images' laid-out windows: one 4-bit code per `patches` dimensions
+    (dim / 2 bytes per image; measured against coarser codes in RESULTS.md section 8).
+    None for one window per image, which the window index covers already."""
+    return f"PQ{dim}x4fs" if patches > 1 else None
+
+
+def gpu_capable(factory: str) -> bool:
+    """Whether FAISS has a GPU implementation of `factory` (fast-scan codes have none)."""
+    return "fs" not in factory.replace(" ", "").split(",")[-1]
+
+
 def training_size(factory: str) -> int:
     """Windows to train `factory` on: enough for its IVF lists and 4-bit PQ codebooks."""
     lists = 1
@@ -85,10 +105,11 @@ def window_ids(image_ids: np.ndarray, patches: int) -> np.ndarray:
 
 
 class VectorIndex:
-    """FAISS index over window vectors, built from a factory string.
+    """FAISS index over window (or laid-out image) vectors, built from a factory string.
 
     The CPU index is the master copy (it is what gets saved); a GPU replica is made
-    on demand for search when a GPU is present and `device` allows it.
+    on demand for search when a GPU is present, `device` allows it and FAISS has a GPU
+    implementation of the structure (`gpu_capable`).
     """
 
     def __init__(self, dim: int, factory: str, device: str = "auto") -> None:
@@ -147,7 +168,7 @@ class VectorIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = max(1, min(k, self.ntotal))
         index = self.index
-        if faiss_device(self.device) != "cpu":
+        if self.search_device() != "cpu":
             if self._gpu is None:
                 self._resources = self._resources or faiss.StandardGpuResources()
                 self._gpu = faiss.index_cpu_to_gpu(self._resources, 0, index)
@@ -156,6 +177,10 @@ class VectorIndex:
         if ivf is not None:
             ivf.nprobe = self.nprobe
         return index.search(queries, k)
+
+    def search_device(self) -> str:
+        """Where `search` runs: `cuda:0` or `cpu`."""
+        return faiss_device(self.device) if gpu_capable(self.factory) else "cpu"
 
     def save(self, path: str | Path) -> None:
         """Write atomically (temp file + rename)."""

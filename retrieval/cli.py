@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nprobe", type=int, metavar="N", help="IVF lists searched per query window (default 16)")
     p.add_argument("--per-patch", type=int, metavar="N",
                    help="nearest database windows per query window that nominate candidates (default max(4k, 64))")
+    p.add_argument("--layout-k", type=int, metavar="N",
+                   help="candidates from the layout index (whole images whose windows, laid end to end, are "
+                   "nearest the query's; default 128, 0 = leave it out)")
     p.add_argument("--html", metavar="REPORT.html",
                    help="also write a self-contained page of every query's hits with the matched windows drawn")
     add_rerank_args(p)
@@ -285,6 +288,8 @@ def _query(args) -> int:
     for flag, value in (("--nprobe", args.nprobe), ("--per-patch", args.per_patch)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1")
+    if args.layout_k is not None and args.layout_k < 0:
+        raise ConfigError("--layout-k must be >= 0")
     if not args.qe_alpha >= 0:
         raise ConfigError("--qe-alpha must be >= 0")
     skipped: list[dict] = []
@@ -298,7 +303,7 @@ def _query(args) -> int:
             expand_inputs(args.images), args.k,
             query_levels=args.query_levels, aggregate=args.aggregate,
             progress=not args.quiet, skipped=skipped,
-            exact_limit=args.exact_limit, nprobe=args.nprobe, per_patch=args.per_patch,
+            exact_limit=args.exact_limit, nprobe=args.nprobe, per_patch=args.per_patch, layout_k=args.layout_k,
             qe=args.qe, qe_alpha=args.qe_alpha, dba=args.dba, query_rotations=args.query_rotations,
         )
         info = idx.info() if args.html else None

@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import kernel, writer
-from .ann import RETRAIN_GROWTH, FactoryError, check_factory, faiss_device, is_flat
+from .ann import RETRAIN_GROWTH, FactoryError, check_factory, faiss_device, gpu_capable, is_flat
 from .config import EXACT_LIMIT, QE_ALPHA, ExtractorConfig, RuntimeConfig, SearchConfig, check_rotations, file_digest
 from .extractor import Extractor, Skipped, make_extractor
 from .features import Crop, ImageFeatures, describe
@@ -497,6 +497,7 @@ class Index:
         exact_limit: int = EXACT_LIMIT,
         nprobe: int | None = None,
         per_patch: int | None = None,
+        layout_k: int | None = None,
         qe: int = 0,
         qe_alpha: float = QE_ALPHA,
         dba: int = 0,
@@ -507,7 +508,9 @@ class Index:
         k=None returns every image. Up to `exact_limit` images every image is scored
         exactly; above it the FAISS structure proposes the images owning the `per_patch`
         nearest windows of each query window (default max(4k, 64)), searching `nprobe`
-        IVF lists (default 16), and the kernel scores those exactly. Answers come from the
+        IVF lists (default 16), the layout index adds the `layout_k` images nearest to
+        the query's windows laid end to end (default 128; 0 leaves it out; only for
+        queries at the database's levels), and the kernel scores those exactly. Answers come from the
         last published generation, also while another process adds or removes images.
         Unreadable queries are left out of the result and appended to `skipped` as
         {"path", "reason"} when a list is given.
@@ -560,8 +563,8 @@ class Index:
                 continue
             fs = [views[r] for r in rotations]
             qs = [view.whitening.transform(np.concatenate([f.descriptors[n] for n in level_names(levels)])) for f in fs]
-            r = rank_many(qs, view, k, aggregate, exact_limit, per_patch, nprobe, qe=qe, qe_alpha=qe_alpha,
-                          expand_rows=expand_rows, neighbours=neighbours, dba=dba)
+            r = self._rank(view, qs, k, aggregate, exact_limit, per_patch, nprobe, layout_k, qe=qe, qe_alpha=qe_alpha,
+                           expand_rows=expand_rows, neighbours=neighbours, dba=dba)
             which = r.query if r.query is not None else np.zeros(len(r.ids), np.int32)
             # Images removed after this generation was published are dropped here.
             entries = self.manifest.get_many(r.ids.tolist())
@@ -584,6 +587,16 @@ class Index:
             ]
             collected[slot] = QueryResult(item[0], hits)
         return [collected[i] for i in sorted(collected)]
+
+    def _rank(self, view: View, queries: list[np.ndarray], *args, **kwargs):
+        """search.rank_many; the FAISS files load on first use, so one found damaged
+        there is rebuilt from the segments (when no writer runs) and the query asked again."""
+        try:
+            return rank_many(queries, view, *args, **kwargs)
+        except DamagedFile as err:
+            if not self._try_refresh():
+                raise self._damaged(err) from None
+        return rank_many(queries, self.view(), *args, **kwargs)
 
     def _rows_at(self, levels: Sequence[int]) -> np.ndarray | None:
         """Rows of a database image's windows that lie at `levels` (None: all of them, when
@@ -669,7 +682,9 @@ class Index:
                 "refit": _refit_policy(state.whitening),
             },
             "neighbours": _neighbours_info(self.path, state),
-            "faiss_device": faiss_device(self.runtime.device),
+            # Fast-scan codes have no GPU implementation: such a structure searches on the CPU.
+            "faiss_device": faiss_device(self.runtime.device) if state.ann is None or gpu_capable(state.ann["factory"])
+            else "cpu",
             "native_kernel": kernel.describe(),
             "store": self.meta["store"],
             "up_to_date": state.generation == self.manifest.generation,
@@ -703,7 +718,7 @@ def _structure(state: State, user: str | None) -> dict:
             f"re-trained after {RETRAIN_GROWTH}-fold growth"
         )
         return {"search": "candidates", "factory": state.ann["factory"], "reason": why,
-                "exact_limit": EXACT_LIMIT}
+                "layout_factory": state.ann.get("layout_factory"), "exact_limit": EXACT_LIMIT}
     if is_flat(user):
         why = "--index-type Flat: the kernel scores every image"
     elif state.note:

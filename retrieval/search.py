@@ -3,8 +3,10 @@
 Image distance is the minimum (or the mean over query windows of the minimum) of the
 Euclidean distances between window descriptors. Up to `exact_limit` images the kernel
 scores every image (that is both exact and, measured, the faster way). Above it, each
-query window's `per_patch` nearest database windows in the FAISS structure name
-candidate images, and the kernel scores those over all their window pairs.
+query window's `per_patch` nearest database windows in the FAISS window index name
+candidate images, the layout index adds the `layout_k` images nearest to the query's
+windows laid end to end (`ann.py`), and the kernel scores those over all their window
+pairs.
 
 `rank_many` adds what goes beyond one comparison: several descriptions of one query (its
 rotations; an image's distance is the smallest), query expansion (the top hits' own
@@ -25,6 +27,7 @@ from .neighbours import Neighbours, qe_weight
 from .snapshot import View
 
 NPROBE = 16  # IVF lists per query window: recall 0.955 against 0.85 for 8 on hard data (RESULTS.md section 8)
+LAYOUT_K = 128  # candidates from the layout index (RESULTS.md section 8)
 # With FAISS candidates, re-ranking needs the distances of more images than the k shown.
 RERANK_POOL = 100
 
@@ -48,14 +51,21 @@ def rank(
     exact_limit: int = EXACT_LIMIT,
     per_patch: int | None = None,
     nprobe: int | None = None,
+    layout_k: int | None = None,
 ) -> Ranking:
-    """Rank the view's images for one query ([nq, d] unit vectors); k=None ranks every image."""
+    """Rank the view's images for one query ([nq, d] unit vectors); k=None ranks every image.
+    `layout_k` = 0 leaves the layout index out (default LAYOUT_K)."""
     ann = view.ann if k is not None and view.images > exact_limit and view.state.ann else None
     pool = None
     if ann is not None:
         ann.nprobe = nprobe or NPROBE
         _, found = ann.search(query, per_patch or max(4 * k, 64))
-        pool = np.unique(found[found >= 0] >> WINDOW_BITS)
+        pool = found[found >= 0] >> WINDOW_BITS
+        layout = view.layout if layout_k != 0 and len(query) == view.patches else None
+        if layout is not None:
+            _, near = layout.search(query.reshape(1, -1), layout_k or LAYOUT_K)
+            pool = np.concatenate([pool, near[near >= 0]])
+        pool = np.unique(pool)
     ids, dist, qp, dp = _distances(query, view, pool, aggregate)
     order = top_k(dist, ids, k)
     return Ranking(ids[order], dist[order], qp[order], dp[order])
@@ -84,6 +94,7 @@ def rank_many(
     exact_limit: int = EXACT_LIMIT,
     per_patch: int | None = None,
     nprobe: int | None = None,
+    layout_k: int | None = None,
     *,
     qe: int = 0,
     qe_alpha: float = QE_ALPHA,
@@ -107,7 +118,7 @@ def rank_many(
     if dba and neighbours is None:
         raise ValueError("dba > 0 needs the neighbours of the database images")
     if not qe and not dba:
-        parts = [rank(q, view, k, aggregate, exact_limit, per_patch, nprobe) for q in queries]
+        parts = [rank(q, view, k, aggregate, exact_limit, per_patch, nprobe, layout_k) for q in queries]
         if len(parts) == 1:
             return parts[0]
         # Each query's top k holds every image of the merged top k (a kept image is
@@ -126,7 +137,7 @@ def rank_many(
     depth = None if exact else max(k, RERANK_POOL)
     pool = None
     if not exact:
-        pool = np.unique(np.concatenate([rank(q, view, depth, aggregate, exact_limit, per_patch, nprobe).ids
+        pool = np.unique(np.concatenate([rank(q, view, depth, aggregate, exact_limit, per_patch, nprobe, layout_k).ids
                                          for q in queries]))
         if dba:
             pool = neighbours.widen(pool, dba)
@@ -136,7 +147,7 @@ def rank_many(
     expanded = [view.windows(int(i), expand_rows) for i in ids[hits]]
     if expanded and not exact:
         # The hits' own candidates are what lets expansion reach images the query missed.
-        more = [rank(h, view, depth, aggregate, exact_limit, per_patch, nprobe).ids for h in expanded]
+        more = [rank(h, view, depth, aggregate, exact_limit, per_patch, nprobe, layout_k).ids for h in expanded]
         wider = np.unique(np.concatenate([pool, *more]))
         if dba:
             wider = neighbours.widen(wider, dba)

@@ -164,12 +164,12 @@ class _ShardSearcher:
         return self.index.warm(wait)
 
     def search(self, queries: list[np.ndarray], k: int | None, aggregate: str, exact_limit: int,
-               per_patch: int | None, nprobe: int | None) -> list[tuple]:
+               per_patch: int | None, nprobe: int | None, layout_k: int | None = None) -> list[tuple]:
         """Per query: (ids, distances, query window, db window, paths, [width, height])."""
         view = self.index.view()
         out = []
         for q in queries:
-            r = rank(q, view, k, aggregate, exact_limit, per_patch, nprobe)
+            r = rank(q, view, k, aggregate, exact_limit, per_patch, nprobe, layout_k)
             # Images removed after this generation was published are dropped here.
             entries = self.index.manifest.get_many(r.ids.tolist())
             keep = np.array([i in entries for i in r.ids.tolist()], dtype=bool)
@@ -292,6 +292,7 @@ class ShardedIndex:
         exact_limit: int = EXACT_LIMIT,
         nprobe: int | None = None,
         per_patch: int | None = None,
+        layout_k: int | None = None,
         qe: int = 0,
         qe_alpha: float = QE_ALPHA,
         dba: int = 0,
@@ -320,7 +321,7 @@ class ShardedIndex:
                 continue
             feats.append(f)
         vectors = [self.whitening.transform(np.concatenate([f.descriptors[n] for n in names])) for f in feats]
-        per_shard = self._each("search", vectors, k, aggregate, exact_limit, per_patch, nprobe) if vectors else []
+        per_shard = self._each("search", vectors, k, aggregate, exact_limit, per_patch, nprobe, layout_k) if vectors else []
         db_layout = np.concatenate([level_regions(lv).boxes for lv in front.search_config.levels])
         q_layout = np.concatenate([level_regions(lv).boxes for lv in levels])
         order = {(q, None) if isinstance(q, str) else (q[0], q[1]): i for i, q in enumerate(queries)}

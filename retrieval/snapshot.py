@@ -30,7 +30,7 @@ READAHEAD_BYTES = 8 << 20
 # must not push out what the machine needs.
 WARM_MEMORY_FRACTION = 0.8
 _DERIVED = re.compile(r"^(whitening-\d+\.npz|seg-\d+(\.ids)?\.npy|dead-\d+\.npy|ann-\d+\.faiss"
-                      r"|vectors-\d+\.npy|ids-\d+\.npy|faiss-\d+\.index|whitening\.npz|.*\.tmp(\.npz)?)$")
+                      r"|layout-\d+\.faiss|vectors-\d+\.npy|ids-\d+\.npy|faiss-\d+\.index|whitening\.npz|.*\.tmp(\.npz)?)$")
 
 
 @dataclass
@@ -43,7 +43,7 @@ class State:
     whitening: dict | None = None  # {"file", "images": collection size when fitted, "source"}
     segments: list[dict] = field(default_factory=list)  # [{"name", "images"}]
     dead: dict | None = None  # {"file", "count"}
-    ann: dict | None = None  # {"file", "factory", "auto", "windows", "images"}
+    ann: dict | None = None  # {"file", "factory", "auto", "windows", "images", "layout": file or None}
     note: str | None = None  # why a structure the user asked for is not in use yet
 
     def new_name(self, prefix: str, suffix: str = "") -> str:
@@ -55,6 +55,8 @@ class State:
         for part in (self.whitening, self.dead, self.ann):
             if part:
                 names.add(part["file"])
+        if self.ann and self.ann.get("layout"):
+            names.add(self.ann["layout"])
         return names
 
     @property
@@ -102,6 +104,7 @@ class View:
         self.whitening: PCAWhitening | None = None
         self.segments: list[Segment] = []
         self._ann: VectorIndex | None = None
+        self._layout: VectorIndex | None = None
         if state.whitening is not None:
             path = directory / state.whitening["file"]
             try:
@@ -135,8 +138,20 @@ class View:
                 raise DamagedFile(path, str(err)) from None
         return self._ann
 
+    @property
+    def layout(self) -> VectorIndex | None:
+        """The layout index (one laid-out vector per image), loaded on first use; None
+        where the state has none (one window per image)."""
+        if self._layout is None and self.state.ann is not None and self.state.ann.get("layout"):
+            path = self.directory / self.state.ann["layout"]
+            try:
+                self._layout = VectorIndex.load(path, self.state.ann["layout_factory"], self.device)
+            except ValueError as err:
+                raise DamagedFile(path, str(err)) from None
+        return self._layout
+
     def warm(self, wait: bool = False) -> int:
-        """Load the FAISS structure and ask the OS to read the segments into its page cache.
+        """Load the FAISS structures and ask the OS to read the segments into its page cache.
 
         Candidates' rows are scattered over every segment, so a query on a cold cache
         pays a disk read per candidate (measured at 1,000,000 images: RESULTS.md section
@@ -144,7 +159,7 @@ class View:
         WARM_MEMORY_FRACTION of the memory available.
         Returns the bytes asked for (0 when they do not fit).
         """
-        self.ann  # noqa: B018 - loads it
+        self.ann, self.layout  # noqa: B018 - loads them
         paths = [Path(s.vectors.filename) for s in self.segments]
         total = sum(p.stat().st_size for p in paths if p.exists())
         if not total or total > WARM_MEMORY_FRACTION * _available_memory():

@@ -13,7 +13,9 @@ images become tombstones. Bigger rewrites happen by policy, each bounded in tota
 - segments: tiered merging (`MERGE_FACTOR` segments of one size tier become one), and a
   segment a quarter of whose images are removed is rewritten without them.
 - FAISS: none up to `EXACT_LIMIT` images (the kernel scores them all); above, an IVF
-  fast-scan PQ structure chosen by size, re-trained after 4-fold growth.
+  fast-scan PQ structure over windows chosen by size and, beside it, the layout index
+  (one vector per image, `ann.layout_factory`), both trained on one sample and re-trained
+  after 4-fold growth.
 
 A derived file found missing or damaged is rebuilt from the feature store; raw
 descriptors missing from the store are an error that names the image and the fix.
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from .ann import RETRAIN_GROWTH, VectorIndex, auto_factory, is_flat, training_size, window_ids
+from .ann import LAYOUT_TRAIN_IMAGES, RETRAIN_GROWTH, VectorIndex, auto_factory, is_flat, layout_factory, training_size, window_ids
 from .config import EXACT_LIMIT
 from .segments import DamagedFile, load_npy, open_segment, save_npy, write_segment
 from .snapshot import State, publish, read_state
@@ -205,14 +207,14 @@ class _Writer:
             state.ann = None
             return
         windows = len(live) * self.patches
-        ann = None
+        loaded = None
         due = self.retrain or (state.ann is not None and state.ann["auto"] and windows >= RETRAIN_GROWTH * state.ann["windows"])
         if state.ann is not None and not due:
             try:
-                ann = VectorIndex.load(self.dir / state.ann["file"], state.ann["factory"], self.index.runtime.device)
+                loaded = self._load_ann(state.ann)
             except ValueError as err:
-                self._say(f"{err}; training the FAISS structure again")
-        if ann is None:
+                self._say(f"{err}; training the FAISS structures again")
+        if loaded is None:
             factory = user or auto_factory(windows, dim)
             ann = VectorIndex(dim, factory, self.index.runtime.device)
             try:
@@ -221,21 +223,62 @@ class _Writer:
                 # Too few windows for the user's factory yet: exact search serves meanwhile.
                 state.ann, state.note = None, f"{err}; searching exactly until the collection is large enough"
                 return
-            self._add_to_ann(ann, state, live, dim)
+            layout = self._new_layout(state, live, dim)
+            self._add_to_ann(ann, layout, state, live, dim)
             state.ann = {"factory": factory, "auto": user is None, "windows": windows, "images": int(len(live))}
         else:
-            self._add_to_ann(ann, state, new, dim)
-            stale = ann.ntotal - windows
-            if stale > ANN_PURGE_FRACTION * ann.ntotal:
+            ann, layout = loaded
+            fresh = layout is None and self._new_layout(state, live, dim)
+            self._add_to_ann(ann, None if fresh else layout, state, new, dim)
+            if fresh:
+                layout = fresh
+                self._add_to_ann(None, layout, state, live, dim)
+            if ann.ntotal - windows > ANN_PURGE_FRACTION * ann.ntotal:
                 ann.remove_not_in(window_ids(live, self.patches))
+            if layout is not None and layout.ntotal - len(live) > ANN_PURGE_FRACTION * layout.ntotal:
+                layout.remove_not_in(live)
         name = state.new_name("ann", ".faiss")
         ann.save(self.dir / name)
-        state.ann = {**state.ann, "file": name}
+        state.ann = {**state.ann, "file": name, "layout": None, "layout_factory": None}
+        if layout is not None:
+            state.ann["layout"], state.ann["layout_factory"] = state.new_name("layout", ".faiss"), layout.factory
+            layout.save(self.dir / state.ann["layout"])
 
-    def _add_to_ann(self, ann: VectorIndex, state: State, ids: np.ndarray, dim: int) -> None:
+    def _load_ann(self, info: dict) -> tuple[VectorIndex, VectorIndex | None]:
+        """The published window index (ValueError naming it when missing or damaged) and
+        layout index (None when there is none or it is damaged: it is built again)."""
+        device = self.index.runtime.device
+        ann = VectorIndex.load(self.dir / info["file"], info["factory"], device)
+        if not info.get("layout"):
+            return ann, None
+        try:
+            return ann, VectorIndex.load(self.dir / info["layout"], info["layout_factory"], device)
+        except ValueError as err:
+            self._say(f"{err}; building the layout index again")
+            return ann, None
+
+    def _new_layout(self, state: State, live: np.ndarray, dim: int) -> VectorIndex | None:
+        """A trained, empty layout index; None below LAYOUT_TRAIN_IMAGES images (its 4-bit
+        codebooks need them, and the window index alone finds so few images' mates)."""
+        factory = layout_factory(self.patches, dim)
+        if factory is None or len(live) < LAYOUT_TRAIN_IMAGES:
+            return None
+        layout = VectorIndex(self.patches * dim, factory, self.index.runtime.device)
+        sample = self._training_sample(state, live, dim, LAYOUT_TRAIN_IMAGES * self.patches)
+        layout.train(sample.reshape(-1, self.patches * dim))
+        return layout
+
+    def _add_to_ann(self, ann: VectorIndex | None, layout: VectorIndex | None, state: State, ids: np.ndarray,
+                    dim: int) -> None:
+        """Append the windows of images `ids` to the window index and their laid-out
+        vectors to the layout index (either may be None)."""
         for seg in self._open(state, dim):
             for chunk in _chunks(np.flatnonzero(np.isin(seg.ids, ids))):
-                ann.add(seg.read(chunk, self.patches), window_ids(seg.ids[chunk], self.patches))
+                vectors = seg.read(chunk, self.patches)
+                if ann is not None:
+                    ann.add(vectors, window_ids(seg.ids[chunk], self.patches))
+                if layout is not None:
+                    layout.add(vectors.reshape(len(chunk), -1), seg.ids[chunk])
 
     def _training_sample(self, state: State, live: np.ndarray, dim: int, size: int) -> np.ndarray:
         """`size` windows of evenly spread live images (deterministic)."""
