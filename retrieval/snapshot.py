@@ -131,11 +131,7 @@ class View:
     def ann(self) -> VectorIndex | None:
         """The FAISS structure, loaded on first use (a large one is hundreds of MB)."""
         if self._ann is None and self.state.ann is not None:
-            path = self.directory / self.state.ann["file"]
-            try:
-                self._ann = VectorIndex.load(path, self.state.ann["factory"], self.device)
-            except ValueError as err:
-                raise DamagedFile(path, str(err)) from None
+            self._ann = self._load_faiss("file", "factory")
         return self._ann
 
     @property
@@ -143,12 +139,15 @@ class View:
         """The layout index (one laid-out vector per image), loaded on first use; None
         where the state has none (one window per image)."""
         if self._layout is None and self.state.ann is not None and self.state.ann.get("layout"):
-            path = self.directory / self.state.ann["layout"]
-            try:
-                self._layout = VectorIndex.load(path, self.state.ann["layout_factory"], self.device)
-            except ValueError as err:
-                raise DamagedFile(path, str(err)) from None
+            self._layout = self._load_faiss("layout", "layout_factory")
         return self._layout
+
+    def _load_faiss(self, file_key: str, factory_key: str) -> VectorIndex:
+        path = self.directory / self.state.ann[file_key]
+        try:
+            return VectorIndex.load(path, self.state.ann[factory_key], self.device)
+        except ValueError as err:
+            raise DamagedFile(path, str(err)) from None
 
     def warm(self, wait: bool = False) -> int:
         """Load the FAISS structures and ask the OS to read the segments into its page cache.
