@@ -335,8 +335,10 @@ def test_c_selection_in_run_uses_train_rows_only(fake_backbone, dataset, tmp_pat
     _make_split(dataset, "validation", COLOURS, 2, seed=5000)
     code, out, err = _run(capsys, ["run", str(dataset), "--store", str(tmp_path / "s.sqlite"), "--json", *FAKE])
     assert code == 0, err
-    (n_train, n_val, labels), = seen
-    assert (n_train, n_val) == (18, 6) and out["selection"] == "validation" and out["test"] == 9
+    (n_rows, n_val, labels), = seen
+    # C is chosen by repeated CV of the training part: train (18) + validation (6), no test row
+    assert (n_rows, n_val) == (24, None) and out["selection"] == "cv" and out["test"] == 9
+    assert out["cv"] == 4 and out["cv_repeats"] == 3
     assert out["train"] == 24 and out["validation"] == 6
 
 
