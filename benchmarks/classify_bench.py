@@ -7,8 +7,8 @@ Baseline ("plain"), for every jitter: the averaged descriptors L2-normalised (no
 normalisation), scikit-learn LogisticRegressionCV with 5 values of C chosen by 4-fold CV
 on the training part (train + validation when there is one), evaluated on the test
 split; `--baseline-features raw` skips the L2 (the baseline of RESULTS section 3).
-Full pipeline: `classify run` with its defaults for every method x jitter (C by the
-validation split when there is one, else --cv folds). Prints a table with accuracy, mean per-class accuracy,
+Full pipeline: `classify run` with its defaults for every method x jitter (C by --cv
+fold CV of train + validation, repeated 3 times). Prints a table with accuracy, mean per-class accuracy,
 mAP, C, seconds and the C-sweep seconds; `--json` writes
 ``{"dataset": str, "baselines": [{...}, one per jitter], "runs": [{...run --json...}], "config": {...}}``.
 Features come from the shared store, so the baseline and jitter-1 runs extract once.

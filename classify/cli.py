@@ -1,6 +1,6 @@
 """`classify`: transfer-learning classification on the feature store shared with retrieval.
 
-    classify run     DATA_DIR [--method svm|logreg] [--jitter 1|12] [--cv 4] [--store FILE] [extractor options] [--json]
+    classify run     DATA_DIR [--method svm|logreg] [--jitter 1|12] [--cv 4] [--cv-repeats 3] [--store FILE] [extractor options] [--json]
     classify train   DATA_DIR --out MODEL [same options]
     classify eval    MODEL SPLIT [--store FILE] [--json]
     classify predict MODEL IMAGE... [--store FILE] [--json]
@@ -41,21 +41,23 @@ from .data import DataError, load_dataset, load_split
 from .factors import FactorGrid, study
 from .features import JITTERS, POWER_NORM, FeatureTable, image_vectors
 from .modelfile import ModelFileError, load_model
-from .models import METHODS, Classifier, cv_folds, to_indicator
+from .models import CV_REPEATS, METHODS, Classifier, cv_folds, to_indicator
 from .protocol import evaluate_split, fit_training_part, run_protocol, warn_C_at_edge
 
 LAYOUT_HELP = """\
 DATA_DIR layouts:
   folders  DATA_DIR/train/<class>/* and DATA_DIR/test/<class>/*; val/ or validation/
-           next to them is the validation split (C is chosen on it, then the model is
-           refit on train+validation). Without test/, val/ or validation/ is the TEST
-           split and C is chosen by --cv fold cross-validation of train/.
+           next to them is the validation split (joins train/ as the training part).
+           Without test/, val/ or validation/ is the TEST split.
   CSV      DATA_DIR/train.csv and DATA_DIR/test.csv (optional val.csv / validation.csv),
            rows "path,label[,label...]", paths relative to the CSV; multi-label when any
            training row has other than one label.
 Features: average of the region set's raw descriptors (1 = whole image, 12 = corners,
 centre, whole, and mirrors), L2-normalised, then (--power-norm on) signed square root.
-SVM C grid: 1e-3..1e2 (6 values); logreg C: 45 values in 1e-6..1e5, warm-started.
+C is chosen by --cv fold cross-validation of the training part (train + validation),
+repeated --cv-repeats times with different shuffles and averaged; the model is then
+refit on the whole training part. SVM C grid: 1e-3..1e2 (6 values); logreg C: 45
+values in 1e-6..1e5, warm-started.
 """
 
 
@@ -71,6 +73,26 @@ def _fold_count(text: str) -> int:
     if k < 2:
         raise argparse.ArgumentTypeError(f"folds must be an integer >= 2 (got {text!r})")
     return k
+
+
+def _repeat_count(text: str) -> int:
+    """`--cv-repeats N`: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"repeats must be an integer >= 1 (got {text!r})")
+    return n
+
+
+def _add_cv_args(sp) -> None:
+    sp.add_argument("--cv", type=_fold_count, default=4, metavar="K",
+                    help="cross-validation folds (>= 2) over train + validation to choose C (default 4)")
+    sp.add_argument("--cv-repeats", type=_repeat_count, default=CV_REPEATS, metavar="N",
+                    help="shuffles of the --cv split whose held-out scores are averaged (default "
+                    "%(default)s; fewer is faster and noisier)")
+    sp.add_argument("--seed", type=int, default=0, help="fold shuffling seed (repeats use seed, seed + 1, ...)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -104,9 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--power-norm", choices=("on", "off"), default="on" if POWER_NORM else "off",
                         help="signed square root of the L2-normalised features (default %(default)s, "
                         "chosen by the factor study: benchmarks/RESULTS.md section 11)")
-        sp.add_argument("--cv", type=_fold_count, default=4, metavar="K",
-                        help="cross-validation folds (>= 2) when there is no validation split (default 4)")
-        sp.add_argument("--seed", type=int, default=0, help="fold shuffling seed")
+        _add_cv_args(sp)
         _add_common(sp)
         add_extractor_args(sp, search=False)
         add_ray_arg(sp)
@@ -165,9 +185,7 @@ def _add_factors_parser(sub) -> None:
     g.add_argument("--method", metavar="M,...", default="logreg", help="svm and/or logreg (default logreg)")
     g.add_argument("--fuse", metavar="A+B[+...]", action="append", default=[],
                    help="late fusion: also evaluate these layers concatenated (each part L2-normalised); repeatable")
-    sp.add_argument("--cv", type=_fold_count, default=4, metavar="K",
-                    help="cross-validation folds (>= 2) when there is no validation split (default 4)")
-    sp.add_argument("--seed", type=int, default=0, help="fold shuffling seed")
+    _add_cv_args(sp)
     sp.add_argument("--plot", metavar="OUT.png", help="write accuracy against layer depth (per pooling) and against PCA dimension (matplotlib)")
     _add_common(sp)
     sp.set_defaults(func=cmd_factors)
@@ -221,11 +239,16 @@ def _prepare_training(args):
     config = extractor_config_from_args(args)
     runtime = runtime_config_from_args(args)
     ds = load_dataset(args.data_dir)
-    if ds.val is None:
-        # Checked on the listed images before any extraction, so an impossible --cv costs
-        # nothing; fit checks again on the readable ones.
-        cv_folds(to_indicator(ds.train.labels, ds.classes), args.cv, ds.multilabel, args.seed)
+    # Checked on the listed images before any extraction, so an impossible --cv costs
+    # nothing; fit checks again on the readable ones.
+    _check_folds(ds, args)
     return config, runtime, ds
+
+
+def _check_folds(ds, args) -> None:
+    """Raise ConfigError when the training part (train + validation) cannot be split --cv ways."""
+    labels = ds.train.labels + (ds.val.labels if ds.val else [])
+    cv_folds(to_indicator(labels, ds.classes), args.cv, ds.multilabel, args.seed)
 
 
 def cmd_run(args) -> int:
@@ -235,7 +258,7 @@ def cmd_run(args) -> int:
     power_norm = args.power_norm == "on"
     table = _vectors(all_paths, config, runtime, args, args.jitter, power_norm)
     skipped = _report_skipped(table)
-    clf, result = run_protocol(ds, table, args.method, args.cv, args.seed)
+    clf, result = run_protocol(ds, table, args.method, args.cv, args.seed, args.cv_repeats)
     warn_C_at_edge(clf)
     result.update(seconds=time.perf_counter() - t0, jitter=args.jitter, power_norm=power_norm, skipped=skipped,
                   extracted=table.extracted, extractor_key=config.key())
@@ -249,7 +272,7 @@ def cmd_train(args) -> int:
     power_norm = args.power_norm == "on"
     table = _vectors(ds.train.paths + (ds.val.paths if ds.val else []), config, runtime, args, args.jitter, power_norm)
     skipped = _report_skipped(table)
-    clf, n_train, n_val = fit_training_part(ds, table, args.method, args.cv, args.seed)
+    clf, n_train, n_val = fit_training_part(ds, table, args.method, args.cv, args.seed, args.cv_repeats)
     warn_C_at_edge(clf)
     clf.save(args.out, extractor=config.to_dict(), extractor_key=config.key(), jitter=args.jitter,
              power_norm=power_norm, feature_dim=int(clf.model_.W.shape[1]), trained_on=ds.root,
@@ -258,7 +281,7 @@ def cmd_train(args) -> int:
         "model": str(args.out), "classes": len(clf.classes_), "train": n_train, "validation": n_val,
         "method": args.method, "C": clf.C_, "C_at_edge": clf.C_at_edge_, "jitter": args.jitter,
         "power_norm": power_norm, "selection": clf.selection_["mode"],
-        "sweep_seconds": clf.selection_["sweep_seconds"], "skipped": skipped,
+        "cv": clf.selection_["folds"], "cv_repeats": clf.selection_["repeats"], "sweep_seconds": clf.selection_["sweep_seconds"], "skipped": skipped,
         "extracted": table.extracted, "seconds": time.perf_counter() - t0,
     }
     _emit(args, result, f"wrote {args.out}: {len(clf.classes_)} classes, {n_train} images, {args.method} C={clf.C_:.3g}")
@@ -398,15 +421,15 @@ def cmd_factors(args) -> int:
         except ValueError as err:
             raise ConfigError(str(err)) from None
     ds = load_dataset(args.data_dir)
-    if ds.val is None:
-        cv_folds(to_indicator(ds.train.labels, ds.classes), args.cv, ds.multilabel, args.seed)
+    _check_folds(ds, args)
     single = argparse.Namespace(**{**vars(args), "layer": None, "onnx_output": None, "pool": "avg"})
     base = extractor_config_from_args(single)
     runtime = runtime_config_from_args(args)
     grid = _factor_grid(args, base)
     depths = layer_depths(base, list(dict.fromkeys(grid.layers + tuple(p for parts in grid.fuse for p in parts))))
     with FeatureStore.open(args.store) as store:
-        rows = list(study(ds, base, runtime, store, grid, depths, cv=args.cv, seed=args.seed, progress=not args.quiet))
+        rows = list(study(ds, base, runtime, store, grid, depths, cv=args.cv, seed=args.seed,
+                          repeats=args.cv_repeats, progress=not args.quiet))
     skipped = sorted({p for r in rows for p in r.pop("skipped")})
     for path in skipped:
         print(f"classify: skipped {path}", file=sys.stderr)

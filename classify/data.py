@@ -7,7 +7,7 @@ Folder layout (single-label)
     ``DATA_DIR/train/<class>/*`` and a test split, one of:
 
     * ``DATA_DIR/test/<class>/*``; then ``DATA_DIR/val/`` or ``DATA_DIR/validation/``, if
-      present, is the *validation* split (used to choose C, then merged into training);
+      present, is the *validation* split (part of the training part that C is cross-validated on);
     * no ``test/``: ``DATA_DIR/val/`` or ``DATA_DIR/validation/`` is the *test* split
       (the hymenoptera layout).
 

@@ -28,6 +28,7 @@ from retrieval.whitening import l2_normalize
 
 from .data import Dataset
 from .features import FeatureTable, image_vectors, power_normalize
+from .models import CV_REPEATS
 from .protocol import run_protocol
 
 __all__ = ["FactorGrid", "study"]
@@ -99,6 +100,7 @@ def study(
     *,
     cv: int = 4,
     seed: int = 0,
+    repeats: int = CV_REPEATS,
     progress: bool = True,
 ) -> Iterator[dict]:
     """Evaluate every configuration of `grid` on `ds`; yields one row (dict) per
@@ -138,7 +140,7 @@ def study(
                             reduce_seconds = time.perf_counter() - t0
                             for method in grid.methods:
                                 t1 = time.perf_counter()
-                                _, res = run_protocol(ds, table, method, cv, seed)
+                                _, res = run_protocol(ds, table, method, cv, seed, repeats)
                                 images = len(table.vectors)
                                 yield {
                                     "layer": name, "parts": list(parts),

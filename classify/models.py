@@ -15,12 +15,20 @@ the smallest up, each fit starting from the previous solution (warm start). Each
 stops like scikit-learn's lbfgs defaults: max|gradient| <= 1e-4 or 100 iterations (on
 separable data large C has no finite optimum; the path then moves on).
 
-Choosing C: on the validation split when one is given (then the final model is fitted
-on train + validation), otherwise by k-fold cross-validation (stratified for
-single-label tasks, shuffled with a fixed seed; the only image of a class is trained on
-in every fold and scored on itself, see `cv_folds`) of the training data. Test data never
-enter. The criterion is the mean held-out top-1 accuracy (mAP for multi-label tasks);
-ties go to the lower held-out log-loss for logreg, and to the smaller C for the SVM.
+Choosing C: on the validation split when one is given to `fit` (then the final model is
+fitted on train + validation), otherwise by k-fold cross-validation (stratified for
+single-label tasks, shuffled; the only image of a class is trained on in every fold and
+scored on itself, see `cv_folds`) of the training data, repeated `repeats` times with
+different shuffles (seeds random_state, random_state + 1, ...). Test data never enter.
+The criterion is the held-out top-1 accuracy (mAP for multi-label tasks) averaged over
+every held-out part; ties go to the lower held-out log-loss for logreg, and to the
+smaller C for the SVM.
+
+Why repeated: held-out accuracies of neighbouring C differ by single images, so one
+shuffle of the folds (or one validation split of a few hundred images) picks C by
+chance among a plateau (benchmarks/RESULTS.md section 11: the chosen C moved between
+5.6 and 100 with the --cv value alone). Averaging `CV_REPEATS` shuffles holds every
+image out that many times and makes the choice depend on the data, not on one split.
 """
 from __future__ import annotations
 
@@ -36,12 +44,14 @@ from retrieval.config import ConfigError
 
 from . import metrics
 
-__all__ = ["LOGREG_CS", "SVM_CS", "METHODS", "LinearModel", "logreg_path", "fit_svm", "cv_folds", "Classifier",
+__all__ = ["LOGREG_CS", "SVM_CS", "METHODS", "CV_REPEATS", "LinearModel", "logreg_path", "fit_svm", "cv_folds", "Classifier",
            "to_indicator"]
 
 LOGREG_CS = np.logspace(-6, 5, 45)
 SVM_CS = np.logspace(-3, 2, 6)
 METHODS = ("svm", "logreg")
+# Shuffles of the k-fold split whose held-out scores are averaged to choose C (see above).
+CV_REPEATS = 3
 MAX_ITER = 100  # per C, as scikit-learn; a warm-started path rarely needs it
 
 
@@ -273,9 +283,11 @@ def fit_svm(X: np.ndarray, Y: np.ndarray, C: float, *, multilabel: bool = False)
 # --------------------------------------------------------------------------- selection
 
 
-def cv_folds(Y: np.ndarray, k: int, multilabel: bool, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def cv_folds(Y: np.ndarray, k: int, multilabel: bool, seed: int, repeats: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
     """(train rows, held-out rows) of `k`-fold cross-validation over the rows of `Y` [n, K]:
-    stratified for single-label tasks, shuffled with `seed`.
+    stratified for single-label tasks, shuffled with `seed`; with `repeats` > 1, the folds
+    of `repeats` shuffles (seeds seed, seed + 1, ...) one after the other (k * repeats
+    pairs, every row held out `repeats` times).
 
     A row holding the only image of a class cannot be validated: held out (even by
     leave-one-out), its class would be missing from that fold's training part and it
@@ -292,6 +304,10 @@ def cv_folds(Y: np.ndarray, k: int, multilabel: bool, seed: int) -> list[tuple[n
 
     if k < 2:
         raise ConfigError(f"--cv needs at least 2 folds (got {k})")
+    if repeats < 1:
+        raise ConfigError(f"--cv-repeats needs at least 1 (got {repeats})")
+    if repeats > 1:
+        return [pair for r in range(repeats) for pair in cv_folds(Y, k, multilabel, seed + r)]
     Y = np.asarray(Y)
     counts = Y.sum(axis=0)
     single = (Y[:, counts == 1] > 0).any(axis=1)
@@ -326,10 +342,11 @@ class Classifier:
 
     `y` is a sequence of class names (single-label) or of tuples of names (multi-label:
     chosen when any row does not have exactly one label). `Cs` defaults to `LOGREG_CS`
-    or `SVM_CS`; a single value skips the selection.
+    or `SVM_CS`; a single value skips the selection. Without a validation split, C is
+    chosen by `cv`-fold cross-validation repeated `repeats` times (module docstring).
 
     Fitted attributes: ``classes_``, ``multilabel_``, ``C_``, ``model_`` (LinearModel),
-    ``selection_`` (dict: mode, folds, Cs, scores, n_iter, sweep_seconds).
+    ``selection_`` (dict: mode, folds, repeats, Cs, scores, n_iter, sweep_seconds).
     """
 
     def __init__(
@@ -340,16 +357,18 @@ class Classifier:
         *,
         warm_start: bool = True,
         random_state: int = 0,
+        repeats: int = CV_REPEATS,
     ) -> None:
         self.method = method
         self.Cs = Cs
         self.cv = cv
+        self.repeats = repeats
         self.warm_start = warm_start
         self.random_state = random_state
 
     # sklearn-style parameter access
     def get_params(self, deep: bool = True) -> dict:
-        return {k: getattr(self, k) for k in ("method", "Cs", "cv", "warm_start", "random_state")}
+        return {k: getattr(self, k) for k in ("method", "Cs", "cv", "warm_start", "random_state", "repeats")}
 
     def set_params(self, **params) -> "Classifier":
         for k, v in params.items():
@@ -410,19 +429,21 @@ class Classifier:
         t0 = time.perf_counter()
         if len(grid) == 1:
             self.C_ = float(grid[0])
-            self.selection_ = {"mode": "fixed", "folds": 0, "Cs": grid.tolist(), "scores": None, "n_iter": None}
+            self.selection_ = {"mode": "fixed", "folds": 0, "repeats": 0, "Cs": grid.tolist(), "scores": None,
+                               "n_iter": None}
         else:
             if X_val is not None and y_val is not None and len(y_val):
                 held = [(X, Y, np.asarray(X_val, dtype=np.float64), to_indicator(list(y_val), self.classes_))]
-                mode, folds = "validation", 1
+                mode, folds, repeats = "validation", 1, 1
             else:
-                parts = cv_folds(Y, self.cv, self.multilabel_, self.random_state)
+                parts = cv_folds(Y, self.cv, self.multilabel_, self.random_state, self.repeats)
                 held = [(X[a], Y[a], X[b], Y[b]) for a, b in parts]
-                mode, folds = "cv", len(parts)
+                mode, repeats = "cv", self.repeats
+                folds = len(parts) // repeats
             grid, best, mean_s, iters = self._sweep(X, Y, held)
             self.C_ = float(grid[best])
             self.selection_ = {
-                "mode": mode, "folds": folds, "Cs": grid.tolist(),
+                "mode": mode, "folds": folds, "repeats": repeats, "Cs": grid.tolist(),
                 "scores": [None if np.isnan(s) else float(s) for s in mean_s],
                 "n_iter": iters.tolist() if self.method == "logreg" else None,
             }

@@ -1,8 +1,14 @@
 """The evaluation protocol of `classify run`, shared by `classify factors`.
 
-C is chosen on the training part only (the validation split when there is one, else
-k-fold cross-validation of train/), the model is refit on train + validation at that C,
-and the test split is used once.
+C is chosen on the training part only, by k-fold cross-validation of train + validation
+repeated `CV_REPEATS` times (held-out scores averaged), the model is refit on train +
+validation at that C, and the test split is used once.
+
+A validation split joins the cross-validation pool instead of being the only held-out
+set: one split of a few hundred images cannot tell neighbouring C apart (their held-out
+accuracies differ by single images; benchmarks/RESULTS.md section 11), while repeated
+folds over the whole training part score every image `CV_REPEATS` times. This is also the
+procedure of the plain baseline (LogisticRegressionCV over train + validation).
 """
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ from collections import Counter
 from . import metrics
 from .data import DataError, Dataset, Split
 from .features import FeatureTable
-from .models import Classifier, to_indicator
+from .models import CV_REPEATS, Classifier, to_indicator
 
 __all__ = ["usable", "fit_training_part", "evaluate_split", "run_protocol", "warn_C_at_edge"]
 
@@ -25,8 +31,10 @@ def usable(split: Split | None, table: FeatureTable) -> tuple[list[str], list[tu
     return [split.paths[i] for i in keep], [split.labels[i] for i in keep]
 
 
-def fit_training_part(ds: Dataset, table: FeatureTable, method: str, cv: int, seed: int) -> tuple[Classifier, int, int]:
-    """Choose C and fit on the training part (train + validation) only; -> (clf, n_train, n_val)."""
+def fit_training_part(ds: Dataset, table: FeatureTable, method: str, cv: int, seed: int,
+                      repeats: int = CV_REPEATS) -> tuple[Classifier, int, int]:
+    """Choose C by repeated CV of the training part (train + validation) and fit on it;
+    -> (clf, n_train, n_val)."""
     tr_paths, tr_labels = usable(ds.train, table)
     va_paths, va_labels = usable(ds.val, table)
     have = {c for labs in tr_labels + va_labels for c in labs}
@@ -35,12 +43,11 @@ def fit_training_part(ds: Dataset, table: FeatureTable, method: str, cv: int, se
         raise DataError(f"training class {', '.join(lost)} has no readable image (all were skipped)")
     counts = Counter(c for labs in tr_labels + va_labels for c in labs)
     for c in sorted(c for c, n in counts.items() if n == 1):
-        how = "" if va_paths else "; cross-validation cannot hold it out and scores it on itself"
         print(f"classify: warning: class {c!r} has a single training image: expect its predictions to be "
-              f"unreliable (add images){how}", file=sys.stderr)
-    clf = Classifier(method=method, cv=cv, random_state=seed)
-    X_val = table.matrix(va_paths) if va_paths else None
-    clf.fit(table.matrix(tr_paths), tr_labels, X_val, va_labels if va_paths else None, classes=ds.classes)
+              "unreliable (add images); cross-validation cannot hold it out and scores it on itself",
+              file=sys.stderr)
+    clf = Classifier(method=method, cv=cv, random_state=seed, repeats=repeats)
+    clf.fit(table.matrix(tr_paths + va_paths), tr_labels + va_labels, classes=ds.classes)
     return clf, len(tr_paths) + len(va_paths), len(va_paths)
 
 
@@ -69,10 +76,11 @@ def evaluate_split(clf: Classifier, split: Split, table: FeatureTable) -> dict:
 
 
 
-def run_protocol(ds: Dataset, table: FeatureTable, method: str, cv: int, seed: int) -> tuple[Classifier, dict]:
+def run_protocol(ds: Dataset, table: FeatureTable, method: str, cv: int, seed: int,
+                 repeats: int = CV_REPEATS) -> tuple[Classifier, dict]:
     """Fit on the training part, evaluate once on the test split; -> (clf, the metrics and
     C-selection fields of `classify run --json`)."""
-    clf, n_train, n_val = fit_training_part(ds, table, method, cv, seed)
+    clf, n_train, n_val = fit_training_part(ds, table, method, cv, seed, repeats)
     res = evaluate_split(clf, ds.test, table)
     sel = clf.selection_
     return clf, {
@@ -80,6 +88,7 @@ def run_protocol(ds: Dataset, table: FeatureTable, method: str, cv: int, seed: i
         "classes": len(clf.classes_), "train": n_train, "test": res["test"], "method": method,
         "C": clf.C_, "C_at_edge": clf.C_at_edge_, "validation": n_val, "selection": sel["mode"],
         "cv": sel["folds"] if sel["mode"] == "cv" else None,
+        "cv_repeats": sel["repeats"] if sel["mode"] == "cv" else None,
         "sweep_seconds": sel["sweep_seconds"], "fit_seconds": sel["fit_seconds"],
         "sweep_Cs": sel["Cs"], "sweep_scores": sel["scores"], "sweep_iterations": sel["n_iter"],
         "multilabel": clf.multilabel_, "labels": res["labels"],

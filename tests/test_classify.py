@@ -16,7 +16,7 @@ from PIL import Image
 from classify import cli, metrics
 from classify.features import encode, image_vectors, power_normalize
 from classify.modelfile import ModelFileError, load_model
-from classify.models import LOGREG_CS, Classifier, logreg_path, to_indicator
+from classify.models import LOGREG_CS, Classifier, cv_folds, logreg_path, to_indicator
 from retrieval.config import ExtractorConfig, RuntimeConfig
 from retrieval.extractor import Extractor
 from retrieval.features import describe
@@ -177,6 +177,48 @@ def test_classifier_single_label(method):
         assert clf.model_.kind == "ovo" and len(clf.model_.pairs) == 3
 
 
+def test_repeated_cv_holds_every_row_out_once_per_shuffle():
+    X, y = _blobs(n=60, seed=5)
+    Y = to_indicator(y, ["c0", "c1", "c2"])
+    pairs = cv_folds(Y, 3, False, seed=7, repeats=4)
+    assert len(pairs) == 12
+    for r in range(4):
+        shuffle = pairs[3 * r: 3 * r + 3]  # shuffle r is the plain split with seed 7 + r
+        assert all(np.array_equal(a, c) and np.array_equal(b, d)
+                   for (a, b), (c, d) in zip(shuffle, cv_folds(Y, 3, False, seed=7 + r)))
+        held = np.sort(np.concatenate([b for _, b in shuffle]))
+        assert held.tolist() == list(range(60))  # each row held out once per shuffle
+    # the shuffles differ (otherwise repeating would average the same split)
+    assert not np.array_equal(pairs[0][1], pairs[3][1])
+
+
+def test_c_selection_averages_the_held_out_scores_of_repeated_shuffles():
+    # Noisy, overlapping classes: held-out accuracy differs between shuffles.
+    X, y = _blobs(n=90, seed=4, spread=2.5)
+    classes = ["c0", "c1", "c2"]
+    Y = to_indicator(y, classes)
+    grid = LOGREG_CS[16:40:3]
+    clf = Classifier(Cs=grid, cv=3, repeats=3, random_state=11).fit(X, y)
+    sel = clf.selection_
+    assert (sel["mode"], sel["folds"], sel["repeats"]) == ("cv", 3, 3)
+    # the criterion, recomputed by hand: accuracy per held-out part, averaged over 3 x 3 parts
+    per_part = []
+    for r in range(3):
+        for a, b in cv_folds(Y, 3, False, seed=11 + r):
+            per_part.append([metrics.top1_accuracy(m.decision(X[b]), Y[b])
+                             for _, m, _ in logreg_path(X[a], Y[a], grid)])
+    expected = np.mean(per_part, axis=0)
+    assert sel["scores"] == pytest.approx(expected.tolist())
+    assert sel["scores"][list(grid).index(clf.C_)] == max(sel["scores"])
+    # one shuffle alone scores differently: the average is over all of them
+    single = Classifier(Cs=grid, cv=3, repeats=1, random_state=11).fit(X, y)
+    assert single.selection_["scores"] == pytest.approx(np.mean(per_part[:3], axis=0).tolist())
+    assert single.selection_["scores"] != pytest.approx(sel["scores"])
+    # deterministic: the same data and seed give the same choice
+    again = Classifier(Cs=grid, cv=3, repeats=3, random_state=11).fit(X, y)
+    assert again.C_ == clf.C_ and again.selection_["scores"] == sel["scores"]
+
+
 def test_c_selection_sees_training_data_only():
     X, y = _blobs(seed=2, spread=3.0)
     Xv, yv = X[:30] + 0.1, y[:30]
@@ -335,8 +377,10 @@ def test_c_selection_in_run_uses_train_rows_only(fake_backbone, dataset, tmp_pat
     _make_split(dataset, "validation", COLOURS, 2, seed=5000)
     code, out, err = _run(capsys, ["run", str(dataset), "--store", str(tmp_path / "s.sqlite"), "--json", *FAKE])
     assert code == 0, err
-    (n_train, n_val, labels), = seen
-    assert (n_train, n_val) == (18, 6) and out["selection"] == "validation" and out["test"] == 9
+    (n_rows, n_val, labels), = seen
+    # C is chosen by repeated CV of the training part: train (18) + validation (6), no test row
+    assert (n_rows, n_val) == (24, None) and out["selection"] == "cv" and out["test"] == 9
+    assert out["cv"] == 4 and out["cv_repeats"] == 3
     assert out["train"] == 24 and out["validation"] == 6
 
 
