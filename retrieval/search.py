@@ -52,18 +52,25 @@ def rank(
     per_patch: int | None = None,
     nprobe: int | None = None,
     layout_k: int | None = None,
+    layout_rows: np.ndarray | None = None,
 ) -> Ranking:
     """Rank the view's images for one query ([nq, d] unit vectors); k=None ranks every image.
-    `layout_k` = 0 leaves the layout index out (default LAYOUT_K)."""
+    `layout_k` = 0 leaves the layout index out (default LAYOUT_K); `layout_rows` are the
+    database window positions of the query's windows (default: all, in order)."""
     ann = view.ann if k is not None and view.images > exact_limit and view.state.ann else None
     pool = None
     if ann is not None:
         ann.nprobe = nprobe or NPROBE
         _, found = ann.search(query, per_patch or max(4 * k, 64))
         pool = found[found >= 0] >> WINDOW_BITS
-        layout = view.layout if layout_k != 0 and len(query) == view.patches else None
+        rows = np.arange(view.patches) if layout_rows is None else layout_rows
+        layout = view.layout if layout_k != 0 and len(query) == len(rows) else None
         if layout is not None:
-            _, near = layout.search(query.reshape(1, -1), layout_k or LAYOUT_K)
+            # A query at fewer levels fills only its windows' places: the zeros elsewhere
+            # make the inner product the sum over the windows it has.
+            laid = np.zeros((view.patches, query.shape[1]), np.float32)
+            laid[rows] = query
+            _, near = layout.search(laid.reshape(1, -1), layout_k or LAYOUT_K)
             pool = np.concatenate([pool, near[near >= 0]])
         pool = np.unique(pool)
     ids, dist, qp, dp = _distances(query, view, pool, aggregate)
@@ -108,7 +115,8 @@ def rank_many(
     each); `Ranking.query` says which decided. With `dba` > 0 each image's distance is
     averaged with those of its `dba` nearest neighbours in `neighbours` (weights
     alpha-QE of their distance to it). With `qe` > 0 the `qe` best images' own windows
-    (their rows `expand_rows`, default all) are scored as queries too, and the final
+    (their rows `expand_rows`, default all: the database places of the query's windows,
+    which the layout index needs too) are scored as queries too, and the final
     distance is the weighted mean of the query's and theirs (weight 1 for the query,
     sim**qe_alpha for a hit at distance d, sim = 1 - d**2 / 2). With neither and one
     query this is `rank`.
@@ -118,7 +126,7 @@ def rank_many(
     if dba and neighbours is None:
         raise ValueError("dba > 0 needs the neighbours of the database images")
     if not qe and not dba:
-        parts = [rank(q, view, k, aggregate, exact_limit, per_patch, nprobe, layout_k) for q in queries]
+        parts = [rank(q, view, k, aggregate, exact_limit, per_patch, nprobe, layout_k, expand_rows) for q in queries]
         if len(parts) == 1:
             return parts[0]
         # Each query's top k holds every image of the merged top k (a kept image is
@@ -137,8 +145,9 @@ def rank_many(
     depth = None if exact else max(k, RERANK_POOL)
     pool = None
     if not exact:
-        pool = np.unique(np.concatenate([rank(q, view, depth, aggregate, exact_limit, per_patch, nprobe, layout_k).ids
-                                         for q in queries]))
+        pool = np.unique(np.concatenate([
+            rank(q, view, depth, aggregate, exact_limit, per_patch, nprobe, layout_k, expand_rows).ids for q in queries
+        ]))
         if dba:
             pool = neighbours.widen(pool, dba)
     ids, d0, qp, dp, which = _scored(queries, view, pool, aggregate, neighbours, dba, qe_alpha)
@@ -147,7 +156,7 @@ def rank_many(
     expanded = [view.windows(int(i), expand_rows) for i in ids[hits]]
     if expanded and not exact:
         # The hits' own candidates are what lets expansion reach images the query missed.
-        more = [rank(h, view, depth, aggregate, exact_limit, per_patch, nprobe, layout_k).ids for h in expanded]
+        more = [rank(h, view, depth, aggregate, exact_limit, per_patch, nprobe, layout_k, expand_rows).ids for h in expanded]
         wider = np.unique(np.concatenate([pool, *more]))
         if dba:
             wider = neighbours.widen(wider, dba)

@@ -173,6 +173,12 @@ def test_layout_index_proposes_whole_images(tmp_path, monkeypatch):
         exact = idx.search(paths[:10], k=5)
         alone = idx.search(paths[:10], k=5, exact_limit=20, nprobe=1, per_patch=1, layout_k=40)
         assert _ranking(alone) == _ranking(exact)
+        # A query at fewer levels than the database fills only its windows' places.
+        coarse = idx.search(paths[:10], k=5, query_levels=(1,))
+        alone = idx.search(paths[:10], k=5, query_levels=(1,), exact_limit=20, nprobe=1, per_patch=1, layout_k=40)
+        assert _ranking(alone) == _ranking(coarse)
+        _, near = view.layout.search(np.pad(laid[:, :dim], ((0, 0), (0, (patches - 1) * dim))), 1)
+        assert (near[:, 0] == ids).mean() >= 0.5
         idx.remove(paths[:12])
         assert idx.view().layout.ntotal == 28  # more than a fifth removed: purged
         hits = idx.search(paths[:12], k=5, exact_limit=20, layout_k=40)
