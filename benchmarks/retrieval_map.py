@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
         "the fair protocol. 'database' (or omitting the flag) learns it on the database itself",
     )
     p.add_argument("--index-type", metavar="FACTORY", help="FAISS index-factory string (default exact)")
+    p.add_argument("--exact-limit", type=int, metavar="N",
+                   help="Index.search's exact_limit: below it every image is scored exactly (default the "
+                   "library's); 0 with --index-type measures the candidate stage (for UKBench, whose k is 4)")
+    p.add_argument("--layout-k", type=int, metavar="N", help="Index.search's layout_k (default the library's; 0 = off)")
     p.add_argument(
         "--store", metavar="FILE", default=None,
         help=f"persistent feature store shared by runs and sweep rows (default $RETRIEVAL_STORE, "
@@ -448,7 +452,9 @@ def run_rows(args, dataset: Dataset, rows: list[dict], store: str, index_base: P
                 t1 = time.perf_counter()
                 rankings, skipped, search_seconds, tops = run_search(
                     index, dataset, row["query_levels"], row["aggregate"], progress, args.json_top, items,
-                    qe=row["qe"], qe_alpha=args.qe_alpha, dba=row["dba"], query_rotations=row["query_rotations"])
+                    qe=row["qe"], qe_alpha=args.qe_alpha, dba=row["dba"], query_rotations=row["query_rotations"],
+                    **({"exact_limit": args.exact_limit} if args.exact_limit is not None else {}),
+                    layout_k=args.layout_k)
                 scores = evaluate(dataset, rankings)
                 eval_seconds = time.perf_counter() - t1
                 tkey_db = (ext.key(), levels)
@@ -469,6 +475,8 @@ def run_rows(args, dataset: Dataset, rows: list[dict], store: str, index_base: P
                     "pca_dim_used": pca_used,
                     "whiten_on": whiten_on or DATABASE,
                     "index_type": args.index_type,
+                    "exact_limit": args.exact_limit,
+                    "layout_k": args.layout_k,
                     "store": store,
                     "qe": row["qe"],
                     "qe_alpha": args.qe_alpha,
@@ -546,6 +554,9 @@ def command_line(args, row: dict) -> str:
         parts += ["--whiten-on", *[os.path.relpath(w) if not w.startswith("@") else w for w in row["whiten_on"]]]
     if args.index_type:
         parts += ["--index-type", args.index_type]
+    for flag, value in (("--exact-limit", args.exact_limit), ("--layout-k", args.layout_k)):
+        if value is not None:
+            parts += [flag, str(value)]
     if row["qe"]:
         parts += ["--qe", str(row["qe"])]
     if (row["qe"] or row["dba"]) and args.qe_alpha != QE_ALPHA:

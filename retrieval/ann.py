@@ -32,7 +32,8 @@ from .fileio import replacing
 WINDOW_BITS = 6  # up to 64 windows per image (levels 1-4 have 30)
 RETRAIN_GROWTH = 4  # re-train once the collection holds this many times the trained windows
 TRAIN_PER_LIST = 64  # training windows per IVF list (FAISS warns below 39)
-LAYOUT_TRAIN_IMAGES = 1024  # the layout index's 4-bit codebooks: FAISS warns below 39 x 16 images
+LAYOUT_TRAIN_IMAGES = 1024  # the layout index's training sample (images)
+LAYOUT_MIN_IMAGES = 640  # below, no layout index: FAISS asks for 39 x 16 points to train 4-bit codebooks
 
 
 class FactoryError(ValueError):

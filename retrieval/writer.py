@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from .ann import LAYOUT_TRAIN_IMAGES, RETRAIN_GROWTH, VectorIndex, auto_factory, is_flat, layout_factory, training_size, window_ids
+from .ann import (LAYOUT_MIN_IMAGES, LAYOUT_TRAIN_IMAGES, RETRAIN_GROWTH, VectorIndex, auto_factory, is_flat,
+                  layout_factory, training_size, window_ids)
 from .config import EXACT_LIMIT
 from .segments import DamagedFile, load_npy, open_segment, save_npy, write_segment
 from .snapshot import State, publish, read_state
@@ -258,10 +259,10 @@ class _Writer:
             return ann, None
 
     def _new_layout(self, state: State, live: np.ndarray, dim: int) -> VectorIndex | None:
-        """A trained, empty layout index; None below LAYOUT_TRAIN_IMAGES images (its 4-bit
+        """A trained, empty layout index; None below LAYOUT_MIN_IMAGES images (its 4-bit
         codebooks need them, and the window index alone finds so few images' mates)."""
         factory = layout_factory(self.patches, dim)
-        if factory is None or len(live) < LAYOUT_TRAIN_IMAGES:
+        if factory is None or len(live) < LAYOUT_MIN_IMAGES:
             return None
         layout = VectorIndex(self.patches * dim, factory, self.index.runtime.device)
         sample = self._training_sample(state, live, dim, LAYOUT_TRAIN_IMAGES * self.patches)

@@ -156,6 +156,7 @@ def test_layout_index_proposes_whole_images(tmp_path, monkeypatch):
     nominating one image) re-rank to the exact answer, removed images leave it, and a
     damaged layout file is rebuilt at the next query."""
     monkeypatch.setattr(writer, "EXACT_LIMIT", 20)
+    monkeypatch.setattr(writer, "LAYOUT_MIN_IMAGES", 24)
     monkeypatch.setattr(writer, "LAYOUT_TRAIN_IMAGES", 24)
     paths = _scenes(tmp_path / "imgs", 40)
     with _create(tmp_path / "idx", tmp_path / "s.sqlite") as idx:
