@@ -64,26 +64,22 @@ values in 1e-6..1e5, warm-started.
 _MODEL_HELP = "model file written by `classify train`"
 
 
-def _fold_count(text: str) -> int:
-    """`--cv K`: an integer >= 2 (one fold would leave nothing to train or to hold out)."""
-    try:
-        k = int(text)
-    except ValueError:
-        k = 0
-    if k < 2:
-        raise argparse.ArgumentTypeError(f"folds must be an integer >= 2 (got {text!r})")
-    return k
+def _int_at_least(least: int, what: str):
+    """An argparse type: an integer >= `least`, else an error naming `what`."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = least - 1
+        if n < least:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer >= {least} (got {text!r})")
+        return n
+    return parse
 
 
-def _repeat_count(text: str) -> int:
-    """`--cv-repeats N`: an integer >= 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"repeats must be an integer >= 1 (got {text!r})")
-    return n
+# `--cv K`: one fold would leave nothing to train or to hold out.
+_fold_count = _int_at_least(2, "folds")
+_repeat_count = _int_at_least(1, "repeats")
 
 
 def _add_cv_args(sp) -> None:
