@@ -41,7 +41,7 @@ from .images import expand_inputs
 from .manifest import Entry, Manifest
 from .neighbours import Neighbours
 from .patches import level_names, level_regions, pixel_boxes, unrotate_boxes
-from .search import rank, rank_many
+from .search import Candidates, rank, rank_many
 from .segments import DamagedFile
 from .snapshot import State, View, read_state
 from .store import FeatureStore, StoreError, default_store_path
@@ -532,6 +532,7 @@ class Index:
             raise IndexUsageError("qe and dba must be >= 0")
         if qe_alpha < 0:
             raise IndexUsageError("qe_alpha must be >= 0")
+        candidates = Candidates(exact_limit, per_patch, nprobe, layout_k)
         view = self.view()
         if view.images == 0 or view.whitening is None:
             return [QueryResult(q if isinstance(q, str) else q[0], []) for q in queries]
@@ -563,7 +564,7 @@ class Index:
                 continue
             fs = [views[r] for r in rotations]
             qs = [view.whitening.transform(np.concatenate([f.descriptors[n] for n in level_names(levels)])) for f in fs]
-            r = self._rank(view, qs, k, aggregate, exact_limit, per_patch, nprobe, layout_k, qe=qe, qe_alpha=qe_alpha,
+            r = self._rank(view, qs, k, aggregate, candidates, qe=qe, qe_alpha=qe_alpha,
                            expand_rows=expand_rows, neighbours=neighbours, dba=dba)
             which = r.query if r.query is not None else np.zeros(len(r.ids), np.int32)
             # Images removed after this generation was published are dropped here.

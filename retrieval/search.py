@@ -32,6 +32,18 @@ LAYOUT_K = 128  # candidates from the layout index (RESULTS.md section 8)
 RERANK_POOL = 100
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """How candidates are proposed above `exact_limit` images (None: the defaults):
+    `per_patch` nearest windows per query window (max(4k, 64)) in `nprobe` IVF lists
+    (NPROBE), and `layout_k` images from the layout index (LAYOUT_K; 0 leaves it out)."""
+
+    exact_limit: int = EXACT_LIMIT
+    per_patch: int | None = None
+    nprobe: int | None = None
+    layout_k: int | None = None
+
+
 @dataclass
 class Ranking:
     """Images sorted by distance (manifest ids), with the deciding pair of windows."""
@@ -48,29 +60,27 @@ def rank(
     view: View,
     k: int | None,
     aggregate: str = "mean-min",
-    exact_limit: int = EXACT_LIMIT,
-    per_patch: int | None = None,
-    nprobe: int | None = None,
-    layout_k: int | None = None,
+    candidates: Candidates = Candidates(),
     layout_rows: np.ndarray | None = None,
 ) -> Ranking:
     """Rank the view's images for one query ([nq, d] unit vectors); k=None ranks every image.
-    `layout_k` = 0 leaves the layout index out (default LAYOUT_K); `layout_rows` are the
-    database window positions of the query's windows (default: all, in order)."""
-    ann = view.ann if k is not None and view.images > exact_limit and view.state.ann else None
+    `layout_rows` are the database window positions of the query's windows (default: all,
+    in order)."""
+    c = candidates
+    ann = view.ann if k is not None and view.images > c.exact_limit and view.state.ann else None
     pool = None
     if ann is not None:
-        ann.nprobe = nprobe or NPROBE
-        _, found = ann.search(query, per_patch or max(4 * k, 64))
+        ann.nprobe = c.nprobe or NPROBE
+        _, found = ann.search(query, c.per_patch or max(4 * k, 64))
         pool = found[found >= 0] >> WINDOW_BITS
         rows = np.arange(view.patches) if layout_rows is None else layout_rows
-        layout = view.layout if layout_k != 0 and len(query) == len(rows) else None
+        layout = view.layout if c.layout_k != 0 and len(query) == len(rows) else None
         if layout is not None:
             # A query at fewer levels fills only its windows' places: the zeros elsewhere
             # make the inner product the sum over the windows it has.
             laid = np.zeros((view.patches, query.shape[1]), np.float32)
             laid[rows] = query
-            _, near = layout.search(laid.reshape(1, -1), layout_k or LAYOUT_K)
+            _, near = layout.search(laid.reshape(1, -1), c.layout_k or LAYOUT_K)
             pool = np.concatenate([pool, near[near >= 0]])
         pool = np.unique(pool)
     ids, dist, qp, dp = _distances(query, view, pool, aggregate)
@@ -98,10 +108,7 @@ def rank_many(
     view: View,
     k: int | None,
     aggregate: str = "mean-min",
-    exact_limit: int = EXACT_LIMIT,
-    per_patch: int | None = None,
-    nprobe: int | None = None,
-    layout_k: int | None = None,
+    candidates: Candidates = Candidates(),
     *,
     qe: int = 0,
     qe_alpha: float = QE_ALPHA,
@@ -126,7 +133,7 @@ def rank_many(
     if dba and neighbours is None:
         raise ValueError("dba > 0 needs the neighbours of the database images")
     if not qe and not dba:
-        parts = [rank(q, view, k, aggregate, exact_limit, per_patch, nprobe, layout_k, expand_rows) for q in queries]
+        parts = [rank(q, view, k, aggregate, candidates, expand_rows) for q in queries]
         if len(parts) == 1:
             return parts[0]
         # Each query's top k holds every image of the merged top k (a kept image is
@@ -141,12 +148,12 @@ def rank_many(
         order = best[top_k(dist[best], ids[best], k)]
         return Ranking(ids[order], dist[order], qp[order], dp[order], which[order])
 
-    exact = k is None or view.images <= exact_limit or not view.state.ann
+    exact = k is None or view.images <= candidates.exact_limit or not view.state.ann
     depth = None if exact else max(k, RERANK_POOL)
     pool = None
     if not exact:
         pool = np.unique(np.concatenate([
-            rank(q, view, depth, aggregate, exact_limit, per_patch, nprobe, layout_k, expand_rows).ids for q in queries
+            rank(q, view, depth, aggregate, candidates, expand_rows).ids for q in queries
         ]))
         if dba:
             pool = neighbours.widen(pool, dba)
@@ -156,7 +163,7 @@ def rank_many(
     expanded = [view.windows(int(i), expand_rows) for i in ids[hits]]
     if expanded and not exact:
         # The hits' own candidates are what lets expansion reach images the query missed.
-        more = [rank(h, view, depth, aggregate, exact_limit, per_patch, nprobe, layout_k, expand_rows).ids for h in expanded]
+        more = [rank(h, view, depth, aggregate, candidates, expand_rows).ids for h in expanded]
         wider = np.unique(np.concatenate([pool, *more]))
         if dba:
             wider = neighbours.widen(wider, dba)

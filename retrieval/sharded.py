@@ -40,7 +40,7 @@ from .fileio import write_text
 from .index import Hit, Index, IndexUsageError, QueryResult
 from .manifest import Manifest
 from .patches import level_names, level_regions, pixel_boxes
-from .search import rank, top_k
+from .search import Candidates, rank, top_k
 from .segments import write_segment
 from .snapshot import State, View, publish
 from .whitening import PCAWhitening
@@ -163,13 +163,12 @@ class _ShardSearcher:
     def warm(self, wait: bool) -> int:
         return self.index.warm(wait)
 
-    def search(self, queries: list[np.ndarray], k: int | None, aggregate: str, exact_limit: int,
-               per_patch: int | None, nprobe: int | None, layout_k: int | None = None) -> list[tuple]:
+    def search(self, queries: list[np.ndarray], k: int | None, aggregate: str, candidates: Candidates) -> list[tuple]:
         """Per query: (ids, distances, query window, db window, paths, [width, height])."""
         view = self.index.view()
         out = []
         for q in queries:
-            r = rank(q, view, k, aggregate, exact_limit, per_patch, nprobe, layout_k)
+            r = rank(q, view, k, aggregate, candidates)
             # Images removed after this generation was published are dropped here.
             entries = self.index.manifest.get_many(r.ids.tolist())
             keep = np.array([i in entries for i in r.ids.tolist()], dtype=bool)
@@ -321,7 +320,8 @@ class ShardedIndex:
                 continue
             feats.append(f)
         vectors = [self.whitening.transform(np.concatenate([f.descriptors[n] for n in names])) for f in feats]
-        per_shard = self._each("search", vectors, k, aggregate, exact_limit, per_patch, nprobe, layout_k) if vectors else []
+        candidates = Candidates(exact_limit, per_patch, nprobe, layout_k)
+        per_shard = self._each("search", vectors, k, aggregate, candidates) if vectors else []
         db_layout = np.concatenate([level_regions(lv).boxes for lv in front.search_config.levels])
         q_layout = np.concatenate([level_regions(lv).boxes for lv in levels])
         order = {(q, None) if isinstance(q, str) else (q[0], q[1]): i for i, q in enumerate(queries)}
