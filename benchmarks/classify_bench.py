@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from classify import cli, metrics  # noqa: E402
 from classify.data import Dataset, Split, load_dataset  # noqa: E402
-from classify.features import image_vectors, region_name  # noqa: E402
+from classify.features import FeatureTable, encode, region_name  # noqa: E402
 from classify.models import to_indicator  # noqa: E402
 from classify.protocol import run_protocol  # noqa: E402
 from retrieval.config import add_extractor_args, extractor_config_from_args, runtime_config_from_args  # noqa: E402
@@ -50,19 +50,28 @@ EXTRACTOR_FLAGS = ("backbone", "weights", "onnx", "onnx_output", "input_spec", "
                    "device", "batch_size", "workers")
 
 
-def baseline_vectors(args, ds: Dataset, jitter: int) -> dict[str, np.ndarray]:
-    """The baseline's features by path: averaged descriptors, L2-normalised unless
-    `--baseline-features raw`."""
+def labelled(ds: Dataset) -> tuple[list[str], list[tuple[str, ...]]]:
+    """Every labelled image of the dataset (train, validation, test) and its labels."""
+    return (ds.train.paths + (ds.val.paths if ds.val else []) + ds.test.paths,
+            ds.train.labels + (ds.val.labels if ds.val else []) + ds.test.labels)
+
+
+def stored_windows(args, ds: Dataset, jitter: int) -> dict[str, np.ndarray]:
+    """Raw window descriptors of the jitter's region set, by path, read from the store
+    (extracted on a miss); unreadable images are left out."""
     region = region_name(jitter)
     extractor = Extractor(extractor_config_from_args(args), runtime_config_from_args(args))
-    paths = ds.train.paths + (ds.val.paths if ds.val else []) + ds.test.paths
-    raw: dict[str, np.ndarray] = {}
     with FeatureStore.open(args.store) as store:
-        for out in describe(paths, extractor, store, [region], progress=False):
-            if not isinstance(out, Skipped):
-                mean = out.descriptors[region].mean(axis=0)
-                raw[out.path] = mean if args.baseline_features == "raw" else l2_normalize(mean)
-    return raw
+        return {out.path: out.descriptors[region]
+                for out in describe(labelled(ds)[0], extractor, store, [region], progress=False)
+                if not isinstance(out, Skipped)}
+
+
+def baseline_vectors(args, windows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The baseline's features by path: averaged descriptors, L2-normalised unless
+    `--baseline-features raw`."""
+    means = {path: w.mean(axis=0) for path, w in windows.items()}
+    return means if args.baseline_features == "raw" else {path: l2_normalize(m) for path, m in means.items()}
 
 
 def fit_baseline(ds: Dataset, vectors: dict[str, np.ndarray]) -> dict:
@@ -95,7 +104,7 @@ def baseline(args, jitter: int) -> dict:
     ds = load_dataset(args.data_dir)
     if ds.multilabel:
         return {"skipped_reason": "baseline is single-label only"}
-    row = fit_baseline(ds, baseline_vectors(args, ds, jitter))
+    row = fit_baseline(ds, baseline_vectors(args, stored_windows(args, ds, jitter)))
     row.update(method=f"baseline-{args.baseline_features}", seconds=time.perf_counter() - t0, jitter=jitter)
     return row
 
@@ -105,8 +114,7 @@ def resplit(ds: Dataset, seed: int) -> Dataset:
     class, with the official number of test images (validation joins the training part)."""
     from sklearn.model_selection import StratifiedShuffleSplit
 
-    paths = ds.train.paths + (ds.val.paths if ds.val else []) + ds.test.paths
-    labels = ds.train.labels + (ds.val.labels if ds.val else []) + ds.test.labels
+    paths, labels = labelled(ds)
     split = StratifiedShuffleSplit(n_splits=1, test_size=len(ds.test.paths), random_state=seed)
     tr, te = next(split.split(np.zeros(len(paths)), [lab[0] for lab in labels]))
     return Dataset(ds.root, Split("train", [paths[i] for i in tr], [labels[i] for i in tr]),
@@ -119,11 +127,11 @@ def resplits(args, jitter: int) -> dict:
     ds = load_dataset(args.data_dir)
     if ds.multilabel:
         return {"skipped_reason": "baseline is single-label only"}
-    vectors = baseline_vectors(args, ds, jitter)
-    paths = ds.train.paths + (ds.val.paths if ds.val else []) + ds.test.paths
-    extractor = Extractor(extractor_config_from_args(args), runtime_config_from_args(args))
-    with FeatureStore.open(args.store) as store:
-        table = image_vectors(paths, extractor, store, jitter, progress=False)
+    # One read of the store serves both: the baseline's vectors, and the product's
+    # (`classify.encode`, what `image_vectors` applies for `classify run`).
+    windows = stored_windows(args, ds, jitter)
+    vectors = baseline_vectors(args, windows)
+    table = FeatureTable({path: encode(w) for path, w in windows.items()})
     base, ours = [], []
     for seed in range(args.resplits):
         split = resplit(ds, seed)
@@ -132,7 +140,7 @@ def resplits(args, jitter: int) -> dict:
             ours.append(run_protocol(split, table, "logreg", args.cv, seed=0)[1]["accuracy"])
         print(f"jitter {jitter} split {seed}: baseline {base[-1]:.4f} defaults {ours[-1]:.4f}", file=sys.stderr)
     diff = np.array(ours) - np.array(base)
-    n_test = len(ds.test.paths)
+    n_test, n_all = len(ds.test.paths), len(labelled(ds)[0])
     # The re-splits share images, so their differences are correlated and the plain
     # standard error is too small; Nadeau & Bengio's (2003) correction widens it by the
     # test / train size ratio.
@@ -140,7 +148,7 @@ def resplits(args, jitter: int) -> dict:
     return {"jitter": jitter, "resplits": args.resplits, "test": n_test,
             "baseline_mean": float(np.mean(base)), "defaults_mean": float(np.mean(ours)),
             "diff_mean": float(diff.mean()), "diff_se": float(np.sqrt(var / len(diff))),
-            "diff_se_corrected": float(np.sqrt(var * (1 / len(diff) + n_test / (len(paths) - n_test)))),
+            "diff_se_corrected": float(np.sqrt(var * (1 / len(diff) + n_test / (n_all - n_test)))),
             "wins": int((diff > 0).sum()), "ties": int((diff == 0).sum()), "losses": int((diff < 0).sum()),
             "baseline": base, "defaults": ours}
 
@@ -177,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="OUT")
     add_extractor_args(p, search=False)
     args = p.parse_args(argv)
+    jitters = [int(j) for j in args.jitters.split(",")]
     if args.resplits:
-        out = [resplits(args, int(j)) for j in args.jitters.split(",")]
+        out = [resplits(args, jitter) for jitter in jitters]
         print(f"{'jitter':>6} {'splits':>6} {'baseline':>9} {'defaults':>9} {'diff':>8} {'+-se':>7} {'+-se NB':>8} "
               f"{'W/T/L':>9}")
         for r in out:
@@ -193,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    "config": extractor_config_from_args(args).to_dict()}, indent=1))
         return 0
     rows, baselines = [], []
-    for jitter in [int(j) for j in args.jitters.split(",")]:
+    for jitter in jitters:
         if not args.no_baseline:
             baselines.append(baseline(args, jitter))
             rows.append(baselines[-1])
