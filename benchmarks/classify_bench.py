@@ -40,11 +40,11 @@ from classify.data import Dataset, Split, load_dataset  # noqa: E402
 from classify.features import FeatureTable, encode, region_name  # noqa: E402
 from classify.models import to_indicator  # noqa: E402
 from classify.protocol import run_protocol  # noqa: E402
-from retrieval.config import add_extractor_args, extractor_config_from_args, runtime_config_from_args  # noqa: E402
-from retrieval.extractor import Extractor, Skipped  # noqa: E402
-from retrieval.features import describe  # noqa: E402
-from retrieval.store import FeatureStore  # noqa: E402
-from retrieval.whitening import l2_normalize  # noqa: E402
+from retrieval.cli.args import add_extractor_args, extractor_config_from_args, runtime_config_from_args  # noqa: E402
+from retrieval.extraction.extractor import Extractor, Skipped  # noqa: E402
+from retrieval.extraction.features import describe  # noqa: E402
+from retrieval.extraction.store import FeatureStore  # noqa: E402
+from retrieval.engine.whitening import l2_normalize  # noqa: E402
 
 EXTRACTOR_FLAGS = ("backbone", "weights", "onnx", "onnx_output", "input_spec", "layer", "pool", "patch_mode",
                    "device", "batch_size", "workers")

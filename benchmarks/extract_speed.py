@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from retrieval.config import ExtractorConfig, InputSpec, RuntimeConfig  # noqa: E402
-from retrieval.extractor import Extractor, Job, _pool, _prepare, _roi_pool  # noqa: E402
-from retrieval.images import expand_inputs, load_rgb  # noqa: E402
-from retrieval.patches import level_regions  # noqa: E402
+from retrieval.extraction.extractor import Extractor, Job, _pool, _prepare, _roi_pool  # noqa: E402
+from retrieval.extraction.images import expand_inputs, load_rgb  # noqa: E402
+from retrieval.extraction.patches import level_regions  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 

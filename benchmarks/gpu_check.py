@@ -31,8 +31,8 @@ if str(ROOT) not in sys.path:
 
 from retrieval import ExtractorConfig, Index, RuntimeConfig, SearchConfig  # noqa: E402
 from retrieval.config import file_digest  # noqa: E402
-from retrieval.images import expand_inputs  # noqa: E402
-from retrieval.patches import level_names  # noqa: E402
+from retrieval.extraction.images import expand_inputs  # noqa: E402
+from retrieval.extraction.patches import level_names  # noqa: E402
 
 LEVELS = (1, 2, 3, 4)
 
@@ -42,7 +42,7 @@ def environment() -> dict:
     import onnxruntime
     import torch
 
-    from retrieval import kernel
+    from retrieval.engine import kernel
 
     env = {
         "python": platform.python_version(),

@@ -49,8 +49,8 @@ import numpy as np  # noqa: E402
 
 from retrieval import ExtractorConfig, FeatureStore, Index, InputSpec, SearchConfig  # noqa: E402
 from retrieval.config import file_digest  # noqa: E402
-from retrieval.extractor import Extractor  # noqa: E402
-from retrieval.patches import level_names  # noqa: E402
+from retrieval.extraction.extractor import Extractor  # noqa: E402
+from retrieval.extraction.patches import level_names  # noqa: E402
 
 LEVELS = (1, 2, 3, 4)
 PATCHES = 30

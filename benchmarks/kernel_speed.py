@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from retrieval import _kernel  # noqa: E402
-from retrieval import kernel as K  # noqa: E402
+from retrieval.engine import kernel as K  # noqa: E402
 
 CHUNK_ROWS = 1 << 16  # NumPy / torch work in chunks of this many db rows (~8 MB of scores)
 

@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from retrieval.images import expand_inputs  # noqa: E402
-from retrieval.index import Index  # noqa: E402
+from retrieval.extraction.images import expand_inputs  # noqa: E402
+from retrieval.engine.index import Index  # noqa: E402
 
 ROTATIONS = (0, 90, 180, 270)
 SETTINGS = [{}, {"qe": 5}, {"dba": 5}, {"qe": 5, "dba": 5}, {"query_rotations": ROTATIONS},

@@ -12,7 +12,7 @@ builds an index over the dataset's database images (Index.create + add), queries
 dataset query (cropped to its bounding box for Oxford/Paris), ranks the whole database
 (k=None; for UKBench every image is still scored exactly, but only the top 4 that N-S
 reads are returned, or the top `--json-top`), maps the hits back to dataset indices and scores them with the official metric
-(`retrieval.evaluate`). It prints a table and, with `--json OUT.json`, writes
+(`retrieval.evaluation.evaluate`). It prints a table and, with `--json OUT.json`, writes
 
     {"dataset", "metric": "mAP"|"ns", "value", "queries", "images", "config", "seconds",
      + "easy", "medium", "hard", "mp@k" for roxford5k/rparis6k (value = Medium mAP),
@@ -54,7 +54,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from retrieval.cli import add_rerank_args  # noqa: E402
+from retrieval.cli.app import add_rerank_args  # noqa: E402
 from retrieval.config import (  # noqa: E402
     AGGREGATES,
     PATCH_MODES,
@@ -71,10 +71,10 @@ from retrieval.config import (  # noqa: E402
     runtime_config_from_args,
     search_config_from_args,
 )
-from retrieval.datasets import DATASETS, Dataset, load_dataset  # noqa: E402
-from retrieval.evaluate import evaluate  # noqa: E402
-from retrieval.factor_plot import check_plotting, plot_factors  # noqa: E402
-from retrieval.layers import layer_depths  # noqa: E402
+from retrieval.evaluation.datasets import DATASETS, Dataset, load_dataset  # noqa: E402
+from retrieval.evaluation.evaluate import evaluate  # noqa: E402
+from retrieval.evaluation.plots import check_plotting, plot_factors  # noqa: E402
+from retrieval.extraction.layers import layer_depths  # noqa: E402
 
 DEFAULT_STORE = ROOT / "benchmarks" / ".cache" / "features.sqlite"
 DATABASE = "database"  # --whiten-on database: learn the whitening on the database itself
@@ -310,9 +310,9 @@ def rotated_queries(dataset: Dataset, degrees: int, folder: Path) -> list:
     crop boxes turned with their image."""
     from PIL import Image
 
-    from retrieval.extractor import _TRANSPOSE
-    from retrieval.images import load_rgb
-    from retrieval.patches import unrotate_boxes
+    from retrieval.extraction.extractor import _TRANSPOSE
+    from retrieval.extraction.images import load_rgb
+    from retrieval.extraction.patches import unrotate_boxes
 
     folder.mkdir(parents=True, exist_ok=True)
     out = []
@@ -375,10 +375,10 @@ def run_search(index, dataset: Dataset, query_levels, aggregate, progress: bool,
 
 def time_extraction(config: ExtractorConfig, runtime: RuntimeConfig, items: list, levels, sample: int) -> float | None:
     """Seconds per image to describe `sample` of `items` at `levels`, with a throw-away store."""
-    from retrieval.extractor import Extractor
-    from retrieval.features import describe
-    from retrieval.patches import level_names
-    from retrieval.store import FeatureStore
+    from retrieval.extraction.extractor import Extractor
+    from retrieval.extraction.features import describe
+    from retrieval.extraction.patches import level_names
+    from retrieval.extraction.store import FeatureStore
 
     if sample <= 0 or not items:
         return None
@@ -412,7 +412,7 @@ def _index_dir(base: Path, dataset: Dataset, ext: ExtractorConfig, search: Searc
 
 
 def run_rows(args, dataset: Dataset, rows: list[dict], store: str, index_base: Path) -> list[dict]:
-    from retrieval.index import Index
+    from retrieval.engine.index import Index
 
     base_ext = extractor_config_from_args(args)
     runtime = runtime_config_from_args(args)

@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 from retrieval import Index  # noqa: E402
-from retrieval.sharded import ShardedIndex, split_index  # noqa: E402
+from retrieval.engine.sharded import ShardedIndex, split_index  # noqa: E402
 
 EXACT = 10**12
 

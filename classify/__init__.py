@@ -13,8 +13,8 @@ Public API:
 from .data import DataError, Dataset, Split, load_dataset, load_split
 from .features import encode, image_vectors
 from .metrics import evaluate
-from .modelfile import ModelFileError, load_model
-from .models import Classifier
+from .modelfile import ModelFileError
+from .models import Classifier, load_model
 
 __all__ = [
     "Classifier", "DataError", "Dataset", "ModelFileError", "Split", "encode", "evaluate",

@@ -10,7 +10,7 @@
 Exit codes: 0 done; 2 usage error (bad flag, unusable dataset layout such as a class
 folder without images, missing model file); 3 done but some inputs were skipped (named
 on stderr and in the JSON "skipped" list); 1 any other failure (e.g. a refused model file);
-141, silently, when stdout is a closed pipe (see `retrieval.cliutil.stdout_closed`).
+141, silently, when stdout is a closed pipe (see `retrieval.cli.util.stdout_closed`).
 """
 from __future__ import annotations
 
@@ -21,27 +21,25 @@ import time
 from pathlib import Path
 
 
-from retrieval.cliutil import add_subcommands, stdout_closed
-from retrieval.config import (
-    POOLS,
-    add_runtime_args,
-    ConfigError,
-    ExtractorConfig,
-    RuntimeConfig,
+from retrieval.cli.util import add_subcommands, stdout_closed
+from retrieval.cli.args import (
     add_extractor_args,
     add_ray_arg,
+    add_runtime_args,
     extractor_config_from_args,
     runtime_config_from_args,
 )
-from retrieval.extractor import Extractor, make_extractor
-from retrieval.images import expand_inputs
-from retrieval.store import FeatureStore
+from retrieval.config import POOLS, ConfigError, ExtractorConfig, RuntimeConfig
+from retrieval.extraction.extractor import Extractor
+from retrieval.extraction.factory import make_extractor
+from retrieval.extraction.images import expand_inputs
+from retrieval.extraction.store import FeatureStore
 
 from .data import DataError, load_dataset, load_split
 from .factors import FactorGrid, study
 from .features import JITTERS, POWER_NORM, FeatureTable, image_vectors
-from .modelfile import ModelFileError, load_model
-from .models import CV_REPEATS, METHODS, Classifier, cv_folds, to_indicator
+from .modelfile import ModelFileError
+from .models import CV_REPEATS, METHODS, Classifier, cv_folds, load_model, to_indicator
 from .protocol import evaluate_split, fit_training_part, run_protocol, warn_C_at_edge
 
 LAYOUT_HELP = """\
@@ -407,8 +405,8 @@ def _factors_table(rows: list[dict]) -> str:
 
 
 def cmd_factors(args) -> int:
-    from retrieval.factor_plot import check_plotting, plot_factors
-    from retrieval.layers import layer_depths
+    from retrieval.evaluation.plots import check_plotting, plot_factors
+    from retrieval.extraction.layers import layer_depths
 
     t0 = time.perf_counter()
     if args.plot:

@@ -11,7 +11,7 @@ Folder layout (single-label)
     * no ``test/``: ``DATA_DIR/val/`` or ``DATA_DIR/validation/`` is the *test* split
       (the hymenoptera layout).
 
-    Files with an image suffix (``retrieval.images.IMAGE_SUFFIXES``) are listed
+    Files with an image suffix (``retrieval.extraction.images.IMAGE_SUFFIXES``) are listed
     recursively under each class folder; other files are ignored. A class folder with no
     image file is an error that names it, and so is a training part (train + validation)
     with fewer than two classes.
@@ -34,7 +34,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retrieval.images import IMAGE_SUFFIXES
+from retrieval.extraction.images import IMAGE_SUFFIXES
 
 __all__ = ["DataError", "Split", "Dataset", "load_dataset", "load_split"]
 

@@ -22,9 +22,9 @@ import numpy as np
 from tqdm import tqdm
 
 from retrieval.config import ExtractorConfig, RuntimeConfig
-from retrieval.extractor import Extractor
-from retrieval.store import FeatureStore
-from retrieval.whitening import l2_normalize
+from retrieval.extraction.extractor import Extractor
+from retrieval.extraction.store import FeatureStore
+from retrieval.engine.whitening import l2_normalize
 
 from .data import Dataset
 from .features import FeatureTable, image_vectors, power_normalize

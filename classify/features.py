@@ -1,6 +1,6 @@
 """Image vectors for classification, through the feature store shared with retrieval.
 
-Raw descriptors come from `retrieval.features.describe`, so an image is run through the
+Raw descriptors come from `retrieval.extraction.features.describe`, so an image is run through the
 network once per extractor configuration, whichever product asked first: ``--jitter 1``
 reads region set ``level1`` (the whole image; the same rows `retrieval build` fills for
 level 1), ``--jitter 12`` reads ``jitter12`` (4 corners, centre, whole image, and their
@@ -21,11 +21,11 @@ from typing import Iterable
 
 import numpy as np
 
-from retrieval.extractor import Extractor, Skipped
-from retrieval.whitening import l2_normalize
-from retrieval.features import ImageFeatures, describe
-from retrieval.patches import JITTER
-from retrieval.store import FeatureStore
+from retrieval.extraction.extractor import Extractor, Skipped
+from retrieval.engine.whitening import l2_normalize
+from retrieval.extraction.features import ImageFeatures, describe
+from retrieval.extraction.patches import JITTER
+from retrieval.extraction.store import FeatureStore
 
 __all__ = ["JITTERS", "POWER_NORM", "region_name", "power_normalize", "encode", "FeatureTable", "image_vectors"]
 

@@ -20,9 +20,7 @@ import zipfile
 
 import numpy as np
 
-from .models import Classifier, LinearModel
-
-__all__ = ["ModelFileError", "save_model", "load_model", "FORMAT", "VERSION"]
+__all__ = ["ModelFileError", "write_model_file", "read_model_file", "FORMAT", "VERSION"]
 
 FORMAT = "classify-model"
 VERSION = 1
@@ -34,35 +32,27 @@ class ModelFileError(ValueError):
     """The model file is missing, malformed, or not safe to load."""
 
 
-def save_model(path: str | os.PathLike, clf: Classifier, **meta) -> None:
-    """Write a fitted Classifier and `meta` (JSON-serialisable) to `path` (.npz)."""
-    model: LinearModel = clf.model_
-    header = {
-        **meta,
-        "format": FORMAT,
-        "version": VERSION,
-        "method": clf.method,
-        "kind": model.kind,
-        "multilabel": bool(clf.multilabel_),
-        "classes": list(clf.classes_),
-        "C": float(clf.C_),
-        "selection": getattr(clf, "selection_", None),
-    }
+def write_model_file(path: str | os.PathLike, header: dict, W: np.ndarray, b: np.ndarray,
+                     pairs: np.ndarray | None) -> None:
+    """Write a linear model's `header` (JSON-serialisable; format and version are added)
+    and arrays to `path` (.npz), atomically."""
+    header = {**header, "format": FORMAT, "version": VERSION}
     arrays = {
         "header": np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8),
-        "W": np.asarray(model.W, dtype=np.float64),
-        "b": np.asarray(model.b, dtype=np.float64),
+        "W": np.asarray(W, dtype=np.float64),
+        "b": np.asarray(b, dtype=np.float64),
     }
-    if model.pairs is not None:
-        arrays["pairs"] = np.asarray(model.pairs, dtype=np.int64)
+    if pairs is not None:
+        arrays["pairs"] = np.asarray(pairs, dtype=np.int64)
     tmp = f"{os.fspath(path)}.tmp"
     with open(tmp, "wb") as fh:  # a file object: savez would otherwise append ".npz"
         np.savez(fh, **arrays)
     os.replace(tmp, path)  # never leave a half-written model under the final name
 
 
-def load_model(path: str | os.PathLike) -> Classifier:
-    """Read a model file written by `save_model`; the header is ``clf.meta_``."""
+def read_model_file(path: str | os.PathLike) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(header, W, b, pairs) of a file written by `write_model_file`, every part checked;
+    ModelFileError naming the file and the fault otherwise."""
     if not os.path.isfile(path):
         raise ModelFileError(f"{path}: model file not found")
     if not zipfile.is_zipfile(path):
@@ -108,11 +98,4 @@ def load_model(path: str | os.PathLike) -> Classifier:
             raise ValueError(f"{W.shape[0]} weight rows for {K} classes")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise ModelFileError(f"{path}: malformed model file ({err})") from None
-    clf = Classifier(method=header["method"])
-    clf.classes_ = list(classes)
-    clf.multilabel_ = bool(header["multilabel"])
-    clf.C_ = float(header["C"])
-    clf.selection_ = header.get("selection")
-    clf.model_ = LinearModel(kind, W.astype(np.float64), b.astype(np.float64), K, pairs)
-    clf.meta_ = header
-    return clf
+    return header, W.astype(np.float64), b.astype(np.float64), pairs

@@ -43,6 +43,7 @@ from scipy.special import expit, log_expit, logsumexp
 from retrieval.config import ConfigError
 
 from . import metrics
+from .modelfile import read_model_file, write_model_file
 
 __all__ = ["LOGREG_CS", "SVM_CS", "METHODS", "CV_REPEATS", "LinearModel", "logreg_path", "fit_svm", "cv_folds", "Classifier",
            "to_indicator"]
@@ -488,13 +489,32 @@ class Classifier:
 
     def save(self, path, **meta) -> None:
         """Write a safe model file (see `classify.modelfile`); `meta` goes in its header."""
-        from .modelfile import save_model
-
-        save_model(path, self, **meta)
+        model: LinearModel = self.model_
+        header = {
+            **meta,
+            "method": self.method,
+            "kind": model.kind,
+            "multilabel": bool(self.multilabel_),
+            "classes": list(self.classes_),
+            "C": float(self.C_),
+            "selection": getattr(self, "selection_", None),
+        }
+        write_model_file(path, header, model.W, model.b, model.pairs)
 
     @classmethod
     def load(cls, path) -> "Classifier":
         """Read a model file; its header is available as ``clf.meta_``."""
-        from .modelfile import load_model
+        header, W, b, pairs = read_model_file(path)
+        clf = cls(method=header["method"])
+        clf.classes_ = list(header["classes"])
+        clf.multilabel_ = bool(header["multilabel"])
+        clf.C_ = float(header["C"])
+        clf.selection_ = header.get("selection")
+        clf.model_ = LinearModel(header["kind"], W, b, len(clf.classes_), pairs)
+        clf.meta_ = header
+        return clf
 
-        return load_model(path)
+
+def load_model(path) -> Classifier:
+    """Read a model file safely (never unpickles); the header is ``clf.meta_``."""
+    return Classifier.load(path)

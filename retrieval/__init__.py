@@ -8,7 +8,7 @@ Public API::
     for hit in idx.search(["query.jpg"], k=5)[0].hits:
         print(hit.rank, hit.distance, hit.path)
 
-Names are imported on first use, so `import retrieval.datasets` (or the CLI's --help)
+Names are imported on first use, so `import retrieval.evaluation.datasets` (or the CLI's --help)
 does not pay for torch, FAISS and the native kernel.
 """
 from __future__ import annotations
@@ -26,13 +26,14 @@ _PUBLIC = {
     "InputSpec": "config",
     "RuntimeConfig": "config",
     "SearchConfig": "config",
-    "Extractor": "extractor",
-    "describe": "features",
-    "FeatureStore": "store",
-    "Hit": "index",
-    "Index": "index",
-    "QueryResult": "index",
-    "Report": "index",
+    "Extractor": "extraction.extractor",
+    "describe": "extraction.features",
+    "FeatureStore": "extraction.store",
+    "Hit": "engine.index",
+    "Index": "engine.index",
+    "QueryResult": "engine.index",
+    "Report": "engine.index",
+    "ShardedIndex": "engine.sharded",
 }
 
 __all__ = sorted(_PUBLIC)

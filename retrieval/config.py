@@ -9,7 +9,6 @@ stored descriptors.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -277,14 +276,14 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def parse_levels(text: str) -> tuple[int, ...]:
-    """`1,2,3` -> (1, 2, 3); anything but a non-empty comma list from 1..4 is refused."""
+def levels_from_text(text: str) -> tuple[int, ...]:
+    """`1,2,3` -> (1, 2, 3); ConfigError unless a non-empty comma list from 1..4."""
     try:
         levels = tuple(sorted({int(t) for t in text.split(",") if t.strip()}))
     except ValueError:
         levels = ()
     if not levels or any(level not in LEVELS for level in levels):
-        raise argparse.ArgumentTypeError(f"levels are a comma list from 1,2,3,4 (got {text!r})")
+        raise ConfigError(f"levels are a comma list from 1,2,3,4 (got {text!r})")
     return levels
 
 
@@ -302,104 +301,9 @@ def check_rotations(rotations) -> tuple[int, ...]:
     return out
 
 
-def parse_rotations(text: str) -> tuple[int, ...]:
-    """`0,90` -> (0, 90); anything else than distinct values from 0,90,180,270 is refused."""
+def rotations_from_text(text: str) -> tuple[int, ...]:
+    """`0,90` -> (0, 90); ConfigError unless distinct values from 0,90,180,270."""
     try:
         return check_rotations([t for t in text.split(",") if t.strip()])
     except ConfigError:
-        raise argparse.ArgumentTypeError(f"rotations are distinct values from 0,90,180,270 (got {text!r})") from None
-
-
-def add_runtime_args(parser) -> None:
-    """The throughput flags (`--device`, `--batch-size`, `--workers`) on a parser or group."""
-    parser.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when available")
-    parser.add_argument("--batch-size", type=int, default=32, help="windows per network batch (default 32)")
-    parser.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
-
-
-def add_ray_arg(parser) -> None:
-    """`--ray [local|auto|ADDRESS]`: extract on a Ray cluster (build, add, classify)."""
-    parser.add_argument(
-        "--ray", nargs="?", const="local", metavar="local|auto|ADDRESS",
-        help="describe the images on a Ray cluster (needs `pip install 'retrieval[ray]'`): 'local' "
-        "(the default when the flag has no value) starts one on this machine, 'auto' joins the one "
-        "`ray start` made here, HOST:PORT joins that head node; the inputs must be readable on every node",
-    )
-
-
-def add_extractor_args(parser: argparse.ArgumentParser, *, search: bool = True) -> None:
-    """Add the extractor flags of SPEC section 2 to a parser (retrieval, classify, benchmarks)."""
-    g = parser.add_argument_group("extractor")
-    g.add_argument("--backbone", default="resnet50", help="torchvision architecture (default resnet50)")
-    g.add_argument(
-        "--weights",
-        default="DEFAULT",
-        help="torchvision weights name (DEFAULT, IMAGENET1K_V2, ...), a checkpoint file, or 'none' for random init",
-    )
-    g.add_argument("--onnx", metavar="FILE", help="use this ONNX model instead of a torch backbone")
-    g.add_argument("--onnx-output", metavar="NAME", help="ONNX tensor to read (the graph is cut there)")
-    g.add_argument(
-        "--input-spec",
-        metavar="K=V,...",
-        help="ONNX preprocessing: size, order=rgb|bgr, scale=1|255, mean, std, dtype=float32|float16",
-    )
-    g.add_argument("--layer", help="torch layer: a torchvision feature_extraction node name, or 'penultimate'")
-    g.add_argument("--pool", default="avg", choices=POOLS, help="pooling of conv maps (default avg)")
-    g.add_argument(
-        "--patch-mode",
-        default="crop",
-        choices=PATCH_MODES,
-        help="crop: run every window through the network; roi: one pass, windows pooled from the map",
-    )
-    g.add_argument(
-        "--roi-size",
-        type=int,
-        metavar="N",
-        help="roi mode: feed the whole image with its long side at N pixels, aspect kept "
-        "(needs a model that takes any input size; default: the network's input size)",
-    )
-    if search:
-        g.add_argument("--levels", type=parse_levels, default=LEVELS, help="sub-patch levels of database images (default 1,2,3,4)")
-        g.add_argument("--query-levels", type=parse_levels, default=None, help="sub-patch levels of queries (default: --levels)")
-        g.add_argument("--pca-dim", type=int, default=256, help="PCA-whitening dimension (default 256; 0 = off)")
-        g.add_argument(
-            "--aggregate",
-            default="mean-min",
-            choices=AGGREGATES,
-            help="image distance: mean over query windows of the min over database windows "
-            "(mean-min, default), or the min over all window pairs (min)",
-        )
-    add_runtime_args(g)
-
-
-def extractor_config_from_args(args: argparse.Namespace) -> ExtractorConfig:
-    return ExtractorConfig(
-        backbone=args.backbone,
-        weights=args.weights,
-        onnx=str(Path(args.onnx).resolve()) if args.onnx else None,
-        onnx_output=args.onnx_output,
-        input_spec=InputSpec.parse(args.input_spec),
-        layer=args.layer,
-        pool=args.pool,
-        patch_mode=args.patch_mode,
-        roi_size=args.roi_size,
-    )
-
-
-def search_config_from_args(args: argparse.Namespace) -> SearchConfig:
-    return SearchConfig(
-        levels=args.levels,
-        query_levels=args.query_levels,
-        pca_dim=args.pca_dim,
-        aggregate=args.aggregate,
-    )
-
-
-def runtime_config_from_args(args: argparse.Namespace) -> RuntimeConfig:
-    runtime = RuntimeConfig(device=args.device, batch_size=args.batch_size, workers=args.workers,
-                            ray=getattr(args, "ray", None))
-    if runtime.ray:
-        from .distributed import require_ray
-
-        require_ray()  # before anything is written: a missing extra is a usage error
-    return runtime
+        raise ConfigError(f"rotations are distinct values from 0,90,180,270 (got {text!r})") from None

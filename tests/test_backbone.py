@@ -12,12 +12,10 @@ ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 
-from retrieval.backbone import (  # noqa: E402
-    WeightsUnavailableError,
-    export_onnx,
-    load_backbone,
-    preprocess,
-)
+from retrieval.extraction.backbone import preprocess  # noqa: E402
+from retrieval.extraction.backbones import load_backbone  # noqa: E402
+from retrieval.extraction.onnx_export import export_onnx  # noqa: E402
+from retrieval.extraction.torch_backbone import WeightsUnavailableError  # noqa: E402
 from retrieval.config import ConfigError, ExtractorConfig, InputSpec  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

@@ -15,12 +15,12 @@ from PIL import Image
 
 from classify import cli, metrics
 from classify.features import encode, image_vectors, power_normalize
-from classify.modelfile import ModelFileError, load_model
+from classify import ModelFileError, load_model
 from classify.models import LOGREG_CS, Classifier, cv_folds, logreg_path, to_indicator
 from retrieval.config import ExtractorConfig, RuntimeConfig
-from retrieval.extractor import Extractor
-from retrieval.features import describe
-from retrieval.store import FeatureStore
+from retrieval.extraction.extractor import Extractor
+from retrieval.extraction.features import describe
+from retrieval.extraction.store import FeatureStore
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
 FAKE = ["--backbone", "fake-colour", "--weights", "none", "--quiet", "--batch-size", "8", "--workers", "1"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval.datasets import load_dataset, safe_load_pickle
+from retrieval.evaluation.datasets import load_dataset, safe_load_pickle
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DATA = SHARED / "data"

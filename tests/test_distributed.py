@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from retrieval import ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchConfig
-from retrieval import cli
-from retrieval.sharded import ShardedIndex, split_index
+from retrieval.cli import app
+from retrieval.engine.sharded import ShardedIndex, split_index
 
 from conftest import TINY_FLAGS, make_scene, manifest_count, run_cli
 
@@ -121,7 +121,7 @@ def test_classify_vectors_on_ray_equal_local_ones(tmp_path, cluster):
     """classify's 12-crop jitter (mirrored windows) through the Ray path."""
     from classify.features import image_vectors
     from retrieval import FeatureStore
-    from retrieval.extractor import make_extractor
+    from retrieval.extraction.factory import make_extractor
 
     paths = _scenes(tmp_path / "imgs", 3)
     tables = []
@@ -135,7 +135,7 @@ def test_classify_vectors_on_ray_equal_local_ones(tmp_path, cluster):
 
 def _dispatched(monkeypatch) -> list[str]:
     """Record the images each RayExtractor.extract call sends to the cluster."""
-    from retrieval import distributed
+    from retrieval.extraction import distributed
 
     sent: list[str] = []
     original = distributed.RayExtractor.extract
@@ -242,7 +242,7 @@ def test_three_shards_return_the_unsharded_top_k_in_threads(sharded_pair):
 
 def test_shards_with_another_whitening_and_changes_to_shards_are_refused(sharded_pair, tmp_path):
     _, sharded, _ = sharded_pair
-    from retrieval.index import IndexUsageError
+    from retrieval.engine.index import IndexUsageError
 
     with Index.create(tmp_path / "other", CONFIG, SEARCH, store=tmp_path / "s.sqlite") as other:
         other.add(_scenes(tmp_path / "imgs", 4, start=700), progress=False)  # its own whitening

@@ -14,9 +14,9 @@ from PIL import Image
 
 from classify import cli as classify_cli
 from conftest import TINY_FLAGS, make_scene, run_cli
-from retrieval import cli as retrieval_cli
-from retrieval.cliutil import EXIT_BROKEN_PIPE
-from retrieval.images import load_rgb
+from retrieval.cli import app as retrieval_cli
+from retrieval.cli.util import EXIT_BROKEN_PIPE
+from retrieval.extraction.images import load_rgb
 
 
 @pytest.mark.parametrize("spec,form", [

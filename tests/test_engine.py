@@ -15,8 +15,8 @@ import time
 import numpy as np
 
 from retrieval import ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchConfig
-from retrieval import writer
-from retrieval.snapshot import read_state
+from retrieval.engine import writer
+from retrieval.engine.snapshot import read_state
 
 from conftest import manifest_count, SELF_DISTANCE, TINY_FLAGS, make_scene, run_cli
 
@@ -373,7 +373,7 @@ def test_store_missing_descriptors_names_the_image_and_the_fix(tmp_path, image_d
 def test_fast_scan_structures_search_on_the_cpu():
     """FAISS has no GPU implementation of fast-scan codes: with a GPU present such a
     structure still searches on the CPU (and `info` says so), others move to the GPU."""
-    from retrieval.ann import VectorIndex, gpu_capable
+    from retrieval.engine.ann import VectorIndex, gpu_capable
 
     assert not gpu_capable("IVF1024,PQ64x4fs") and not gpu_capable("PQ256x4fs")
     assert gpu_capable("IVF256,Flat") and gpu_capable("IVF1024,PQ64") and gpu_capable("HNSW32")

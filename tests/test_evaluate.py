@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.datasets import Dataset, Query
-from retrieval.evaluate import compute_ap, evaluate
+from retrieval.evaluation.datasets import Dataset, Query
+from retrieval.evaluation.evaluate import compute_ap, evaluate
 
 
 def _i(*v):

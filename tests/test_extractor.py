@@ -4,9 +4,9 @@ import pytest
 from PIL import Image
 
 from retrieval.config import ExtractorConfig, InputSpec, RuntimeConfig
-from retrieval.extractor import Extracted, Extractor, Job, Skipped, _pool
-from retrieval.images import ImageError, load_rgb
-from retrieval.patches import jitter_regions, level_regions
+from retrieval.extraction.extractor import Extracted, Extractor, Job, Skipped, _pool
+from retrieval.extraction.images import ImageError, load_rgb
+from retrieval.extraction.patches import jitter_regions, level_regions
 
 from conftest import make_scene
 

@@ -16,7 +16,7 @@ R18 = ["--backbone", "resnet18", "--weights", "none", "--input-spec", "size=64",
 
 
 def _retrieval(capsys, *argv: str) -> tuple[int, str, str]:
-    from retrieval import cli
+    from retrieval.cli import app
 
     try:
         code = cli.main(list(argv))
@@ -72,9 +72,9 @@ def test_quantized_cut_is_dequantized_with_the_producers_scale():
     import onnx
     import onnxruntime as ort
 
-    from retrieval.backbone import load_backbone
+    from retrieval.extraction.backbones import load_backbone
     from retrieval.config import ExtractorConfig
-    from retrieval.onnx_backbone import cut_onnx, quantization_of
+    from retrieval.extraction.onnx_backbone import cut_onnx, quantization_of
 
     images = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
     bb = load_backbone(ExtractorConfig(onnx=str(MOBILENET), onnx_output="391_quantized"), "cpu")

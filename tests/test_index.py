@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from retrieval import ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchConfig
-from retrieval.index import IndexUsageError
+from retrieval.engine.index import IndexUsageError
 
 from conftest import SELF_DISTANCE, make_scene
 

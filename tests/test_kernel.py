@@ -1,4 +1,4 @@
-"""Native patch-distance kernel (retrieval.kernel) against a NumPy reference."""
+"""Native patch-distance kernel (retrieval.engine.kernel) against a NumPy reference."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from retrieval import _kernel
-from retrieval import kernel as K
+from retrieval.engine import kernel as K
 
 ISAS = ["avx512", "avx2", "generic"]
 SUPPORTED = set(_kernel.supported_isas())
@@ -175,7 +175,7 @@ def test_empty_images_and_threads(isa):
 def test_describe_and_env_override():
     assert K.describe().startswith("retrieval._kernel ")
     assert _kernel.isa() in K.describe()
-    code = "from retrieval import kernel as K, _kernel; print(_kernel.isa()); print(K.describe())"
+    code = "from retrieval.engine import kernel as K; from retrieval import _kernel; print(_kernel.isa()); print(K.describe())"
     for want in SUPPORTED:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              env={**os.environ, "RETRIEVAL_KERNEL_ISA": want}, check=True)
@@ -192,7 +192,7 @@ def test_describe_and_env_override():
 
 def test_missing_extension_raises_helpful_importerror():
     code = ("import sys; sys.modules['retrieval._kernel'] = None\n"
-            "try:\n    import retrieval.kernel\nexcept ImportError as e:\n    print('ERR', e)\n")
+            "try:\n    import retrieval.engine.kernel\nexcept ImportError as e:\n    print('ERR', e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("ERR") and "C++17" in out.stdout
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from retrieval.patches import jitter_regions, level_boxes, pixel_boxes, region_set
+from retrieval.extraction.patches import jitter_regions, level_boxes, pixel_boxes, region_set
 
 
 def test_level_windows_of_a_300x200_image():

@@ -7,7 +7,7 @@ import re
 from PIL import Image
 
 from retrieval import Index
-from retrieval.report import render_report, thumbnail, write_report
+from retrieval.serving.report import render_report, thumbnail, write_report
 
 from conftest import make_scene, run_cli
 from serving import build_tiny_index

@@ -11,10 +11,10 @@ from PIL import Image
 
 from conftest import SELF_DISTANCE, make_scene, run_cli
 from retrieval import ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchConfig
-from retrieval.features import describe
-from retrieval.index import IndexUsageError
-from retrieval.patches import level_names, unrotate_boxes
-from retrieval.search import rank
+from retrieval.extraction.features import describe
+from retrieval.engine.index import IndexUsageError
+from retrieval.extraction.patches import level_names, unrotate_boxes
+from retrieval.engine.search import rank
 
 CONFIG = ExtractorConfig(backbone="resnet18", weights="none", input_spec=InputSpec(size=(64, 64)))
 SEARCH = SearchConfig(levels=(1, 2), pca_dim=16)

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from conftest import SELF_DISTANCE, make_scene, run_cli  # noqa: E402
-from retrieval.server import create_app, is_loopback  # noqa: E402
+from retrieval.serving.server import create_app, is_loopback  # noqa: E402
 from serving import build_tiny_index, http, http_json, multipart, serve_process  # noqa: E402
 
 SPEC_HIT = {"rank", "path", "distance", "query_box", "db_box"}

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from retrieval.config import ExtractorConfig, InputSpec, RuntimeConfig
-from retrieval.extractor import Extractor, Skipped
-from retrieval.features import ImageFeatures, describe
-from retrieval.store import FeatureStore, quantize
+from retrieval.extraction.extractor import Extractor, Skipped
+from retrieval.extraction.features import ImageFeatures, describe
+from retrieval.extraction.store import FeatureStore, quantize
 
 CONFIG = ExtractorConfig(backbone="resnet18", weights="none", input_spec=InputSpec(size=(64, 64)))
 
@@ -117,7 +117,7 @@ def test_schema_1_store_is_upgraded_and_read(tmp_path):
 
 
 def test_a_file_that_is_not_a_store_is_refused(tmp_path):
-    from retrieval.store import StoreError
+    from retrieval.extraction.store import StoreError
 
     bad = tmp_path / "notes.txt"
     bad.write_text("my notes")

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from retrieval.whitening import PCAWhitening, l2_normalize
+from retrieval.engine.whitening import PCAWhitening, l2_normalize
 
 
 def _data(n=500, d=40, seed=0):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .ann import VectorIndex
-from .fileio import write_text
+from ..fileio import write_text
 from .segments import DamagedFile, Segment, load_npy, open_segment
 from .whitening import PCAWhitening
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .backbone import PROBE_EXTRA, cpu_count, rel_err
-from .config import ConfigError, ExtractorConfig, InputSpec
+from ..config import ConfigError, ExtractorConfig, InputSpec
 from .torch_backbone import TorchBackbone, _torch
 
 def export_onnx(config: ExtractorConfig, out_path: str, opset: int = 17) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .config import file_digest
+from ..config import file_digest
 from .extractor import Extractor, Job, Skipped
 from .patches import RegionSet, region_set
 from .store import FeatureStore, quantize

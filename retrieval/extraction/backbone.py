@@ -2,59 +2,36 @@
 
 Two kinds, one interface (`Backbone`), each in its own module:
 
-- torch (`retrieval.torch_backbone`): any `torchvision.models` architecture, cut at a
+- torch (`torch_backbone.py`): any `torchvision.models` architecture, cut at a
   `feature_extraction` node name or at `penultimate` (the input of the final Linear
   classifier); weights from torchvision (fetched to the torch cache), a local checkpoint
   (loaded with `weights_only=True`), or `none` (random init, seeded so that every process
   builds the same network).
-- onnx (`retrieval.onnx_backbone`): any .onnx file, cut in memory at any tensor
+- onnx (`onnx_backbone.py`): any .onnx file, cut in memory at any tensor
   (`--onnx-output`); a quantized (uint8/int8) tensor is dequantized at the cut. Batch and
   spatial dimensions of the cut graph are made dynamic when the ops allow it (checked
   numerically against the graph as declared); a graph that stays fixed-batch is run in a
   loop.
 
-`retrieval.onnx_export` exports a torch backbone to ONNX; `retrieval.layers` lists the
-tensors / nodes a network can be cut at. The names that lived here before the split
-(`TorchBackbone`, `OnnxBackbone`, `export_onnx`, `cut_onnx`, ...) are still importable
-from this module.
+`onnx_export.py` exports a torch backbone to ONNX; `layers.py` lists the tensors /
+nodes a network can be cut at; `backbones.load_backbone` picks the kind.
 
 Callers feed uint8 NHWC RGB images already resized to `backbone.input_size` (or any size
 when `backbone.dynamic_size`); the backbone applies its `InputSpec` itself.
 """
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .config import ExtractorConfig, InputSpec
+from ..config import ExtractorConfig, InputSpec
 
 DEFAULT_SIZE = (224, 224)
 # extra pixels used to check that a network accepts other spatial sizes
 PROBE_EXTRA = 32
-
-# Names moved to the per-kind modules, still importable from here (imported on first use:
-# the ONNX path must not pay for torch, nor the torch path for onnx).
-_MOVED = {
-    "WeightsUnavailableError": "torch_backbone",
-    "TorchBackbone": "torch_backbone",
-    "build_torch_model": "torch_backbone",
-    "resolve_device": "torch_backbone",
-    "OnnxBackbone": "onnx_backbone",
-    "cut_onnx": "onnx_backbone",
-    "export_onnx": "onnx_export",
-    "list_layers": "layers",
-}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 def cpu_count() -> int:
     """CPU cores this process may use (its affinity mask, not the host's count)."""
@@ -143,14 +120,3 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     scale = float(np.abs(b).max()) if b.size else 0.0
     diff = float(np.abs(a - b).max()) if b.size else 0.0
     return diff / scale if scale > 0 else diff
-
-
-def load_backbone(config: ExtractorConfig, device: str = "auto") -> Backbone:
-    """The backbone described by `config` (ONNX when `config.onnx`, else torchvision)."""
-    if config.onnx:
-        from .onnx_backbone import OnnxBackbone
-
-        return OnnxBackbone(config, device)
-    from .torch_backbone import TorchBackbone
-
-    return TorchBackbone(config, device)

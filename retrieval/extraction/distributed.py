@@ -25,53 +25,17 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from .config import ConfigError, ExtractorConfig, RuntimeConfig
+from ..cluster import connect
+from ..config import ConfigError, ExtractorConfig, RuntimeConfig
 from .extractor import Extracted, Extractor, Job, Skipped
 from .patches import region_set
 
-INSTALL_HINT = "pip install 'retrieval[ray]'"
 # Images per Ray task: enough windows for several network batches, few enough that a dead
 # actor costs little (its in-flight tasks are retried) and the bar moves smoothly.
 IMAGES_PER_TASK = 16
-# The object store of a `--ray local` cluster: results stream through it and are consumed
-# at once, so it needs little, and the machine is usually shared.
-LOCAL_OBJECT_STORE_BYTES = 1 << 30
 # Tasks queued on an actor beyond the running one: hides the hand-over between tasks; a
 # dead actor costs at most this many tasks' images, which are retried.
 IN_FLIGHT_PER_ACTOR = 2
-
-
-def require_ray():
-    """The `ray` module, or ConfigError (a usage error) saying how to install it."""
-    try:
-        import ray
-        import ray.data  # noqa: F401 - the extra installs both
-    except ImportError as err:
-        raise ConfigError(f"--ray needs Ray ({err}); install it with: {INSTALL_HINT}") from None
-    return ray
-
-
-def connect(address: str):
-    """Join (or start, for "local") a Ray cluster unless this process already has one.
-
-    `address` is "local" (a new single-machine cluster in this process), "auto" (the
-    cluster `ray start` made on this machine, or $RAY_ADDRESS) or HOST:PORT / ray://...
-    """
-    ray = require_ray()
-    if ray.is_initialized():
-        return ray
-    try:
-        if address == "local":
-            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
-                     object_store_memory=LOCAL_OBJECT_STORE_BYTES)
-        else:
-            ray.init(address=address, logging_level=logging.WARNING)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise ConfigError(
-            f"--ray {address}: cannot join a Ray cluster ({err}); start one with `ray start --head`, "
-            "pass its address, or use --ray local"
-        ) from None
-    return ray
 
 
 class RayExtractor(Extractor):

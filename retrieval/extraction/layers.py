@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .backbone import DEFAULT_SIZE
-from .config import ConfigError, ExtractorConfig
+from ..config import ConfigError, ExtractorConfig
 
 __all__ = ["Layer", "list_layers", "layer_depths"]
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from .ann import (LAYOUT_MIN_IMAGES, LAYOUT_TRAIN_IMAGES, RETRAIN_GROWTH, VectorIndex, auto_factory, is_flat,
                   layout_factory, training_size, window_ids)
-from .config import EXACT_LIMIT
+from ..config import EXACT_LIMIT
 from .segments import DamagedFile, load_npy, open_segment, save_npy, write_segment
 from .snapshot import State, publish, read_state
 from .whitening import PCAWhitening
@@ -135,7 +135,7 @@ class _Writer:
         shared = self.index.meta.get("shared_whitening")
         if shared:
             # A shard never fits its own: its distances must stay comparable with the
-            # other shards' (retrieval/sharded.py).
+            # other shards' (retrieval/engine/sharded.py).
             path = self.dir / shared
             try:
                 whitening = PCAWhitening.load(path)

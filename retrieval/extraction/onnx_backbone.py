@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .backbone import DEFAULT_SIZE, PROBE_EXTRA, Backbone, cpu_count, cuda_present, preprocess, rel_err
-from .config import ConfigError, ExtractorConfig
+from ..config import ConfigError, ExtractorConfig
 
 _NP_DTYPES = {1: "float32", 10: "float16", 11: "float64"}
 _QUANTIZED = (2, 3)  # uint8, int8 (TensorProto element types)

@@ -21,7 +21,7 @@ from typing import Iterable
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from .fileio import replacing
+from ..fileio import replacing
 
 # Below this many windows per input dimension nothing is estimated: the whitening is the
 # identity (L2 only). Above, shrinkage = min(1, SHRINK_SCALE * d / n) (RESULTS.md, whitening).

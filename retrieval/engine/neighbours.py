@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fileio import replacing
+from ..fileio import replacing
 
 FILE = "neighbours.npz"
 

@@ -11,7 +11,7 @@ pairs.
 `rank_many` adds what goes beyond one comparison: several descriptions of one query (its
 rotations; an image's distance is the smallest), query expansion (the top hits' own
 window sets become queries too) and database-side augmentation (an image is scored with
-its stored nearest neighbours, `retrieval/neighbours.py`). Both combine distances with
+its stored nearest neighbours, `retrieval/engine/neighbours.py`). Both combine distances with
 alpha-QE weights, so a window-set distance needs no averaged descriptor.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 
 from . import kernel
 from .ann import WINDOW_BITS
-from .config import EXACT_LIMIT, QE_ALPHA
+from ..config import EXACT_LIMIT, QE_ALPHA
 from .neighbours import Neighbours, qe_weight
 from .snapshot import View
 

@@ -13,7 +13,6 @@ re-ranking fields `qe`, `dba`, `query_rotations` = "0,90,180,270", as `retrieval
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import io
@@ -33,8 +32,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from threadpoolctl import threadpool_limits
 
-from .config import AGGREGATES, RuntimeConfig, parse_levels, parse_rotations
-from .images import ImageError, load_rgb
+from ..config import AGGREGATES, ConfigError, RuntimeConfig, levels_from_text, rotations_from_text
+from ..extraction.images import ImageError, load_rgb
 from .report import STATIC, cached_thumbnail
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -112,7 +111,7 @@ class IndexWorker:
 
     @staticmethod
     def _open(index_dir: str | Path, runtime: RuntimeConfig | None):
-        from .index import Index
+        from ..engine.index import Index
 
         idx = Index.open(index_dir, runtime=runtime)
         try:
@@ -272,8 +271,8 @@ def _options(k: str | None, aggregate: str | None, query_levels: str | None, qe:
             options[name] = int(value)
     if query_rotations not in (None, ""):
         try:
-            options["query_rotations"] = parse_rotations(query_rotations)
-        except argparse.ArgumentTypeError as err:
+            options["query_rotations"] = rotations_from_text(query_rotations)
+        except ConfigError as err:
             raise HTTPException(400, f"query_rotations: {err}") from None
     if k not in (None, ""):
         if not (k.isascii() and k.isdigit()) or not 1 <= int(k) <= MAX_K:
@@ -285,8 +284,8 @@ def _options(k: str | None, aggregate: str | None, query_levels: str | None, qe:
         options["aggregate"] = aggregate
     if query_levels not in (None, ""):
         try:
-            options["query_levels"] = parse_levels(query_levels)
-        except argparse.ArgumentTypeError as err:
+            options["query_levels"] = levels_from_text(query_levels)
+        except ConfigError as err:
             raise HTTPException(400, f"query_levels: {err}") from None
     return options
 
@@ -319,7 +318,7 @@ def _png(path: str) -> bytes:
 
 def _search(idx, path: str, crop: tuple | None, options: dict) -> dict:
     """One query on the index thread: the SPEC query JSON, each hit with its id and size."""
-    from .index import IndexUsageError
+    from ..engine.index import IndexUsageError
 
     skipped: list[dict] = []
     item = path if crop is None else (path, crop)

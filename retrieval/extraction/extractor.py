@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .config import ExtractorConfig, RuntimeConfig
+from ..config import ExtractorConfig, RuntimeConfig
 from .images import ImageError, load_rgb
 from .patches import RegionSet
 
@@ -70,7 +70,7 @@ class Extractor:
     @property
     def backbone(self):
         if self._backbone is None:
-            from .backbone import load_backbone
+            from .backbones import load_backbone
 
             self._backbone = load_backbone(self.config, self.runtime.device)
             if self.config.patch_mode == "roi" and self._backbone.output_kind != "map":
@@ -160,15 +160,6 @@ class Extractor:
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
             bar.close()
-
-
-def make_extractor(config: ExtractorConfig, runtime: RuntimeConfig | None = None) -> Extractor:
-    """The extractor `runtime` asks for: local, or on a Ray cluster when `runtime.ray` is set."""
-    if runtime is not None and runtime.ray:
-        from .distributed import RayExtractor
-
-        return RayExtractor(config, runtime)
-    return Extractor(config, runtime)
 
 
 class _Pending:

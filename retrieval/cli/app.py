@@ -12,21 +12,18 @@ import os
 import sys
 import time
 
-from .cliutil import add_subcommands, stdout_closed
-from .config import (
-    EXACT_LIMIT,
-    QE_ALPHA,
-    ConfigError,
-    RuntimeConfig,
-    parse_levels,
-    parse_rotations,
+from ..config import EXACT_LIMIT, QE_ALPHA, ConfigError, RuntimeConfig
+from .args import (
     add_extractor_args,
     add_ray_arg,
     add_runtime_args,
     extractor_config_from_args,
+    parse_levels,
+    parse_rotations,
     runtime_config_from_args,
     search_config_from_args,
 )
+from .util import add_subcommands, stdout_closed
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
 
@@ -189,7 +186,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .index import IndexUsageError
+    from ..engine.index import IndexUsageError
 
     try:
         code = _COMMANDS[args.command](args)
@@ -209,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _inputs(args) -> list[str]:
-    from .images import expand_inputs
+    from ..extraction.images import expand_inputs
 
     try:
         paths = expand_inputs(args.inputs)
@@ -236,7 +233,7 @@ def _report(args, report) -> int:
 
 
 def _build(args) -> int:
-    from .index import Index
+    from ..engine.index import Index
 
     inputs = _inputs(args)  # a missing @list is a usage error before anything is written
     idx = Index.create(
@@ -253,21 +250,21 @@ def _build(args) -> int:
 
 
 def _add(args) -> int:
-    from .index import Index
+    from ..engine.index import Index
 
     with Index.open(args.index, runtime=runtime_config_from_args(args)) as idx:
         return _report(args, idx.add(_inputs(args), progress=not args.quiet))
 
 
 def _remove(args) -> int:
-    from .index import Index
+    from ..engine.index import Index
 
     with Index.open(args.index) as idx:
         return _report(args, idx.remove(args.paths))
 
 
 def _reindex(args) -> int:
-    from .index import Index
+    from ..engine.index import Index
 
     with Index.open(args.index) as idx:
         idx.set_index_type(None if args.index_type == "auto" else args.index_type)
@@ -278,8 +275,8 @@ def _reindex(args) -> int:
 
 
 def _query(args) -> int:
-    from .images import expand_inputs
-    from .sharded import open_index
+    from ..extraction.images import expand_inputs
+    from ..engine.sharded import open_index
 
     if args.k < 1:
         raise ConfigError("-k must be >= 1")
@@ -294,7 +291,7 @@ def _query(args) -> int:
         raise ConfigError("--qe-alpha must be >= 0")
     skipped: list[dict] = []
     if args.shard_ray:
-        from .distributed import require_ray
+        from ..cluster import require_ray
 
         RuntimeConfig(ray=args.shard_ray)  # the same check of the address as for build
         require_ray()
@@ -310,7 +307,7 @@ def _query(args) -> int:
     for item in skipped:
         print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
     if args.html:
-        from .report import write_report
+        from ..serving.report import write_report
 
         write_report(args.html, results, skipped=skipped, info=info, title=f"retrieval query {args.index}")
     if args.json:
@@ -324,7 +321,7 @@ def _query(args) -> int:
 
 
 def _dba(args) -> int:
-    from .index import Index
+    from ..engine.index import Index
 
     if args.k < 1:
         raise ConfigError("-k must be >= 1")
@@ -338,7 +335,7 @@ def _dba(args) -> int:
 
 
 def _info(args) -> int:
-    from .sharded import open_index
+    from ..engine.sharded import open_index
 
     with open_index(args.index) as idx:
         info = idx.info()
@@ -351,7 +348,7 @@ def _info(args) -> int:
 
 
 def _split(args) -> int:
-    from .sharded import split_index
+    from ..engine.sharded import split_index
 
     with split_index(args.index, args.out, args.shards, progress=not args.quiet) as sharded:
         info = sharded.info()
@@ -364,7 +361,7 @@ def _split(args) -> int:
 
 
 def _export_onnx(args) -> int:
-    from .onnx_export import export_onnx
+    from ..extraction.onnx_export import export_onnx
 
     start = time.perf_counter()
     result = export_onnx(extractor_config_from_args(args), args.out)
@@ -374,8 +371,8 @@ def _export_onnx(args) -> int:
 
 
 def _layers(args) -> int:
-    from .config import ExtractorConfig, InputSpec
-    from .layers import list_layers
+    from ..config import ExtractorConfig, InputSpec
+    from ..extraction.layers import list_layers
 
     config = ExtractorConfig(
         backbone=args.backbone or "resnet50", weights=args.weights,
@@ -404,7 +401,7 @@ def _serve(args) -> int:
     if args.max_upload_mb <= 0:
         raise ConfigError("--max-upload-mb must be > 0")
     try:
-        from .server import serve
+        from ..serving.server import serve
     except ImportError as err:
         raise ConfigError(f"retrieval serve needs the web extras ({err.name} is missing); "
                           "install them with: pip install 'retrieval[serve]'")
@@ -427,5 +424,3 @@ _COMMANDS = {
     "serve": _serve,
 }
 
-if __name__ == "__main__":
-    sys.exit(main())

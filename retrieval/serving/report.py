@@ -1,6 +1,6 @@
 """Showing results: thumbnails, and the self-contained HTML report of `retrieval query --html`.
 
-The report and the search page (`retrieval serve`, retrieval/static/) share one style
+The report and the search page (`retrieval serve`, retrieval/serving/static/) share one style
 sheet, so a hit and its pair of deciding windows look the same in both: the report
 inlines `static/style.css` and embeds every thumbnail as a data: URI, so the file opens
 offline and can be mailed around on its own.
@@ -18,8 +18,8 @@ from typing import Iterable, Sequence
 
 from PIL import Image
 
-from .fileio import replacing
-from .images import load_rgb
+from ..fileio import replacing
+from ..extraction.images import load_rgb
 
 STATIC = Path(__file__).resolve().parent / "static"
 # The per-hit colours are the CSS classes c0..c9 of style.css.

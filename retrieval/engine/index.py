@@ -4,17 +4,17 @@ Layout of INDEX_DIR:
 - `index.json`       extractor and search configuration, index type, store path
 - `manifest.sqlite`  the images (path, content digest, size): the source of truth
 - `state.json`       the published generation: it names the files below
-- `whitening-N.npz`  the shrunk PCA-whitening (`retrieval/whitening.py`)
-- `seg-N.npy`, `seg-N.ids.npy`  segments of float16 window vectors (`retrieval/segments.py`)
+- `whitening-N.npz`  the shrunk PCA-whitening (`retrieval/engine/whitening.py`)
+- `seg-N.npy`, `seg-N.ids.npy`  segments of float16 window vectors (`retrieval/engine/segments.py`)
 - `dead-N.npy`       removed images still inside segments (tombstones)
 - `ann-N.faiss`      the FAISS structure proposing candidates on large collections
 
 Raw descriptors live in the feature store (shared, keyed by content). Every image is
 committed to the store and then to the manifest in its own transaction; the derived
-files are brought up to the manifest by the one writer (`retrieval/writer.py`) and
+files are brought up to the manifest by the one writer (`retrieval/engine/writer.py`) and
 published by an atomic rename of `state.json`. So a process killed at any moment leaves
 an index whose manifest is consistent, readers answer from the last published
-generation while a writer works (`retrieval/snapshot.py`), and a missing or damaged
+generation while a writer works (`retrieval/engine/snapshot.py`), and a missing or damaged
 derived file is rebuilt from the store without re-extraction.
 """
 from __future__ import annotations
@@ -33,18 +33,19 @@ from tqdm import tqdm
 
 from . import kernel, writer
 from .ann import RETRAIN_GROWTH, FactoryError, check_factory, faiss_device, gpu_capable, is_flat
-from .config import EXACT_LIMIT, QE_ALPHA, ExtractorConfig, RuntimeConfig, SearchConfig, check_rotations, file_digest
-from .extractor import Extractor, Skipped, make_extractor
-from .features import Crop, ImageFeatures, describe
-from .fileio import write_text
-from .images import expand_inputs
+from ..config import EXACT_LIMIT, QE_ALPHA, ExtractorConfig, RuntimeConfig, SearchConfig, check_rotations, file_digest
+from ..extraction.extractor import Extractor, Skipped
+from ..extraction.factory import make_extractor
+from ..extraction.features import Crop, ImageFeatures, describe
+from ..fileio import write_text
+from ..extraction.images import expand_inputs
 from .manifest import Entry, Manifest
 from .neighbours import Neighbours
-from .patches import level_names, level_regions, pixel_boxes, unrotate_boxes
+from ..extraction.patches import level_names, level_regions, pixel_boxes, unrotate_boxes
 from .search import Candidates, rank, rank_many
 from .segments import DamagedFile
 from .snapshot import State, View, read_state
-from .store import FeatureStore, StoreError, default_store_path
+from ..extraction.store import FeatureStore, StoreError, default_store_path
 from .whitening import PCAWhitening
 
 FORMAT_VERSION = 2
@@ -359,7 +360,7 @@ class Index:
 
     def _refuse_shard(self, what: str) -> None:
         # Shards keep the source's image ids and share its whitening: changing one alone
-        # would break both (retrieval/sharded.py).
+        # would break both (retrieval/engine/sharded.py).
         if self.meta.get("shard"):
             raise IndexUsageError(
                 f"{self.path} is a shard of a split index: {what} the source index "

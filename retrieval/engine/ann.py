@@ -27,7 +27,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .fileio import replacing
+from ..fileio import replacing
 
 WINDOW_BITS = 6  # up to 64 windows per image (levels 1-4 have 30)
 RETRAIN_GROWTH = 4  # re-train once the collection holds this many times the trained windows

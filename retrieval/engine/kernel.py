@@ -23,7 +23,7 @@ import warnings
 import numpy as np
 
 try:
-    from . import _kernel
+    from .. import _kernel
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError(
         "retrieval._kernel (the native distance kernel) is not built. Reinstall the package "

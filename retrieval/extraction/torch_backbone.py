@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .backbone import DEFAULT_SIZE, PROBE_EXTRA, Backbone, cpu_count
-from .config import IMAGENET_MEAN, IMAGENET_STD, ConfigError, ExtractorConfig, InputSpec
+from ..config import IMAGENET_MEAN, IMAGENET_STD, ConfigError, ExtractorConfig, InputSpec
 
 
 class WeightsUnavailableError(RuntimeError):

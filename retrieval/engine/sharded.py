@@ -33,13 +33,13 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .config import EXACT_LIMIT, QE_ALPHA, RuntimeConfig
-from .extractor import Skipped
-from .features import Crop, describe
-from .fileio import write_text
+from ..config import EXACT_LIMIT, QE_ALPHA, RuntimeConfig
+from ..extraction.extractor import Skipped
+from ..extraction.features import Crop, describe
+from ..fileio import write_text
 from .index import Hit, Index, IndexUsageError, QueryResult
 from .manifest import Manifest
-from .patches import level_names, level_regions, pixel_boxes
+from ..extraction.patches import level_names, level_regions, pixel_boxes
 from .search import Candidates, rank, top_k
 from .segments import write_segment
 from .snapshot import State, View, publish
@@ -238,7 +238,7 @@ class ShardedIndex:
         return sharded
 
     def _start_actors(self) -> None:
-        from .distributed import connect
+        from ..cluster import connect
 
         ray = connect(self.ray)
         # num_cpus=0: every shard gets an actor whatever the CPU count (4 shards on a

@@ -15,7 +15,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .fileio import replacing
+from ..fileio import replacing
 
 DTYPE = np.float16
 

@@ -1,0 +1,122 @@
+"""The argparse side of the configuration: the flags `retrieval`, `classify` and the
+benchmarks share, their argument types, and the configuration values built from them."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import (
+    AGGREGATES, DEVICES, LEVELS, PATCH_MODES, POOLS, ConfigError, ExtractorConfig, InputSpec, RuntimeConfig,
+    SearchConfig, levels_from_text, rotations_from_text,
+)
+
+
+def parse_levels(text: str) -> tuple[int, ...]:
+    """argparse type: `1,2,3` -> (1, 2, 3)."""
+    try:
+        return levels_from_text(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def parse_rotations(text: str) -> tuple[int, ...]:
+    """argparse type: `0,90` -> (0, 90)."""
+    try:
+        return rotations_from_text(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_runtime_args(parser) -> None:
+    """The throughput flags (`--device`, `--batch-size`, `--workers`) on a parser or group."""
+    parser.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when available")
+    parser.add_argument("--batch-size", type=int, default=32, help="windows per network batch (default 32)")
+    parser.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
+
+
+def add_ray_arg(parser) -> None:
+    """`--ray [local|auto|ADDRESS]`: extract on a Ray cluster (build, add, classify)."""
+    parser.add_argument(
+        "--ray", nargs="?", const="local", metavar="local|auto|ADDRESS",
+        help="describe the images on a Ray cluster (needs `pip install 'retrieval[ray]'`): 'local' "
+        "(the default when the flag has no value) starts one on this machine, 'auto' joins the one "
+        "`ray start` made here, HOST:PORT joins that head node; the inputs must be readable on every node",
+    )
+
+
+def add_extractor_args(parser: argparse.ArgumentParser, *, search: bool = True) -> None:
+    """Add the extractor flags of SPEC section 2 to a parser (retrieval, classify, benchmarks)."""
+    g = parser.add_argument_group("extractor")
+    g.add_argument("--backbone", default="resnet50", help="torchvision architecture (default resnet50)")
+    g.add_argument(
+        "--weights",
+        default="DEFAULT",
+        help="torchvision weights name (DEFAULT, IMAGENET1K_V2, ...), a checkpoint file, or 'none' for random init",
+    )
+    g.add_argument("--onnx", metavar="FILE", help="use this ONNX model instead of a torch backbone")
+    g.add_argument("--onnx-output", metavar="NAME", help="ONNX tensor to read (the graph is cut there)")
+    g.add_argument(
+        "--input-spec",
+        metavar="K=V,...",
+        help="ONNX preprocessing: size, order=rgb|bgr, scale=1|255, mean, std, dtype=float32|float16",
+    )
+    g.add_argument("--layer", help="torch layer: a torchvision feature_extraction node name, or 'penultimate'")
+    g.add_argument("--pool", default="avg", choices=POOLS, help="pooling of conv maps (default avg)")
+    g.add_argument(
+        "--patch-mode",
+        default="crop",
+        choices=PATCH_MODES,
+        help="crop: run every window through the network; roi: one pass, windows pooled from the map",
+    )
+    g.add_argument(
+        "--roi-size",
+        type=int,
+        metavar="N",
+        help="roi mode: feed the whole image with its long side at N pixels, aspect kept "
+        "(needs a model that takes any input size; default: the network's input size)",
+    )
+    if search:
+        g.add_argument("--levels", type=parse_levels, default=LEVELS, help="sub-patch levels of database images (default 1,2,3,4)")
+        g.add_argument("--query-levels", type=parse_levels, default=None, help="sub-patch levels of queries (default: --levels)")
+        g.add_argument("--pca-dim", type=int, default=256, help="PCA-whitening dimension (default 256; 0 = off)")
+        g.add_argument(
+            "--aggregate",
+            default="mean-min",
+            choices=AGGREGATES,
+            help="image distance: mean over query windows of the min over database windows "
+            "(mean-min, default), or the min over all window pairs (min)",
+        )
+    add_runtime_args(g)
+
+
+def extractor_config_from_args(args: argparse.Namespace) -> ExtractorConfig:
+    return ExtractorConfig(
+        backbone=args.backbone,
+        weights=args.weights,
+        onnx=str(Path(args.onnx).resolve()) if args.onnx else None,
+        onnx_output=args.onnx_output,
+        input_spec=InputSpec.parse(args.input_spec),
+        layer=args.layer,
+        pool=args.pool,
+        patch_mode=args.patch_mode,
+        roi_size=args.roi_size,
+    )
+
+
+def search_config_from_args(args: argparse.Namespace) -> SearchConfig:
+    return SearchConfig(
+        levels=args.levels,
+        query_levels=args.query_levels,
+        pca_dim=args.pca_dim,
+        aggregate=args.aggregate,
+    )
+
+
+def runtime_config_from_args(args: argparse.Namespace) -> RuntimeConfig:
+    runtime = RuntimeConfig(device=args.device, batch_size=args.batch_size, workers=args.workers,
+                            ray=getattr(args, "ray", None))
+    if runtime.ray:
+        from ..cluster import require_ray
+
+        require_ray()  # before anything is written: a missing extra is a usage error
+    return runtime

@@ -1,0 +1,1 @@
+"""Measuring accuracy: benchmark dataset layouts, their official metrics, and plots."""
