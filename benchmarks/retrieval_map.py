@@ -64,6 +64,8 @@ from retrieval.config import (  # noqa: E402
     ExtractorConfig,
     RuntimeConfig,
     SearchConfig,
+)
+from retrieval.cli.args import (  # noqa: E402
     add_extractor_args,
     extractor_config_from_args,
     parse_levels,
