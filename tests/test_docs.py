@@ -43,7 +43,7 @@ def _mentions(text: str, word: str) -> bool:
 def missing_from_doc(doc: str, program: str, parser: argparse.ArgumentParser) -> list[str]:
     missing = []
     for name, sub in _subcommands(parser).items():
-        if f"{program} {name}" not in doc:
+        if not _mentions(doc, f"{program} {name}"):
             missing.append(f"{program} {name}")
         missing += [f"{program} {name} {opt}" for opt in sorted(_options(sub)) if not _mentions(doc, opt)]
     return missing
