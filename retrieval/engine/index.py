@@ -212,7 +212,7 @@ class Index:
             if (path / "shards.json").is_file():
                 raise IndexUsageError(
                     f"{path} holds the shards of a split index: `retrieval query` and `info` take it "
-                    "(Python: retrieval.sharded.ShardedIndex); add to or remove from the source index, then split again"
+                    "(Python: retrieval.ShardedIndex); add to or remove from the source index, then split again"
                 )
             raise IndexUsageError(f"{path} is not an index (no index.json); create one with `retrieval build`")
         try:
