@@ -112,3 +112,14 @@ def test_cited_benchmark_result_files_exist():
                    if not (ROOT / "benchmarks" / "results" / name).is_file())
     assert not wrong, f"citations of benchmark result files that do not exist: {wrong}"
     assert not (ROOT / "benchmarks" / "RESULTS.md").exists(), "the notebook lives in benchmarks/results/"
+
+
+def test_relative_links_in_the_docs_resolve():
+    pages = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), ROOT / "benchmarks" / "README.md",
+             *(ROOT / "benchmarks" / "results").glob("*.md")]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if not re.match(r"[a-z]+:", target) and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, f"links to nothing: {broken}"
