@@ -27,7 +27,7 @@ DEVICES = ("auto", "cpu", "cuda")
 LEVELS = (1, 2, 3, 4)
 ROTATIONS = (0, 90, 180, 270)  # query rotations, degrees counter-clockwise (lossless turns)
 # Up to this many images a query scores every image with the kernel (exact, and measured
-# faster than FAISS candidates: benchmarks/RESULTS.md, engine scale); above, candidates.
+# faster than FAISS candidates: benchmarks/results/scale.md); above, candidates.
 EXACT_LIMIT = 2_000
 QE_ALPHA = 3.0  # the exponent of alpha-QE (Radenovic et al.): near hits weigh much more than far ones
 
@@ -213,7 +213,7 @@ class SearchConfig:
     levels: tuple[int, ...] = LEVELS
     query_levels: tuple[int, ...] | None = None
     pca_dim: int = 256
-    # mean-min: measured best on UKBench and Paris (benchmarks/RESULTS.md); plain min lets
+    # mean-min: measured best on UKBench and Paris (benchmarks/results/accuracy.md); plain min lets
     # one lucky window pair decide, which ranked below the global descriptor on UKBench.
     aggregate: str = "mean-min"
 

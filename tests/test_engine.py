@@ -265,7 +265,7 @@ def test_rebuild_twice_and_after_kill_9_resumes_with_the_same_whitening(tmp_path
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     # On the CPU: the claim is the same sample and the same fit; on a GPU, cuDNN's
     # algorithms (and TF32) differ by batch shape at about 1e-3, so two extractions that
-    # were batched differently are not bit-identical (RESULTS.md section 5).
+    # were batched differently are not bit-identical (benchmarks/results/gpu.md).
     args = [str(folder), *TINY_FLAGS, "--device", "cpu", "--json"]
     out = run_cli("build", str(whole), *args)
     assert out.returncode == 0, out.stderr

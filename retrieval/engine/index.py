@@ -212,7 +212,7 @@ class Index:
             if (path / "shards.json").is_file():
                 raise IndexUsageError(
                     f"{path} holds the shards of a split index: `retrieval query` and `info` take it "
-                    "(Python: retrieval.sharded.ShardedIndex); add to or remove from the source index, then split again"
+                    "(Python: retrieval.ShardedIndex); add to or remove from the source index, then split again"
                 )
             raise IndexUsageError(f"{path} is not an index (no index.json); create one with `retrieval build`")
         try:
@@ -516,7 +516,7 @@ class Index:
         Unreadable queries are left out of the result and appended to `skipped` as
         {"path", "reason"} when a list is given.
 
-        Re-ranking (off by default; `benchmarks/RESULTS.md` section 10): `qe` > 0 also
+        Re-ranking (off by default; `benchmarks/results/reranking.md`): `qe` > 0 also
         scores the windows of the `qe` best images as queries and averages the distances
         (alpha-QE weights, exponent `qe_alpha`); `dba` > 0 averages each image's distance
         with its `dba` nearest neighbours' (computed by `build_neighbours`). Then a hit's

@@ -26,8 +26,8 @@ from ..config import EXACT_LIMIT, QE_ALPHA
 from .neighbours import Neighbours, qe_weight
 from .snapshot import View
 
-NPROBE = 16  # IVF lists per query window: recall 0.955 against 0.85 for 8 on hard data (RESULTS.md section 8)
-LAYOUT_K = 128  # candidates from the layout index (RESULTS.md section 8)
+NPROBE = 16  # IVF lists per query window: recall 0.955 against 0.85 for 8 on hard data (benchmarks/results/scale.md)
+LAYOUT_K = 128  # candidates from the layout index (benchmarks/results/scale.md)
 # With FAISS candidates, re-ranking needs the distances of more images than the k shown.
 RERANK_POOL = 100
 
