@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import os
+import select
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +85,32 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300,
         [sys.executable, "-m", module, *args],
         capture_output=True, text=True, env=full_env, timeout=timeout,
     )
+
+
+def kill_at_pause(args: list[str], point: str, n: int, workdir: Path, *, env: dict | None = None,
+                  timeout: float = 240) -> None:
+    """Run `args` with the pause hook set (retrieval/engine/pause.py), wait until the process
+    reaches `point` for the `n`-th time, and SIGKILL it there: the caller then knows exactly
+    what it had done. Fails, with its stderr, if it exits or times out first."""
+    fifo = workdir / f"pause-{point}-{n}-{time.monotonic_ns()}"
+    os.mkfifo(fifo)
+    # O_RDWR never blocks on Linux, and holding a reader lets the hook's open return at once.
+    fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    log = workdir / f"{fifo.name}.stderr"
+    full_env = {**os.environ, **(env or {}), "RETRIEVAL_PAUSE": f"{point}:{n}:{fifo}"}
+    try:
+        with open(log, "w") as err:
+            proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err, env=full_env)
+        try:
+            deadline = time.monotonic() + timeout
+            # Wait for the hook's line; wake up now and then only to notice an early exit.
+            while not select.select([fd], [], [], 0.5)[0]:
+                assert proc.poll() is None, f"exited ({proc.returncode}) before {point} {n}: {log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"{point} {n} not reached in {timeout} s"
+            assert os.read(fd, 256).decode() == f"{point} {n} {proc.pid}\n"
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+    finally:
+        os.close(fd)

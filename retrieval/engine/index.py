@@ -41,6 +41,7 @@ from ..fileio import write_text
 from ..extraction.images import expand_inputs
 from .manifest import Entry, Manifest
 from .neighbours import Neighbours
+from .pause import pause_hook
 from ..extraction.patches import level_names, level_regions, pixel_boxes, unrotate_boxes
 from .search import Candidates, rank, rank_many
 from .segments import DamagedFile
@@ -313,6 +314,7 @@ class Index:
                 known[path] = digest
             regions = level_names(self.search_config.levels)
             published, pending = self.manifest.count(), 0
+            paused = pause_hook("committed")  # a test's kill point (retrieval/engine/pause.py); None in use
             for out in describe(
                 todo, self.extractor, self.store, regions, progress=progress, desc="index", digests=known
             ):
@@ -320,6 +322,8 @@ class Index:
                     report.skipped.append({"path": out.path, "reason": out.reason})
                     continue
                 self.manifest.add(out.path, out.digest, out.width, out.height)
+                if paused is not None:
+                    paused()
                 report.added += 1
                 pending += 1
                 if pending >= max(CHECKPOINT_IMAGES, published // CHECKPOINT_FRACTION):
