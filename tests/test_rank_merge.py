@@ -1,9 +1,10 @@
-"""`rank_many` with several queries (a query's rotations) against the separate `rank`s.
+"""Merging the rankings of one query described several ways (its rotations): `rank_many`
+(`rank_descriptions` after the search refactor) against one separate `rank` per description.
 
-An image's distance is its smallest over the queries, the deciding query (and its pair
-of windows) is the one that reached it, the earliest on ties, and the top k of the
-merge is the top k of those minima, ties by image id. The expected answer is computed
-here from one full `rank` per query, independently of how `rank_many` merges.
+An image's distance is its smallest over the descriptions, the deciding description (and
+its pair of windows) is the one that reached it, the earliest on ties, and the top k of
+the merge is the top k of those minima, ties by image id. The expected answer is computed
+here from one full `rank` per description, independently of how the merge does it.
 """
 from __future__ import annotations
 
@@ -11,9 +12,27 @@ import numpy as np
 import pytest
 
 from retrieval import ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchConfig
-from retrieval.engine.search import rank, rank_many
+from retrieval.engine import search
 
 from conftest import make_scene
+
+# The two calls under test, in one place: `rank` of one description and the merge over
+# several. The search refactor (SearchOptions; rank_many split, the merge in
+# rank_descriptions) changes their signatures, not what they compute.
+if hasattr(search, "rank_many"):
+    def _rank(query, view, k, aggregate="mean-min"):
+        return search.rank(query, view, k, aggregate)
+
+    def _merged(queries, view, k, aggregate="mean-min"):
+        return search.rank_many(queries, view, k, aggregate)
+else:
+    from retrieval.config import SearchOptions
+
+    def _rank(query, view, k, aggregate="mean-min"):
+        return search.rank(query, view, SearchOptions(k=k, aggregate=aggregate))
+
+    def _merged(queries, view, k, aggregate="mean-min"):
+        return search.rank_descriptions(queries, view, SearchOptions(k=k, aggregate=aggregate))
 
 CONFIG = ExtractorConfig(backbone="resnet18", weights="none", input_spec=InputSpec(size=(64, 64)))
 SEARCH = SearchConfig(levels=(1, 2), pca_dim=16)
@@ -42,7 +61,7 @@ def _expected(queries, view, k, aggregate):
     """(ids, distances, deciding query, query patch, db patch) from one full rank per query."""
     best: dict[int, tuple] = {}
     for q, query in enumerate(queries):
-        r = rank(query, view, None, aggregate)
+        r = _rank(query, view, None, aggregate)
         assert len(r.ids) == view.images
         for i, d, qp, dp in zip(r.ids.tolist(), r.distances.tolist(), r.query_patch.tolist(), r.db_patch.tolist()):
             if i not in best or d < best[i][0]:  # strictly smaller: ties stay with the earlier query
@@ -63,12 +82,12 @@ def test_rank_many_is_the_minimum_over_the_separate_ranks(view, aggregate):
     # ties between queries 0 and 3, and query 3 must never be the one that decided.
     queries = [view.windows(a), view.windows(b), noise, view.windows(a)]
     for k in (1, 4, 12, 13, 50, None):
-        merged = rank_many(queries, view, k, aggregate)
+        merged = _merged(queries, view, k, aggregate)
         want = _expected(queries, view, k, aggregate)
         got = list(zip(merged.ids.tolist(), merged.distances.tolist(), merged.query.tolist(),
                        merged.query_patch.tolist(), merged.db_patch.tolist()))
         assert got == want, f"k={k}"
-    full = rank_many(queries, view, None, aggregate)
+    full = _merged(queries, view, None, aggregate)
     decided = dict(zip(full.ids.tolist(), full.query.tolist()))
     # Not a degenerate case: each image is decided by its own windows, and 3 never decides.
     assert decided[a] == 0 and decided[b] == 1 and 3 not in decided.values()
@@ -78,6 +97,6 @@ def test_rank_many_is_the_minimum_over_the_separate_ranks(view, aggregate):
 def test_one_query_is_rank(view):
     query = view.windows(int(view.segments[0].ids[0]))
     for k in (3, None):
-        one, plain = rank_many([query], view, k), rank(query, view, k)
+        one, plain = _merged([query], view, k), _rank(query, view, k)
         np.testing.assert_array_equal(one.ids, plain.ids)
         np.testing.assert_array_equal(one.distances, plain.distances)
