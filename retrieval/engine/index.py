@@ -41,13 +41,13 @@ from ..fileio import write_text
 from ..extraction.images import expand_inputs
 from .manifest import Entry, Manifest
 from .neighbours import Neighbours
-from .pause import pause_hook
 from ..extraction.patches import level_names, level_regions, pixel_boxes, unrotate_boxes
 from .search import Candidates, rank, rank_many
 from .segments import DamagedFile
 from .snapshot import State, View, read_state
 from ..extraction.store import FeatureStore, StoreError, default_store_path
 from .whitening import PCAWhitening
+from .pause import pause_hook
 
 FORMAT_VERSION = 2
 # During a long add the derived files are published after every CHECKPOINT_IMAGES new
