@@ -393,6 +393,10 @@ def test_pause_hook_fires_once_at_its_point_and_resumes(tmp_path, monkeypatch):
         monkeypatch.setenv(pause.ENV, bad)
         with pytest.raises(ValueError, match="RETRIEVAL_PAUSE"):
             pause.pause_hook("committed")
+    monkeypatch.setenv(pause.ENV, f"committed:1:{fifo}")
+    with pytest.raises(OSError):  # nobody reads the FIFO: an error, not a hang
+        pause.pause_hook("committed")()
+    monkeypatch.setattr(pause, "_reached", {})
     monkeypatch.setenv(pause.ENV, f"committed:3:{fifo}")
     assert pause.pause_hook("publish") is None
     hook = pause.pause_hook("committed")

@@ -6,13 +6,14 @@ per publish. A test sets, in the writer process's environment,
     RETRIEVAL_PAUSE=POINT:N:FIFO
 
 POINT is one of `POINTS`, N >= 1 and FIFO the path of a named pipe the test made
-(`os.mkfifo`) and holds open for reading. The N-th time this process reaches POINT, it
-opens FIFO for writing, writes one line `POINT N PID`, and then waits, doing nothing
-else, until the test closes its end of the FIFO; then it goes on as if nothing happened.
-In between the test may kill it (SIGKILL), knowing exactly what the process had done.
-Every other time it reaches a point, and every point of another name, does nothing.
-A malformed value is an error (ValueError), never ignored: a test must not pass
-because its pause never fired.
+(`os.mkfifo`) and holds open for reading (on Linux `os.open(fifo, os.O_RDWR)` never
+blocks). The N-th time this process reaches POINT, it opens FIFO for writing, writes one
+line `POINT N PID`, and then waits, doing nothing else, until the test closes its end of
+the FIFO; then it goes on as if nothing happened. In between the test may kill it
+(SIGKILL), knowing exactly what the process had done. Every other time it reaches a
+point, and every point of another name, does nothing. A malformed value (ValueError)
+or a FIFO nobody holds open for reading (OSError) is an error, never ignored or waited
+on: a test must neither pass because its pause never fired nor hang.
 
 Points (counted per process, from 1):
 - `committed`: `Index.add` has committed an image to the manifest (the N-th image this
@@ -57,7 +58,8 @@ def _parse(value: str) -> tuple[str, int, str]:
 
 
 def _wait(fifo: str, line: str) -> None:
-    fd = os.open(fifo, os.O_WRONLY)  # blocks until the test has the FIFO open for reading
+    # Non-blocking: with no reader this fails (ENXIO) instead of waiting for one forever.
+    fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
     try:
         os.write(fd, line.encode())
         poller = select.poll()
