@@ -8,10 +8,7 @@ import random
 import select
 import shutil
 import sqlite3
-import subprocess
 import sys
-import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -20,7 +17,7 @@ from retrieval import ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchCo
 from retrieval.engine import writer
 from retrieval.engine.snapshot import read_state
 
-from conftest import kill_at_pause, manifest_count, SELF_DISTANCE, TINY_FLAGS, make_scene, run_cli
+from conftest import kill_at_pause, manifest_count, paused_at, SELF_DISTANCE, TINY_FLAGS, make_scene, run_cli
 
 CONFIG = ExtractorConfig(backbone="resnet18", weights="none", input_spec=InputSpec(size=(64, 64)))
 SEARCH = SearchConfig(levels=(1, 2), pca_dim=16)
@@ -209,47 +206,25 @@ def test_reindex_changes_the_structure_without_extraction(tmp_path, store_env):
 
 
 # -- readers never wait for writers ---------------------------------------------------------
-SLOW_ADD = textwrap.dedent("""
-    import pathlib, sys, time
-    from retrieval import Index
-    index, started, release, *paths = sys.argv[1:]
-    def slowly():
-        yield paths[0]
-        pathlib.Path(started).touch()       # the lock is held from here on
-        while not pathlib.Path(release).exists():
-            time.sleep(0.05)
-        yield from paths[1:]
-    with Index.open(index) as idx:
-        print(idx.add(slowly(), progress=False).added)
-""")
-
-
 def test_query_during_a_running_add_returns_hits(tmp_path, store_env):
     paths = _scenes(tmp_path / "imgs", 10)
     idx = str(tmp_path / "idx")
     assert run_cli("build", idx, *paths[:6], *TINY_FLAGS).returncode == 0
-    started, release = tmp_path / "started", tmp_path / "release"
-    writer_proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_ADD, idx, str(started), str(release), *paths[6:]],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ},
-    )
-    try:
-        deadline = time.time() + 120
-        while not started.exists() and writer_proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        assert started.exists(), writer_proc.stderr.read() if writer_proc.poll() is not None else "no start"
+    add = [sys.executable, "-m", "retrieval.cli", "add", idx, *paths[6:], "--json"]
+    # The writer is held, lock taken, right after committing its first image.
+    with paused_at(add, "committed", 1, tmp_path) as writer_proc:
         out = run_cli("query", idx, paths[0], "-k", "3", "--json")
         assert out.returncode == 0, out.stderr
         hits = json.loads(out.stdout)["results"][0]["hits"]
         assert hits[0]["path"] == paths[0] and len(hits) == 3
-        assert writer_proc.poll() is None  # the writer was still running all along
+        busy = run_cli("add", idx, paths[9])  # a second writer is refused, not queued
+        assert busy.returncode == 2 and "being written by another process" in busy.stderr
         info = run_cli("info", idx, "--json")
-        assert info.returncode == 0 and json.loads(info.stdout)["images"] >= 6
-    finally:
-        release.touch()
-        out, err = writer_proc.communicate(timeout=240)
-    assert writer_proc.returncode == 0, err
-    assert out.strip() == "4"
+        assert info.returncode == 0, info.stderr
+        assert (json.loads(info.stdout)["images"], json.loads(info.stdout)["up_to_date"]) == (7, False)
+        assert writer_proc.poll() is None  # the writer was held all along
+    assert writer_proc.wait(timeout=240) == 0, writer_proc.err_file.read_text()
+    assert json.loads(writer_proc.out_file.read_text())["added"] == 4
     res = run_cli("query", idx, paths[9], "-k", "1", "--json")
     assert json.loads(res.stdout)["results"][0]["hits"][0]["path"] == paths[9]
 
