@@ -54,7 +54,7 @@ def test_synthetic_200_json(tmp_path):
     # from its scene; ranking at random inside the right scene reaches recall@10 ~0.5.
     assert data["truth_planted_top1"] == data["truth_same_scene@10"] == 1.0
     assert data["exact_maxsim_recall@10"] >= 0.9
-    # FastPLAID must rank, not only land in the right scene (RESULTS.md: ~0.9 at 10,000).
+    # FastPLAID must rank, not only land in the right scene (benchmarks/results/scale.md: ~0.9 at 10,000).
     assert data["planted_top1"] >= 0.9 and data["planted_in_top10"] >= 0.95, data
     assert data["same_scene@10"] >= 0.95, data
     assert data["recall@10"] >= 0.75 and data["recall_vs_exact_maxsim@10"] >= 0.75, data
