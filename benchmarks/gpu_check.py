@@ -68,7 +68,7 @@ def build(config: ExtractorConfig, device: str, paths: list[str], folder: Path, 
 
 
 def compare(config: ExtractorConfig, devices: list[str], paths: list[str], work: Path, batch: int) -> dict:
-    row: dict = {"config": config.describe(), "devices": devices}
+    row: dict = {"config": config.summary(), "devices": devices}
     first, row["a_img_s"] = build(config, devices[0], paths, work / "a", batch)
     second, row["b_img_s"] = build(config, devices[1], paths, work / "b", batch)
     names = level_names(LEVELS)

@@ -132,13 +132,13 @@ def main(argv=None):
     load = os.getloadavg()
     peak = statistics.median(_kernel.fma_peak(20_000_000) for _ in range(3))
     result = {
-        "machine": {"cpu": cpu_model(), "logical_cpus": threads, "kernel": K.describe(),
+        "machine": {"cpu": cpu_model(), "logical_cpus": threads, "kernel": K.summary(),
                     "numpy": np.__version__, "faiss": faiss.__version__,
                     "torch": torch.__version__, "loadavg_at_start": load,
                     "fma_peak_gflops": peak / 1e9},
         "config": vars(args), "dims": {},
     }
-    print(f"# {result['machine']['cpu']}, {threads} threads, {K.describe()}; "
+    print(f"# {result['machine']['cpu']}, {threads} threads, {K.summary()}; "
           f"load average at start {load[0]:.1f}; measured FMA peak {peak / 1e9:.1f} GFLOP/s")
 
     for d in [int(x) for x in args.dims.split(",")]:

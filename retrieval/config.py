@@ -171,7 +171,7 @@ class ExtractorConfig:
         data["input_spec"] = self.input_spec.to_dict()
         return data
 
-    def describe(self) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
         """The settings that apply to this extractor (for `retrieval info`): an ONNX model
         has no torchvision backbone, weights or layer, a torch one no ONNX fields."""
         data = self.to_dict()

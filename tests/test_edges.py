@@ -300,9 +300,9 @@ def test_damaged_index_json_is_a_usage_error_naming_it(tmp_path, image_dir, stor
 def test_info_shows_only_the_extractor_fields_that_apply():
     from retrieval import ExtractorConfig
 
-    onnx = ExtractorConfig(onnx="/models/m.onnx", onnx_output="627").describe()
+    onnx = ExtractorConfig(onnx="/models/m.onnx", onnx_output="627").summary()
     assert "backbone" not in onnx and "weights" not in onnx and onnx["onnx_output"] == "627"
-    torch_cfg = ExtractorConfig(backbone="resnet18").describe()
+    torch_cfg = ExtractorConfig(backbone="resnet18").summary()
     assert "onnx" not in torch_cfg and torch_cfg["backbone"] == "resnet18" and "roi_size" not in torch_cfg
 
 

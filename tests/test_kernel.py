@@ -173,9 +173,9 @@ def test_empty_images_and_threads(isa):
 
 # ---------------------------------------------------------------- dispatch
 def test_describe_and_env_override():
-    assert K.describe().startswith("retrieval._kernel ")
-    assert _kernel.isa() in K.describe()
-    code = "from retrieval.engine import kernel as K; from retrieval import _kernel; print(_kernel.isa()); print(K.describe())"
+    assert K.summary().startswith("retrieval._kernel ")
+    assert _kernel.isa() in K.summary()
+    code = "from retrieval.engine import kernel as K; from retrieval import _kernel; print(_kernel.isa()); print(K.summary())"
     for want in SUPPORTED:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              env={**os.environ, "RETRIEVAL_KERNEL_ISA": want}, check=True)

@@ -91,5 +91,5 @@ def test_index_follows_and_reports_its_policy(tmp_path):
         state = read_state(tmp_path / "idx")
         assert state.whitening["sample_images"] == 6
         info = idx.info()
-        assert info["policy"] == policy.describe()
+        assert info["policy"] == policy.summary()
         assert info["whitening"]["refit"] == "fixed: the sample is full (6 images)"

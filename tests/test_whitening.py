@@ -63,7 +63,7 @@ def test_save_load_round_trip(tmp_path):
     w.save(tmp_path / "w.npz")
     back = PCAWhitening.load(tmp_path / "w.npz")
     np.testing.assert_array_equal(back.transform(x), w.transform(x))
-    assert back.describe() == w.describe()
+    assert back.summary() == w.summary()
     assert not list(tmp_path.glob("*.tmp*"))
     (tmp_path / "w.npz").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="w.npz"):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -41,7 +40,9 @@ from ..fileio import write_text
 from ..extraction.images import expand_inputs
 from .manifest import Entry, Manifest
 from .neighbours import Neighbours
+from .meta import MetaError, differing, new_meta, read_meta, write_meta
 from .policy import WritePolicy
+from .status import index_info
 from ..extraction.patches import level_names, level_regions, pixel_boxes, unrotate_boxes
 from .search import Candidates, rank, rank_many
 from .segments import DamagedFile
@@ -50,7 +51,6 @@ from ..extraction.store import FeatureStore, StoreError, default_store_path
 from .whitening import PCAWhitening
 from .pause import pause_hook
 
-FORMAT_VERSION = 2
 # During a long add the derived files are published after every CHECKPOINT_IMAGES new
 # images, or a quarter of the collection once that is more, so readers see progress and
 # a crash costs at most that much re-whitening (never re-extraction: the store keeps it),
@@ -177,18 +177,11 @@ class Index:
                 check_factory(index_type)
             except FactoryError as err:
                 raise IndexUsageError(str(err)) from None
-        meta = _normalised({
-            "format": FORMAT_VERSION,
-            "extractor": extractor.to_dict(),
-            "search": search.to_dict(),
-            "index_type": index_type,
-            "store": str(Path(store).resolve() if store else default_store_path()),
-            "whiten_on": [_absolute_input(w) for w in whiten_on] if whiten_on else None,
-        })
+        meta = new_meta(extractor, search, index_type, Path(store).resolve() if store else default_store_path(),
+                        whiten_on)
         if (path / "index.json").exists():
             existing = cls.open(path, runtime=runtime, policy=policy)
-            keys = ("extractor", "search", "index_type", "whiten_on")
-            differ = [k for k in keys if _normalised(existing.meta.get(k)) != meta[k]]
+            differ = differing(existing.meta, meta)
             if differ:
                 raise IndexUsageError(
                     f"{path} already holds an index with another configuration ({', '.join(differ)} differ); "
@@ -206,7 +199,7 @@ class Index:
         except StoreError as err:
             raise IndexUsageError(str(err)) from None
         path.mkdir(parents=True, exist_ok=True)
-        write_text(path / "index.json", json.dumps(meta, indent=2, sort_keys=True))
+        write_meta(path, meta)
         return index
 
     @classmethod
@@ -214,24 +207,11 @@ class Index:
              policy: WritePolicy | None = None) -> "Index":
         """Open an existing index directory (IndexUsageError if it is not one)."""
         path = Path(path)
-        meta_file = path / "index.json"
-        if not meta_file.is_file():
-            if (path / "shards.json").is_file():
-                raise IndexUsageError(
-                    f"{path} holds the shards of a split index: `retrieval query` and `info` take it "
-                    "(Python: retrieval.ShardedIndex); add to or remove from the source index, then split again"
-                )
-            raise IndexUsageError(f"{path} is not an index (no index.json); create one with `retrieval build`")
         try:
-            meta = json.loads(meta_file.read_text())
-            if not isinstance(meta, dict):
-                raise ValueError("not a JSON object")
-            if meta.get("format") not in (1, FORMAT_VERSION):
-                raise IndexUsageError(
-                    f"{path}: index format {meta.get('format')!r} is not supported by this version "
-                    f"(it reads {FORMAT_VERSION})"
-                )
+            meta = read_meta(path)
             return cls(path, meta, runtime, policy)
+        except MetaError as err:
+            raise IndexUsageError(str(err)) from None
         except (ValueError, KeyError, TypeError) as err:
             raise IndexUsageError(
                 f"{path} is not a valid index: index.json is damaged ({type(err).__name__}: {err}); "
@@ -388,7 +368,7 @@ class Index:
                 raise IndexUsageError(str(err)) from None
         with self._writing():
             self.meta["index_type"] = self.index_type = factory
-            write_text(self.path / "index.json", json.dumps(self.meta, indent=2, sort_keys=True))
+            write_meta(self.path, self.meta)
             writer.refresh(self._writer_inputs(), progress=False, retrain=True)
         self._view = None
 
@@ -666,44 +646,12 @@ class Index:
 
     def info(self) -> dict:
         """Counts and configuration, as `retrieval info --json` prints them."""
-        images = self.manifest.count()
-        try:
-            state = read_state(self.path) or State()
-        except DamagedFile:
-            state = State()
-        whitening = None
-        if state.whitening is not None:
-            try:
-                whitening = PCAWhitening.load(self.path / state.whitening["file"])
-            except ValueError:
-                whitening = None
-        return {
-            "images": images,
-            "patches": images * self.patches_per_image,
-            "dim": whitening.output_dim if whitening is not None else 0,
-            "extractor": self.extractor_config.describe(),
-            "search": self.search_config.to_dict(),
-            "index_type": (state.ann or {}).get("factory") or self.index_type or "exact",
-            "structure": _structure(state, self.index_type, self.policy),
-            "segments": len(state.segments),
-            "removed_pending": (state.dead or {}).get("count", 0),
-            "whitening": None if whitening is None else {
-                **whitening.describe(),
-                "source": state.whitening.get("source"),
-                "sample_images": state.whitening.get("sample_images"),
-                "fitted_at_images": state.whitening.get("images"),
-                "refit": self.policy.refit_rule(state.whitening),
-            },
-            "policy": self.policy.describe(),
-            "neighbours": _neighbours_info(self.path, state),
-            # Fast-scan codes have no GPU implementation: such a structure searches on the CPU.
-            "faiss_device": faiss_device(self.runtime.device) if state.ann is None or gpu_capable(state.ann["factory"])
-            else "cpu",
-            "native_kernel": kernel.describe(),
-            "store": self.meta["store"],
-            "up_to_date": state.generation == self.manifest.generation,
-            "path": str(self.path),
-        }
+        return index_info(
+            self.path, images=self.manifest.count(), generation=self.manifest.generation,
+            patches=self.patches_per_image, extractor=self.extractor_config.summary(),
+            search=self.search_config.to_dict(), index_type=self.index_type, policy=self.policy,
+            device=self.runtime.device, store=self.meta["store"],
+        )
 
 
 def _read_state_or_none(path: Path) -> State | None:
@@ -711,47 +659,3 @@ def _read_state_or_none(path: Path) -> State | None:
         return read_state(path)
     except DamagedFile:
         return None
-
-
-def _neighbours_info(path: Path, state: State) -> dict | None:
-    """What `retrieval dba` stored (None: nothing), and whether images came or went since."""
-    try:
-        found = Neighbours.load(path)
-    except ValueError as err:
-        return {"error": str(err)}
-    if found is None:
-        return None
-    return {**found.meta, "up_to_date": found.meta.get("generation") == state.generation}
-
-
-def _structure(state: State, user: str | None, policy: WritePolicy) -> dict:
-    """Which search structure answers queries, and why (for `retrieval info`)."""
-    if state.ann is not None:
-        why = "set by --index-type" if not state.ann.get("auto") else (
-            f"chosen for {state.ann['windows']} windows (more than {policy.ann_min_images} images); "
-            f"re-trained after {policy.retrain_growth}-fold growth"
-        )
-        return {"search": "candidates", "factory": state.ann["factory"], "reason": why,
-                "layout_factory": state.ann.get("layout_factory"), "exact_limit": EXACT_LIMIT}
-    if is_flat(user):
-        why = "--index-type Flat: the kernel scores every image"
-    elif state.note:
-        why = state.note
-    else:
-        why = (f"{state.images} images: up to {policy.ann_min_images} the kernel scores every image exactly, "
-               "faster than candidates")
-    return {"search": "exact", "factory": None, "reason": why, "exact_limit": EXACT_LIMIT}
-
-
-def _normalised(value):
-    """Compare configurations as stored: tuples and lists alike (JSON round trip)."""
-    return json.loads(json.dumps(value))
-
-
-def _absolute_input(item: str) -> str:
-    """An INPUT with its path made absolute (`@list.txt` keeps its @)."""
-    if item.startswith("@"):
-        return "@" + str(Path(item[1:]).resolve())
-    return str(Path(item).resolve())
-
-

@@ -31,7 +31,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
         "(or `python setup.py build_ext --inplace`); there is no pure-Python fallback."
     ) from exc
 
-__all__ = ["patch_distances", "patch_distances_batch", "describe"]
+__all__ = ["patch_distances", "patch_distances_batch", "summary"]
 
 _AGGREGATES = ("min", "mean-min")
 
@@ -138,6 +138,6 @@ def patch_distances_batch(queries: np.ndarray, query_offsets: np.ndarray, db: np
     return dist
 
 
-def describe() -> str:
+def summary() -> str:
     """Which native path runs, e.g. ``"retrieval._kernel avx2 (OpenMP, 2 threads)"``."""
     return _kernel.describe()

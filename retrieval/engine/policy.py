@@ -113,6 +113,6 @@ class WritePolicy:
         """Whether the layout index exists: its 4-bit codebooks need this many images."""
         return images >= self.layout_min_images
 
-    def describe(self) -> dict:
+    def summary(self) -> dict:
         """The rules in force, as `retrieval info --json` reports them."""
         return dataclasses.asdict(self)

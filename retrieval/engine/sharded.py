@@ -39,6 +39,7 @@ from ..extraction.features import Crop, describe
 from ..fileio import write_text
 from .index import Hit, Index, IndexUsageError, QueryResult
 from .manifest import Manifest
+from .meta import write_meta
 from ..extraction.patches import level_names, level_regions, pixel_boxes
 from .search import Candidates, rank, top_k
 from .segments import write_segment
@@ -114,7 +115,7 @@ def _write_shard(directory: Path, view: View, ids: np.ndarray, entries: list, me
     """One shard: index.json, its manifest (ids kept), the source's vectors of `ids` as one
     segment, the shared whitening, published; then its search structure."""
     directory.mkdir()
-    write_text(directory / "index.json", json.dumps(meta, indent=2, sort_keys=True))
+    write_meta(directory, meta)
     manifest = Manifest(directory / "manifest.sqlite")
     manifest.copy_entries(entries)
     generation = manifest.generation

@@ -114,7 +114,7 @@ class PCAWhitening:
             )
         return np.ascontiguousarray(l2_normalize(self.whiten(x)))
 
-    def describe(self) -> dict:
+    def summary(self) -> dict:
         """What `retrieval info` shows: dimensions, the sample and the regularisation."""
         return {
             "dim": self.dim_,

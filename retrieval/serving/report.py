@@ -106,7 +106,7 @@ def render_report(
         f"<header><h1>{e(title)}</h1>",
     ]
     if info:
-        parts.append(f"<span class=meta>{e(describe_index(info))}</span>")
+        parts.append(f"<span class=meta>{e(index_summary(info))}</span>")
     parts.append("</header><main>")
     for result in results:
         parts.append(f"<section class=query><h2>{e(result.query)}</h2><div class=row>")
@@ -150,7 +150,7 @@ def _figure(
     return f'<figure class="shot {classes}" title="{e(hover)}">{frame}<figcaption>{mark}{caption}</figcaption></figure>'
 
 
-def describe_index(info: dict) -> str:
+def index_summary(info: dict) -> str:
     """One line for a header: size and extractor of an index (`Index.info()`)."""
     ext = info.get("extractor", {})
     if ext.get("onnx"):
