@@ -344,7 +344,7 @@ class SearchOptions:
             except TypeError:
                 ok = False
             if not ok:
-                raise SearchOptionError("query_levels", "levels from 1,2,3,4 (at least one)", levels)
+                raise SearchOptionError("query_levels", "a non-empty list of levels from 1,2,3,4", levels)
             # Sorted: the query's windows then lie in the order of the database image's.
             put("query_levels", tuple(sorted({int(v) for v in levels})))
         if self.query_rotations is not None:
@@ -352,7 +352,7 @@ class SearchOptions:
                 put("query_rotations", check_rotations(self.query_rotations))
             except ConfigError:
                 raise SearchOptionError(
-                    "query_rotations", "distinct values from 0,90,180,270 (at least one)", self.query_rotations
+                    "query_rotations", "a non-empty list of distinct values from 0,90,180,270", self.query_rotations
                 ) from None
 
     @property
