@@ -42,7 +42,7 @@ from ..extraction.images import expand_inputs
 from .manifest import Entry, Manifest
 from .neighbours import Neighbours
 from ..extraction.patches import level_names, level_regions
-from .query import _UNSET, Hit, QueryResult, answer_queries, search_options
+from .query import K_NOT_GIVEN, Hit, QueryResult, answer_queries, search_options
 from .search import rank, rank_query
 from .segments import DamagedFile
 from .snapshot import State, View, read_state
@@ -455,7 +455,7 @@ class Index:
     def search(
         self,
         queries: Sequence[str | tuple[str, Crop | None]],
-        k: int | None = _UNSET,
+        k: int | None = K_NOT_GIVEN,
         *,
         options: SearchOptions | None = None,
         progress: bool = False,
@@ -501,7 +501,7 @@ class Index:
 
         return answer_queries(self, whitening, queries, options, rank_here, progress=progress, skipped=skipped)
 
-    def search_options(self, k=_UNSET, options: SearchOptions | None = None, keywords: dict | None = None) -> SearchOptions:
+    def search_options(self, k=K_NOT_GIVEN, options: SearchOptions | None = None, keywords: dict | None = None) -> SearchOptions:
         """The options of a `search` call (see there), with this index's query levels and
         aggregate where they are not given; IndexUsageError naming a bad value."""
         try:

@@ -81,18 +81,25 @@ class QueryFront(Protocol):
     search_config: Any
 
 
-_UNSET: Any = object()  # `k` not given to search(): options= or the default decides
+class _NotGiven:
+    """`k` not given to search(): `options=`, or else the SearchOptions default (10), decides."""
+
+    def __repr__(self) -> str:
+        return "10"
+
+
+K_NOT_GIVEN: Any = _NotGiven()
 
 
 def search_options(k: Any, options: SearchOptions | None, keywords: dict) -> SearchOptions:
     """The SearchOptions of one `search` call: `options` as given, or built from `k` and
     the keywords (ConfigError naming a bad one; TypeError for an unknown keyword)."""
     if options is None:
-        return SearchOptions(**({} if k is _UNSET else {"k": k}), **keywords)
+        return SearchOptions(**({} if k is K_NOT_GIVEN else {"k": k}), **keywords)
     if not isinstance(options, SearchOptions):
         raise TypeError(f"options must be a SearchOptions (got {type(options).__name__})")
-    if k is not _UNSET or keywords:
-        given = (["k"] if k is not _UNSET else []) + sorted(keywords)
+    if k is not K_NOT_GIVEN or keywords:
+        given = (["k"] if k is not K_NOT_GIVEN else []) + sorted(keywords)
         raise TypeError(f"search() takes options= or keywords, not both (got options= and {', '.join(given)})")
     return options
 

@@ -33,9 +33,6 @@ from ..config import DEFAULT_AGGREGATE, LAYOUT_K, NPROBE, SearchOptions
 from .neighbours import Neighbours, qe_weight
 from .snapshot import View
 
-__all__ = ["NPROBE", "LAYOUT_K", "RERANK_POOL", "Ranking", "rank", "rank_descriptions", "rank_reranked",
-           "rank_query", "merge_rankings", "image_distances", "top_k"]
-
 # With FAISS candidates, re-ranking needs the distances of more images than the k shown.
 RERANK_POOL = 100
 

@@ -38,7 +38,7 @@ from ..extraction.features import Crop
 from ..fileio import write_text
 from .index import Index, IndexUsageError
 from .manifest import Entry, Manifest
-from .query import _UNSET, QueryResult, answer_queries
+from .query import K_NOT_GIVEN, QueryResult, answer_queries
 from .search import Ranking, merge_rankings, rank
 from .segments import write_segment
 from .snapshot import State, View, publish
@@ -276,7 +276,7 @@ class ShardedIndex:
     def search(
         self,
         queries: Sequence[str | tuple[str, Crop | None]],
-        k: int | None = _UNSET,
+        k: int | None = K_NOT_GIVEN,
         *,
         options: SearchOptions | None = None,
         progress: bool = False,
