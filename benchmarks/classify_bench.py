@@ -6,7 +6,7 @@
 Baseline ("plain"), for every jitter: the averaged descriptors L2-normalised (no power
 normalisation), scikit-learn LogisticRegressionCV with 5 values of C chosen by 4-fold CV
 on the training part (train + validation when there is one), evaluated on the test
-split; `--baseline-features raw` skips the L2 (the baseline of RESULTS section 3).
+split; `--baseline-features raw` skips the L2 (the baseline of benchmarks/results/classification.md).
 Full pipeline: `classify run` with its defaults for every method x jitter (C by --cv
 fold CV of train + validation, repeated 3 times). Prints a table with accuracy, mean per-class accuracy,
 mAP, C, seconds and the C-sweep seconds; `--json` writes

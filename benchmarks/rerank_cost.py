@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Query-time cost of the re-ranking and rotation options (benchmarks/RESULTS.md section 10).
+"""Query-time cost of the re-ranking and rotation options (benchmarks/results/reranking.md).
 
     python benchmarks/rerank_cost.py INDEX_DIR QUERY_ROOT [--every 5] [--repeats 3]
 

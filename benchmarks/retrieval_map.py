@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Retrieval benchmark: mAP (Holidays, Oxford5k, Paris6k, revisited) or N-S (UKBench).
 
-One run (SPEC section 4):
+One run (docs/cli.md section 18):
 
     python benchmarks/retrieval_map.py --dataset ukbench --root ../shared/data/ukbench \\
         --onnx ../shared/weights/mobilenetv2-12-int8.onnx --onnx-output 627 \\
@@ -55,6 +55,14 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 from retrieval.cli.app import add_rerank_args  # noqa: E402
+from retrieval.cli.args import (  # noqa: E402
+    add_extractor_args,
+    extractor_config_from_args,
+    parse_levels,
+    parse_rotations,
+    runtime_config_from_args,
+    search_config_from_args,
+)
 from retrieval.config import (  # noqa: E402
     AGGREGATES,
     PATCH_MODES,
@@ -64,12 +72,6 @@ from retrieval.config import (  # noqa: E402
     ExtractorConfig,
     RuntimeConfig,
     SearchConfig,
-    add_extractor_args,
-    extractor_config_from_args,
-    parse_levels,
-    parse_rotations,
-    runtime_config_from_args,
-    search_config_from_args,
 )
 from retrieval.evaluation.datasets import DATASETS, Dataset, load_dataset  # noqa: E402
 from retrieval.evaluation.evaluate import evaluate  # noqa: E402
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n", 1)[1] + _SWEEP_HELP,
     )
-    p.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="benchmark name (SPEC section 4)")
+    p.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="benchmark name (docs/cli.md section 18)")
     p.add_argument("--root", required=True, metavar="DIR", help="dataset root in its official layout")
     add_extractor_args(p)
     p.add_argument(

@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--jitter", type=int, choices=JITTERS, default=1, help="1 (whole image) or 12 samples averaged")
         sp.add_argument("--power-norm", choices=("on", "off"), default="on" if POWER_NORM else "off",
                         help="signed square root of the L2-normalised features (default %(default)s, "
-                        "chosen by the factor study: benchmarks/RESULTS.md section 11)")
+                        "chosen by the factor study: benchmarks/results/factors.md)")
         _add_cv_args(sp)
         _add_common(sp)
         add_extractor_args(sp, search=False)

@@ -10,9 +10,9 @@ Encoding, in this order, identical at train and test time:
 1. average the raw window descriptors of the region set (12 for jitter, 1 otherwise);
 2. L2-normalise;
 3. optionally, signed square root (power normalisation, ``sign(x) * |x| ** 0.5``;
-   Razavian et al. 2014). Off by default since the factor study (benchmarks/RESULTS.md,
-   section 11): on every dataset measured it did not help a linear classifier on these
-   features; a model file records whether its features used it.
+   Razavian et al. 2014). Off by default since the factor study
+   (benchmarks/results/factors.md): on every dataset measured it did not help a linear
+   classifier on these features; a model file records whether its features used it.
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ smaller C for the SVM.
 
 Why repeated: held-out accuracies of neighbouring C differ by single images, so one
 shuffle of the folds (or one validation split of a few hundred images) picks C by
-chance among a plateau (benchmarks/RESULTS.md section 11: the chosen C moved between
+chance among a plateau (benchmarks/results/factors.md: the chosen C moved between
 5.6 and 100 with the --cv value alone). Averaging `CV_REPEATS` shuffles holds every
 image out that many times and makes the choice depend on the data, not on one split.
 """

@@ -6,7 +6,7 @@ validation at that C, and the test split is used once.
 
 A validation split joins the cross-validation pool instead of being the only held-out
 set: one split of a few hundred images cannot tell neighbouring C apart (their held-out
-accuracies differ by single images; benchmarks/RESULTS.md section 11), while repeated
+accuracies differ by single images; benchmarks/results/factors.md), while repeated
 folds over the whole training part score every image `CV_REPEATS` times. This is also the
 procedure of the plain baseline (LogisticRegressionCV over train + validation).
 """

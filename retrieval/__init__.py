@@ -17,7 +17,7 @@ import importlib
 import os
 
 # OpenMP threads that spin while waiting made the kernel ~5x and FAISS k-means ~10x slower
-# on a busy 2-core machine (benchmarks/RESULTS.md, scale). Set before any OpenMP runtime
+# on a busy 2-core machine (benchmarks/results/kernel.md). Set before any OpenMP runtime
 # loads; a user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -24,18 +24,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 POOLS = ("avg", "max", "gem")
 PATCH_MODES = ("crop", "roi")
 AGGREGATES = ("min", "mean-min")
-# mean-min: measured best on UKBench and Paris (benchmarks/RESULTS.md); plain min lets
+# mean-min: measured best on UKBench and Paris (benchmarks/results/accuracy.md); plain min lets
 # one lucky window pair decide, which ranked below the global descriptor on UKBench.
 DEFAULT_AGGREGATE = "mean-min"
 DEVICES = ("auto", "cpu", "cuda")
 LEVELS = (1, 2, 3, 4)
 ROTATIONS = (0, 90, 180, 270)  # query rotations, degrees counter-clockwise (lossless turns)
 # Up to this many images a query scores every image with the kernel (exact, and measured
-# faster than FAISS candidates: benchmarks/RESULTS.md, engine scale); above, candidates.
+# faster than FAISS candidates: benchmarks/results/scale.md); above, candidates.
 EXACT_LIMIT = 2_000
 QE_ALPHA = 3.0  # the exponent of alpha-QE (Radenovic et al.): near hits weigh much more than far ones
-NPROBE = 16  # IVF lists per query window: recall 0.955 against 0.85 for 8 on hard data (RESULTS.md section 8)
-LAYOUT_K = 128  # candidates from the layout index (RESULTS.md section 8)
+NPROBE = 16  # IVF lists per query window: recall 0.955 against 0.85 for 8 on hard data (benchmarks/results/scale.md)
+LAYOUT_K = 128  # candidates from the layout index (benchmarks/results/scale.md)
 
 
 class ConfigError(ValueError):

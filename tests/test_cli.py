@@ -1,4 +1,4 @@
-"""The `retrieval` CLI contract (SPEC §3): JSON fields, exit codes, bad inputs, kill -9."""
+"""The `retrieval` CLI contract (docs/cli.md sections 1-10): JSON fields, exit codes, bad inputs, kill -9."""
 import json
 import os
 import signal

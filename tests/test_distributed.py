@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from retrieval import ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchConfig
-from retrieval.cli import app
+from retrieval.cli import app as cli
 from retrieval.engine.sharded import ShardedIndex, split_index
 
 from conftest import TINY_FLAGS, make_scene, manifest_count, run_cli

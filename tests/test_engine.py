@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from retrieval import ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchConfig
-from retrieval.engine import writer
+from retrieval.engine.policy import WritePolicy
 from retrieval.engine.snapshot import read_state
 
 from conftest import manifest_count, SELF_DISTANCE, TINY_FLAGS, make_scene, run_cli
@@ -129,12 +129,11 @@ def test_database_whitening_never_collapses_a_small_collection(tmp_path):
     assert [x.hits[0].path for x in w] == [x.hits[0].path for x in r]
 
 
-def test_auto_structure_above_the_exact_limit(tmp_path, monkeypatch):
-    """Above the exact limit an IVF fast-scan PQ structure is trained on its own and its
+def test_auto_structure_above_the_exact_limit(tmp_path):
+    """Above the policy's size an IVF fast-scan PQ structure is trained on its own and its
     candidates, re-ranked by the kernel, agree with exact search."""
-    monkeypatch.setattr(writer, "EXACT_LIMIT", 40)
     paths = _scenes(tmp_path / "imgs", 60)
-    with _create(tmp_path / "idx", tmp_path / "s.sqlite") as idx:
+    with _create(tmp_path / "idx", tmp_path / "s.sqlite", policy=WritePolicy(ann_min_images=40)) as idx:
         idx.add(paths[:30], progress=False)
         assert idx.info()["structure"]["search"] == "exact"
         idx.add(paths[30:], progress=False)
@@ -150,16 +149,14 @@ def test_auto_structure_above_the_exact_limit(tmp_path, monkeypatch):
         assert all(h.path not in paths[:2] for r in hits for h in r.hits)
 
 
-def test_layout_index_proposes_whole_images(tmp_path, monkeypatch):
+def test_layout_index_proposes_whole_images(tmp_path):
     """Beside the window index, the layout index holds each image's windows laid end to
     end: an indexed image is its own nearest there, its candidates alone (one window
     nominating one image) re-rank to the exact answer, removed images leave it, and a
     damaged layout file is rebuilt at the next query."""
-    monkeypatch.setattr(writer, "EXACT_LIMIT", 20)
-    monkeypatch.setattr(writer, "LAYOUT_MIN_IMAGES", 24)
-    monkeypatch.setattr(writer, "LAYOUT_TRAIN_IMAGES", 24)
+    policy = WritePolicy(ann_min_images=20, layout_min_images=24, layout_train_images=24)
     paths = _scenes(tmp_path / "imgs", 40)
-    with _create(tmp_path / "idx", tmp_path / "s.sqlite") as idx:
+    with _create(tmp_path / "idx", tmp_path / "s.sqlite", policy=policy) as idx:
         idx.add(paths[:20], progress=False)
         assert idx.info()["structure"]["search"] == "exact"
         idx.add(paths[20:], progress=False)
@@ -186,7 +183,7 @@ def test_layout_index_proposes_whole_images(tmp_path, monkeypatch):
         assert all(h.path not in paths[:12] for r in hits for h in r.hits)
         layout = tmp_path / "idx" / read_state(tmp_path / "idx").ann["layout"]
         layout.write_bytes(layout.read_bytes()[:100])
-    with _create(tmp_path / "idx", tmp_path / "s.sqlite") as idx:
+    with _create(tmp_path / "idx", tmp_path / "s.sqlite", policy=policy) as idx:
         again = idx.search(paths[12:20], k=5, exact_limit=20, layout_k=40)
         assert _ranking(again) == _ranking(idx.search(paths[12:20], k=5))
         assert read_state(tmp_path / "idx").ann["layout"] != layout.name
@@ -265,7 +262,7 @@ def test_rebuild_twice_and_after_kill_9_resumes_with_the_same_whitening(tmp_path
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     # On the CPU: the claim is the same sample and the same fit; on a GPU, cuDNN's
     # algorithms (and TF32) differ by batch shape at about 1e-3, so two extractions that
-    # were batched differently are not bit-identical (RESULTS.md section 5).
+    # were batched differently are not bit-identical (benchmarks/results/gpu.md).
     args = [str(folder), *TINY_FLAGS, "--device", "cpu", "--json"]
     out = run_cli("build", str(whole), *args)
     assert out.returncode == 0, out.stderr

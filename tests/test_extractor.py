@@ -16,7 +16,7 @@ SPEC = InputSpec(size=(64, 64))
 def _extract(path, mode, regions, pool="avg", roi_size=None):
     # On the CPU: these tests compare window geometry to 1e-5, and on a GPU cuDNN picks
     # other convolution algorithms (and TF32) for other batch shapes, which differ by about
-    # 1e-3 (benchmarks/gpu_check.py measures CUDA against CPU; RESULTS.md section 5).
+    # 1e-3 (benchmarks/gpu_check.py measures CUDA against CPU; benchmarks/results/gpu.md).
     ex = Extractor(
         ExtractorConfig(backbone="resnet18", weights="none", input_spec=SPEC, pool=pool,
                         patch_mode=mode, roi_size=roi_size),

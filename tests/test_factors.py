@@ -16,7 +16,7 @@ R18 = ["--backbone", "resnet18", "--weights", "none", "--input-spec", "size=64",
 
 
 def _retrieval(capsys, *argv: str) -> tuple[int, str, str]:
-    from retrieval.cli import app
+    from retrieval.cli import app as cli
 
     try:
         code = cli.main(list(argv))

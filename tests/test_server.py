@@ -1,4 +1,4 @@
-"""`retrieval serve` (SPEC §3): every API route through FastAPI's TestClient, then a real
+"""`retrieval serve` (docs/cli.md section 13): every API route through FastAPI's TestClient, then a real
 server process queried over HTTP on 127.0.0.1."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The `retrieval` command line: build, add, query, info, remove, reindex, split, dba, export-onnx, layers, serve.
 
-Exit codes (SPEC §3): 0 all done; 2 usage error (unknown index, bad flag);
+Exit codes (docs/cli.md section 1): 0 all done; 2 usage error (unknown index, bad flag);
 3 done, but some inputs were skipped (each named on stderr and in the JSON); 1 other failure;
 141, silently, when stdout is a closed pipe (see `cliutil.stdout_closed`).
 """
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_rerank_args(p: argparse.ArgumentParser) -> None:
     """The re-ranking and rotation flags of `query` (also used by benchmarks/retrieval_map.py)."""
-    g = p.add_argument_group("re-ranking (off by default; benchmarks/RESULTS.md section 10)")
+    g = p.add_argument_group("re-ranking (off by default; benchmarks/results/reranking.md)")
     g.add_argument("--qe", type=_non_negative, default=0, metavar="K",
                    help="query expansion: also score the windows of the K best images as queries and "
                    "average the distances with alpha-QE weights (default 0 = off)")

@@ -45,7 +45,7 @@ def add_ray_arg(parser) -> None:
 
 
 def add_extractor_args(parser: argparse.ArgumentParser, *, search: bool = True) -> None:
-    """Add the extractor flags of SPEC section 2 to a parser (retrieval, classify, benchmarks)."""
+    """Add the extractor flags of docs/cli.md section 2 to a parser (retrieval, classify, benchmarks)."""
     g = parser.add_argument_group("extractor")
     g.add_argument("--backbone", default="resnet50", help="torchvision architecture (default resnet50)")
     g.add_argument(

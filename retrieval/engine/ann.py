@@ -9,7 +9,7 @@ The layout index holds one vector per image: its windows laid end to end in thei
 order (levels 1..4, row-major), ids = image ids. Its inner product sums the evidence of
 every window pair in the same place, which a window's own neighbours cannot: where
 near-duplicates are barely nearer than the crowd window by window, the window index
-loses most of them and the layout index finds them (RESULTS.md section 8). It proposes
+loses most of them and the layout index finds them (benchmarks/results/scale.md). It proposes
 candidates beside the window index, for queries described at the database's levels.
 
 Without `--index-type`, the structure follows the collection (`auto_factory`): an IVF
@@ -79,7 +79,7 @@ def auto_factory(windows: int, dim: int) -> str:
 
 def layout_factory(patches: int, dim: int) -> str | None:
     """Fast-scan PQ over images' laid-out windows: one 4-bit code per `patches` dimensions
-    (dim / 2 bytes per image; measured against coarser codes in RESULTS.md section 8).
+    (dim / 2 bytes per image; measured against coarser codes in benchmarks/results/scale.md).
     None for one window per image, which the window index covers already."""
     return f"PQ{dim}x4fs" if patches > 1 else None
 

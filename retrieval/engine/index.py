@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import kernel, writer
-from .ann import RETRAIN_GROWTH, FactoryError, check_factory, faiss_device, gpu_capable, is_flat
+from .ann import FactoryError, check_factory, faiss_device, gpu_capable, is_flat
 from ..config import EXACT_LIMIT, ConfigError, ExtractorConfig, RuntimeConfig, SearchConfig, SearchOptions, file_digest
 from ..extraction.extractor import Extractor, Skipped
 from ..extraction.factory import make_extractor
@@ -41,6 +41,7 @@ from ..fileio import write_text
 from ..extraction.images import expand_inputs
 from .manifest import Entry, Manifest
 from .neighbours import Neighbours
+from .policy import WritePolicy
 from ..extraction.patches import level_names, level_regions
 from .query import K_NOT_GIVEN, Hit, QueryResult, answer_queries, search_options
 from .search import rank, rank_query
@@ -99,9 +100,11 @@ class Index:
     >>> idx.search(["query.jpg"], k=5)  # doctest: +SKIP
     """
 
-    def __init__(self, path: str | Path, meta: dict, runtime: RuntimeConfig | None = None) -> None:
+    def __init__(self, path: str | Path, meta: dict, runtime: RuntimeConfig | None = None,
+                 policy: WritePolicy | None = None) -> None:
         self.path = Path(path)
         self.meta = meta
+        self.policy = policy or WritePolicy()
         self.extractor_config = ExtractorConfig.from_dict(meta["extractor"])
         self.search_config = SearchConfig.from_dict(meta["search"])
         self.index_type: str | None = meta.get("index_type")
@@ -123,12 +126,14 @@ class Index:
         store: str | Path | None = None,
         whiten_on: Sequence[str] | None = None,
         runtime: RuntimeConfig | None = None,
+        policy: WritePolicy | None = None,
     ) -> "Index":
         """Create an index directory, or reopen it if it exists with the same configuration.
 
         Reopening is what lets an interrupted `build` resume; a different configuration
         on an existing index is refused rather than mixed. Everything is checked before
-        anything is written, so a refused call leaves nothing behind.
+        anything is written, so a refused call leaves nothing behind. `policy` sets when
+        the writer merges, re-fits and re-trains (default: `WritePolicy()`).
         """
         path = Path(path)
         search = search or SearchConfig()
@@ -146,7 +151,7 @@ class Index:
             "whiten_on": [_absolute_input(w) for w in whiten_on] if whiten_on else None,
         })
         if (path / "index.json").exists():
-            existing = cls.open(path, runtime=runtime)
+            existing = cls.open(path, runtime=runtime, policy=policy)
             keys = ("extractor", "search", "index_type", "whiten_on")
             differ = [k for k in keys if _normalised(existing.meta.get(k)) != meta[k]]
             if differ:
@@ -157,7 +162,7 @@ class Index:
             return existing
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise IndexUsageError(f"{path} exists and is not an index; choose an empty or new directory")
-        index = cls(path, meta, runtime)
+        index = cls(path, meta, runtime, policy)
         # Load the network and open the store before writing anything, so that a bad
         # layer, tensor, weights name or store path leaves no index behind.
         index.extractor.load()
@@ -170,7 +175,8 @@ class Index:
         return index
 
     @classmethod
-    def open(cls, path: str | Path, *, runtime: RuntimeConfig | None = None) -> "Index":
+    def open(cls, path: str | Path, *, runtime: RuntimeConfig | None = None,
+             policy: WritePolicy | None = None) -> "Index":
         """Open an existing index directory (IndexUsageError if it is not one)."""
         path = Path(path)
         meta_file = path / "index.json"
@@ -178,7 +184,7 @@ class Index:
             if (path / "shards.json").is_file():
                 raise IndexUsageError(
                     f"{path} holds the shards of a split index: `retrieval query` and `info` take it "
-                    "(Python: retrieval.sharded.ShardedIndex); add to or remove from the source index, then split again"
+                    "(Python: retrieval.ShardedIndex); add to or remove from the source index, then split again"
                 )
             raise IndexUsageError(f"{path} is not an index (no index.json); create one with `retrieval build`")
         try:
@@ -190,7 +196,7 @@ class Index:
                     f"{path}: index format {meta.get('format')!r} is not supported by this version "
                     f"(it reads {FORMAT_VERSION})"
                 )
-            return cls(path, meta, runtime)
+            return cls(path, meta, runtime, policy)
         except (ValueError, KeyError, TypeError) as err:
             raise IndexUsageError(
                 f"{path} is not a valid index: index.json is damaged ({type(err).__name__}: {err}); "
@@ -345,48 +351,49 @@ class Index:
         with self._writing():
             self.meta["index_type"] = self.index_type = factory
             write_text(self.path / "index.json", json.dumps(self.meta, indent=2, sort_keys=True))
-            writer.refresh(self, progress=False, retrain=True)
+            writer.refresh(self._writer_inputs(), progress=False, retrain=True)
         self._view = None
 
     def _publish(self, progress: bool) -> None:
         try:
-            writer.refresh(self, progress=progress)
+            writer.refresh(self._writer_inputs(progress), progress=progress)
         except writer.StoreGap as err:
             raise IndexUsageError(str(err)) from None
         self._view = None
 
-    # -- raw descriptors (for the writer) -----------------------------------------------
-    def raw_descriptors(self, digests: list[str]) -> dict[str, np.ndarray]:
-        """Stored raw descriptors [P, C] of images by digest; StoreGap naming the image if absent."""
-        names = level_names(self.search_config.levels)
-        found = self.store.get_many(digests, self.extractor.key, names)
-        missing = [d for d in digests if d not in found]
-        if missing:
-            entries = self.manifest.by_digest(missing[0])
-            where = entries[0].path if entries else missing[0]
-            raise writer.StoreGap(
-                f"the feature store {self.store.path} lacks the descriptors of {where} "
-                f"({len(missing)} image(s) in all), so {self.path} cannot be rebuilt from it; "
-                f"run `retrieval remove {self.path} {where}` then `retrieval add {self.path} {where}` "
-                "(or point index.json at the store the index was built with)"
-            )
-        return found
+    def _writer_inputs(self, progress: bool = False) -> writer.WriterInputs:
+        shared = self.meta.get("shared_whitening")
+        sources = self.meta.get("whiten_on")
+        return writer.WriterInputs(
+            directory=self.path,
+            manifest=self.manifest,
+            store=self.store,
+            extractor_key=self.extractor.key,
+            windows=tuple(level_names(self.search_config.levels)),
+            patches=self.patches_per_image,
+            pca_dim=self.search_config.pca_dim,
+            index_type=self.index_type,
+            device=self.runtime.device,
+            policy=self.policy,
+            shared_whitening=self.path / shared if shared else None,
+            whiten_on=(lambda: self._store_whiten_on(sources, progress)) if sources else None,
+        )
 
-    def describe_sources(self, sources: Sequence[str], *, progress: bool) -> dict[str, np.ndarray]:
-        """Raw descriptors [P, C] of the `whiten_on` images by digest (extracted if needed)."""
+    def _store_whiten_on(self, sources: Sequence[str], progress: bool) -> list[str]:
+        """Describe the `--whiten-on` images into the store (what is stored is not
+        extracted again); their digests."""
         names = level_names(self.search_config.levels)
         try:
             paths = expand_inputs(sources)
         except FileNotFoundError as err:
             raise IndexUsageError(f"--whiten-on: {err}") from None
-        out = {
-            f.digest: np.concatenate([f.descriptors[n] for n in names])
-            for f in describe(paths, self.extractor, self.store, names, progress=progress, desc="whiten-on")
+        digests = [
+            f.digest for f in describe(paths, self.extractor, self.store, names, progress=progress, desc="whiten-on")
             if isinstance(f, ImageFeatures)
-        }
-        if not out:
+        ]
+        if not digests:
             raise IndexUsageError(f"--whiten-on {' '.join(sources)}: no readable images")
-        return out
+        return digests
 
     # -- reading ------------------------------------------------------------------------
     def view(self) -> View:
@@ -477,7 +484,7 @@ class Index:
         in `QueryResult.error`; it is also appended to `skipped` as {"path", "reason"}
         when a list is given.
 
-        Re-ranking (off by default; `benchmarks/RESULTS.md` section 10): `qe` > 0 also
+        Re-ranking (off by default; `benchmarks/results/reranking.md`): `qe` > 0 also
         scores the windows of the `qe` best images as queries and averages the distances
         (alpha-QE weights, exponent `qe_alpha`); `dba` > 0 averages each image's distance
         with its `dba` nearest neighbours' (computed by `build_neighbours`). Then a hit's
@@ -592,7 +599,7 @@ class Index:
             "extractor": self.extractor_config.describe(),
             "search": self.search_config.to_dict(),
             "index_type": (state.ann or {}).get("factory") or self.index_type or "exact",
-            "structure": _structure(state, self.index_type),
+            "structure": _structure(state, self.index_type, self.policy),
             "segments": len(state.segments),
             "removed_pending": (state.dead or {}).get("count", 0),
             "whitening": None if whitening is None else {
@@ -600,8 +607,9 @@ class Index:
                 "source": state.whitening.get("source"),
                 "sample_images": state.whitening.get("sample_images"),
                 "fitted_at_images": state.whitening.get("images"),
-                "refit": _refit_policy(state.whitening),
+                "refit": self.policy.refit_rule(state.whitening),
             },
+            "policy": self.policy.describe(),
             "neighbours": _neighbours_info(self.path, state),
             # Fast-scan codes have no GPU implementation: such a structure searches on the CPU.
             "faiss_device": faiss_device(self.runtime.device) if state.ann is None or gpu_capable(state.ann["factory"])
@@ -631,12 +639,12 @@ def _neighbours_info(path: Path, state: State) -> dict | None:
     return {**found.meta, "up_to_date": found.meta.get("generation") == state.generation}
 
 
-def _structure(state: State, user: str | None) -> dict:
+def _structure(state: State, user: str | None, policy: WritePolicy) -> dict:
     """Which search structure answers queries, and why (for `retrieval info`)."""
     if state.ann is not None:
         why = "set by --index-type" if not state.ann.get("auto") else (
-            f"chosen for {state.ann['windows']} windows (more than {EXACT_LIMIT} images); "
-            f"re-trained after {RETRAIN_GROWTH}-fold growth"
+            f"chosen for {state.ann['windows']} windows (more than {policy.ann_min_images} images); "
+            f"re-trained after {policy.retrain_growth}-fold growth"
         )
         return {"search": "candidates", "factory": state.ann["factory"], "reason": why,
                 "layout_factory": state.ann.get("layout_factory"), "exact_limit": EXACT_LIMIT}
@@ -645,18 +653,9 @@ def _structure(state: State, user: str | None) -> dict:
     elif state.note:
         why = state.note
     else:
-        why = f"{state.images} images: up to {EXACT_LIMIT} the kernel scores every image exactly, faster than candidates"
+        why = (f"{state.images} images: up to {policy.ann_min_images} the kernel scores every image exactly, "
+               "faster than candidates")
     return {"search": "exact", "factory": None, "reason": why, "exact_limit": EXACT_LIMIT}
-
-
-def _refit_policy(info: dict) -> str:
-    if info.get("source") == "shared":
-        return "fixed: shared by every shard of a split index"
-    if info.get("source") != "database":
-        return "fixed: learned on --whiten-on images"
-    if info["sample_images"] >= writer.WHITEN_SAMPLE_IMAGES:
-        return f"fixed: the sample is full ({writer.WHITEN_SAMPLE_IMAGES} images)"
-    return f"re-fitted when the collection reaches {writer.REFIT_GROWTH * info['images']} images"
 
 
 def _normalised(value):

@@ -29,7 +29,7 @@ import numpy as np
 
 from . import kernel
 from .ann import WINDOW_BITS
-from ..config import DEFAULT_AGGREGATE, LAYOUT_K, NPROBE, SearchOptions
+from ..config import DEFAULT_AGGREGATE, LAYOUT_K, NPROBE, SearchOptions  # noqa: F401 - NPROBE, LAYOUT_K: their old home
 from .neighbours import Neighbours, qe_weight
 from .snapshot import View
 

@@ -153,9 +153,9 @@ class View:
         """Load the FAISS structures and ask the OS to read the segments into its page cache.
 
         Candidates' rows are scattered over every segment, so a query on a cold cache
-        pays a disk read per candidate (measured at 1,000,000 images: RESULTS.md section
-        8). The read-ahead runs in a background thread and only when the segments fit in
-        WARM_MEMORY_FRACTION of the memory available.
+        pays a disk read per candidate (measured at 1,000,000 images:
+        benchmarks/results/scale.md). The read-ahead runs in a background thread and only
+        when the segments fit in WARM_MEMORY_FRACTION of the memory available.
         Returns the bytes asked for (0 when they do not fit).
         """
         self.ann, self.layout  # noqa: B018 - loads them

@@ -6,7 +6,7 @@ weights, and even with enough windows it flattens the very directions that tell 
 collection's objects apart (paris6k-mini, one window per image, 250 images: mAP 33
 whitened against 82 without). So the eigenvalues are shrunk towards their mean by a
 factor that falls as the sample grows (`shrinkage="auto"`, measured in
-benchmarks/RESULTS.md), and a sample too small to estimate anything is not whitened at
+benchmarks/results/whitening.md), and a sample too small to estimate anything is not whitened at
 all. The covariance is accumulated chunk by chunk, so a fit needs memory for one chunk
 and one d x d matrix, whatever the sample.
 """
@@ -24,11 +24,11 @@ from threadpoolctl import ThreadpoolController
 from ..fileio import replacing
 
 # Below this many windows per input dimension nothing is estimated: the whitening is the
-# identity (L2 only). Above, shrinkage = min(1, SHRINK_SCALE * d / n) (RESULTS.md, whitening).
+# identity (L2 only). Above, shrinkage = min(1, SHRINK_SCALE * d / n) (benchmarks/results/whitening.md).
 MIN_WINDOWS_PER_DIM = 0.05
 SHRINK_SCALE = 4.0
 # Up to this many rows (a query's windows) the projection runs on one BLAS thread: waking
-# the others cost more than the product (RESULTS.md section 8: 67 ms against 2 ms for a
+# the others cost more than the product (benchmarks/results/scale.md: 67 ms against 2 ms for a
 # 30 x 1280 query on 2 busy cores); the writer's chunks of thousands of rows use them all.
 SINGLE_THREAD_ROWS = 1024
 

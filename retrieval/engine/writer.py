@@ -1,21 +1,22 @@
 """The one writer's work: bring an index's derived files up to its manifest, and publish.
 
 Called with the index's write lock held, after images were added to or removed from the
-manifest. Its cost follows the change, not the collection: new images are whitened from
-the feature store into one new segment and appended to the FAISS structure; removed
-images become tombstones. Bigger rewrites happen by policy, each bounded in total:
+manifest. Everything it reads comes in one explicit value, `WriterInputs` (the index's
+directory, manifest, feature store, settings and `WritePolicy`); it never reaches back
+into the `Index`. Its cost follows the change, not the collection: new images are
+whitened from the feature store into one new segment and appended to the FAISS
+structures; removed images become tombstones. Bigger rewrites happen by the rules of
+`policy.WritePolicy`:
 
-- whitening: fitted on the windows of at most `WHITEN_SAMPLE_IMAGES` images (those with
+- whitening: fitted on the windows of at most `whiten_sample_images` images (those with
   the smallest content digests, so the same collection always gives the same sample, an
-  interrupted build the same whitening as an uninterrupted one), and re-fitted whenever
-  the collection has doubled since the last fit until the sample is full; a re-fit
-  re-whitens every stored image (geometric growth: amortised O(1) per image).
-- segments: tiered merging (`MERGE_FACTOR` segments of one size tier become one), and a
-  segment a quarter of whose images are removed is rewritten without them.
-- FAISS: none up to `EXACT_LIMIT` images (the kernel scores them all); above, an IVF
+  interrupted build the same whitening as an uninterrupted one), and re-fitted on growth
+  until the sample is full; a re-fit re-whitens every stored image.
+- segments: tiered merging, and compaction of segments with many removed images.
+- FAISS: none up to `ann_min_images` images (the kernel scores them all); above, an IVF
   fast-scan PQ structure over windows chosen by size and, beside it, the layout index
   (one vector per image, `ann.layout_factory`), both trained on one sample and re-trained
-  after 4-fold growth.
+  after growth.
 
 A derived file found missing or damaged is rebuilt from the feature store; raw
 descriptors missing from the store are an error that names the image and the fix.
@@ -23,26 +24,20 @@ descriptors missing from the store are an error that names the image and the fix
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
-from .ann import (LAYOUT_MIN_IMAGES, LAYOUT_TRAIN_IMAGES, RETRAIN_GROWTH, VectorIndex, auto_factory, is_flat,
-                  layout_factory, training_size, window_ids)
-from ..config import EXACT_LIMIT
+from ..extraction.store import FeatureStore
+from .ann import VectorIndex, auto_factory, is_flat, layout_factory, training_size, window_ids
+from .manifest import Manifest
+from .policy import WritePolicy
 from .segments import DamagedFile, load_npy, open_segment, save_npy, write_segment
 from .snapshot import State, publish, read_state
 from .whitening import PCAWhitening
 
-if TYPE_CHECKING:
-    from .index import Index
-
-WHITEN_SAMPLE_IMAGES = 2048
-REFIT_GROWTH = 2
-MERGE_FACTOR = 4
-COMPACT_DEAD_FRACTION = 0.25
-ANN_PURGE_FRACTION = 0.2
 CHUNK_IMAGES = 512
 
 
@@ -54,23 +49,48 @@ class SharedWhiteningGap(StoreGap):
     """A shard's shared whitening is unreadable: the shard cannot be derived."""
 
 
-def refresh(index: "Index", *, progress: bool = False, retrain: bool = False) -> State:
+@dataclass(frozen=True)
+class WriterInputs:
+    """What the writer reads and obeys, as values.
+
+    `windows` names the stored descriptor sets of an image (one per level) and `patches`
+    counts their windows; `whiten_on`, when the whitening is learned on other images,
+    describes those into the store on call and returns their digests (called only when
+    a fit is due, so an index whose whitening is fitted never needs those files again);
+    `shared_whitening` is the file a shard loads instead of fitting its own."""
+
+    directory: Path
+    manifest: Manifest
+    store: FeatureStore
+    extractor_key: str
+    windows: tuple[str, ...]
+    patches: int
+    pca_dim: int
+    index_type: str | None
+    device: str
+    policy: WritePolicy = WritePolicy()
+    shared_whitening: Path | None = None
+    whiten_on: Callable[[], list[str]] | None = None
+
+
+def refresh(inputs: WriterInputs, *, progress: bool = False, retrain: bool = False) -> State:
     """Publish a state that matches the manifest (caller holds the write lock).
     `retrain` rebuilds the FAISS structure (after a change of `--index-type`)."""
-    return _Writer(index, progress, retrain).run()
+    return _Writer(inputs, progress, retrain).run()
 
 
 class _Writer:
-    def __init__(self, index: "Index", progress: bool, retrain: bool = False) -> None:
-        self.index = index
+    def __init__(self, inputs: WriterInputs, progress: bool, retrain: bool = False) -> None:
+        self.inputs = inputs
+        self.policy = inputs.policy
         self.retrain = retrain
-        self.dir: Path = index.path
-        self.patches = index.patches_per_image
+        self.dir: Path = inputs.directory
+        self.patches = inputs.patches
         self.progress = progress
 
     # -- the whole pass -------------------------------------------------------------------
     def run(self) -> State:
-        generation, live = self.index.manifest.snapshot_ids()
+        generation, live = self.inputs.manifest.snapshot_ids()
         state = self._published()
         state.generation, state.images = generation, len(live)
         if not len(live):
@@ -115,7 +135,7 @@ class _Writer:
                 current = PCAWhitening.load(self.dir / state.whitening["file"])
             except ValueError as err:
                 self._say(f"{err}; fitting the whitening again and re-whitening every image")
-        if current is not None and not self._refit_due(state.whitening, images):
+        if current is not None and not self.policy.refit_due(state.whitening, images):
             return current
         whitening, info = self._fit(images)
         name = state.new_name("whitening", ".npz")
@@ -124,36 +144,25 @@ class _Writer:
         state.segments, state.dead, state.ann = [], None, None
         return whitening
 
-    def _refit_due(self, info: dict, images: int) -> bool:
-        return (
-            info.get("source") == "database"
-            and info["sample_images"] < WHITEN_SAMPLE_IMAGES
-            and images >= REFIT_GROWTH * info["images"]
-        )
-
     def _fit(self, images: int) -> tuple[PCAWhitening, dict]:
-        shared = self.index.meta.get("shared_whitening")
-        if shared:
+        path = self.inputs.shared_whitening
+        if path is not None:
             # A shard never fits its own: its distances must stay comparable with the
             # other shards' (retrieval/engine/sharded.py).
-            path = self.dir / shared
             try:
                 whitening = PCAWhitening.load(path)
             except (OSError, ValueError) as err:
                 raise SharedWhiteningGap(f"{path}: the whitening shared by every shard is unreadable "
                                          f"({err}); run `retrieval split` again") from None
             return whitening, {"images": images, "sample_images": 0, "source": "shared"}
-        pca_dim = self.index.search_config.pca_dim
-        sources = self.index.meta.get("whiten_on")
-        if sources:
-            raws = self.index.describe_sources(sources, progress=self.progress)
-            digests = sorted(raws)[:WHITEN_SAMPLE_IMAGES]
-            whitening = PCAWhitening(pca_dim).fit_chunks(raws[d] for d in digests)
+        sample = self.policy.whiten_sample_images
+        if self.inputs.whiten_on is not None:
+            digests = sorted(set(self.inputs.whiten_on()))[:sample]
             source = "whiten_on"
         else:
-            digests = self.index.manifest.smallest_digests(WHITEN_SAMPLE_IMAGES)
-            whitening = PCAWhitening(pca_dim).fit_chunks(self._raw_chunks(digests))
+            digests = self.inputs.manifest.smallest_digests(sample)
             source = "database"
+        whitening = PCAWhitening(self.inputs.pca_dim).fit_chunks(self._raw_chunks(digests))
         return whitening, {"images": images, "sample_images": len(digests), "source": source}
 
     # -- segments -------------------------------------------------------------------------
@@ -183,12 +192,7 @@ class _Writer:
         while True:
             opened = [open_segment(self.dir, s["name"], s["images"], self.patches, dim) for s in state.segments]
             alive = [np.isin(seg.ids, live) for seg in opened]
-            picks = [i for i, a in enumerate(alive) if len(a) and 1 - a.mean() >= COMPACT_DEAD_FRACTION]
-            if not picks:
-                tiers: dict[int, list[int]] = {}
-                for i, seg in enumerate(opened):
-                    tiers.setdefault(_tier(seg.images), []).append(i)
-                picks = next((group for _, group in sorted(tiers.items()) if len(group) >= MERGE_FACTOR), [])
+            picks = self.policy.segments_to_rewrite([len(a) for a in alive], [int((~a).sum()) for a in alive])
             if not picks:
                 return
             ids = np.concatenate([opened[i].ids[alive[i]] for i in picks])
@@ -203,13 +207,14 @@ class _Writer:
     # -- FAISS ----------------------------------------------------------------------------
     def _ann(self, state: State, live: np.ndarray, new: np.ndarray, dim: int) -> None:
         state.note = None
-        user = self.index.index_type
-        if is_flat(user) or (user is None and len(live) <= EXACT_LIMIT):
+        user = self.inputs.index_type
+        if is_flat(user) or (user is None and not self.policy.wants_candidates(len(live))):
             state.ann = None
             return
         windows = len(live) * self.patches
         loaded = None
-        due = self.retrain or (state.ann is not None and state.ann["auto"] and windows >= RETRAIN_GROWTH * state.ann["windows"])
+        due = self.retrain or (state.ann is not None and state.ann["auto"]
+                               and self.policy.retrain_due(state.ann["windows"], windows))
         if state.ann is not None and not due:
             try:
                 loaded = self._load_ann(state.ann)
@@ -217,7 +222,7 @@ class _Writer:
                 self._say(f"{err}; training the FAISS structures again")
         if loaded is None:
             factory = user or auto_factory(windows, dim)
-            ann = VectorIndex(dim, factory, self.index.runtime.device)
+            ann = VectorIndex(dim, factory, self.inputs.device)
             try:
                 ann.train(self._training_sample(state, live, dim, training_size(factory)))
             except ValueError as err:
@@ -234,9 +239,9 @@ class _Writer:
             if fresh:
                 layout = fresh
                 self._add_to_ann(None, layout, state, live, dim)
-            if ann.ntotal - windows > ANN_PURGE_FRACTION * ann.ntotal:
+            if self.policy.purge_due(ann.ntotal, windows):
                 ann.remove_not_in(window_ids(live, self.patches))
-            if layout is not None and layout.ntotal - len(live) > ANN_PURGE_FRACTION * layout.ntotal:
+            if layout is not None and self.policy.purge_due(layout.ntotal, len(live)):
                 layout.remove_not_in(live)
         name = state.new_name("ann", ".faiss")
         ann.save(self.dir / name)
@@ -248,7 +253,7 @@ class _Writer:
     def _load_ann(self, info: dict) -> tuple[VectorIndex, VectorIndex | None]:
         """The published window index (ValueError naming it when missing or damaged) and
         layout index (None when there is none or it is damaged: it is built again)."""
-        device = self.index.runtime.device
+        device = self.inputs.device
         ann = VectorIndex.load(self.dir / info["file"], info["factory"], device)
         if not info.get("layout"):
             return ann, None
@@ -259,13 +264,13 @@ class _Writer:
             return ann, None
 
     def _new_layout(self, state: State, live: np.ndarray, dim: int) -> VectorIndex | None:
-        """A trained, empty layout index; None below LAYOUT_MIN_IMAGES images (its 4-bit
-        codebooks need them, and the window index alone finds so few images' mates)."""
+        """A trained, empty layout index; None below the policy's minimum size (its 4-bit
+        codebooks need that many images)."""
         factory = layout_factory(self.patches, dim)
-        if factory is None or len(live) < LAYOUT_MIN_IMAGES:
+        if factory is None or not self.policy.wants_layout(len(live)):
             return None
-        layout = VectorIndex(self.patches * dim, factory, self.index.runtime.device)
-        sample = self._training_sample(state, live, dim, LAYOUT_TRAIN_IMAGES * self.patches)
+        layout = VectorIndex(self.patches * dim, factory, self.inputs.device)
+        sample = self._training_sample(state, live, dim, self.policy.layout_train_images * self.patches)
         layout.train(sample.reshape(-1, self.patches * dim))
         return layout
 
@@ -295,17 +300,33 @@ class _Writer:
         return [open_segment(self.dir, s["name"], s["images"], self.patches, dim) for s in state.segments]
 
     # -- raw descriptors ------------------------------------------------------------------
+    def _raw(self, digests: list[str]) -> dict[str, np.ndarray]:
+        """Stored raw descriptors [P, C] of images by digest; StoreGap naming the image if absent."""
+        store = self.inputs.store
+        found = store.get_many(digests, self.inputs.extractor_key, list(self.inputs.windows))
+        missing = [d for d in digests if d not in found]
+        if missing:
+            entries = self.inputs.manifest.by_digest(missing[0])
+            where = entries[0].path if entries else missing[0]
+            raise StoreGap(
+                f"the feature store {store.path} lacks the descriptors of {where} "
+                f"({len(missing)} image(s) in all), so {self.dir} cannot be rebuilt from it; "
+                f"run `retrieval remove {self.dir} {where}` then `retrieval add {self.dir} {where}` "
+                "(or point index.json at the store the index was built with)"
+            )
+        return found
+
     def _raw_chunks(self, digests: list[str]) -> Iterator[np.ndarray]:
         for start in range(0, len(digests), CHUNK_IMAGES):
             chunk = digests[start:start + CHUNK_IMAGES]
-            found = self.index.raw_descriptors(chunk)
+            found = self._raw(chunk)
             yield np.concatenate([found[d] for d in chunk])
 
     def _whitened(self, ids: np.ndarray, whitening: PCAWhitening) -> Iterator[np.ndarray]:
-        digest_of = self.index.manifest.digests(ids)
+        digest_of = self.inputs.manifest.digests(ids)
         for start in range(0, len(ids), CHUNK_IMAGES):
             chunk = [digest_of[i] for i in ids[start:start + CHUNK_IMAGES].tolist()]
-            found = self.index.raw_descriptors(chunk)
+            found = self._raw(chunk)
             yield whitening.transform(np.concatenate([found[d] for d in chunk]))
 
     def _say(self, message: str) -> None:
@@ -316,11 +337,6 @@ def _chunks(rows: np.ndarray) -> Iterator[np.ndarray]:
     """Row numbers in pieces small enough to hold in memory."""
     for start in range(0, len(rows), CHUNK_IMAGES):
         yield rows[start:start + CHUNK_IMAGES]
-
-
-def _tier(images: int) -> int:
-    """Size tier of a segment: segments within a factor MERGE_FACTOR share one."""
-    return int(np.log(max(images, 1)) / np.log(MERGE_FACTOR))
 
 
 def _highest_file_number(directory: Path) -> int:

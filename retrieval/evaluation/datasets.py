@@ -1,4 +1,4 @@
-"""Loaders for the standard image-retrieval benchmarks (SPEC section 4).
+"""Loaders for the standard image-retrieval benchmarks (docs/cli.md section 18).
 
 ``load_dataset(name, root)`` lists the files of a benchmark laid out as its
 official archive unpacks and returns a :class:`Dataset`: the database images

@@ -1,4 +1,4 @@
-"""The official retrieval metrics (SPEC section 4).
+"""The official retrieval metrics (docs/cli.md section 18).
 
 Average precision
 -----------------

@@ -46,7 +46,7 @@ class Thumb:
 def thumbnail(path: str | Path, max_side: int = THUMB_SIDE) -> Thumb:
     """Decode `path` (as indexing does: EXIF-upright RGB) and shrink it to `max_side` pixels.
 
-    Raises retrieval.images.ImageError with the reason when the file cannot be decoded.
+    Raises retrieval.extraction.images.ImageError with the reason when the file cannot be decoded.
     """
     img = load_rgb(path)
     width, height = img.size

@@ -1,4 +1,4 @@
-"""`retrieval serve`: the search page and a JSON API over one index (SPEC §3).
+"""`retrieval serve`: the search page and a JSON API over one index (docs/cli.md section 13).
 
 The index and its network are loaded once, when the app is created. Images are only
 ever read by manifest id: no request can name a file to read. Uploaded query images
@@ -103,7 +103,7 @@ class IndexWorker:
     def __init__(self, index_dir: str | Path, runtime: RuntimeConfig | None = None) -> None:
         # A query whitens a handful of vectors, too few for BLAS threads to pay for waking
         # up: on the shared 2-core machine they made a store-hit search ~4x slower (about
-        # 34 ms against 8.5 ms; benchmarks/RESULTS.md, section 7). The limit is process-wide,
+        # 34 ms against 8.5 ms; benchmarks/results/serve.md). The limit is process-wide,
         # which suits a server process; the network and the kernel keep their own threads.
         threadpool_limits(1, user_api="blas")
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval-index")
@@ -326,7 +326,7 @@ def _png(path: str) -> bytes:
 
 
 def _search(idx, path: str, crop: tuple | None, options: SearchOptions) -> dict:
-    """One query on the index thread: the SPEC query JSON, each hit with its id and size."""
+    """One query on the index thread: the query JSON of docs/cli.md section 5, each hit with its id and size."""
     from ..engine.index import IndexUsageError
 
     item = path if crop is None else (path, crop)
