@@ -1,11 +1,16 @@
 """Shared fixtures: generated images, a tiny random-init extractor, ../shared when present."""
 from __future__ import annotations
 
+import contextlib
 import os
+import select
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -82,3 +87,48 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300,
         [sys.executable, "-m", module, *args],
         capture_output=True, text=True, env=full_env, timeout=timeout,
     )
+
+
+@contextlib.contextmanager
+def paused_at(args: list[str], point: str, n: int, workdir: Path, *, env: dict | None = None,
+              timeout: float = 240) -> Iterator[subprocess.Popen]:
+    """Run `args` with the pause hook set (retrieval/engine/pause.py) and yield the process
+    while it is held the `n`-th time it reaches `point`: the caller knows exactly what it
+    has done. Leaving the block lets it go on (the caller may have killed it instead);
+    an error inside the block kills it. Fails, with its stderr, if it exits or times out
+    before the point. Its output is in the files `proc.out_file` and `proc.err_file`."""
+    fifo = workdir / f"pause-{point}-{n}-{time.monotonic_ns()}"
+    os.mkfifo(fifo)
+    # O_RDWR never blocks on Linux, and holding a reader lets the hook's open succeed.
+    fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    full_env = {**os.environ, **(env or {}), "RETRIEVAL_PAUSE": f"{point}:{n}:{fifo}"}
+    out_file, err_file = Path(f"{fifo}.stdout"), Path(f"{fifo}.stderr")
+    proc = None
+    try:
+        with open(out_file, "w") as out, open(err_file, "w") as err:
+            proc = subprocess.Popen(args, stdout=out, stderr=err, env=full_env)
+        proc.out_file, proc.err_file = out_file, err_file
+        deadline = time.monotonic() + timeout
+        # Wait for the hook's line; wake up now and then only to notice an early exit.
+        while not select.select([fd], [], [], 0.5)[0]:
+            assert proc.poll() is None, f"exited ({proc.returncode}) before {point} {n}: {err_file.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"{point} {n} not reached in {timeout} s"
+        assert os.read(fd, 256).decode() == f"{point} {n} {proc.pid}\n"
+        yield proc
+    except BaseException:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        raise
+    finally:
+        os.close(fd)  # the hook goes on once no reader is left
+
+
+def kill_at_pause(args: list[str], point: str, n: int, workdir: Path, *, env: dict | None = None,
+                  timeout: float = 240) -> None:
+    """Run `args` until it reaches `point` for the `n`-th time (`paused_at`) and SIGKILL it
+    there: the caller then knows exactly what it had done."""
+    with paused_at(args, point, n, workdir, env=env, timeout=timeout) as proc:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL

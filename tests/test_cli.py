@@ -1,16 +1,13 @@
 """The `retrieval` CLI contract (docs/cli.md sections 1-10): JSON fields, exit codes, bad inputs, kill -9."""
 import json
 import os
-import signal
 import struct
-import subprocess
 import sys
-import time
 import zlib
 
 import pytest
 
-from conftest import manifest_count, SELF_DISTANCE, TINY_FLAGS, make_scene, run_cli
+from conftest import kill_at_pause, manifest_count, SELF_DISTANCE, TINY_FLAGS, make_scene, run_cli
 
 REPORT_FIELDS = {"index", "added", "already_present", "removed", "skipped", "images", "seconds"}
 
@@ -104,27 +101,20 @@ def test_kill_9_during_build_then_info_then_add_completes(tmp_path, store_env, k
     for i in range(n):
         make_scene(100 + i, size=(96, 72)).save(folder / f"s{i:03d}.jpg")
     idx = tmp_path / "idx"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "retrieval.cli", "build", str(idx), str(folder), *TINY_FLAGS],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 240
-    while manifest_count(idx) < kill_after and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the build finished before it could be killed"
+    # Killed right after the kill_after-th image is committed to the manifest.
+    kill_at_pause([sys.executable, "-m", "retrieval.cli", "build", str(idx), str(folder), *TINY_FLAGS],
+                  "committed", kill_after, tmp_path)
+    assert manifest_count(idx) == kill_after
 
     info = run_cli("info", str(idx), "--json")
     assert info.returncode == 0, info.stderr
     partial = json.loads(info.stdout)
-    assert 0 < partial["images"] <= n and partial["patches"] == 5 * partial["images"]
+    assert (partial["images"], partial["patches"], partial["up_to_date"]) == (kill_after, 5 * kill_after, False)
 
     out = run_cli("add", str(idx), str(folder), "--json")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
-    assert report["images"] == n and report["added"] + report["already_present"] == n
-    assert report["already_present"] >= partial["images"]
+    assert (report["images"], report["added"], report["already_present"]) == (n, n - kill_after, kill_after)
     # No duplicates: every image is its own first hit, and appears once.
     res = run_cli("query", str(idx), str(folder / "s000.jpg"), "-k", str(n), "--json")
     hits = json.loads(res.stdout)["results"][0]["hits"]

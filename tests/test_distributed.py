@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import signal
 import sqlite3
-import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from retrieval import ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchCo
 from retrieval.cli import app as cli
 from retrieval.engine.sharded import ShardedIndex, split_index
 
-from conftest import TINY_FLAGS, make_scene, manifest_count, run_cli
+from conftest import TINY_FLAGS, kill_at_pause, make_scene, manifest_count, run_cli
 
 CONFIG = ExtractorConfig(backbone="resnet18", weights="none", input_spec=InputSpec(size=(64, 64)))
 SEARCH = SearchConfig(levels=(1, 2), pca_dim=16)
@@ -154,19 +153,14 @@ def test_ray_build_killed_then_rerun_completes_without_reextracting(tmp_path, cl
     folder = tmp_path / "imgs"
     paths = _scenes(folder, 40)
     idx, store = tmp_path / "idx", tmp_path / "s.sqlite"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "retrieval.cli", "build", str(idx), str(folder), *TINY_FLAGS,
-         "--store", str(store), "--ray", cluster],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    kill_after = random.Random().randint(1, 8)
-    deadline = time.time() + 240
-    while manifest_count(idx) < kill_after and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    seed = int(os.environ.get("RETRIEVAL_TEST_SEED", "20261203"))
+    kill_after = random.Random(seed).randint(1, 8)
+    print(f"seed {seed}: killed after image {kill_after} is committed")
+    kill_at_pause([sys.executable, "-m", "retrieval.cli", "build", str(idx), str(folder), *TINY_FLAGS,
+                   "--store", str(store), "--ray", cluster], "committed", kill_after, tmp_path)
+    assert manifest_count(idx) == kill_after
     stored = {d for d, _ in _descriptors(store)}
-    assert len(stored) < 40, "the build finished before it was killed"
+    assert kill_after <= len(stored) < 40, "the build finished before it was killed"
     sent = _dispatched(monkeypatch)
     with Index.create(idx, CONFIG, SEARCH, store=store, runtime=RuntimeConfig(batch_size=16, ray=cluster)) as index:
         report = index.add(paths, progress=False)
@@ -174,6 +168,7 @@ def test_ray_build_killed_then_rerun_completes_without_reextracting(tmp_path, cl
         top = index.search(paths[:3], k=1)
     from retrieval.config import file_digest
 
+    assert report.added == 40 - kill_after and report.already_present == kill_after
     assert len(sent) == 40 - len(stored) and not {file_digest(p) for p in sent} & stored
     assert [r.hits[0].path for r in top] == paths[:3]
 
@@ -189,20 +184,34 @@ def _describer_pids() -> list[int]:
 
 
 @needs_ray
-def test_worker_killed_mid_build_still_adds_every_image(tmp_path, cluster):
+def test_worker_killed_mid_build_still_adds_every_image(tmp_path, cluster, monkeypatch):
+    """An extraction actor is killed while the add is held right after its kill_after-th
+    image is committed (the pause hook, retrieval/engine/pause.py), then the add goes on."""
+    from retrieval.engine import pause
+
     paths = _scenes(tmp_path / "imgs", 48)
-    killed: list[int] = []
+    seed = int(os.environ.get("RETRIEVAL_TEST_SEED", "20261203"))
+    kill_after = random.Random(seed + 1).randint(1, 8)
+    print(f"seed {seed}: a worker killed after image {kill_after} is committed")
+    fifo = tmp_path / "pause"
+    os.mkfifo(fifo)
+    monkeypatch.setattr(pause, "_reached", {})
+    monkeypatch.setenv(pause.ENV, f"committed:{kill_after}:{fifo}")
+    fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # the reader the hook writes to
     index = Index.create(tmp_path / "idx", CONFIG, SEARCH, store=tmp_path / "s.sqlite",
                          runtime=RuntimeConfig(batch_size=16, ray=cluster))
+    killed: list[tuple] = []
 
     def kill_a_worker() -> None:
-        deadline = time.time() + 180
-        while time.time() < deadline and not killed:
-            pids = _describer_pids()
-            if pids and manifest_count(index.path) >= 1:  # mid-build: results are coming back
-                os.kill(pids[0], signal.SIGKILL)
-                killed.append(manifest_count(index.path))
-            time.sleep(0.05)
+        try:
+            if select.select([fd], [], [], 240)[0]:  # the add is held at the pause
+                line = os.read(fd, 256).decode()
+                pids = _describer_pids()
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append((line, manifest_count(index.path)))
+        finally:
+            os.close(fd)  # lets the add go on
 
     killer = threading.Thread(target=kill_a_worker)
     killer.start()
@@ -211,7 +220,7 @@ def test_worker_killed_mid_build_still_adds_every_image(tmp_path, cluster):
     finally:
         killer.join()
     with index:
-        assert killed and killed[0] < 48, "no worker was killed mid-build"
+        assert killed == [(f"committed {kill_after} {os.getpid()}\n", kill_after)], "no worker was killed there"
         assert (report.added, report.images, report.skipped) == (48, 48, [])
         assert [r.hits[0].path for r in index.search(paths[::12], k=1)] == paths[::12]
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from classify import cli as classify_cli
-from conftest import TINY_FLAGS, make_scene, run_cli
+from conftest import SELF_DISTANCE, TINY_FLAGS, make_scene, run_cli
 from retrieval.cli import app as retrieval_cli
 from retrieval.cli.util import EXIT_BROKEN_PIPE
 from retrieval.extraction.images import load_rgb
@@ -224,21 +224,44 @@ def test_whiten_on_is_stored_absolute(tmp_path, image_dir, store_env):
     assert out.returncode == 0, out.stderr
     meta = json.loads((tmp_path / "wo1" / "index.json").read_text())
     assert meta["whiten_on"] == [str(other)]
+    fitted = _whitening_file(tmp_path / "wo1")
+    before = np.load(fitted)
+    before = {k: before[k] for k in before.files}
+    # The whitening is fitted on the --whiten-on images again only when it must be:
+    # deleting it makes the next add fit it, from wherever that add runs.
+    fitted.unlink()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    (elsewhere / "p40").mkdir()  # a same-named folder must not be used
+    (elsewhere / "p40").mkdir()  # a same-named folder must not be used (it is empty: no readable images)
     make_scene(7).save(tmp_path / "new.jpg")
-    out = subprocess.run([sys.executable, "-m", "retrieval.cli", "add", str(tmp_path / "wo1"), str(tmp_path / "new.jpg")],
-                         cwd=elsewhere, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "retrieval.cli", "add", str(tmp_path / "wo1"), str(tmp_path / "new.jpg"),
+                          "--json"], cwd=elsewhere, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["images"] == 7
+    info = json.loads(run_cli("info", str(tmp_path / "wo1"), "--json").stdout)["whitening"]
+    assert (info["source"], info["sample_images"]) == ("whiten_on", 3)
+    after = np.load(_whitening_file(tmp_path / "wo1"))
+    assert set(after.files) == set(before)
+    for key in before:  # the same three images, the same fit
+        np.testing.assert_allclose(after[key], before[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def _whitening_file(index):
+    state = json.loads((index / "state.json").read_text())
+    return index / state["whitening"]["file"]
 
 
 def test_one_image_index_works(tmp_path, image_dir, store_env):
     idx = tmp_path / "s1"
     out = run_cli("build", str(idx), str(image_dir / "img0.jpg"), *TINY_FLAGS)
     assert out.returncode == 0, out.stderr
-    res = run_cli("query", str(idx), str(image_dir / "img0.jpg"), "--json")
-    assert res.returncode == 0 and len(json.loads(res.stdout)["results"][0]["hits"]) == 1
+    res = run_cli("query", str(idx), str(image_dir / "img0.jpg"), str(image_dir / "img1.jpg"), "--json")
+    assert res.returncode == 0, res.stderr
+    own, other = (r["hits"] for r in json.loads(res.stdout)["results"])
+    # The one image, found by itself at about distance 0 and by another image further away.
+    assert [h["path"] for h in own] == [h["path"] for h in other] == [str(image_dir / "img0.jpg")]
+    assert own[0]["distance"] < SELF_DISTANCE < other[0]["distance"]
+    assert own[0]["query_box"] == own[0]["db_box"]
 
 
 def test_remove_names_what_is_not_in_the_index_and_expands_folders(tmp_path, image_dir, store_env):

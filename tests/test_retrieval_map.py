@@ -90,7 +90,9 @@ def test_sweep_one_row_per_combination(ukbench_root, tmp_path):
                r["config"]["pca_dim"]) for r in rows}
     assert len(combos) == 6
     for r in rows:
-        assert r["metric"] == "ns" and 0.0 <= r["value"] <= 4.0
+        # random ranking: ~1.8 (see test_single_run_json_and_ns_by_hand); every
+        # configuration must do better on mirrors and crops of one scene
+        assert r["metric"] == "ns" and r["value"] > 2.0, (r["config"], r["value"])
         assert r["command"].startswith("python benchmarks/retrieval_map.py --dataset ukbench")
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ukbench")]
     assert len(table) == 6
@@ -115,7 +117,9 @@ def test_rerank_and_rotation_options_in_a_sweep(ukbench_root, tmp_path):
     rows = json.loads(out.read_text())
     combos = {(r["config"]["qe"], r["config"]["dba"], tuple(r["config"]["query_rotations"])) for r in rows}
     assert combos == {(q, d, rot) for q in (0, 2) for d in (0, 2) for rot in ((0,), (0, 90))}
-    assert all(r["config"]["rotate_queries"] == 90 and 0.0 <= r["value"] <= 4.0 for r in rows)
+    assert all(r["config"]["rotate_queries"] == 90 for r in rows)
+    # better than a random ranking (~1.8) in every combination, turned queries included
+    assert all(r["value"] > 2.0 for r in rows), [(r["command"], r["value"]) for r in rows]
     full = next(r for r in rows if r["config"]["qe"] == 2 and r["config"]["dba"] == 2
                 and r["config"]["query_rotations"] == [0, 90])
     assert "--qe 2 --dba 2 --query-rotations 0,90 --rotate-queries 90" in full["command"]

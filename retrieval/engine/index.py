@@ -49,6 +49,7 @@ from .segments import DamagedFile
 from .snapshot import State, View, read_state
 from ..extraction.store import FeatureStore, StoreError, default_store_path
 from .whitening import PCAWhitening
+from .pause import pause_hook
 
 FORMAT_VERSION = 2
 # During a long add the derived files are published after every CHECKPOINT_IMAGES new
@@ -285,6 +286,7 @@ class Index:
                 known[path] = digest
             regions = level_names(self.search_config.levels)
             published, pending = self.manifest.count(), 0
+            paused = pause_hook("committed")  # a test's kill point (retrieval/engine/pause.py); None in use
             for out in describe(
                 todo, self.extractor, self.store, regions, progress=progress, desc="index", digests=known
             ):
@@ -292,6 +294,8 @@ class Index:
                     report.skipped.append({"path": out.path, "reason": out.reason})
                     continue
                 self.manifest.add(out.path, out.digest, out.width, out.height)
+                if paused is not None:
+                    paused()
                 report.added += 1
                 pending += 1
                 if pending >= max(CHECKPOINT_IMAGES, published // CHECKPOINT_FRACTION):

@@ -20,6 +20,7 @@ import numpy as np
 
 from .ann import VectorIndex
 from ..fileio import write_text
+from .pause import pause_hook
 from .segments import DamagedFile, Segment, load_npy, open_segment
 from .whitening import PCAWhitening
 
@@ -89,6 +90,9 @@ def read_state(directory: Path) -> State | None:
 
 def publish(directory: Path, state: State) -> None:
     """Make `state` the published one (atomic), then delete derived files it does not name."""
+    paused = pause_hook("publish")  # a test's kill point (retrieval/engine/pause.py); None in use
+    if paused is not None:
+        paused()
     write_text(directory / STATE, json.dumps(state.__dict__, indent=1))
     keep = state.files()
     for path in directory.iterdir():
