@@ -341,7 +341,6 @@ def run_search(index, dataset: Dataset, query_levels, aggregate, progress: bool,
     `items` replaces the dataset's queries (same order), e.g. `rotated_queries`; `rerank`
     goes to Index.search (qe, qe_alpha, dba, query_rotations)."""
     items = items or _queries(dataset)
-    unique = list(dict.fromkeys(items))  # Index.search answers each distinct (path, crop) once
     pos_of = {os.path.realpath(p): i for i, p in enumerate(dataset.images)}
     pos_of.update({os.path.abspath(p): i for i, p in enumerate(dataset.images)})
     # Every database image is scored exactly (the index has fewer images than the ANN
@@ -350,21 +349,13 @@ def run_search(index, dataset: Dataset, query_levels, aggregate, progress: bool,
     k = max(4, top_k) if dataset.metric == "ns" else None
     skipped: list[dict] = []
     start = time.perf_counter()
-    results = index.search(unique, k=k, query_levels=query_levels, aggregate=aggregate,
+    # One result per item, in order (a repeated item is described and ranked once).
+    results = index.search(items, k=k, query_levels=query_levels, aggregate=aggregate,
                            progress=progress, skipped=skipped, **rerank)
     seconds = time.perf_counter() - start
-    by_item: dict = {}
-    skipped_paths = {s["path"] for s in skipped}
-    it = iter(results)
-    for item in unique:
-        path = item if isinstance(item, str) else item[0]
-        if path in skipped_paths:
-            continue
-        by_item[item] = next(it)
     rankings, tops = [], []
-    for item in items:
-        res = by_item.get(item)
-        if res is None:  # unreadable query: nothing retrieved (AP 0 / N-S 0)
+    for res in results:
+        if res.error is not None:  # unreadable query: nothing retrieved (AP 0 / N-S 0)
             rankings.append(np.empty(0, np.int64))
             tops.append([])
             continue

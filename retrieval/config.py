@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 POOLS = ("avg", "max", "gem")
 PATCH_MODES = ("crop", "roi")
 AGGREGATES = ("min", "mean-min")
+# mean-min: measured best on UKBench and Paris (benchmarks/results/accuracy.md); plain min lets
+# one lucky window pair decide, which ranked below the global descriptor on UKBench.
+DEFAULT_AGGREGATE = "mean-min"
 DEVICES = ("auto", "cpu", "cuda")
 LEVELS = (1, 2, 3, 4)
 ROTATIONS = (0, 90, 180, 270)  # query rotations, degrees counter-clockwise (lossless turns)
@@ -30,6 +34,8 @@ ROTATIONS = (0, 90, 180, 270)  # query rotations, degrees counter-clockwise (los
 # faster than FAISS candidates: benchmarks/results/scale.md); above, candidates.
 EXACT_LIMIT = 2_000
 QE_ALPHA = 3.0  # the exponent of alpha-QE (Radenovic et al.): near hits weigh much more than far ones
+NPROBE = 16  # IVF lists per query window: recall 0.955 against 0.85 for 8 on hard data (benchmarks/results/scale.md)
+LAYOUT_K = 128  # candidates from the layout index (benchmarks/results/scale.md)
 
 
 class ConfigError(ValueError):
@@ -213,9 +219,7 @@ class SearchConfig:
     levels: tuple[int, ...] = LEVELS
     query_levels: tuple[int, ...] | None = None
     pca_dim: int = 256
-    # mean-min: measured best on UKBench and Paris (benchmarks/results/accuracy.md); plain min lets
-    # one lucky window pair decide, which ranked below the global descriptor on UKBench.
-    aggregate: str = "mean-min"
+    aggregate: str = DEFAULT_AGGREGATE
 
     def __post_init__(self) -> None:
         for name, levels in (("--levels", self.levels), ("--query-levels", self.query_levels)):
@@ -265,6 +269,107 @@ class RuntimeConfig:
             raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
         if self.ray is not None and self.ray not in ("local", "auto") and ":" not in self.ray:
             raise ConfigError(f"--ray takes local, auto or a cluster address HOST:PORT (got {self.ray!r})")
+
+
+class SearchOptionError(ConfigError):
+    """A search option out of range: `field` names it (as a keyword of `SearchOptions`),
+    `allowed` says what it may be, `value` is what was given. The command line and the
+    server word the same verdict with their own name for the field."""
+
+    def __init__(self, field: str, allowed: str, value: Any) -> None:
+        self.field, self.allowed, self.value = field, allowed, value
+        super().__init__(f"{field} must be {allowed} (got {value!r})")
+
+
+def _whole(name: str, value: Any, minimum: int, *, optional: bool = False) -> int | None:
+    """`value` as an int >= minimum (None passes when `optional`); SearchOptionError otherwise."""
+    if value is None and optional:
+        return None
+    # bool is an int to Python, but `k=True` is a mistake, not 1.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise SearchOptionError(name, f"a whole number >= {minimum}", value)
+    return int(value)
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """How one search runs: every option of `Index.search`, checked once, here.
+
+    `k` hits per query (None: every image). `query_levels` and `aggregate` override the
+    index's (None: the index's own, see `for_index`). Up to `exact_limit` images every
+    image is scored exactly; above, FAISS proposes candidates: the images owning the
+    `per_patch` nearest windows of each query window (None: max(4k, 64)), searching
+    `nprobe` IVF lists, and the `layout_k` images nearest to the query's windows laid end
+    to end (0 leaves the layout index out). Re-ranking: `qe` best images' windows become
+    queries too (alpha-QE weights, exponent `qe_alpha`), `dba` nearest neighbours of each
+    image are averaged in. `query_rotations` (distinct, from 0, 90, 180, 270) describes
+    the query at each rotation; None describes it as it is (and hits carry no rotation).
+
+    A value out of range is a SearchOptionError (a ConfigError) naming the field and
+    what it may be. None for `nprobe` or `layout_k` means the default, which the value
+    then holds.
+    """
+
+    k: int | None = 10
+    query_levels: tuple[int, ...] | None = None
+    aggregate: str | None = None
+    exact_limit: int = EXACT_LIMIT
+    nprobe: int = NPROBE
+    per_patch: int | None = None
+    layout_k: int = LAYOUT_K
+    qe: int = 0
+    qe_alpha: float = QE_ALPHA
+    dba: int = 0
+    query_rotations: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen
+        put("k", _whole("k", self.k, 1, optional=True))
+        put("exact_limit", _whole("exact_limit", self.exact_limit, 0))
+        put("nprobe", _whole("nprobe", NPROBE if self.nprobe is None else self.nprobe, 1))
+        put("per_patch", _whole("per_patch", self.per_patch, 1, optional=True))
+        put("layout_k", _whole("layout_k", LAYOUT_K if self.layout_k is None else self.layout_k, 0))
+        put("qe", _whole("qe", self.qe, 0))
+        put("dba", _whole("dba", self.dba, 0))
+        alpha = self.qe_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha >= 0:
+            raise SearchOptionError("qe_alpha", "a number >= 0", alpha)
+        put("qe_alpha", float(alpha))
+        if self.aggregate is not None and self.aggregate not in AGGREGATES:
+            raise SearchOptionError("aggregate", f"one of {', '.join(AGGREGATES)}", self.aggregate)
+        if self.query_levels is not None:
+            levels = self.query_levels
+            try:
+                ok = bool(levels) and all(not isinstance(v, bool) and v in LEVELS for v in levels)
+            except TypeError:
+                ok = False
+            if not ok:
+                raise SearchOptionError("query_levels", "a non-empty list of levels from 1,2,3,4", levels)
+            # Sorted: the query's windows then lie in the order of the database image's.
+            put("query_levels", tuple(sorted({int(v) for v in levels})))
+        if self.query_rotations is not None:
+            try:
+                put("query_rotations", check_rotations(self.query_rotations))
+            except ConfigError:
+                raise SearchOptionError(
+                    "query_rotations", "a non-empty list of distinct values from 0,90,180,270", self.query_rotations
+                ) from None
+
+    @property
+    def rotations(self) -> tuple[int, ...]:
+        """The rotations the query is described at ((0,): as it is)."""
+        return self.query_rotations or (0,)
+
+    def for_index(self, config: "SearchConfig") -> "SearchOptions":
+        """These options with the index's query levels and aggregate where they are None."""
+        return dataclasses.replace(
+            self, query_levels=self.query_levels or config.effective_query_levels,
+            aggregate=self.aggregate or config.aggregate,
+        )
+
+    def replace(self, **changes: Any) -> "SearchOptions":
+        """A copy with `changes` (checked like any other)."""
+        return dataclasses.replace(self, **changes)
 
 
 def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:

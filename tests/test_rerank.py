@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import SELF_DISTANCE, make_scene, run_cli
-from retrieval import ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchConfig
+from retrieval import ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchConfig, SearchOptions
 from retrieval.extraction.features import describe
 from retrieval.engine.index import IndexUsageError
 from retrieval.extraction.patches import level_names, unrotate_boxes
@@ -61,7 +61,8 @@ def test_off_reproduces_the_plain_ranking_exactly(qe_chain):
         view = idx.view()
         f = next(describe([query], idx.extractor, idx.store, LEVELS, progress=False))
         # What search was before re-ranking existed: one whitened query through `rank`.
-        plain = rank(view.whitening.transform(np.concatenate([f.descriptors[n] for n in LEVELS])), view, None)
+        plain = rank(view.whitening.transform(np.concatenate([f.descriptors[n] for n in LEVELS])), view,
+                     SearchOptions(k=None))
         for kw in ({}, {"qe": 0, "dba": 0}, {"query_rotations": (0,)}):
             hits = idx.search([query], k=None, **kw)[0].hits
             assert [h.id for h in hits] == plain.ids.tolist()

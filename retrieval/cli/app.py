@@ -22,6 +22,7 @@ from .args import (
     parse_rotations,
     runtime_config_from_args,
     search_config_from_args,
+    search_options_from_args,
 )
 from .util import add_subcommands, stdout_closed
 
@@ -278,17 +279,9 @@ def _query(args) -> int:
     from ..extraction.images import expand_inputs
     from ..engine.sharded import open_index
 
-    if args.k < 1:
-        raise ConfigError("-k must be >= 1")
+    options = search_options_from_args(args)
     if args.html and not os.path.isdir(os.path.dirname(os.path.abspath(args.html))):
         raise ConfigError(f"--html {args.html}: its folder does not exist; create it first")
-    for flag, value in (("--nprobe", args.nprobe), ("--per-patch", args.per_patch)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} must be >= 1")
-    if args.layout_k is not None and args.layout_k < 0:
-        raise ConfigError("--layout-k must be >= 0")
-    if not args.qe_alpha >= 0:
-        raise ConfigError("--qe-alpha must be >= 0")
     skipped: list[dict] = []
     if args.shard_ray:
         from ..cluster import require_ray
@@ -296,14 +289,10 @@ def _query(args) -> int:
         RuntimeConfig(ray=args.shard_ray)  # the same check of the address as for build
         require_ray()
     with open_index(args.index, runtime=runtime_config_from_args(args), ray=args.shard_ray) as idx:
-        results = idx.search(
-            expand_inputs(args.images), args.k,
-            query_levels=args.query_levels, aggregate=args.aggregate,
-            progress=not args.quiet, skipped=skipped,
-            exact_limit=args.exact_limit, nprobe=args.nprobe, per_patch=args.per_patch, layout_k=args.layout_k,
-            qe=args.qe, qe_alpha=args.qe_alpha, dba=args.dba, query_rotations=args.query_rotations,
-        )
+        results = idx.search(expand_inputs(args.images), options=options, progress=not args.quiet, skipped=skipped)
         info = idx.info() if args.html else None
+    # An unreadable query is reported in `skipped` (and on stderr), not among the results.
+    results = [r for r in results if r.error is None]
     for item in skipped:
         print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
     if args.html:

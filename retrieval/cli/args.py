@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..config import (
     AGGREGATES, DEVICES, LEVELS, PATCH_MODES, POOLS, ConfigError, ExtractorConfig, InputSpec, RuntimeConfig,
-    SearchConfig, levels_from_text, rotations_from_text,
+    SearchConfig, SearchOptionError, SearchOptions, levels_from_text, rotations_from_text,
 )
 
 
@@ -120,3 +120,21 @@ def runtime_config_from_args(args: argparse.Namespace) -> RuntimeConfig:
 
         require_ray()  # before anything is written: a missing extra is a usage error
     return runtime
+
+
+# The query flag of each SearchOptions field (the rest are --field-name).
+_OPTION_FLAGS = {"k": "-k"}
+
+
+def search_options_from_args(args: argparse.Namespace) -> SearchOptions:
+    """The SearchOptions of `retrieval query` (ConfigError naming the flag of a bad value:
+    the verdict of SearchOptions, worded with the flag)."""
+    try:
+        return SearchOptions(
+            k=args.k, query_levels=args.query_levels, aggregate=args.aggregate, exact_limit=args.exact_limit,
+            nprobe=args.nprobe, per_patch=args.per_patch, layout_k=args.layout_k,
+            qe=args.qe, qe_alpha=args.qe_alpha, dba=args.dba, query_rotations=args.query_rotations,
+        )
+    except SearchOptionError as err:
+        flag = _OPTION_FLAGS.get(err.field, "--" + err.field.replace("_", "-"))
+        raise ConfigError(f"{flag} must be {err.allowed} (got {err.value!r})") from None

@@ -27,6 +27,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from ..config import NPROBE
 from ..fileio import replacing
 
 WINDOW_BITS = 6  # up to 64 windows per image (levels 1-4 have 30)
@@ -117,7 +118,6 @@ class VectorIndex:
         self.dim = dim
         self.factory = factory
         self.device = device
-        self.nprobe = 16
         self._cpu: faiss.Index | None = None
         self._gpu: faiss.Index | None = None
         self._resources = None
@@ -164,20 +164,28 @@ class VectorIndex:
         self._gpu = None
         return removed
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Inner products and ids of the k nearest windows of each query row (-1 = none)."""
+    def search(self, queries: np.ndarray, k: int, nprobe: int = NPROBE) -> tuple[np.ndarray, np.ndarray]:
+        """Inner products and ids of the k nearest windows of each query row (-1 = none),
+        searching `nprobe` inverted lists where the structure has them.
+
+        `nprobe` travels with this call as FAISS search parameters and is never set on
+        the structure, which every thread searching the index shares. The CPU master
+        says whether the structure is IVF (FAISS cannot look inside a GPU replica);
+        IVF fast-scan, IVF behind a pre-transform and GPU IVF replicas all take
+        `SearchParametersIVF`."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = max(1, min(k, self.ntotal))
-        index = self.index
-        if self.search_device() != "cpu":
-            if self._gpu is None:
-                self._resources = self._resources or faiss.StandardGpuResources()
-                self._gpu = faiss.index_cpu_to_gpu(self._resources, 0, index)
-            index = self._gpu
-        ivf = faiss.try_extract_index_ivf(index)
-        if ivf is not None:
-            ivf.nprobe = self.nprobe
-        return index.search(queries, k)
+        params = faiss.SearchParametersIVF(nprobe=int(nprobe)) if faiss.try_extract_index_ivf(self.index) else None
+        return self._searcher().search(queries, k, params=params)
+
+    def _searcher(self) -> faiss.Index:
+        """The index that answers searches: the GPU replica (made on first use) or the CPU master."""
+        if self.search_device() == "cpu":
+            return self.index
+        if self._gpu is None:
+            self._resources = self._resources or faiss.StandardGpuResources()
+            self._gpu = faiss.index_cpu_to_gpu(self._resources, 0, self.index)
+        return self._gpu
 
     def search_device(self) -> str:
         """Where `search` runs: `cuda:0` or `cpu`."""

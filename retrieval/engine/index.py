@@ -30,26 +30,26 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from . import kernel, writer
-from .ann import FactoryError, check_factory, faiss_device, gpu_capable, is_flat
-from ..config import EXACT_LIMIT, QE_ALPHA, ExtractorConfig, RuntimeConfig, SearchConfig, check_rotations, file_digest
+from ..config import ConfigError, ExtractorConfig, RuntimeConfig, SearchConfig, SearchOptions, file_digest
 from ..extraction.extractor import Extractor, Skipped
 from ..extraction.factory import make_extractor
 from ..extraction.features import Crop, ImageFeatures, describe
-from ..fileio import write_text
 from ..extraction.images import expand_inputs
+from ..extraction.patches import level_names, level_regions
+from ..extraction.store import FeatureStore, StoreError, default_store_path
+from . import writer
+from .ann import FactoryError, check_factory
 from .manifest import Entry, Manifest
-from .neighbours import Neighbours
 from .meta import MetaError, differing, new_meta, read_meta, write_meta
+from .neighbours import Neighbours
+from .pause import pause_hook
 from .policy import WritePolicy
-from .status import index_info
-from ..extraction.patches import level_names, level_regions, pixel_boxes, unrotate_boxes
-from .search import Candidates, rank, rank_many
+from .query import K_NOT_GIVEN, QueryResult, answer_queries, search_options
+from .search import rank, rank_query
 from .segments import DamagedFile
 from .snapshot import State, View, read_state
-from ..extraction.store import FeatureStore, StoreError, default_store_path
+from .status import index_info
 from .whitening import PCAWhitening
-from .pause import pause_hook
 
 # During a long add the derived files are published after every CHECKPOINT_IMAGES new
 # images, or a quarter of the collection once that is more, so readers see progress and
@@ -90,41 +90,6 @@ class Report:
             "images": self.images,
             "seconds": round(self.seconds, 3),
         }
-
-
-@dataclass
-class Hit:
-    """One ranked image: its manifest `id`, path, distance and the deciding pair of windows
-    (and, with query rotations, the rotation of the query that decided)."""
-
-    rank: int
-    path: str
-    distance: float
-    query_box: list[float]
-    db_box: list[float]
-    id: int = -1
-    rotation: int | None = None  # set when the query was described at several rotations
-
-    def to_dict(self) -> dict:
-        out = {
-            "rank": self.rank,
-            "path": self.path,
-            "distance": self.distance,
-            "query_box": self.query_box,
-            "db_box": self.db_box,
-        }
-        if self.rotation is not None:
-            out["rotation"] = self.rotation
-        return out
-
-
-@dataclass
-class QueryResult:
-    query: str
-    hits: list[Hit]
-
-    def to_dict(self) -> dict:
-        return {"query": self.query, "hits": [h.to_dict() for h in self.hits]}
 
 
 class Index:
@@ -480,32 +445,27 @@ class Index:
     def search(
         self,
         queries: Sequence[str | tuple[str, Crop | None]],
-        k: int | None = 10,
+        k: int | None = K_NOT_GIVEN,
         *,
-        query_levels: Sequence[int] | None = None,
-        aggregate: str | None = None,
+        options: SearchOptions | None = None,
         progress: bool = False,
         skipped: list | None = None,
-        exact_limit: int = EXACT_LIMIT,
-        nprobe: int | None = None,
-        per_patch: int | None = None,
-        layout_k: int | None = None,
-        qe: int = 0,
-        qe_alpha: float = QE_ALPHA,
-        dba: int = 0,
-        query_rotations: Sequence[int] | None = None,
+        **keywords,
     ) -> list[QueryResult]:
-        """Rank the index for each query image (a path, or (path, crop box in pixels)).
+        """Rank the index for each query image (a path, or (path, crop box in pixels)):
+        one QueryResult per query, in the order given.
+
+        How is one `SearchOptions` value: pass it as `options=`, or its fields as
+        keywords (`k=10` by default; `query_levels`, `aggregate`, `exact_limit`, `nprobe`,
+        `per_patch`, `layout_k`, `qe`, `qe_alpha`, `dba`, `query_rotations`, documented
+        there), not both. A bad value is an IndexUsageError naming it.
 
         k=None returns every image. Up to `exact_limit` images every image is scored
-        exactly; above it the FAISS structure proposes the images owning the `per_patch`
-        nearest windows of each query window (default max(4k, 64)), searching `nprobe`
-        IVF lists (default 16), the layout index adds the `layout_k` images nearest to
-        the query's windows laid end to end (default 128; 0 leaves it out; only for
-        queries at the database's levels), and the kernel scores those exactly. Answers come from the
-        last published generation, also while another process adds or removes images.
-        Unreadable queries are left out of the result and appended to `skipped` as
-        {"path", "reason"} when a list is given.
+        exactly; above it FAISS proposes candidates and the kernel scores those exactly.
+        Answers come from the last published generation, also while another process adds
+        or removes images. An unreadable query gets a result with no hits and its reason
+        in `QueryResult.error`; it is also appended to `skipped` as {"path", "reason"}
+        when a list is given.
 
         Re-ranking (off by default; `benchmarks/results/reranking.md`): `qe` > 0 also
         scores the windows of the `qe` best images as queries and averages the distances
@@ -516,80 +476,38 @@ class Index:
         distance; each hit then says which rotation decided (`Hit.rotation`), its
         `query_box` in the unrotated query's pixels.
         """
-        try:
-            rotations = check_rotations(query_rotations)
-        except ValueError as err:
-            raise IndexUsageError(str(err)) from None
-        if qe < 0 or dba < 0:
-            raise IndexUsageError("qe and dba must be >= 0")
-        if qe_alpha < 0:
-            raise IndexUsageError("qe_alpha must be >= 0")
-        candidates = Candidates(exact_limit, per_patch, nprobe, layout_k)
+        options = self.search_options(k, options, keywords)
         view = self.view()
-        if view.images == 0 or view.whitening is None:
-            return [QueryResult(q if isinstance(q, str) else q[0], []) for q in queries]
-        neighbours = self.neighbours(dba) if dba else None
-        levels = tuple(query_levels or self.search_config.effective_query_levels)
-        aggregate = aggregate or self.search_config.aggregate
-        db_layout = np.concatenate([level_regions(lv).boxes for lv in self.search_config.levels])
-        q_layout = np.concatenate([level_regions(lv).boxes for lv in levels])
-        expand_rows = self._rows_at(levels)
-        items = [(q, None) if isinstance(q, str) else (q[0], q[1]) for q in queries]
-        order = {item: i for i, item in enumerate(items)}
-        feats = describe(
-            [(path, crop, r) for path, crop in items for r in rotations],
-            self.extractor, self.store, level_names(levels), progress=progress, desc="query",
-        )
-        described: dict[tuple, dict[int, ImageFeatures]] = {}
-        failed: dict[str, str] = {}
-        for f in feats:
-            if isinstance(f, Skipped):
-                failed.setdefault(f.path, f.reason)
-            else:
-                described.setdefault((f.path, f.crop), {})[f.rotation] = f
-        collected: dict[int, QueryResult] = {}
-        for item, slot in order.items():
-            views = described.get(item, {})
-            if len(views) < len(rotations):
-                if skipped is not None:
-                    skipped.append({"path": item[0], "reason": failed.get(item[0], "could not be described")})
-                continue
-            fs = [views[r] for r in rotations]
-            qs = [view.whitening.transform(np.concatenate([f.descriptors[n] for n in level_names(levels)])) for f in fs]
-            r = self._rank(view, qs, k, aggregate, candidates, qe=qe, qe_alpha=qe_alpha,
-                           expand_rows=expand_rows, neighbours=neighbours, dba=dba)
-            which = r.query if r.query is not None else np.zeros(len(r.ids), np.int32)
-            # Images removed after this generation was published are dropped here.
-            entries = self.manifest.get_many(r.ids.tolist())
-            keep = np.array([i in entries for i in r.ids.tolist()], dtype=bool)
-            ids, dist, qp, dp, which = r.ids[keep], r.distances[keep], r.query_patch[keep], r.db_patch[keep], which[keep]
-            sizes = np.array([[entries[i].width, entries[i].height] * 2 for i in ids.tolist()], np.float64).reshape(-1, 4)
-            qboxes = np.zeros((len(ids), 4))
-            for j, f in enumerate(fs):
-                at = which == j
-                qboxes[at] = unrotate_boxes(pixel_boxes(q_layout[qp[at]], f.width, f.height), f.rotation, f.width, f.height)
-            if fs[0].crop is not None:
-                qboxes += np.array([fs[0].crop[0], fs[0].crop[1], fs[0].crop[0], fs[0].crop[1]])
-            dboxes = db_layout[dp] * sizes
-            hits = [
-                Hit(pos + 1, entries[i].path, d, qb, dbb, i, rotations[w] if query_rotations is not None else None)
-                for pos, (i, d, qb, dbb, w) in enumerate(zip(
-                    ids.tolist(), dist.tolist(), np.round(qboxes, 1).tolist(), np.round(dboxes, 1).tolist(),
-                    which.tolist(),
-                ))
-            ]
-            collected[slot] = QueryResult(item[0], hits)
-        return [collected[i] for i in sorted(collected)]
+        whitening = view.whitening if view.images else None
+        neighbours = self.neighbours(options.dba) if options.dba and whitening is not None else None
+        expand_rows = self._rows_at(options.query_levels)
 
-    def _rank(self, view: View, queries: list[np.ndarray], *args, **kwargs):
-        """search.rank_many; the FAISS files load on first use, so one found damaged
+        def rank_here(described: list[list[np.ndarray]]) -> list:
+            out = []
+            for descriptions in described:
+                r = self._rank(view, descriptions, options, expand_rows=expand_rows, neighbours=neighbours)
+                out.append((r, self.manifest.get_many(r.ids.tolist())))
+            return out
+
+        return answer_queries(self, whitening, queries, options, rank_here, progress=progress, skipped=skipped)
+
+    def search_options(self, k=K_NOT_GIVEN, options: SearchOptions | None = None, keywords: dict | None = None) -> SearchOptions:
+        """The options of a `search` call (see there), with this index's query levels and
+        aggregate where they are not given; IndexUsageError naming a bad value."""
+        try:
+            return search_options(k, options, keywords or {}).for_index(self.search_config)
+        except ConfigError as err:
+            raise IndexUsageError(str(err)) from None
+
+    def _rank(self, view: View, descriptions: list[np.ndarray], options: SearchOptions, **kwargs):
+        """search.rank_query; the FAISS files load on first use, so one found damaged
         there is rebuilt from the segments (when no writer runs) and the query asked again."""
         try:
-            return rank_many(queries, view, *args, **kwargs)
+            return rank_query(descriptions, view, options, **kwargs)
         except DamagedFile as err:
             if not self._try_refresh():
                 raise self._damaged(err) from None
-        return rank_many(queries, self.view(), *args, **kwargs)
+        return rank_query(descriptions, self.view(), options, **kwargs)
 
     def _rows_at(self, levels: Sequence[int]) -> np.ndarray | None:
         """Rows of a database image's windows that lie at `levels` (None: all of them, when
@@ -631,7 +549,7 @@ class Index:
             near = np.full((len(ids), k), -1, np.int64)
             dist = np.full((len(ids), k), np.inf, np.float32)
             for j, image_id in enumerate(tqdm(ids.tolist(), desc="neighbours", unit="img", disable=not progress, leave=False)):
-                r = rank(view.windows(image_id, rows), view, k + 1, self.search_config.aggregate)
+                r = rank(view.windows(image_id, rows), view, SearchOptions(k=k + 1, aggregate=self.search_config.aggregate))
                 other = r.ids != image_id
                 found = r.ids[other][:k]
                 near[j, :len(found)], dist[j, :len(found)] = found, r.distances[other][:k]

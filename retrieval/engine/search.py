@@ -8,11 +8,18 @@ candidate images, the layout index adds the `layout_k` images nearest to the que
 windows laid end to end (`ann.py`), and the kernel scores those over all their window
 pairs.
 
-`rank_many` adds what goes beyond one comparison: several descriptions of one query (its
-rotations; an image's distance is the smallest), query expansion (the top hits' own
-window sets become queries too) and database-side augmentation (an image is scored with
-its stored nearest neighbours, `retrieval/engine/neighbours.py`). Both combine distances with
-alpha-QE weights, so a window-set distance needs no averaged descriptor.
+Every function takes the search's `SearchOptions` (`retrieval/config.py`), with its
+aggregate resolved for the index (`SearchOptions.for_index`; None means mean-min).
+
+- `rank`: one description of a query ([nq, d] unit vectors) against the view.
+- `rank_descriptions`: several descriptions of one query (its rotations); an image's
+  distance is the smallest over them.
+- `rank_reranked`: the same, then query expansion (the top hits' own window sets become
+  queries too) and database-side augmentation (an image is scored with its stored
+  nearest neighbours, `retrieval/engine/neighbours.py`). Both combine distances with
+  alpha-QE weights, so a window-set distance needs no averaged descriptor.
+- `rank_query`: whichever of the two the options ask for.
+- `merge_rankings`: the k nearest over several rankings (rotations, shards).
 """
 from __future__ import annotations
 
@@ -22,26 +29,12 @@ import numpy as np
 
 from . import kernel
 from .ann import WINDOW_BITS
-from ..config import EXACT_LIMIT, QE_ALPHA
+from ..config import DEFAULT_AGGREGATE, LAYOUT_K, NPROBE, SearchOptions  # noqa: F401 - NPROBE, LAYOUT_K: their old home
 from .neighbours import Neighbours, qe_weight
 from .snapshot import View
 
-NPROBE = 16  # IVF lists per query window: recall 0.955 against 0.85 for 8 on hard data (benchmarks/results/scale.md)
-LAYOUT_K = 128  # candidates from the layout index (benchmarks/results/scale.md)
 # With FAISS candidates, re-ranking needs the distances of more images than the k shown.
 RERANK_POOL = 100
-
-
-@dataclass(frozen=True)
-class Candidates:
-    """How candidates are proposed above `exact_limit` images (None: the defaults):
-    `per_patch` nearest windows per query window (max(4k, 64)) in `nprobe` IVF lists
-    (NPROBE), and `layout_k` images from the layout index (LAYOUT_K; 0 leaves it out)."""
-
-    exact_limit: int = EXACT_LIMIT
-    per_patch: int | None = None
-    nprobe: int | None = None
-    layout_k: int | None = None
 
 
 @dataclass
@@ -52,47 +45,51 @@ class Ranking:
     distances: np.ndarray  # float32
     query_patch: np.ndarray  # int32, window index within the query
     db_patch: np.ndarray  # int32, window index within the database image
-    query: np.ndarray | None = None  # int32, which of rank_many's queries decided (None: the one query)
+    query: np.ndarray | None = None  # int32, which description of the query decided (None: the one)
+
+    def take(self, positions: np.ndarray) -> "Ranking":
+        """The images at `positions`, in that order."""
+        return Ranking(self.ids[positions], self.distances[positions], self.query_patch[positions],
+                       self.db_patch[positions], None if self.query is None else self.query[positions])
 
 
-def rank(
-    query: np.ndarray,
-    view: View,
-    k: int | None,
-    aggregate: str = "mean-min",
-    candidates: Candidates = Candidates(),
-    layout_rows: np.ndarray | None = None,
-) -> Ranking:
-    """Rank the view's images for one query ([nq, d] unit vectors); k=None ranks every image.
-    `layout_rows` are the database window positions of the query's windows (default: all,
-    in order)."""
-    c = candidates
-    ann = view.ann if k is not None and view.images > c.exact_limit and view.state.ann else None
-    pool = None
-    if ann is not None:
-        ann.nprobe = c.nprobe or NPROBE
-        _, found = ann.search(query, c.per_patch or max(4 * k, 64))
-        pool = found[found >= 0] >> WINDOW_BITS
-        rows = np.arange(view.patches) if layout_rows is None else layout_rows
-        layout = view.layout if c.layout_k != 0 and len(query) == len(rows) else None
-        if layout is not None:
-            # A query at fewer levels fills only its windows' places: the zeros elsewhere
-            # make the inner product the sum over the windows it has.
-            laid = np.zeros((view.patches, query.shape[1]), np.float32)
-            laid[rows] = query
-            _, near = layout.search(laid.reshape(1, -1), c.layout_k or LAYOUT_K)
-            pool = np.concatenate([pool, near[near >= 0]])
-        pool = np.unique(pool)
-    ids, dist, qp, dp = _distances(query, view, pool, aggregate)
-    order = top_k(dist, ids, k)
-    return Ranking(ids[order], dist[order], qp[order], dp[order])
+def _aggregate(options: SearchOptions) -> str:
+    return options.aggregate or DEFAULT_AGGREGATE
 
 
-def _score(query, view: View, segment: int, rows: np.ndarray | None, aggregate: str):
-    seg = view.segments[segment]
-    dist, qp, dp = kernel.patch_distances(query, seg.vectors, view.offsets(segment), rows, aggregate)
-    ids = seg.ids if rows is None else seg.ids[rows]
-    return ids, dist, qp, dp
+def uses_candidates(view: View, options: SearchOptions) -> bool:
+    """Whether FAISS proposes the images to score (else the kernel scores every image)."""
+    return options.k is not None and view.images > options.exact_limit and bool(view.state.ann)
+
+
+def rank(query: np.ndarray, view: View, options: SearchOptions = SearchOptions(),
+         layout_rows: np.ndarray | None = None) -> Ranking:
+    """The `options.k` nearest images (None: every image) to one query description
+    ([nq, d] unit vectors). `layout_rows` are the database window positions of the
+    query's windows (default: all, in order), for the layout index."""
+    pool = candidate_images(query, view, options, layout_rows) if uses_candidates(view, options) else None
+    ids, dist, qp, dp = image_distances(query, view, pool, _aggregate(options))
+    return Ranking(ids, dist, qp, dp).take(top_k(dist, ids, options.k))
+
+
+def candidate_images(query: np.ndarray, view: View, options: SearchOptions,
+                     layout_rows: np.ndarray | None = None) -> np.ndarray:
+    """Sorted ids of the images FAISS proposes for one query description: the owners of
+    each query window's `per_patch` nearest windows, and the layout index's `layout_k`."""
+    per_patch = options.per_patch or max(4 * options.k, 64)
+    # nprobe goes with this call only: the FAISS structure is shared by every thread.
+    _, found = view.ann.search(query, per_patch, nprobe=options.nprobe)
+    pool = found[found >= 0] >> WINDOW_BITS
+    rows = np.arange(view.patches) if layout_rows is None else layout_rows
+    layout = view.layout if options.layout_k != 0 and len(query) == len(rows) else None
+    if layout is not None:
+        # A query at fewer levels fills only its windows' places: the zeros elsewhere
+        # make the inner product the sum over the windows it has.
+        laid = np.zeros((view.patches, query.shape[1]), np.float32)
+        laid[rows] = query
+        _, near = layout.search(laid.reshape(1, -1), options.layout_k)
+        pool = np.concatenate([pool, near[near >= 0]])
+    return np.unique(pool)
 
 
 def top_k(dist: np.ndarray, ids: np.ndarray, k: int | None) -> np.ndarray:
@@ -103,20 +100,55 @@ def top_k(dist: np.ndarray, ids: np.ndarray, k: int | None) -> np.ndarray:
     return np.lexsort((ids, dist))
 
 
-def rank_many(
-    queries: list[np.ndarray],
-    view: View,
-    k: int | None,
-    aggregate: str = "mean-min",
-    candidates: Candidates = Candidates(),
-    *,
-    qe: int = 0,
-    qe_alpha: float = QE_ALPHA,
-    expand_rows: np.ndarray | None = None,
-    neighbours: Neighbours | None = None,
-    dba: int = 0,
-) -> Ranking:
-    """Rank for one query described several ways (e.g. its rotations), re-ranked with neighbours.
+def merge_rankings(parts: list[Ranking], k: int | None) -> Ranking:
+    """The k nearest images over several rankings, each image at its smallest distance
+    (ties: the earliest part). `Ranking.query` is carried over where the parts have it.
+
+    Exact when each part holds its own top k: an image of the merged top k is beaten by
+    fewer than k images in the part that gives its distance, so that part kept it."""
+    if len(parts) == 1:
+        return parts[0].take(top_k(parts[0].distances, parts[0].ids, k))
+    ids = np.concatenate([p.ids for p in parts])
+    dist = np.concatenate([p.distances for p in parts])
+    part = np.concatenate([np.full(len(p.ids), i, np.int32) for i, p in enumerate(parts)])
+    labelled = all(p.query is not None for p in parts)
+    merged = Ranking(ids, dist, np.concatenate([p.query_patch for p in parts]),
+                     np.concatenate([p.db_patch for p in parts]),
+                     np.concatenate([p.query for p in parts]) if labelled else None)
+    best = np.lexsort((part, dist, ids))
+    best = best[np.r_[True, ids[best][1:] != ids[best][:-1]]] if len(best) else best
+    return merged.take(best[top_k(dist[best], ids[best], k)])
+
+
+def rank_descriptions(queries: list[np.ndarray], view: View, options: SearchOptions,
+                      layout_rows: np.ndarray | None = None) -> Ranking:
+    """The `options.k` nearest images to a query described several ways (e.g. its
+    rotations): an image's distance is the smallest over `queries`, and `Ranking.query`
+    says which description decided."""
+    if not queries:
+        raise ValueError("rank_descriptions needs at least one description of the query")
+    if len(queries) == 1:
+        return rank(queries[0], view, options, layout_rows)
+    parts = []
+    for i, q in enumerate(queries):
+        r = rank(q, view, options, layout_rows)
+        r.query = np.full(len(r.ids), i, np.int32)
+        parts.append(r)
+    return merge_rankings(parts, options.k)
+
+
+def rank_query(queries: list[np.ndarray], view: View, options: SearchOptions, *,
+               expand_rows: np.ndarray | None = None, neighbours: Neighbours | None = None) -> Ranking:
+    """One query, described once or several ways: `rank_reranked` when the options ask
+    for query expansion or database-side augmentation, else `rank_descriptions`."""
+    if options.qe or options.dba:
+        return rank_reranked(queries, view, options, expand_rows=expand_rows, neighbours=neighbours)
+    return rank_descriptions(queries, view, options, expand_rows)
+
+
+def rank_reranked(queries: list[np.ndarray], view: View, options: SearchOptions, *,
+                  expand_rows: np.ndarray | None = None, neighbours: Neighbours | None = None) -> Ranking:
+    """The `options.k` nearest images to a query described several ways, re-ranked.
 
     An image's first distance is the smallest over `queries` ([nq_i, d] unit vectors
     each); `Ranking.query` says which decided. With `dba` > 0 each image's distance is
@@ -125,91 +157,99 @@ def rank_many(
     (their rows `expand_rows`, default all: the database places of the query's windows,
     which the layout index needs too) are scored as queries too, and the final
     distance is the weighted mean of the query's and theirs (weight 1 for the query,
-    sim**qe_alpha for a hit at distance d, sim = 1 - d**2 / 2). With neither and one
-    query this is `rank`.
+    sim**qe_alpha for a hit at distance d, sim = 1 - d**2 / 2).
     """
     if not queries:
-        raise ValueError("rank_many needs at least one query")
-    if dba and neighbours is None:
+        raise ValueError("rank_reranked needs at least one description of the query")
+    if options.dba and neighbours is None:
         raise ValueError("dba > 0 needs the neighbours of the database images")
-    if not qe and not dba:
-        parts = [rank(q, view, k, aggregate, candidates, expand_rows) for q in queries]
-        if len(parts) == 1:
-            return parts[0]
-        # Each query's top k holds every image of the merged top k (a kept image is
-        # beaten by fewer than k images under its deciding query), so merging is exact.
-        ids = np.concatenate([p.ids for p in parts])
-        dist = np.concatenate([p.distances for p in parts])
-        which = np.concatenate([np.full(len(p.ids), i, np.int32) for i, p in enumerate(parts)])
-        qp = np.concatenate([p.query_patch for p in parts])
-        dp = np.concatenate([p.db_patch for p in parts])
-        best = np.lexsort((which, dist, ids))
-        best = best[np.r_[True, ids[best][1:] != ids[best][:-1]]] if len(best) else best
-        order = best[top_k(dist[best], ids[best], k)]
-        return Ranking(ids[order], dist[order], qp[order], dp[order], which[order])
-
-    exact = k is None or view.images <= candidates.exact_limit or not view.state.ann
-    depth = None if exact else max(k, RERANK_POOL)
+    aggregate = _aggregate(options)
+    # None: every image is scored. Else the candidates of every description (and their
+    # neighbours), deep enough that re-ranking can lift images from below the top k.
     pool = None
-    if not exact:
-        pool = np.unique(np.concatenate([
-            rank(q, view, depth, aggregate, candidates, expand_rows).ids for q in queries
-        ]))
-        if dba:
-            pool = neighbours.widen(pool, dba)
-    ids, d0, qp, dp, which = _scored(queries, view, pool, aggregate, neighbours, dba, qe_alpha)
-    hits = top_k(d0, ids, qe) if qe else np.empty(0, np.int64)
-    hit_d = d0[hits]
-    expanded = [view.windows(int(i), expand_rows) for i in ids[hits]]
-    if expanded and not exact:
+    deeper = None
+    if uses_candidates(view, options):
+        deeper = options.replace(k=max(options.k, RERANK_POOL))
+        pool = _widened(np.unique(np.concatenate([
+            rank(q, view, deeper, expand_rows).ids for q in queries])), neighbours, options.dba)
+    scored = _augmented_distances(queries, view, pool, options, neighbours)
+    hits = top_k(scored.distances, scored.ids, options.qe) if options.qe else np.empty(0, np.int64)
+    hit_distances = scored.distances[hits]
+    expanded = [view.windows(int(i), expand_rows) for i in scored.ids[hits]]
+    if expanded and deeper is not None:
         # The hits' own candidates are what lets expansion reach images the query missed.
-        more = [rank(h, view, depth, aggregate, candidates, expand_rows).ids for h in expanded]
-        wider = np.unique(np.concatenate([pool, *more]))
-        if dba:
-            wider = neighbours.widen(wider, dba)
+        more = [rank(h, view, deeper, expand_rows).ids for h in expanded]
+        wider = _widened(np.unique(np.concatenate([pool, *more])), neighbours, options.dba)
         if len(wider) > len(pool):
             pool = wider
-            ids, d0, qp, dp, which = _scored(queries, view, pool, aggregate, neighbours, dba, qe_alpha)
-    total, weight = d0.astype(np.float64), 1.0
-    for h, w in zip(expanded, qe_weight(hit_d, qe_alpha).tolist()):
+            scored = _augmented_distances(queries, view, pool, options, neighbours)
+    dist = _expanded_distances(scored, expanded, hit_distances, view, pool, options, neighbours)
+    final = Ranking(scored.ids, dist, scored.query_patch, scored.db_patch, scored.query)
+    return final.take(top_k(dist, scored.ids, options.k))
+
+
+def _widened(pool: np.ndarray, neighbours: Neighbours | None, dba: int) -> np.ndarray:
+    """The pool and, with database-side augmentation, the neighbours of its images."""
+    return neighbours.widen(pool, dba) if dba else pool
+
+
+def _expanded_distances(scored: Ranking, expanded: list[np.ndarray], hit_distances: np.ndarray, view: View,
+                        pool: np.ndarray | None, options: SearchOptions, neighbours: Neighbours | None) -> np.ndarray:
+    """Query expansion: the weighted mean of each image's distance to the query (weight 1)
+    and to each expanded hit's windows (weight sim**qe_alpha of the hit's distance)."""
+    total, weight = scored.distances.astype(np.float64), 1.0
+    for windows, w in zip(expanded, qe_weight(hit_distances, options.qe_alpha).tolist()):
         if w > 0:
-            hd = _distances(h, view, pool, aggregate)[1]
-            if dba:
-                hd = neighbours.augment(ids, hd, dba, qe_alpha)
+            hd = image_distances(windows, view, pool, _aggregate(options))[1]
+            if options.dba:
+                hd = neighbours.augment(scored.ids, hd, options.dba, options.qe_alpha)
             total += w * hd
             weight += w
-    dist = (total / weight).astype(np.float32)
-    order = top_k(dist, ids, k)
-    return Ranking(ids[order], dist[order], qp[order], dp[order], which[order])
+    return (total / weight).astype(np.float32)
 
 
-def _scored(queries, view: View, pool, aggregate, neighbours, dba: int, alpha: float):
-    """_first, then database-side augmentation when asked."""
-    ids, dist, qp, dp, which = _first(queries, view, pool, aggregate)
-    if dba and len(ids):
-        dist = neighbours.augment(ids, dist, dba, alpha)
-    return ids, dist, qp, dp, which
+def _augmented_distances(queries: list[np.ndarray], view: View, pool: np.ndarray | None, options: SearchOptions,
+                         neighbours: Neighbours | None) -> Ranking:
+    """`nearest_description_distances`, each averaged with the image's `dba` nearest
+    neighbours' when database-side augmentation is asked for (unsorted, pool order)."""
+    scored = nearest_description_distances(queries, view, pool, _aggregate(options))
+    if options.dba and len(scored.ids):
+        scored.distances = neighbours.augment(scored.ids, scored.distances, options.dba, options.qe_alpha)
+    return scored
 
 
-def _first(queries, view: View, pool, aggregate):
-    """Distances of the pool (None: every live image) to the nearest of several queries."""
-    scored = [_distances(q, view, pool, aggregate) for q in queries]
+def nearest_description_distances(queries: list[np.ndarray], view: View, pool: np.ndarray | None,
+                                  aggregate: str) -> Ranking:
+    """Each image of the pool (None: every live image) at its distance to the nearest of
+    several descriptions of a query, with the deciding windows and description (in view
+    order, unsorted)."""
+    scored = [image_distances(q, view, pool, aggregate) for q in queries]
     ids = scored[0][0]
     dist = np.stack([s[1] for s in scored])
-    which = np.argmin(dist, axis=0).astype(np.int32)  # ties: the earliest query (rotation 0 first)
+    which = np.argmin(dist, axis=0).astype(np.int32)  # ties: the earliest description (rotation 0 first)
     col = np.arange(len(ids))
     pick = lambda j: np.stack([s[j] for s in scored])[which, col]  # noqa: E731
-    return ids, dist[which, col], pick(2), pick(3), which
+    return Ranking(ids, dist[which, col], pick(2), pick(3), which)
 
 
-def _distances(query: np.ndarray, view: View, pool: np.ndarray | None, aggregate: str):
-    """(ids, dist, query_patch, db_patch) of the pool (None: every live image), in view order."""
+def image_distances(query: np.ndarray, view: View, pool: np.ndarray | None, aggregate: str):
+    """(ids, distances, query window, db window) of the pool's images (None: every live
+    image) to one query description, in view order (unsorted)."""
     if pool is None:
-        parts = [_score(query, view, i, view.live_rows(i), aggregate) for i in range(len(view.segments))]
+        parts = [_segment_distances(query, view, i, view.live_rows(i), aggregate) for i in range(len(view.segments))]
     else:
         segment, row = view.locate(pool)
-        parts = [_score(query, view, i, np.sort(row[segment == i]), aggregate) for i in np.unique(segment).tolist()]
+        parts = [_segment_distances(query, view, i, np.sort(row[segment == i]), aggregate)
+                 for i in np.unique(segment).tolist()]
     if not parts:
         empty = np.empty(0, np.int64)
         return empty, empty.astype(np.float32), empty.astype(np.int32), empty.astype(np.int32)
     return tuple(np.concatenate(p) for p in zip(*parts))
+
+
+def _segment_distances(query: np.ndarray, view: View, segment: int, rows: np.ndarray | None, aggregate: str):
+    """(ids, distances, query window, db window) of one segment's images at `rows` (None: all)."""
+    seg = view.segments[segment]
+    dist, qp, dp = kernel.patch_distances(query, seg.vectors, view.offsets(segment), rows, aggregate)
+    ids = seg.ids if rows is None else seg.ids[rows]
+    return ids, dist, qp, dp

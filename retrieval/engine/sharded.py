@@ -33,15 +33,14 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..config import EXACT_LIMIT, QE_ALPHA, RuntimeConfig
-from ..extraction.extractor import Skipped
-from ..extraction.features import Crop, describe
+from ..config import RuntimeConfig, SearchOptions
+from ..extraction.features import Crop
 from ..fileio import write_text
-from .index import Hit, Index, IndexUsageError, QueryResult
-from .manifest import Manifest
+from .index import Index, IndexUsageError
+from .manifest import Entry, Manifest
 from .meta import write_meta
-from ..extraction.patches import level_names, level_regions, pixel_boxes
-from .search import Candidates, rank, top_k
+from .query import K_NOT_GIVEN, QueryResult, answer_queries
+from .search import Ranking, merge_rankings, rank
 from .segments import write_segment
 from .snapshot import State, View, publish
 from .whitening import PCAWhitening
@@ -164,19 +163,14 @@ class _ShardSearcher:
     def warm(self, wait: bool) -> int:
         return self.index.warm(wait)
 
-    def search(self, queries: list[np.ndarray], k: int | None, aggregate: str, candidates: Candidates) -> list[tuple]:
-        """Per query: (ids, distances, query window, db window, paths, [width, height])."""
+    def search(self, queries: list[np.ndarray], options: SearchOptions) -> list[tuple[Ranking, dict[int, Entry]]]:
+        """Per query (whitened vectors): this shard's ranking and the manifest entries of
+        its images that still exist."""
         view = self.index.view()
         out = []
         for q in queries:
-            r = rank(q, view, k, aggregate, candidates)
-            # Images removed after this generation was published are dropped here.
-            entries = self.index.manifest.get_many(r.ids.tolist())
-            keep = np.array([i in entries for i in r.ids.tolist()], dtype=bool)
-            ids = r.ids[keep]
-            sizes = np.array([[entries[i].width, entries[i].height] for i in ids.tolist()], np.float64).reshape(-1, 2)
-            out.append((ids, r.distances[keep], r.query_patch[keep], r.db_patch[keep],
-                        [entries[i].path for i in ids.tolist()], sizes))
+            r = rank(q, view, options)
+            out.append((r, self.index.manifest.get_many(r.ids.tolist())))
         return out
 
     def close(self) -> None:
@@ -283,67 +277,36 @@ class ShardedIndex:
     def search(
         self,
         queries: Sequence[str | tuple[str, Crop | None]],
-        k: int | None = 10,
+        k: int | None = K_NOT_GIVEN,
         *,
-        query_levels: Sequence[int] | None = None,
-        aggregate: str | None = None,
+        options: SearchOptions | None = None,
         progress: bool = False,
         skipped: list | None = None,
-        exact_limit: int = EXACT_LIMIT,
-        nprobe: int | None = None,
-        per_patch: int | None = None,
-        layout_k: int | None = None,
-        qe: int = 0,
-        qe_alpha: float = QE_ALPHA,
-        dba: int = 0,
-        query_rotations: Sequence[int] | None = None,
+        **keywords,
     ) -> list[QueryResult]:
         """`Index.search` over every shard: the same arguments and result; each shard
         returns its own top k and the driver keeps the k nearest overall. `exact_limit`
         applies per shard. Query expansion, database-side augmentation and rotations need
         the whole collection's ranking and are not offered over shards yet: asking for
         them is an IndexUsageError."""
-        asked = [flag for flag, on in (("--qe", qe), ("--dba", dba), ("--query-rotations", query_rotations)) if on]
+        options = self._front.search_options(k, options, keywords)
+        asked = [flag for flag, on in (("--qe", options.qe), ("--dba", options.dba),
+                                       ("--query-rotations", options.query_rotations)) if on]
         if asked:
             raise IndexUsageError(f"{', '.join(asked)}: not available on a sharded index yet; "
                                   "query the unsplit index for these options")
-        front = self._front
-        if self.whitening is None:
-            return [QueryResult(q if isinstance(q, str) else q[0], []) for q in queries]
-        levels = tuple(query_levels or front.search_config.effective_query_levels)
-        aggregate = aggregate or front.search_config.aggregate
-        names = level_names(levels)
-        feats = []
-        for f in describe(queries, front.extractor, front.store, names, progress=progress, desc="query"):
-            if isinstance(f, Skipped):
-                if skipped is not None:
-                    skipped.append({"path": f.path, "reason": f.reason})
-                continue
-            feats.append(f)
-        vectors = [self.whitening.transform(np.concatenate([f.descriptors[n] for n in names])) for f in feats]
-        candidates = Candidates(exact_limit, per_patch, nprobe, layout_k)
-        per_shard = self._each("search", vectors, k, aggregate, candidates) if vectors else []
-        db_layout = np.concatenate([level_regions(lv).boxes for lv in front.search_config.levels])
-        q_layout = np.concatenate([level_regions(lv).boxes for lv in levels])
-        order = {(q, None) if isinstance(q, str) else (q[0], q[1]): i for i, q in enumerate(queries)}
-        collected: dict[int, QueryResult] = {}
-        for n, f in enumerate(feats):
-            parts = [shard[n] for shard in per_shard]
-            ids, dist, qp, dp = (np.concatenate([p[i] for p in parts]) for i in range(4))
-            paths = [path for p in parts for path in p[4]]
-            sizes = np.concatenate([p[5] for p in parts])
-            pick = top_k(dist, ids, k)
-            qboxes = pixel_boxes(q_layout[qp[pick]], f.width, f.height)
-            if f.crop is not None:
-                qboxes += np.array([f.crop[0], f.crop[1], f.crop[0], f.crop[1]])
-            dboxes = db_layout[dp[pick]] * np.tile(sizes[pick], 2)
-            hits = [
-                Hit(rank_ + 1, paths[j], float(dist[j]), qb, dbb, int(ids[j]))
-                for rank_, (j, qb, dbb) in enumerate(zip(
-                    pick.tolist(), np.round(qboxes, 1).tolist(), np.round(dboxes, 1).tolist()))
-            ]
-            collected[order[(f.path, f.crop)]] = QueryResult(f.path, hits)
-        return [collected[i] for i in sorted(collected)]
+
+        def rank_on_shards(described: list[list[np.ndarray]]) -> list:
+            per_shard = self._each("search", [descriptions[0] for descriptions in described], options)
+            out = []
+            for n in range(len(described)):
+                parts = [shard[n] for shard in per_shard]
+                entries = {i: e for _, found in parts for i, e in found.items()}
+                out.append((merge_rankings([r for r, _ in parts], options.k), entries))
+            return out
+
+        return answer_queries(self._front, self.whitening, queries, options, rank_on_shards,
+                              progress=progress, skipped=skipped)
 
     def info(self) -> dict:
         """Counts and configuration as `Index.info()` gives them, totals over the shards,

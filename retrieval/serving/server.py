@@ -5,8 +5,8 @@ ever read by manifest id: no request can name a file to read. Uploaded query ima
 go to a private temporary file that is deleted as soon as the query is answered.
 
 Routes: `GET /` the page; `GET /api/info`; `POST /api/query` (multipart `image`, and
-optional `k`, `aggregate`, `query_levels`, `box` = "x0,y0,x1,y1" in pixels, and the
-re-ranking fields `qe`, `dba`, `query_rotations` = "0,90,180,270", as `retrieval query`);
+optional `k`, `aggregate`, `query_levels`, `box` = "x0,y0,x1,y1" in pixels, `nprobe`, and
+the re-ranking fields `qe`, `dba`, `query_rotations` = "0,90,180,270", as `retrieval query`);
 `POST /api/query/{id}` (same options, an indexed image as the query);
 `GET /api/lookup?path=` (the id of an indexed path); `GET /api/images/{id}` and
 `GET /api/images/{id}/thumb`.
@@ -32,7 +32,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from threadpoolctl import threadpool_limits
 
-from ..config import AGGREGATES, ConfigError, RuntimeConfig, levels_from_text, rotations_from_text
+from ..config import ConfigError, RuntimeConfig, SearchOptions, levels_from_text, rotations_from_text
 from ..extraction.images import ImageError, load_rgb
 from .report import STATIC, cached_thumbnail
 
@@ -171,10 +171,11 @@ def create_app(
         qe: str | None = Form(None),
         dba: str | None = Form(None),
         query_rotations: str | None = Form(None),
+        nprobe: str | None = Form(None),
     ) -> dict:
         if image is None:
             raise HTTPException(400, "no query image: send it as the multipart file field 'image'")
-        options = _options(k, aggregate, query_levels, qe, dba, query_rotations)
+        options = _options(k, aggregate, query_levels, qe, dba, query_rotations, nprobe)
         data = await image.read()
         if len(data) > max_upload_bytes:
             raise UploadTooLarge(max_upload_bytes)
@@ -204,8 +205,9 @@ def create_app(
         qe: str | None = Form(None),
         dba: str | None = Form(None),
         query_rotations: str | None = Form(None),
+        nprobe: str | None = Form(None),
     ) -> dict:
-        options = _options(k, aggregate, query_levels, qe, dba, query_rotations)
+        options = _options(k, aggregate, query_levels, qe, dba, query_rotations, nprobe)
         entry = await _entry(image_id)
         crop = _box(box, entry.width, entry.height)
         result = await worker.run(_search, entry.path, crop, options)
@@ -259,35 +261,42 @@ def create_app(
 _CACHE = {"Cache-Control": "private, max-age=300"}
 
 
-def _options(k: str | None, aggregate: str | None, query_levels: str | None, qe: str | None = None,
-             dba: str | None = None, query_rotations: str | None = None) -> dict:
-    """Validate the optional query fields; a bad one is a 400 saying what is allowed."""
-    options: dict[str, Any] = {"k": 10, "aggregate": None, "query_levels": None, "qe": 0, "dba": 0,
-                               "query_rotations": None}
-    for name, value in (("qe", qe), ("dba", dba)):
+def _options(k: str | None = None, aggregate: str | None = None, query_levels: str | None = None,
+             qe: str | None = None, dba: str | None = None, query_rotations: str | None = None,
+             nprobe: str | None = None) -> SearchOptions:
+    """The SearchOptions of the optional query fields (absent or empty: the default); a bad
+    one is a 400 saying what is allowed: SearchOptions' verdict, and the server's own
+    ceiling of MAX_K on k, qe and dba."""
+    given: dict[str, Any] = {}
+    for name, value in (("k", k), ("qe", qe), ("dba", dba), ("nprobe", nprobe)):
         if value not in (None, ""):
-            if not (value.isascii() and value.isdigit()) or int(value) > MAX_K:
-                raise HTTPException(400, f"{name} must be a whole number from 0 to {MAX_K} (got {value!r})")
-            options[name] = int(value)
-    if query_rotations not in (None, ""):
-        try:
-            options["query_rotations"] = rotations_from_text(query_rotations)
-        except ConfigError as err:
-            raise HTTPException(400, f"query_rotations: {err}") from None
-    if k not in (None, ""):
-        if not (k.isascii() and k.isdigit()) or not 1 <= int(k) <= MAX_K:
-            raise HTTPException(400, f"k must be a whole number from 1 to {MAX_K} (got {k!r})")
-        options["k"] = int(k)
+            given[name] = _whole_number(name, value)
     if aggregate not in (None, ""):
-        if aggregate not in AGGREGATES:
-            raise HTTPException(400, f"aggregate must be one of {', '.join(AGGREGATES)} (got {aggregate!r})")
-        options["aggregate"] = aggregate
-    if query_levels not in (None, ""):
-        try:
-            options["query_levels"] = levels_from_text(query_levels)
-        except ConfigError as err:
-            raise HTTPException(400, f"query_levels: {err}") from None
+        given["aggregate"] = aggregate
+    for name, value, parse in (("query_levels", query_levels, levels_from_text),
+                               ("query_rotations", query_rotations, rotations_from_text)):
+        if value not in (None, ""):
+            try:
+                given[name] = parse(value)
+            except ConfigError as err:
+                raise HTTPException(400, f"{name}: {err}") from None
+    try:
+        options = SearchOptions(**given)
+    except ConfigError as err:
+        raise HTTPException(400, str(err)) from None
+    for name in ("k", "qe", "dba"):
+        if name in given and given[name] > MAX_K:
+            low = 1 if name == "k" else 0
+            raise HTTPException(400, f"{name} must be a whole number from {low} to {MAX_K} (got {given[name]})")
     return options
+
+
+def _whole_number(name: str, text: str) -> int:
+    """A form field's integer (a sign and digits); 400 otherwise."""
+    digits = text[1:] if text[:1] in "+-" else text
+    if not (digits.isascii() and digits.isdigit() and len(digits) < 19):
+        raise HTTPException(400, f"{name} must be a whole number (got {text!r})")
+    return int(text)
 
 
 def _box(text: str | None, width: int, height: int) -> tuple[float, float, float, float] | None:
@@ -316,26 +325,23 @@ def _png(path: str) -> bytes:
     return buf.getvalue()
 
 
-def _search(idx, path: str, crop: tuple | None, options: dict) -> dict:
+def _search(idx, path: str, crop: tuple | None, options: SearchOptions) -> dict:
     """One query on the index thread: the query JSON of docs/cli.md section 5, each hit with its id and size."""
     from ..engine.index import IndexUsageError
 
-    skipped: list[dict] = []
     item = path if crop is None else (path, crop)
     try:
-        results = idx.search([item], options["k"], query_levels=options["query_levels"],
-                             aggregate=options["aggregate"], skipped=skipped, qe=options["qe"],
-                             dba=options["dba"], query_rotations=options["query_rotations"])
+        (result,) = idx.search([item], options=options)
     except IndexUsageError as err:  # e.g. dba asked of an index whose neighbours were not computed
         raise HTTPException(400, str(err)) from None
-    if skipped:
-        raise HTTPException(400, f"cannot query this image: {skipped[0]['reason']}")
+    if result.error is not None:
+        raise HTTPException(400, f"cannot query this image: {result.error}")
     hits = []
-    for hit in results[0].hits:
+    for hit in result.hits:
         entry = idx.entry(hit.id)
         hits.append({**hit.to_dict(), "id": hit.id,
                      "width": entry.width if entry else None, "height": entry.height if entry else None})
-    return {"query": results[0].query, "hits": hits}
+    return {"query": result.query, "hits": hits}
 
 
 def is_loopback(host: str) -> bool:

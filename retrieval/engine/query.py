@@ -1,0 +1,186 @@
+"""Answering queries, for `Index` and `ShardedIndex` alike: describe the query images,
+whiten them, have them ranked, and turn each ranking into hits.
+
+The two differ only in where ranking runs (one view here, or every shard and a merge),
+which `answer_queries` takes as a function. Everything else is done once, here: the
+search options are built and checked (`search_options`), every distinct query item is
+described at every asked rotation, and hits are assembled (images removed since the
+searched generation dropped, boxes in pixels of each image, rotations, crop offsets).
+There is one `QueryResult` per query given, in the order given: an unreadable query
+gets one with no hits and its reason in `error`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from ..config import SearchOptions
+from ..extraction.extractor import Extractor, Skipped
+from ..extraction.features import Crop, ImageFeatures, describe
+from ..extraction.patches import level_names, level_regions, pixel_boxes, unrotate_boxes
+from ..extraction.store import FeatureStore
+from .manifest import Entry
+from .search import Ranking
+
+QueryItem = tuple[str, "Crop | None"]  # (path, crop box in pixels or None)
+# Ranks the described queries (per query: its whitened descriptions, one per rotation)
+# and returns per query its ranking and the manifest entries of the ranked images that
+# still exist; any other ranked image is dropped from the hits.
+RankAll = Callable[[list[list[np.ndarray]]], list[tuple[Ranking, dict[int, Entry]]]]
+
+
+@dataclass
+class Hit:
+    """One ranked image: its manifest `id`, path, distance and the deciding pair of windows
+    (and, with query rotations, the rotation of the query that decided)."""
+
+    rank: int
+    path: str
+    distance: float
+    query_box: list[float]
+    db_box: list[float]
+    id: int = -1
+    rotation: int | None = None  # set when the query was described at several rotations
+
+    def to_dict(self) -> dict:
+        out = {
+            "rank": self.rank,
+            "path": self.path,
+            "distance": self.distance,
+            "query_box": self.query_box,
+            "db_box": self.db_box,
+        }
+        if self.rotation is not None:
+            out["rotation"] = self.rotation
+        return out
+
+
+@dataclass
+class QueryResult:
+    """The hits of one query; `error` says why a query could not be described (it then
+    has no hits)."""
+
+    query: str
+    hits: list[Hit]
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        out = {"query": self.query, "hits": [h.to_dict() for h in self.hits]}
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+class QueryFront(Protocol):
+    """What describing queries needs of an index (an `Index`)."""
+
+    extractor: Extractor
+    store: FeatureStore
+    search_config: Any
+
+
+class _NotGiven:
+    """`k` not given to search(): `options=`, or else the SearchOptions default (10), decides."""
+
+    def __repr__(self) -> str:
+        return "10"
+
+
+K_NOT_GIVEN: Any = _NotGiven()
+
+
+def search_options(k: Any, options: SearchOptions | None, keywords: dict) -> SearchOptions:
+    """The SearchOptions of one `search` call: `options` as given, or built from `k` and
+    the keywords (ConfigError naming a bad one; TypeError for an unknown keyword)."""
+    if options is None:
+        return SearchOptions(**({} if k is K_NOT_GIVEN else {"k": k}), **keywords)
+    if not isinstance(options, SearchOptions):
+        raise TypeError(f"options must be a SearchOptions (got {type(options).__name__})")
+    if k is not K_NOT_GIVEN or keywords:
+        given = (["k"] if k is not K_NOT_GIVEN else []) + sorted(keywords)
+        raise TypeError(f"search() takes options= or keywords, not both (got options= and {', '.join(given)})")
+    return options
+
+
+def _item(query: str | tuple) -> QueryItem:
+    return (query, None) if isinstance(query, str) else (query[0], query[1])
+
+
+def answer_queries(front: QueryFront, whitening, queries: Sequence[str | tuple[str, Crop | None]],
+                   options: SearchOptions, rank_all: RankAll, *, progress: bool = False,
+                   skipped: list | None = None) -> list[QueryResult]:
+    """One QueryResult per query (a path, or (path, crop box in pixels)), in order.
+
+    `options` are resolved for the index (`SearchOptions.for_index`); `whitening` is the
+    one the ranked vectors were made with (None: nothing is indexed, every query has no
+    hits). Unreadable queries get a result with no hits and their reason, and are
+    appended to `skipped` as {"path", "reason"} (once per distinct query) when given."""
+    items = [_item(q) for q in queries]
+    if whitening is None:
+        return [QueryResult(path, []) for path, _ in items]
+    distinct = list(dict.fromkeys(items))
+    described, failed = _describe(front, distinct, options, progress)
+    ready = [item for item in distinct if item in described]
+    names = level_names(options.query_levels)
+    vectors = [[whitening.transform(np.concatenate([f.descriptors[n] for n in names])) for f in described[item]]
+               for item in ready]
+    ranked = rank_all(vectors) if ready else []
+    db_layout = np.concatenate([level_regions(lv).boxes for lv in front.search_config.levels])
+    q_layout = np.concatenate([level_regions(lv).boxes for lv in options.query_levels])
+    answered = {
+        item: QueryResult(item[0], assemble_hits(ranking, entries, described[item], q_layout, db_layout, options))
+        for item, (ranking, entries) in zip(ready, ranked)
+    }
+    errors = {item: failed.get(item[0], "could not be described") for item in distinct if item not in answered}
+    if skipped is not None:
+        skipped.extend({"path": item[0], "reason": reason} for item, reason in errors.items())
+    return [answered[item] if item in answered else QueryResult(item[0], [], errors[item]) for item in items]
+
+
+def _describe(front: QueryFront, items: list[QueryItem], options: SearchOptions, progress: bool):
+    """Per item, its descriptions at each of the options' rotations (in that order), for
+    the items every rotation of which could be described; and the reason per unreadable path."""
+    rotations = options.rotations
+    feats = describe(
+        [(path, crop, r) for path, crop in items for r in rotations],
+        front.extractor, front.store, level_names(options.query_levels), progress=progress, desc="query",
+    )
+    views: dict[QueryItem, dict[int, ImageFeatures]] = {}
+    failed: dict[str, str] = {}
+    for f in feats:
+        if isinstance(f, Skipped):
+            failed.setdefault(f.path, f.reason)
+        else:
+            views.setdefault((f.path, f.crop), {})[f.rotation] = f
+    described = {item: [v[r] for r in rotations] for item, v in views.items() if len(v) == len(rotations)}
+    return described, failed
+
+
+def assemble_hits(ranking: Ranking, entries: dict[int, Entry], views: list[ImageFeatures],
+                  q_layout: np.ndarray, db_layout: np.ndarray, options: SearchOptions) -> list[Hit]:
+    """The hits of one ranking: images absent from `entries` (removed after the searched
+    generation was published) dropped; the deciding windows as boxes in pixels of the
+    query as given (turned back from the deciding rotation `views[j]`, moved by the crop
+    offset) and of the database image; the rotation when the options asked for rotations."""
+    which = ranking.query if ranking.query is not None else np.zeros(len(ranking.ids), np.int32)
+    keep = np.array([i in entries for i in ranking.ids.tolist()], dtype=bool)
+    ids, dist, qp, dp, which = (ranking.ids[keep], ranking.distances[keep], ranking.query_patch[keep],
+                                ranking.db_patch[keep], which[keep])
+    sizes = np.array([[entries[i].width, entries[i].height] * 2 for i in ids.tolist()], np.float64).reshape(-1, 4)
+    qboxes = np.zeros((len(ids), 4))
+    for j, f in enumerate(views):
+        at = which == j
+        qboxes[at] = unrotate_boxes(pixel_boxes(q_layout[qp[at]], f.width, f.height), f.rotation, f.width, f.height)
+    crop = views[0].crop
+    if crop is not None:
+        qboxes += np.array([crop[0], crop[1], crop[0], crop[1]])
+    dboxes = db_layout[dp] * sizes
+    rotations = options.query_rotations
+    return [
+        Hit(pos + 1, entries[i].path, d, qb, dbb, i, rotations[w] if rotations is not None else None)
+        for pos, (i, d, qb, dbb, w) in enumerate(zip(
+            ids.tolist(), dist.tolist(), np.round(qboxes, 1).tolist(), np.round(dboxes, 1).tolist(), which.tolist(),
+        ))
+    ]

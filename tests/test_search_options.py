@@ -1,0 +1,217 @@
+"""One search-options value (`retrieval.SearchOptions`): checked once, with the same verdict
+through the Python API, the command line and the server; FAISS parameters per call (threads
+searching one index with different nprobe); one result per query, in input order."""
+from __future__ import annotations
+
+import json
+import re
+import threading
+
+import faiss
+import numpy as np
+import pytest
+
+from conftest import make_scene, run_cli
+from retrieval import ExtractorConfig, Index, InputSpec, QueryResult, RuntimeConfig, SearchConfig, SearchOptions
+from retrieval.config import LAYOUT_K, NPROBE, ConfigError, SearchOptionError
+from retrieval.engine.index import IndexUsageError
+from retrieval.engine.search import candidate_images, rank
+from retrieval.extraction.features import describe
+from retrieval.extraction.patches import level_names
+
+CONFIG = ExtractorConfig(backbone="resnet18", weights="none", input_spec=InputSpec(size=(64, 64)))
+SEARCH = SearchConfig(levels=(1, 2), pca_dim=16)
+
+
+@pytest.fixture(scope="module")
+def ivf_index(tmp_path_factory):
+    """12 scenes searched through an 8-list IVF structure (exact_limit=0 forces it)."""
+    root = tmp_path_factory.mktemp("options")
+    images = root / "images"
+    images.mkdir()
+    paths = []
+    for i in range(12):
+        make_scene(200 + i).save(images / f"s{i:02d}.jpg", quality=90)
+        paths.append(str(images / f"s{i:02d}.jpg"))
+    with Index.create(root / "idx", CONFIG, SEARCH, store=root / "s.sqlite", index_type="IVF8,Flat",
+                      runtime=RuntimeConfig(batch_size=16)) as idx:
+        idx.add(paths, progress=False)
+    return root / "idx", paths
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("k", 0, "a whole number >= 1"),
+    ("k", 2.5, "a whole number >= 1"),
+    ("k", True, "a whole number >= 1"),
+    ("nprobe", 0, "a whole number >= 1"),
+    ("per_patch", 0, "a whole number >= 1"),
+    ("layout_k", -1, "a whole number >= 0"),
+    ("exact_limit", -1, "a whole number >= 0"),
+    ("qe", -1, "a whole number >= 0"),
+    ("dba", -2, "a whole number >= 0"),
+    ("qe_alpha", -1.0, "a number >= 0"),
+    ("qe_alpha", float("nan"), "a number >= 0"),
+    ("aggregate", "max", "one of min, mean-min"),
+    ("query_levels", (1, 7), "a non-empty list of levels from 1,2,3,4"),
+    ("query_levels", (), "a non-empty list of levels from 1,2,3,4"),
+    ("query_rotations", (0, 45), "a non-empty list of distinct values from 0,90,180,270"),
+    ("query_rotations", (90, 90), "a non-empty list of distinct values from 0,90,180,270"),
+    ("query_rotations", (), "a non-empty list of distinct values from 0,90,180,270"),
+])
+def test_each_field_is_checked_in_the_constructor(field, value, allowed):
+    with pytest.raises(SearchOptionError) as caught:
+        SearchOptions(**{field: value})
+    err = caught.value
+    assert isinstance(err, ConfigError) and (err.field, err.allowed) == (field, allowed)
+    assert str(err).startswith(f"{field} must be {allowed}")
+
+
+def test_defaults_are_held_and_values_normalised():
+    options = SearchOptions(nprobe=None, layout_k=None, query_levels=[2, 1], query_rotations=[90, 0], qe_alpha=2)
+    assert (options.nprobe, options.layout_k, options.k) == (NPROBE, LAYOUT_K, 10)
+    assert options.query_levels == (1, 2) and options.query_rotations == (90, 0) and options.qe_alpha == 2.0
+    assert SearchOptions().rotations == (0,) and options.rotations == (90, 0)
+    assert SearchOptions(k=None).k is None and SearchOptions(k=np.int64(3)).k == 3
+    with pytest.raises(AttributeError):
+        options.k = 3  # frozen: one value, shared safely by threads and shards
+    with pytest.raises(SearchOptionError, match="nprobe"):
+        options.replace(nprobe=0)
+    resolved = SearchOptions().for_index(SearchConfig(levels=(1, 2), query_levels=(2,), aggregate="min"))
+    assert (resolved.query_levels, resolved.aggregate) == ((2,), "min")
+
+
+def test_the_same_bad_value_gets_the_same_verdict_everywhere(ivf_index):
+    """nprobe=0 (which the API once turned silently into 16) and k=0: refused by the value,
+    by Index.search, by `retrieval query` (exit 2, the flag named) and by the server (400)."""
+    index, paths = ivf_index
+    verdicts = {"nprobe": "must be a whole number >= 1 (got 0)", "k": "must be a whole number >= 1 (got 0)"}
+    with Index.open(index) as idx:
+        for field, verdict in verdicts.items():
+            with pytest.raises(SearchOptionError, match=f"^{re.escape(field + ' ' + verdict)}$"):
+                SearchOptions(**{field: 0})
+            with pytest.raises(IndexUsageError, match=f"^{re.escape(field + ' ' + verdict)}$"):
+                idx.search(paths[:1], **{field: 0})
+    for flag, verdict in (("--nprobe", verdicts["nprobe"]), ("-k", verdicts["k"])):
+        out = run_cli("query", str(index), paths[0], flag, "0", "--json", "--quiet")
+        assert out.returncode == 2 and f"{flag} {verdict}" in out.stderr and out.stdout == "", out.stderr
+    pytest.importorskip("fastapi")
+    pytest.importorskip("multipart")
+    from fastapi.testclient import TestClient
+
+    from retrieval.serving.server import create_app
+
+    with TestClient(create_app(index)) as client:
+        for field, verdict in verdicts.items():
+            r = client.post("/api/query", files={"image": ("q.jpg", open(paths[0], "rb").read(), "image/jpeg")},
+                            data={field: "0"})
+            assert r.status_code == 400 and r.json()["detail"] == f"{field} {verdict}", r.text
+        # A good nprobe is taken (the server builds the same value).
+        r = client.post(f"/api/query/{_id(client, paths[3])}", data={"nprobe": "2", "k": "3"})
+        assert r.status_code == 200 and len(r.json()["results"][0]["hits"]) == 3
+
+
+def _id(client, path):
+    return client.get("/api/lookup", params={"path": path}).json()["id"]
+
+
+def test_options_value_and_keywords_are_the_same_search(ivf_index):
+    index, paths = ivf_index
+    options = SearchOptions(k=3, exact_limit=0, nprobe=2, per_patch=4)
+    with Index.open(index) as idx:
+        by_value = idx.search(paths[:3], options=options)
+        by_keywords = idx.search(paths[:3], k=3, exact_limit=0, nprobe=2, per_patch=4)
+        assert [[(h.id, h.distance) for h in r.hits] for r in by_value] == \
+               [[(h.id, h.distance) for h in r.hits] for r in by_keywords]
+        with pytest.raises(TypeError, match="not both"):
+            idx.search(paths[:1], 3, options=options)
+        with pytest.raises(TypeError, match="not both"):
+            idx.search(paths[:1], options=options, nprobe=4)
+        with pytest.raises(TypeError):
+            idx.search(paths[:1], k=3, nprob=4)  # a misspelt option is no silent default
+
+
+def test_threads_with_different_nprobe_get_the_sequential_answers(ivf_index):
+    """nprobe travels with each FAISS call: two threads ranking on one index's view with
+    nprobe 1 and 8 get exactly what each gets alone, and the shared structure is untouched."""
+    index, paths = ivf_index
+    with Index.open(index) as idx:
+        view = idx.view()
+        feats = list(describe(paths, idx.extractor, idx.store, level_names((1, 2)), progress=False))
+        queries = [view.whitening.transform(np.concatenate([f.descriptors[n] for n in level_names((1, 2))]))
+                   for f in sorted(feats, key=lambda f: f.path)]
+    ivf = faiss.extract_index_ivf(view.ann.index)
+    stored = ivf.nprobe
+    narrow = SearchOptions(k=3, exact_limit=0, nprobe=1, per_patch=2, layout_k=0)
+    wide = narrow.replace(nprobe=8)
+    alone = {o.nprobe: [_answer(q, view, o) for q in queries] for o in (narrow, wide)}
+    # The two settings do answer differently, so a leak of one into the other shows.
+    assert alone[1] != alone[8]
+    got: dict[int, list] = {1: [], 8: []}
+    start = threading.Barrier(2)
+
+    def work(options: SearchOptions) -> None:
+        start.wait()
+        for _ in range(30):
+            got[options.nprobe].append([_answer(q, view, options) for q in queries])
+
+    threads = [threading.Thread(target=work, args=(o,)) for o in (narrow, wide)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(answer == alone[1] for answer in got[1]) and len(got[1]) == 30
+    assert all(answer == alone[8] for answer in got[8]) and len(got[8]) == 30
+    assert ivf.nprobe == stored
+
+
+def _answer(query, view, options):
+    """What nprobe decides: the candidate images and the ranking over them."""
+    r = rank(query, view, options)
+    return candidate_images(query, view, options).tolist(), r.ids.tolist(), r.distances.tolist()
+
+
+def test_one_result_per_query_in_input_order(ivf_index, tmp_path):
+    index, paths = ivf_index
+    missing = str(tmp_path / "missing.jpg")
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    queries = [paths[0], missing, (paths[1], (0.0, 0.0, 80.0, 60.0)), paths[0], str(text), paths[2]]
+    skipped: list[dict] = []
+    with Index.open(index) as idx:
+        results = idx.search(queries, k=2, skipped=skipped)
+        alone = [idx.search([q], k=2)[0] for q in (paths[0], queries[2], paths[2])]
+    assert all(isinstance(r, QueryResult) for r in results) and len(results) == len(queries)
+    assert [r.query for r in results] == [paths[0], missing, paths[1], paths[0], str(text), paths[2]]
+    assert [r.error is None for r in results] == [True, False, True, True, False, True]
+    assert results[1].hits == [] and results[1].error == "file not found"
+    assert results[4].hits == [] and "not an image" in results[4].error
+    answered = [results[0], results[2], results[5]]
+    assert [[(h.id, h.distance) for h in r.hits] for r in answered] == \
+           [[(h.id, h.distance) for h in r.hits] for r in alone]
+    assert results[3].hits == results[0].hits  # a repeated query is answered again
+    assert skipped == [{"path": missing, "reason": "file not found"},
+                       {"path": str(text), "reason": results[4].error}]
+    assert results[1].to_dict() == {"query": missing, "hits": [], "error": "file not found"}
+    assert set(results[0].to_dict()) == {"query", "hits"}  # the SPEC query JSON, unchanged
+    # The command line keeps reporting unreadable queries in `skipped` only (exit 3).
+    out = run_cli("query", str(index), paths[0], missing, paths[2], "-k", "2", "--json", "--quiet")
+    report = json.loads(out.stdout)
+    assert out.returncode == 3 and f"skipped {missing}: file not found" in out.stderr
+    assert [r["query"] for r in report["results"]] == [paths[0], paths[2]]
+    assert report["skipped"] == [{"path": missing, "reason": "file not found"}]
+
+
+def test_sharded_search_aligns_results_and_takes_the_options_value(ivf_index, tmp_path):
+    from retrieval.engine.sharded import split_index
+
+    index, paths = ivf_index
+    missing = str(tmp_path / "missing.jpg")
+    options = SearchOptions(k=4)
+    with split_index(index, tmp_path / "shards", 2) as shards, Index.open(index) as whole:
+        got = shards.search([paths[5], missing, paths[7]], options=options)
+        want = whole.search([paths[5], paths[7]], options=options)
+        with pytest.raises(IndexUsageError, match="nprobe must be"):
+            shards.search(paths[:1], nprobe=0)
+    assert [r.error for r in got] == [None, "file not found", None] and got[1].hits == []
+    top = lambda r: [(h.path, round(h.distance, 5), h.query_box, h.db_box) for h in r.hits]  # noqa: E731
+    assert [top(r) for r in (got[0], got[2])] == [top(r) for r in want]
