@@ -1,5 +1,5 @@
-"""Merging the rankings of one query described several ways (its rotations): `rank_many`
-(`rank_descriptions` after the search refactor) against one separate `rank` per description.
+"""Merging the rankings of one query described several ways (its rotations):
+`rank_descriptions` against one separate `rank` per description.
 
 An image's distance is its smallest over the descriptions, the deciding description (and
 its pair of windows) is the one that reached it, the earliest on ties, and the top k of
@@ -11,28 +11,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval import ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchConfig
+from retrieval import ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchConfig, SearchOptions
 from retrieval.engine import search
 
 from conftest import make_scene
 
-# The two calls under test, in one place: `rank` of one description and the merge over
-# several. The search refactor (SearchOptions; rank_many split, the merge in
-# rank_descriptions) changes their signatures, not what they compute.
-if hasattr(search, "rank_many"):
-    def _rank(query, view, k, aggregate="mean-min"):
-        return search.rank(query, view, k, aggregate)
 
-    def _merged(queries, view, k, aggregate="mean-min"):
-        return search.rank_many(queries, view, k, aggregate)
-else:
-    from retrieval.config import SearchOptions
+def _rank(query, view, k, aggregate="mean-min"):
+    return search.rank(query, view, SearchOptions(k=k, aggregate=aggregate))
 
-    def _rank(query, view, k, aggregate="mean-min"):
-        return search.rank(query, view, SearchOptions(k=k, aggregate=aggregate))
 
-    def _merged(queries, view, k, aggregate="mean-min"):
-        return search.rank_descriptions(queries, view, SearchOptions(k=k, aggregate=aggregate))
+def _merged(queries, view, k, aggregate="mean-min"):
+    return search.rank_descriptions(queries, view, SearchOptions(k=k, aggregate=aggregate))
+
 
 CONFIG = ExtractorConfig(backbone="resnet18", weights="none", input_spec=InputSpec(size=(64, 64)))
 SEARCH = SearchConfig(levels=(1, 2), pca_dim=16)
@@ -71,7 +62,7 @@ def _expected(queries, view, k, aggregate):
 
 
 @pytest.mark.parametrize("aggregate", ["min", "mean-min"])
-def test_rank_many_is_the_minimum_over_the_separate_ranks(view, aggregate):
+def test_merge_is_the_minimum_over_the_separate_ranks(view, aggregate):
     rng = np.random.default_rng(7)
     live = np.unique(np.concatenate([s.ids for s in view.segments]))
     live = live[~np.isin(live, view.dead)]

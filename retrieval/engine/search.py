@@ -29,7 +29,7 @@ import numpy as np
 
 from . import kernel
 from .ann import WINDOW_BITS
-from ..config import DEFAULT_AGGREGATE, LAYOUT_K, NPROBE, SearchOptions  # noqa: F401 - NPROBE, LAYOUT_K: their old home
+from ..config import DEFAULT_AGGREGATE, SearchOptions
 from .neighbours import Neighbours, qe_weight
 from .snapshot import View
 
@@ -163,7 +163,6 @@ def rank_reranked(queries: list[np.ndarray], view: View, options: SearchOptions,
         raise ValueError("rank_reranked needs at least one description of the query")
     if options.dba and neighbours is None:
         raise ValueError("dba > 0 needs the neighbours of the database images")
-    aggregate = _aggregate(options)
     # None: every image is scored. Else the candidates of every description (and their
     # neighbours), deep enough that re-ranking can lift images from below the top k.
     pool = None

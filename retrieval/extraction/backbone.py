@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ExtractorConfig, InputSpec
+from ..config import InputSpec
 
 DEFAULT_SIZE = (224, 224)
 # extra pixels used to check that a network accepts other spatial sizes
