@@ -55,10 +55,10 @@ def test_int8_export_reports_calibration_and_agreement(int8_export, photos):
     assert path.is_file() and info["path"] == str(path)
     q = info["int8"]
     assert q["format"] == "qdq" and q["pre_processed"]
-    assert q["calibration"]["images"] == 8 and q["calibration"]["windows"] == 8 * 30
+    assert q["calibration"]["images"] == 8 and q["calibration"]["windows"] == 8 * 4
     assert q["calibration"]["dir"] == str(photos.resolve()) and q["calibration"]["skipped"] == []
     agr = q["agreement"]
-    assert agr["heldout"] and agr["images"] == 4 and agr["windows"] == 4 * 30 and agr["pool"] == "avg"
+    assert agr["heldout"] and agr["images"] == 4 and agr["windows"] == 4 * 4 and agr["pool"] == "avg"
     assert 0.98 <= agr["min_cosine"] <= agr["mean_cosine"] <= 1.0
     assert q["bytes"] < q["float_bytes"] / 3  # int8 weights
     # QuantizeLinear / DequantizeLinear nodes, and the export's metadata kept

@@ -137,13 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write an int8 model (about 4x smaller; faster on CPUs, see "
                    "benchmarks/results/describe.md); needs --calibrate")
     q.add_argument("--calibrate", metavar="DIR",
-                   help="with --int8: a folder (recursive) of images like the ones you will index; the "
-                   "windows of --calibrate-images of them (levels 1-4, cut and resized as the extractor "
-                   f"does) set the activation ranges, and up to {HELDOUT_IMAGES} others are held out "
-                   "to measure the agreement (mean and min cosine of --pool descriptors) with the float model")
+                   help="with --int8: a folder (recursive) of images like the ones you will index; "
+                   "windows of --calibrate-images of them (each image whole, and one window of each of "
+                   "levels 2-4, cut and resized as the extractor does) set the activation ranges, and "
+                   f"up to {HELDOUT_IMAGES} other images are held out to measure the agreement (mean and "
+                   "min cosine of the --pool descriptors of their windows) with the float model")
     q.add_argument("--calibrate-images", type=int, default=CALIBRATE_IMAGES, metavar="N",
                    help=f"with --int8: images of DIR used for calibration (default {CALIBRATE_IMAGES}, "
-                   "drawn at random, seeded; 30 windows each)")
+                   "drawn at random, seeded; 4 windows each). More images: longer export, ranges "
+                   "closer to your collection's")
     q.add_argument("--int8-format", choices=INT8_FORMATS, default=DEFAULT_INT8_FORMAT,
                    help="with --int8: qdq (QuantizeLinear/DequantizeLinear around float ops, fused by "
                    "onnxruntime; the default) or qoperator (QLinearConv ... ops)")

@@ -21,7 +21,7 @@ from .torch_backbone import TorchBackbone, _torch
 INT8_FORMATS = ("qdq", "qoperator")
 DEFAULT_INT8_FORMAT = "qdq"
 CALIBRATE_IMAGES = 32  # images of --calibrate DIR whose windows calibrate the activation ranges
-HELDOUT_IMAGES = 8  # further images of DIR on which the int8 and float descriptors are compared
+HELDOUT_IMAGES = 16  # further images of DIR on which the int8 and float descriptors are compared
 _CALIB_BATCH = 8  # network inputs per calibration run
 
 
@@ -47,12 +47,13 @@ def export_onnx(
 
     `int8`: the float export is then quantized statically with onnxruntime.quantization
     (uint8 activations, int8 per-channel weights, 7-bit when `reduce_range`, QDQ or
-    QOperator per `int8_format`), its activation ranges calibrated on the windows of
-    `calibrate_images` images of `calibrate` (levels 1-4, cut and resized as the extractor
-    cuts them, normalized per the input spec). The result then carries "int8": the
-    calibration, and the agreement (mean / min cosine) of the pooled descriptors (the
-    config's --pool) of the int8 and float models on held-out images of that folder. Usage
-    errors (ConfigError) are raised before anything is written. `log(text)` reports progress.
+    QOperator per `int8_format`), its activation ranges calibrated on windows of
+    `calibrate_images` images of `calibrate` (the whole image and one window of each of
+    levels 2-4, cut and resized as the extractor cuts them, normalized per the input
+    spec). The result then carries "int8": the calibration, and the agreement (mean / min
+    cosine) of the pooled descriptors (the config's --pool) of the int8 and float models on
+    the windows of held-out images of that folder. Usage errors (ConfigError) are raised
+    before anything is written. `log(text)` reports progress.
     """
     if config.onnx:
         raise ConfigError("export-onnx exports a torch backbone; drop --onnx")
@@ -183,13 +184,14 @@ def _set_metadata(path: str, meta: dict[str, str]) -> None:
 def _calibration_sample(folder: str, n_calib: int, size: tuple[int, int]) -> dict[str, Any]:
     """Windows (uint8 [H, W, 3] at `size`) of up to `n_calib` readable images of `folder` for
     calibration and of up to HELDOUT_IMAGES others for the agreement check, cut as the
-    extractor cuts them (crop mode, levels 1-4). Images are drawn in a seeded random order;
+    extractor cuts them (crop mode): per image, the whole image (level 1) and one window
+    drawn from each of levels 2-4 (4 windows). Images are drawn in a seeded random order;
     unreadable ones are skipped. With too few images, at least one is held out (a quarter,
     up to HELDOUT_IMAGES); a single image serves both (then "heldout" is false).
     Raises ConfigError when `folder` holds no readable image."""
     from .extractor import Job, _prepare
     from .images import ImageError, expand_inputs
-    from .patches import level_regions
+    from .patches import RegionSet, level_regions
 
     if not os.path.exists(folder):
         raise ConfigError(f"--calibrate {folder}: no such folder")
@@ -199,16 +201,22 @@ def _calibration_sample(folder: str, n_calib: int, size: tuple[int, int]) -> dic
         raise ConfigError(f"--calibrate {folder}: {err}") from None
     if not paths:
         raise ConfigError(f"--calibrate {folder}: no image files in it (looked for .jpg, .png, ... recursively)")
-    order = np.random.default_rng(0).permutation(len(paths))
-    regions = tuple(level_regions(lv) for lv in LEVELS)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(paths))
     want = n_calib + HELDOUT_IMAGES
     images: list[list[np.ndarray]] = []
     skipped: list[dict[str, str]] = []
     for i in order:
         if len(images) == want:
             break
+        # the whole image (level 1) and one window drawn from each other level
+        regions = [level_regions(LEVELS[0])]
+        for lv in LEVELS[1:]:
+            rs = level_regions(lv)
+            j = int(rng.integers(len(rs)))
+            regions.append(RegionSet(rs.name, rs.boxes[j : j + 1], rs.flips[j : j + 1]))
         try:
-            images.append(_prepare(Job(paths[i], regions), tuple(size), "crop")[1])
+            images.append(_prepare(Job(paths[i], tuple(regions)), tuple(size), "crop")[1])
         except ImageError as err:
             skipped.append({"path": paths[i], "reason": str(err)})
     if not images:
