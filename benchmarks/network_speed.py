@@ -7,6 +7,9 @@ torch CPU settings (channels_last, bf16/fp16 autocast), on prepared input tensor
     python benchmarks/network_speed.py models mnv2-fp32=/tmp/mnv2.onnx mnv2-int8=/tmp/mnv2-int8.onnx
     # torch settings
     python benchmarks/network_speed.py torch --backbone mobilenet_v2 --layer features
+    # int8 agreement on pretrained weights: the fp16 SqueezeNet of ../shared made float32,
+    # quantized by the product's own quantize_int8, compared on held-out images
+    python benchmarks/network_speed.py squeezenet-int8
 
 The inputs are the level-1 windows of real images (ukbench by default), cut by the
 extractor's own `_prepare` and normalized by the backbone's own preprocessing; the
@@ -195,9 +198,55 @@ def run_torch(args) -> dict:
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "rows": rows}
 
 
+def run_squeezenet_int8(args) -> dict:
+    """The export's int8 steps (calibration sample, quantize_int8, descriptor_agreement) on
+    pretrained weights: SqueezeNet 1.1 (fp16, opset 7, ../shared) cut at fire9/concat_1,
+    made float32 / opset 13 / dynamic batch, then quantized and compared, and timed."""
+    import tempfile
+
+    import onnx
+    from onnx import numpy_helper, version_converter
+
+    from retrieval.extraction.onnx_backbone import cut_onnx
+    from retrieval.extraction.onnx_export import _calibration_sample, descriptor_agreement, quantize_int8
+
+    src = onnx.load(args.squeezenet)
+    for t in src.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+    for vi in list(src.graph.input) + list(src.graph.output) + list(src.graph.value_info):
+        if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
+            vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    cut = cut_onnx(src, "fire9/concat_1", dynamic_batch=True, out_type=onnx.TensorProto.FLOAT)
+    cut = version_converter.convert_version(cut, 13)
+    # the export's input name, so that quantize_int8's calibration reader fits
+    old = cut.graph.input[0].name
+    cut.graph.input[0].name = "input"
+    for node in cut.graph.node:
+        node.input[:] = ["input" if i == old else i for i in node.input]
+    spec = InputSpec(size=(224, 224), order="bgr", scale=255.0, mean=(104.0, 117.0, 123.0), std=(1.0, 1.0, 1.0))
+    out = {"model": "squeezenet1.1 (fp16 -> fp32) at fire9/concat_1", "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = f"{tmp}/sq-fp32.onnx"
+        onnx.save(cut, fp32)
+        sample = _calibration_sample(args.images, args.calibrate_images, (224, 224))
+        for fmt in args.formats.split(","):
+            q = f"{tmp}/sq-{fmt}.onnx"
+            info = quantize_int8(fp32, q, spec, sample["calib"], fmt)
+            agr = descriptor_agreement(fp32, q, spec, sample["heldout"], "avg")
+            row = {"format": fmt, **info, **sample["agreement"], **agr,
+                   "calibration_images": sample["calibration"]["images"],
+                   "calibration_windows": sample["calibration"]["windows"]}
+            out["runs"].append(row)
+            print(f"  {fmt:10s} calibrated on {row['calibration_windows']} windows in {info['seconds']:.1f} s; "
+                  f"{row['windows']} held-out windows: mean cosine {agr['mean_cosine']:.4f} "
+                  f"min {agr['min_cosine']:.4f}; float {agr['float_seconds']:.2f} s, int8 "
+                  f"{agr['int8_seconds']:.2f} s ({agr['speedup']:.2f}x)", flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("sessions", "models", "torch"))
+    ap.add_argument("what", choices=("sessions", "models", "torch", "squeezenet-int8"))
     ap.add_argument("models", nargs="*", metavar="NAME=FILE.onnx[:OUTPUT]", help="models: the ONNX models, baseline first")
     ap.add_argument("--images", default=str(SHARED / "data" / "ukbench" / "full"))
     ap.add_argument("--batch", type=int, default=32)
@@ -211,9 +260,13 @@ def main() -> int:
     ap.add_argument("--backbone", default="mobilenet_v2", help="torch: architecture (random init)")
     ap.add_argument("--layer", default="features", help="torch: layer")
     ap.add_argument("--input-spec", help="torch / models: --input-spec (e.g. size=224)")
+    ap.add_argument("--squeezenet", default=str(SHARED / "weights" / "squeezenet1.1-fp16.onnx"))
+    ap.add_argument("--calibrate-images", type=int, default=32, help="squeezenet-int8: as export-onnx's")
+    ap.add_argument("--formats", default="qdq,qoperator", help="squeezenet-int8: int8 formats")
     ap.add_argument("--json", metavar="OUT")
     args = ap.parse_args()
-    result = {"sessions": run_sessions, "models": run_models, "torch": run_torch}[args.what](args)
+    result = {"sessions": run_sessions, "models": run_models, "torch": run_torch,
+              "squeezenet-int8": run_squeezenet_int8}[args.what](args)
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
                          "load_average": os.getloadavg()}
     if args.json:

@@ -124,3 +124,14 @@ def test_int8_usage_errors_write_nothing(tmp_path, photos, flags, message):
     assert r.returncode == 2, r.stderr
     assert message in r.stderr
     assert not out.parent.exists()
+
+
+def test_agreement_cosine_is_scale_free():
+    from retrieval.extraction.onnx_export import cosines
+
+    rng = np.random.default_rng(0)
+    a = rng.random((4, 1280)) * 1e-9  # a random-init MobileNetV2's pooled features are this small
+    assert np.allclose(cosines(a, 3 * a), 1.0)
+    assert np.allclose(cosines(a, -a), -1.0)
+    assert cosines(np.zeros((1, 3)), np.zeros((1, 3)))[0] == 1.0
+    assert cosines(np.zeros((1, 3)), np.ones((1, 3)))[0] == 0.0

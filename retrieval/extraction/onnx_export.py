@@ -341,11 +341,22 @@ def descriptor_agreement(
         feats = [bb(np.stack(windows[i : i + batch])) for i in range(0, len(windows), batch)]
         out[f"{name}_seconds"] = round(time.perf_counter() - start, 3)
         vecs[name] = np.stack([_pool(f, pool) for chunk in feats for f in chunk]).astype(np.float64)
-    a, b = vecs["float"], vecs["int8"]
-    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    cos = cosines(vecs["float"], vecs["int8"])
     out["mean_cosine"] = round(float(cos.mean()), 6)
     out["min_cosine"] = round(float(cos.min()), 6)
     out["speedup"] = round(out["float_seconds"] / max(out["int8_seconds"], 1e-9), 2)
+    return out
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of two [N, D] arrays, scale-free (tiny activations of a random-init
+    network are fine); 1 where both rows are zero, 0 where one is."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    both = (na > 0) & (nb > 0)
+    out = np.where((na == 0) & (nb == 0), 1.0, 0.0)
+    out[both] = (a[both] / na[both, None] * (b[both] / nb[both, None])).sum(1)
     return out
 
 
