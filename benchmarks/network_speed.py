@@ -158,13 +158,13 @@ def run_torch(args) -> dict:
 
     torch = _torch()
     spec = InputSpec.parse(args.input_spec)
-    bb = load_backbone(ExtractorConfig(backbone=args.backbone, weights="none", layer=args.layer, input_spec=spec), "cpu")
+    config = ExtractorConfig(backbone=args.backbone, weights="none", layer=args.layer, input_spec=spec)
+    bb = load_backbone(config, "cpu")
     imgs = windows(args.images, args.batch, tuple(bb.input_size))
     cl = bb.module  # channels_last on CPU: TorchBackbone's default
     x_cl = bb.to_input(imgs)
-    import copy
-
-    contig = copy.deepcopy(bb.module).to(memory_format=torch.contiguous_format)
+    # the same seeded network, contiguous (NCHW) weights and input
+    contig = load_backbone(config, "cpu").module.to(memory_format=torch.contiguous_format)
     x_c = x_cl.contiguous()
     print(f"torch {args.backbone}/{bb.layer}, batch {args.batch} {imgs.shape[1]}x{imgs.shape[2]}, "
           f"cpu capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
