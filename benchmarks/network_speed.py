@@ -229,15 +229,15 @@ def run_squeezenet_int8(args) -> dict:
         fp32 = f"{tmp}/sq-fp32.onnx"
         onnx.save(cut, fp32)
         sample = _calibration_sample(args.images, args.calibrate_images, (224, 224))
-        for fmt in args.formats.split(","):
-            q = f"{tmp}/sq-{fmt}.onnx"
-            info = quantize_int8(fp32, q, spec, sample["calib"], fmt)
+        for fmt, rr in [(f, r == "1") for f in args.formats.split(",") for r in args.reduce_range.split(",")]:
+            q = f"{tmp}/sq-{fmt}-{rr}.onnx"
+            info = quantize_int8(fp32, q, spec, sample["calib"], fmt, reduce_range=rr)
             agr = descriptor_agreement(fp32, q, spec, sample["heldout"], "avg")
-            row = {"format": fmt, **info, **sample["agreement"], **agr,
+            row = {"format": fmt, "reduce_range": rr, **info, **sample["agreement"], **agr,
                    "calibration_images": sample["calibration"]["images"],
                    "calibration_windows": sample["calibration"]["windows"]}
             out["runs"].append(row)
-            print(f"  {fmt:10s} calibrated on {row['calibration_windows']} windows in {info['seconds']:.1f} s; "
+            print(f"  {fmt:10s} reduce_range={int(rr)} calibrated on {row['calibration_windows']} windows in {info['seconds']:.1f} s; "
                   f"{row['windows']} held-out windows: mean cosine {agr['mean_cosine']:.4f} "
                   f"min {agr['min_cosine']:.4f}; float {agr['float_seconds']:.2f} s, int8 "
                   f"{agr['int8_seconds']:.2f} s ({agr['speedup']:.2f}x)", flush=True)
@@ -263,6 +263,7 @@ def main() -> int:
     ap.add_argument("--squeezenet", default=str(SHARED / "weights" / "squeezenet1.1-fp16.onnx"))
     ap.add_argument("--calibrate-images", type=int, default=32, help="squeezenet-int8: as export-onnx's")
     ap.add_argument("--formats", default="qdq,qoperator", help="squeezenet-int8: int8 formats")
+    ap.add_argument("--reduce-range", default="1,0", help="squeezenet-int8: 1 (7-bit weights), 0 or both")
     ap.add_argument("--json", metavar="OUT")
     args = ap.parse_args()
     result = {"sessions": run_sessions, "models": run_models, "torch": run_torch,
