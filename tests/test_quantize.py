@@ -92,12 +92,19 @@ def test_int8_model_loads_with_onnx_and_agrees_with_float(int8_export, photos):
     assert cos.min() >= 0.98, cos
 
 
-def test_int8_qoperator_format(photos, tmp_path):
+def test_int8_qoperator_format_and_an_unreadable_image(photos, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for p in sorted(photos.glob("*.jpg"))[:4]:
+        shutil.copy(p, folder / p.name)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "q.onnx"
     r = run_cli("export-onnx", str(out), *MODEL, "--int8", "--int8-format", "qoperator",
-                "--calibrate", str(photos), "--calibrate-images", "2")
-    assert r.returncode == 0, r.stderr
-    assert "mean cosine" in r.stdout and "held-out" in r.stdout
+                "--calibrate", str(folder), "--calibrate-images", "3")
+    # done, but an input was skipped (SPEC exit 3), and named
+    assert r.returncode == 3, r.stderr
+    assert f"skipped {folder / 'broken.jpg'}" in r.stderr
+    assert "mean cosine" in r.stdout and "3 images" in r.stdout and "1 held-out" in r.stdout
     import onnx
 
     assert "QLinearConv" in {n.op_type for n in onnx.load(str(out)).graph.node}

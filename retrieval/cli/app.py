@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "windows of --calibrate-images of them (each image whole, and one window of each of "
                    "levels 2-4, cut and resized as the extractor does) set the activation ranges, and "
                    f"up to {HELDOUT_IMAGES} other images are held out to measure the agreement (mean and "
-                   "min cosine of the --pool descriptors of their windows) with the float model")
+                   "min cosine of the --pool descriptors of their windows) with the float model. Unreadable "
+                   "images are skipped, named on stderr (exit 3); none readable: exit 2")
     q.add_argument("--calibrate-images", type=int, default=CALIBRATE_IMAGES, metavar="N",
                    help=f"with --int8: images of DIR used for calibration (default {CALIBRATE_IMAGES}, "
                    "drawn at random, seeded; 4 windows each). More images: longer export, ranges "
@@ -416,7 +417,7 @@ def _export_onnx(args) -> int:
         )
     else:
         print(f"wrote {result['path']} (max relative error vs torch {result['max_rel_error']:.2e})")
-    return EXIT_OK
+    return EXIT_SKIPPED if q and q["calibration"]["skipped"] else EXIT_OK
 
 
 def _layers(args) -> int:
