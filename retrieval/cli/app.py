@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         "export-onnx", help="write a torch backbone and layer as an ONNX model (float, or int8 with --int8)",
         description="Export the torch backbone (--backbone, --weights) cut at --layer to ONNX; the file "
         "is checked against torch with onnxruntime and can then be used with --onnx OUT.onnx "
-        "(--input-spec as printed). With --int8 --calibrate DIR the model is quantized to int8 "
+        "(with the input_spec that --json prints as --input-spec, also stored in the model's "
+        "metadata). With --int8 --calibrate DIR the model is quantized to int8 "
         "(onnxruntime static quantization: uint8 activations, int8 per-channel weights), its "
         "activation ranges calibrated on windows of your images, and the cosine between its "
         "descriptors and the float model's on other images of DIR is printed (and in --json).",
@@ -134,8 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_extractor_args(p, search=False)
     q = p.add_argument_group("int8")
     q.add_argument("--int8", action="store_true",
-                   help="write an int8 model (about 4x smaller; faster on CPUs, see "
-                   "benchmarks/results/describe.md); needs --calibrate")
+                   help="quantize the export to int8 (onnxruntime static quantization, QDQ: uint8 "
+                   "activations, int8 per-channel weights at 7 bits, which avoids overflow on CPUs without "
+                   "VNNI): about 4x smaller, 1.3-2x faster on CPU (benchmarks/results/describe.md); "
+                   "needs --calibrate")
     q.add_argument("--calibrate", metavar="DIR",
                    help="with --int8: a folder (recursive) of images like the ones you will index; "
                    "windows of --calibrate-images of them (each image whole, and one window of each of "
