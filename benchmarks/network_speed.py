@@ -237,7 +237,8 @@ def run_squeezenet_int8(args) -> dict:
                    "calibration_images": sample["calibration"]["images"],
                    "calibration_windows": sample["calibration"]["windows"]}
             out["runs"].append(row)
-            print(f"  {fmt:10s} reduce_range={int(rr)} calibrated on {row['calibration_windows']} windows in {info['seconds']:.1f} s; "
+            print(f"  {fmt:10s} reduce_range={int(rr)} calibrated on {row['calibration_windows']} windows "
+                  f"in {info['seconds']:.1f} s; "
                   f"{row['windows']} held-out windows: mean cosine {agr['mean_cosine']:.4f} "
                   f"min {agr['min_cosine']:.4f}; float {agr['float_seconds']:.2f} s, int8 "
                   f"{agr['int8_seconds']:.2f} s ({agr['speedup']:.2f}x)", flush=True)
@@ -247,7 +248,8 @@ def run_squeezenet_int8(args) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("sessions", "models", "torch", "squeezenet-int8"))
-    ap.add_argument("models", nargs="*", metavar="NAME=FILE.onnx[:OUTPUT]", help="models: the ONNX models, baseline first")
+    ap.add_argument("models", nargs="*", metavar="NAME=FILE.onnx[:OUTPUT]",
+                    help="models: the ONNX models, baseline first")
     ap.add_argument("--images", default=str(SHARED / "data" / "ukbench" / "full"))
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=7)

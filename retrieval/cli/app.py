@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_extractor_args(p, search=False)
     q = p.add_argument_group("int8")
     q.add_argument("--int8", action="store_true",
-                   help="quantize the export to int8 (onnxruntime static quantization, QDQ: uint8 "
+                   help="quantize the export to int8 (onnxruntime static quantization: uint8 "
                    "activations, int8 per-channel weights at 7 bits, which avoids overflow on CPUs without "
                    "VNNI): about 4x smaller, 1.3-2x faster on CPU (benchmarks/results/describe.md); "
                    "needs --calibrate")

@@ -60,7 +60,7 @@ def export_onnx(
     check_int8_args(int8, calibrate, calibrate_images, int8_format)
     log = log or (lambda _text: None)
     torch = _torch()
-    import onnx
+    import onnx  # noqa: F401 - missing: fail before the network is built
     import onnxruntime as ort
 
     bb = TorchBackbone(config, device="cpu")
