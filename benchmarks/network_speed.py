@@ -150,7 +150,35 @@ def run_models(args) -> dict:
         cos = (v * ref).sum(1) / (np.linalg.norm(v, axis=1) * np.linalg.norm(ref, axis=1))
         row["mean_cosine"], row["min_cosine"] = round(float(cos.mean()), 5), round(float(cos.min()), 5)
         print(f"  {row['variant']:30s} cosine with {rows[0]['variant']}: mean {cos.mean():.5f} min {cos.min():.5f}")
-    return {"batch": args.batch, "rows": rows}
+    out = {"batch": args.batch, "rows": rows}
+    if args.extract:
+        out["extract"] = extract_speed(bbs, args)
+    return out
+
+
+def extract_speed(bbs: dict, args) -> list[dict]:
+    """The whole extractor (decoding threads, cutting, network, pooling) with each backbone:
+    N images, levels 1-2, batch 32, 2 decoding threads, interleaved rounds."""
+    paths = expand_inputs([args.images])[: args.extract]
+    regions = tuple(level_regions(lv) for lv in (1, 2))
+    print(f"extractor, {len(paths)} images, levels 1,2, batch 32, 2 decoding threads")
+    runs = {}
+    for name, bb in bbs.items():
+        ex = Extractor(bb.config, RuntimeConfig("cpu", 32, 2))
+        ex._backbone = bb
+        runs[name] = ex
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(args.extract_rounds):
+        for name, ex in runs.items():
+            t0 = time.perf_counter()
+            sum(1 for _ in ex.extract([Job(p, regions) for p in paths], progress=False))
+            times[name].append(time.perf_counter() - t0)
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows.append({"variant": name, "images_per_s": round(len(paths) / med, 2)})
+        print(f"  {name:30s} {len(paths) / med:7.2f} images/s (median of {len(ts)})")
+    return rows
 
 
 def run_torch(args) -> dict:
@@ -257,7 +285,8 @@ def main() -> int:
     ap.add_argument("--onnx-output", default="627", help="sessions: the tensor cut at (default 627)")
     ap.add_argument("--variants", help=f"sessions: comma-separated subset of {', '.join(SESSION_VARIANTS)}")
     ap.add_argument("--extract", type=int, default=0, metavar="N",
-                    help="sessions: also time the whole extractor on N images with spinning on and off")
+                    help="sessions / models: also time the whole extractor on N images (sessions: "
+                    "spinning on and off; models: each model)")
     ap.add_argument("--extract-rounds", type=int, default=3)
     ap.add_argument("--backbone", default="mobilenet_v2", help="torch: architecture (random init)")
     ap.add_argument("--layer", default="features", help="torch: layer")
