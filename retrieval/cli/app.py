@@ -120,9 +120,40 @@ def build_parser() -> argparse.ArgumentParser:
                    "(chosen by collection size)")
     _common(p)
 
-    p = sub.add_parser("export-onnx", help="write a torch backbone and layer as an ONNX model")
+    from ..extraction.onnx_export import CALIBRATE_IMAGES, DEFAULT_INT8_FORMAT, HELDOUT_IMAGES, INT8_FORMATS
+
+    p = sub.add_parser(
+        "export-onnx", help="write a torch backbone and layer as an ONNX model (float, or int8 with --int8)",
+        description="Export the torch backbone (--backbone, --weights) cut at --layer to ONNX; the file "
+        "is checked against torch with onnxruntime and can then be used with --onnx OUT.onnx "
+        "(with the input_spec that --json prints as --input-spec, also stored in the model's "
+        "metadata). With --int8 --calibrate DIR the model is quantized to int8 "
+        "(onnxruntime static quantization: uint8 activations, int8 per-channel weights), its "
+        "activation ranges calibrated on windows of your images, and the cosine between its "
+        "descriptors and the float model's on other images of DIR is printed (and in --json).",
+    )
     p.add_argument("out", metavar="OUT.onnx", help="ONNX file to write")
     add_extractor_args(p, search=False)
+    q = p.add_argument_group("int8")
+    q.add_argument("--int8", action="store_true",
+                   help="quantize the export to int8 (onnxruntime static quantization: uint8 "
+                   "activations, int8 per-channel weights at 7 bits, which avoids overflow on CPUs without "
+                   "VNNI): about 4x smaller, 1.3-2x faster on CPU (benchmarks/results/describe.md); "
+                   "needs --calibrate")
+    q.add_argument("--calibrate", metavar="DIR",
+                   help="with --int8: a folder (recursive) of images like the ones you will index; "
+                   "windows of --calibrate-images of them (each image whole, and one window of each of "
+                   "levels 2-4, cut and resized as the extractor does) set the activation ranges, and "
+                   f"up to {HELDOUT_IMAGES} other images are held out to measure the agreement (mean and "
+                   "min cosine of the --pool descriptors of their windows) with the float model. Unreadable "
+                   "images are skipped, named on stderr (exit 3); none readable: exit 2")
+    q.add_argument("--calibrate-images", type=int, default=CALIBRATE_IMAGES, metavar="N",
+                   help=f"with --int8: images of DIR used for calibration (default {CALIBRATE_IMAGES}, "
+                   "drawn at random, seeded; 4 windows each). More images: longer export, ranges "
+                   "closer to your collection's")
+    q.add_argument("--int8-format", choices=INT8_FORMATS, default=DEFAULT_INT8_FORMAT,
+                   help="with --int8: qdq (QuantizeLinear/DequantizeLinear around float ops, fused by "
+                   "onnxruntime; the default) or qoperator (QLinearConv ... ops)")
     _common(p)
 
     p = sub.add_parser(
@@ -350,13 +381,35 @@ def _split(args) -> int:
 
 
 def _export_onnx(args) -> int:
-    from ..extraction.onnx_export import export_onnx
+    from ..extraction.onnx_export import check_int8_args, export_onnx
 
+    check_int8_args(args.int8, args.calibrate, args.calibrate_images, args.int8_format)  # before any loading
     start = time.perf_counter()
-    result = export_onnx(extractor_config_from_args(args), args.out)
+    log = None if args.quiet or args.json else (lambda text: print(text, file=sys.stderr, flush=True))
+    result = export_onnx(
+        extractor_config_from_args(args), args.out, int8=args.int8, calibrate=args.calibrate,
+        calibrate_images=args.calibrate_images, int8_format=args.int8_format, log=log,
+    )
     result["seconds"] = round(time.perf_counter() - start, 3)
-    print(json.dumps(result) if args.json else f"wrote {result['path']} (max relative error vs torch {result['max_rel_error']:.2e})")
-    return EXIT_OK
+    q = result.get("int8")
+    for item in (q["calibration"]["skipped"] if q else []):
+        print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result))
+    elif q:
+        cal, agr = q["calibration"], q["agreement"]
+        print(
+            f"wrote {result['path']}: int8 ({q['format']}, {q['bytes'] / 2**20:.1f} MB, float "
+            f"{q['float_bytes'] / 2**20:.1f} MB), calibrated on {cal['windows']} windows of {cal['images']} "
+            f"images; float export max relative error vs torch {result['max_rel_error']:.2e}\n"
+            f"agreement with the float model on {agr['windows']} windows of {agr['images']} "
+            f"{'held-out ' if agr['heldout'] else 'calibration (no image left to hold out) '}images "
+            f"({agr['pool']}-pooled descriptors): mean cosine {agr['mean_cosine']:.4f}, "
+            f"min {agr['min_cosine']:.4f}; int8 network {agr['speedup']:.2f}x the float model's speed here"
+        )
+    else:
+        print(f"wrote {result['path']} (max relative error vs torch {result['max_rel_error']:.2e})")
+    return EXIT_SKIPPED if q and q["calibration"]["skipped"] else EXIT_OK
 
 
 def _layers(args) -> int:

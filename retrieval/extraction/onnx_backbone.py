@@ -206,6 +206,43 @@ def _dim(d) -> int | None:
     return d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
 
 
+# ONNX Runtime session settings, measured on this project's CPU box (2 shared AVX2 cores)
+# with the int8 MobileNetV2, a batch of 32 224x224 inputs: benchmarks/results/describe.md,
+# "Faster networks". None = the runtime's own default.
+SESSION_OPTIONS: dict[str, Any] = {
+    "intra_op_threads": None,  # None: the cores this process may use (cpu_count())
+    "inter_op_threads": 1,  # only used by the parallel execution mode
+    "execution_mode": "sequential",  # sequential | parallel (runs independent branches at once)
+    "graph_optimization": "all",  # all | extended | basic | disabled
+    "allow_spinning": False,  # intra-op threads busy-wait for work between ops
+    "mem_pattern": True,  # plan activations' memory from the first run's shapes
+    "cpu_mem_arena": True,  # keep freed activation memory for the next run
+}
+
+_OPT_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+               "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+def session_options(ort, **overrides):
+    """ort.SessionOptions from SESSION_OPTIONS, updated with `overrides` (same keys)."""
+    unknown = set(overrides) - set(SESSION_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown session option(s): {', '.join(sorted(unknown))}")
+    o = {**SESSION_OPTIONS, **overrides}
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = int(o["intra_op_threads"] or cpu_count())
+    opts.inter_op_num_threads = int(o["inter_op_threads"] or 0)
+    opts.execution_mode = (ort.ExecutionMode.ORT_PARALLEL if o["execution_mode"] == "parallel"
+                           else ort.ExecutionMode.ORT_SEQUENTIAL)
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[o["graph_optimization"]])
+    # busy-waiting between ops and runs takes cores from the image decoding threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if o["allow_spinning"] else "0")
+    opts.enable_mem_pattern = bool(o["mem_pattern"])
+    opts.enable_cpu_mem_arena = bool(o["cpu_mem_arena"])
+    return opts
+
+
 class OnnxBackbone(Backbone):
     def __init__(self, config: ExtractorConfig, device: str = "auto") -> None:
         import onnx
@@ -319,13 +356,10 @@ class OnnxBackbone(Backbone):
             raise ConfigError("--device cuda: onnxruntime has no usable CUDAExecutionProvider here")
         return ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
 
-    def _session(self, model, ort):
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = cpu_count()
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        # no busy-waiting between runs: image decoding threads share these cores
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    def _session(self, model, ort, **overrides):
+        """An InferenceSession of `model` on self.providers with SESSION_OPTIONS (each of
+        which `overrides` may replace; benchmarks/network_speed.py measures them)."""
+        opts = session_options(ort, **overrides)
         blob = model.SerializeToString() if model.ByteSize() < (1 << 31) - (1 << 26) else None
         if blob is not None:
             return ort.InferenceSession(blob, sess_options=opts, providers=self.providers)
