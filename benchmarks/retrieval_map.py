@@ -55,6 +55,14 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 from retrieval.cli.app import add_rerank_args  # noqa: E402
+from retrieval.cli.args import (  # noqa: E402
+    add_extractor_args,
+    extractor_config_from_args,
+    parse_levels,
+    parse_rotations,
+    runtime_config_from_args,
+    search_config_from_args,
+)
 from retrieval.config import (  # noqa: E402
     AGGREGATES,
     PATCH_MODES,
@@ -64,12 +72,6 @@ from retrieval.config import (  # noqa: E402
     ExtractorConfig,
     RuntimeConfig,
     SearchConfig,
-    add_extractor_args,
-    extractor_config_from_args,
-    parse_levels,
-    parse_rotations,
-    runtime_config_from_args,
-    search_config_from_args,
 )
 from retrieval.evaluation.datasets import DATASETS, Dataset, load_dataset  # noqa: E402
 from retrieval.evaluation.evaluate import evaluate  # noqa: E402
