@@ -21,7 +21,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 POOLS = ("avg", "max", "gem")
-PATCH_MODES = ("crop", "roi")
+PATCH_MODES = ("crop", "roi", "pyramid")
+# pyramid mode: the input sides, relative to the network's input size, of the whole
+# (square-resized) image; each window is pooled from the scale at which its side is
+# closest to the network's input size (benchmarks/results/describe.md).
+PYRAMID_SCALES = (1.0, 384 / 224)
 AGGREGATES = ("min", "mean-min")
 DEVICES = ("auto", "cpu", "cuda")
 LEVELS = (1, 2, 3, 4)
@@ -196,6 +200,9 @@ class ExtractorConfig:
         if self.roi_size is None or self.patch_mode != "roi":
             # Absent unless it matters, so keys made before the option existed stay valid.
             ident.pop("roi_size")
+        if self.patch_mode == "pyramid":
+            # The scales are part of what a pyramid descriptor is.
+            ident["pyramid_scales"] = [round(v, 6) for v in PYRAMID_SCALES]
         if self.onnx:
             ident["onnx"] = file_digest(self.onnx)
             for k in ("backbone", "weights", "layer"):

@@ -66,7 +66,10 @@ def add_extractor_args(parser: argparse.ArgumentParser, *, search: bool = True) 
         "--patch-mode",
         default="crop",
         choices=PATCH_MODES,
-        help="crop: run every window through the network; roi: one pass, windows pooled from the map",
+        help="crop: run every window through the network (the papers); roi: one pass, windows "
+        "pooled from the map; pyramid: the whole image at 2 sizes (the network's, and 384/224 of "
+        "it), each window pooled from the size where it spans about the network's input "
+        "(needs a model that takes any input size)",
     )
     g.add_argument(
         "--roi-size",

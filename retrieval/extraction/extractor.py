@@ -16,11 +16,14 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .. import config as _config
 from ..config import ExtractorConfig, RuntimeConfig
 from .images import ImageError, load_rgb
 from .patches import RegionSet
 
 GEM_P = 3.0
+# Modes whose network outputs are feature maps of the whole image, windows pooled later.
+MAP_MODES = ("roi", "pyramid")
 # PIL's counter-clockwise turns: lossless (pixels are moved, not resampled).
 _TRANSPOSE = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
 
@@ -73,10 +76,16 @@ class Extractor:
             from .backbones import load_backbone
 
             self._backbone = load_backbone(self.config, self.runtime.device)
-            if self.config.patch_mode == "roi" and self._backbone.output_kind != "map":
+            mode = self.config.patch_mode
+            if mode in MAP_MODES and self._backbone.output_kind != "map":
                 raise ValueError(
-                    "--patch-mode roi needs a convolutional feature map, but the chosen "
+                    f"--patch-mode {mode} needs a convolutional feature map, but the chosen "
                     "layer/output is a vector; pick a conv layer or use --patch-mode crop"
+                )
+            if mode == "pyramid" and not self._backbone.dynamic_size:
+                raise ValueError(
+                    "--patch-mode pyramid feeds the image at several sizes and needs a network "
+                    "that accepts any input size; this one is fixed (use --patch-mode crop)"
                 )
         return self._backbone
 
@@ -120,7 +129,7 @@ class Extractor:
                 feats = backbone(np.stack([batch[i] for i in members]))
                 for i, feat in zip(members, feats):
                     state, slot = owners[i]
-                    state.outputs[slot] = feat if mode == "roi" else _pool(feat, how)
+                    state.outputs[slot] = feat if mode in MAP_MODES else _pool(feat, how)
                     state.left -= 1
             batch.clear()
             owners.clear()
@@ -179,6 +188,17 @@ class _Pending:
                 out[rs.name] = np.stack(self.outputs[start : start + len(rs)]).astype(np.float32)
                 start += len(rs)
             return out
+        if mode == "pyramid":
+            inputs, where = pyramid_plan(self.job.regions)
+            for rs, slots in zip(self.job.regions, where):
+                vecs = []
+                for box, flip, slot in zip(rs.boxes, rs.flips, slots):
+                    if flip:
+                        x0, y0, x1, y1 = box
+                        box = (1 - x1, y0, 1 - x0, y1)
+                    vecs.append(_area_pool(self.outputs[slot], box, how))
+                out[rs.name] = np.stack(vecs).astype(np.float32)
+            return out
         whole = self.outputs[0]
         mirror = self.outputs[1] if len(self.outputs) > 1 else None
         for rs in self.job.regions:
@@ -202,7 +222,9 @@ def _prepare(
 
     crop: one input per window, in region-set order. roi: the whole image (at the
     network's size, or with its long side at `roi_size`), plus its mirror if any region
-    set mirrors; windows are pooled from the feature map later.
+    set mirrors; windows are pooled from the feature map later. pyramid: the whole image
+    resized to a square at each scale of `pyramid_plan` that a window needs (and mirrored
+    where a mirrored window needs it), in the plan's order.
     """
     img = load_rgb(job.path)
     if job.crop is not None:
@@ -215,6 +237,17 @@ def _prepare(
         img = img.transpose(_TRANSPOSE[job.rotation])
     w, h = img.size
     out_h, out_w = size
+    if mode == "pyramid":
+        inputs = []
+        resized: dict[int, np.ndarray] = {}
+        for scale_index, flip in pyramid_plan(job.regions)[0]:
+            if scale_index not in resized:
+                scale = _config.PYRAMID_SCALES[scale_index]
+                shape = (max(32, round(out_w * scale)), max(32, round(out_h * scale)))
+                resized[scale_index] = np.asarray(img.resize(shape, Image.BILINEAR))
+            arr = resized[scale_index]
+            inputs.append(np.ascontiguousarray(arr[:, ::-1]) if flip else arr)
+        return (w, h), inputs
     if mode == "roi":
         if roi_size:
             scale = roi_size / max(w, h)
@@ -256,3 +289,54 @@ def _roi_pool(fmap: np.ndarray, box, how: str) -> np.ndarray:
     c1 = max(c0 + 1, int(np.ceil(x1 * w - 1e-6)))
     r1 = max(r0 + 1, int(np.ceil(y1 * h - 1e-6)))
     return _pool(fmap[:, r0:r1, c0:c1], how)
+
+
+def pyramid_scale_of(box) -> int:
+    """The index in PYRAMID_SCALES of the scale a window is pooled from: the one at which
+    the window's side (geometric mean of its relative width and height) is closest, in
+    ratio, to the network's input size. Depends on the box alone, so a window's descriptor
+    is the same whichever other windows are extracted with it."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    side = np.sqrt(max(x1 - x0, 1e-9) * max(y1 - y0, 1e-9))
+    return int(np.argmin([abs(np.log(side * s)) for s in _config.PYRAMID_SCALES]))
+
+
+def pyramid_plan(regions) -> tuple[list[tuple[int, bool]], list[list[int]]]:
+    """pyramid mode: the network inputs an image needs, as (scale index, mirrored) in
+    ascending order, and for every region set the input each of its windows is pooled from."""
+    needs = sorted(
+        {(pyramid_scale_of(box), bool(flip)) for rs in regions for box, flip in zip(rs.boxes, rs.flips)}
+    )
+    slot = {key: i for i, key in enumerate(needs)}
+    where = [[slot[(pyramid_scale_of(box), bool(flip))] for box, flip in zip(rs.boxes, rs.flips)] for rs in regions]
+    return needs, where
+
+
+def _cell_weights(n: int, lo: float, hi: float) -> np.ndarray:
+    """How much of each of n equal cells over [0, 1] the interval [lo, hi] covers,
+    normalised to sum 1 (the nearest cell when the interval is empty)."""
+    edges = np.arange(n + 1) / n
+    w = np.clip(np.minimum(edges[1:], hi) - np.maximum(edges[:-1], lo), 0.0, None)
+    if w.sum() <= 0:
+        w = np.zeros(n)
+        w[min(n - 1, max(0, int((lo + hi) / 2 * n)))] = 1.0
+    return w / w.sum()
+
+
+def _area_pool(fmap: np.ndarray, box, how: str) -> np.ndarray:
+    """Pool a [C, h, w] map over a relative box with fractional cells: each cell weighs by
+    the part of it the box covers (avg and GeM); max takes the cells the box covers at
+    least half of along each axis (the most covered one when none is)."""
+    _, h, w = fmap.shape
+    x0, y0, x1, y1 = (float(v) for v in box)
+    wy, wx = _cell_weights(h, y0, y1), _cell_weights(w, x0, x1)
+    if how == "max":
+        rows = wy * h * (y1 - y0) >= 0.5 - 1e-6 if y1 > y0 else wy > 0
+        cols = wx * w * (x1 - x0) >= 0.5 - 1e-6 if x1 > x0 else wx > 0
+        rows = rows if rows.any() else wy == wy.max()
+        cols = cols if cols.any() else wx == wx.max()
+        return fmap[:, rows][:, :, cols].reshape(fmap.shape[0], -1).max(axis=1)
+    if how == "avg":
+        return np.einsum("chw,h,w->c", fmap, wy, wx, optimize=True).astype(np.float32)
+    powered = np.clip(fmap, 1e-6, None) ** GEM_P
+    return (np.einsum("chw,h,w->c", powered, wy, wx, optimize=True) ** (1.0 / GEM_P)).astype(np.float32)
