@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from retrieval import ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchConfig
-from retrieval.config import PATCH_MODES, PYRAMID_SCALES
+from retrieval.config import PATCH_MODES, PYRAMID_RATIO
 from retrieval.extraction import extractor as extractor_module
 from retrieval.extraction.extractor import (
     Extracted, Extractor, Job, _area_pool, _cell_weights, _prepare, pyramid_plan, pyramid_scale_of,
@@ -53,11 +53,14 @@ def test_mode_is_offered_and_keyed_apart():
     assert "pyramid" in PATCH_MODES
     keys = {ExtractorConfig(patch_mode=m).key() for m in PATCH_MODES}
     assert len(keys) == len(PATCH_MODES)  # descriptors of different modes never mix in the store
+    # --roi-size sets the larger input of pyramid mode: another key, shown by `info`.
+    sized = ExtractorConfig(patch_mode="pyramid", roi_size=448)
+    assert sized.key() not in keys and sized.key() != ExtractorConfig(patch_mode="roi", roi_size=448).key()
+    assert sized.describe()["roi_size"] == 448 and "roi_size" not in ExtractorConfig().describe()
 
 
 def test_scales_and_plan():
     # Level 1 (the whole image) at the network's size, levels 2-4 at the larger size.
-    assert PYRAMID_SCALES[0] == 1.0
     assert [pyramid_scale_of(level_boxes(level)[0]) for level in (1, 2, 3, 4)] == [0, 1, 1, 1]
     inputs, where = pyramid_plan(LEVELS)
     assert inputs == [(0, False), (1, False)]
@@ -78,7 +81,8 @@ def test_windows_are_the_spec_windows_at_the_input_scale(tmp_path, size):
     make_scene(1, size=size).save(path)
     image_size, inputs = _prepare(Job(str(path), LEVELS), (224, 224), "pyramid")
     assert image_size == size
-    sides = [round(224 * s) for s in PYRAMID_SCALES]
+    sides = [224, round(224 * PYRAMID_RATIO)]
+    assert sides[1] == 384
     assert [a.shape for a in inputs] == [(s, s, 3) for s in sides]  # squashed like a crop
     # The inputs are the whole image resized (nothing cropped away).
     np.testing.assert_array_equal(inputs[1], np.asarray(load_rgb(path).resize((sides[1], sides[1]), Image.BILINEAR)))
@@ -95,6 +99,15 @@ def test_windows_are_the_spec_windows_at_the_input_scale(tmp_path, size):
             got = np.array([lo_x, lo_y, hi_x, hi_y]) * cell
             want = _spec_window(level, k % level, k // level, side)
             np.testing.assert_allclose(got, want, atol=1.0, err_msg=f"level {level} window {k}")
+
+
+def test_roi_size_sets_the_larger_input(tmp_path):
+    path = tmp_path / "a.png"
+    make_scene(3, size=(120, 90)).save(path)
+    _, inputs = _prepare(Job(str(path), LEVELS), (224, 224), "pyramid", 448)
+    assert [a.shape for a in inputs] == [(224, 224, 3), (448, 448, 3)]
+    _, inputs = _prepare(Job(str(path), (level_regions(2),)), (224, 224), "pyramid", 560)
+    assert [a.shape for a in inputs] == [(560, 560, 3)]
 
 
 def test_area_pooling_of_whole_cells_is_plain_pooling():
@@ -121,7 +134,7 @@ def test_extractor_pools_each_window_from_its_scale(tmp_path):
     assert {k: v.shape for k, v in out.descriptors.items()} == {
         "level1": (1, 512), "level2": (4, 512), "level3": (9, 512), "level4": (16, 512), "jitter12": (12, 512)}
     img = load_rgb(path)
-    big = round(64 * PYRAMID_SCALES[1])
+    big = round(64 * PYRAMID_RATIO)
     maps = {s: ex.backbone(np.asarray(img.resize((s, s), Image.BILINEAR))[None])[0] for s in (64, big)}
     np.testing.assert_allclose(out.descriptors["level1"][0], maps[64].mean(axis=(1, 2)), rtol=1e-4, atol=1e-6)
     for k, box in enumerate(level_boxes(3)):

@@ -67,16 +67,17 @@ def add_extractor_args(parser: argparse.ArgumentParser, *, search: bool = True) 
         default="crop",
         choices=PATCH_MODES,
         help="crop: run every window through the network (the papers); roi: one pass, windows "
-        "pooled from the map; pyramid: the whole image at 2 sizes (the network's, and 384/224 of "
-        "it), each window pooled from the size where it spans about the network's input "
-        "(needs a model that takes any input size)",
+        "pooled from the map; pyramid: two passes, the whole image squashed to the network's "
+        "size (level 1) and to a larger square (--roi-size; default 384 px for a 224 network) "
+        "that levels 2-4 are pooled from (needs a model that takes any input size)",
     )
     g.add_argument(
         "--roi-size",
         type=int,
         metavar="N",
         help="roi mode: feed the whole image with its long side at N pixels, aspect kept "
-        "(needs a model that takes any input size; default: the network's input size)",
+        "(default: the network's input size); pyramid mode: the side of the larger square "
+        "input (default 384/224 of the network's size); needs a model that takes any input size",
     )
     if search:
         g.add_argument("--levels", type=parse_levels, default=LEVELS, help="sub-patch levels of database images (default 1,2,3,4)")

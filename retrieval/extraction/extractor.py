@@ -189,7 +189,7 @@ class _Pending:
                 start += len(rs)
             return out
         if mode == "pyramid":
-            inputs, where = pyramid_plan(self.job.regions)
+            _, where = pyramid_plan(self.job.regions)
             for rs, slots in zip(self.job.regions, where):
                 vecs = []
                 for box, flip, slot in zip(rs.boxes, rs.flips, slots):
@@ -224,7 +224,8 @@ def _prepare(
     network's size, or with its long side at `roi_size`), plus its mirror if any region
     set mirrors; windows are pooled from the feature map later. pyramid: the whole image
     resized to a square at each scale of `pyramid_plan` that a window needs (and mirrored
-    where a mirrored window needs it), in the plan's order.
+    where a mirrored window needs it), in the plan's order; the larger size is a square
+    of side `roi_size`, or PYRAMID_RATIO times the network's input size.
     """
     img = load_rgb(job.path)
     if job.crop is not None:
@@ -238,13 +239,13 @@ def _prepare(
     w, h = img.size
     out_h, out_w = size
     if mode == "pyramid":
+        big_w = roi_size or round(out_w * _config.PYRAMID_RATIO)
+        shapes = [(out_w, out_h), (big_w, max(32, round(out_h * big_w / out_w)))]
         inputs = []
         resized: dict[int, np.ndarray] = {}
         for scale_index, flip in pyramid_plan(job.regions)[0]:
             if scale_index not in resized:
-                scale = _config.PYRAMID_SCALES[scale_index]
-                shape = (max(32, round(out_w * scale)), max(32, round(out_h * scale)))
-                resized[scale_index] = np.asarray(img.resize(shape, Image.BILINEAR))
+                resized[scale_index] = np.asarray(img.resize(shapes[scale_index], Image.BILINEAR))
             arr = resized[scale_index]
             inputs.append(np.ascontiguousarray(arr[:, ::-1]) if flip else arr)
         return (w, h), inputs
@@ -292,13 +293,14 @@ def _roi_pool(fmap: np.ndarray, box, how: str) -> np.ndarray:
 
 
 def pyramid_scale_of(box) -> int:
-    """The index in PYRAMID_SCALES of the scale a window is pooled from: the one at which
-    the window's side (geometric mean of its relative width and height) is closest, in
-    ratio, to the network's input size. Depends on the box alone, so a window's descriptor
-    is the same whichever other windows are extracted with it."""
+    """pyramid mode: 0 when a window is pooled from the input at the network's size (it
+    covers at least PYRAMID_WHOLE of the image side, geometric mean of its relative width
+    and height: level 1), 1 when from the larger input (every smaller window). Depends on
+    the box alone, so a window's descriptor is the same whichever other windows are
+    extracted with it."""
     x0, y0, x1, y1 = (float(v) for v in box)
     side = np.sqrt(max(x1 - x0, 1e-9) * max(y1 - y0, 1e-9))
-    return int(np.argmin([abs(np.log(side * s)) for s in _config.PYRAMID_SCALES]))
+    return 0 if side >= _config.PYRAMID_WHOLE - 1e-9 else 1
 
 
 def pyramid_plan(regions) -> tuple[list[tuple[int, bool]], list[list[int]]]:
