@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+from functools import lru_cache
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -191,13 +192,15 @@ class _Pending:
         if mode == "pyramid":
             _, where = pyramid_plan(self.job.regions)
             for rs, slots in zip(self.job.regions, where):
-                vecs = []
-                for box, flip, slot in zip(rs.boxes, rs.flips, slots):
-                    if flip:
-                        x0, y0, x1, y1 = box
-                        box = (1 - x1, y0, 1 - x0, y1)
-                    vecs.append(_area_pool(self.outputs[slot], box, how))
-                out[rs.name] = np.stack(vecs).astype(np.float32)
+                # Mirrored windows are pooled from the mirrored input over the mirrored box.
+                boxes = np.array(rs.boxes, dtype=np.float64)
+                boxes[rs.flips] = boxes[rs.flips][:, [2, 1, 0, 3]] * [-1, 1, -1, 1] + [1, 0, 1, 0]
+                vecs = np.empty((len(rs), self.outputs[slots[0]].shape[0]), np.float32)
+                slots = np.asarray(slots)
+                for slot in np.unique(slots):
+                    members = np.flatnonzero(slots == slot)
+                    vecs[members] = _area_pool_many(self.outputs[slot], boxes[members], how)
+                out[rs.name] = vecs
             return out
         whole = self.outputs[0]
         mirror = self.outputs[1] if len(self.outputs) > 1 else None
@@ -323,6 +326,29 @@ def _cell_weights(n: int, lo: float, hi: float) -> np.ndarray:
         w = np.zeros(n)
         w[min(n - 1, max(0, int((lo + hi) / 2 * n)))] = 1.0
     return w / w.sum()
+
+
+@lru_cache(maxsize=256)
+def _window_weights(h: int, w: int, boxes: tuple) -> np.ndarray:
+    """[h * w, n] cell weights of n relative boxes over an h x w map (cached: every image
+    of a collection asks for the same few)."""
+    weights = np.stack(
+        [np.outer(_cell_weights(h, y0, y1), _cell_weights(w, x0, x1)).ravel() for x0, y0, x1, y1 in boxes], axis=1
+    ).astype(np.float32)
+    weights.flags.writeable = False
+    return weights
+
+
+def _area_pool_many(fmap: np.ndarray, boxes: np.ndarray, how: str) -> np.ndarray:
+    """`_area_pool` of many boxes of one map, [n, C]: avg and GeM as one matrix product."""
+    if how == "max":
+        return np.stack([_area_pool(fmap, box, how) for box in boxes]).astype(np.float32)
+    c, h, w = fmap.shape
+    weights = _window_weights(h, w, tuple(tuple(float(v) for v in box) for box in boxes))
+    flat = fmap.reshape(c, h * w).astype(np.float32, copy=False)
+    if how == "avg":
+        return (flat @ weights).T
+    return ((np.clip(flat, 1e-6, None) ** GEM_P) @ weights).T ** (1.0 / GEM_P)
 
 
 def _area_pool(fmap: np.ndarray, box, how: str) -> np.ndarray:
