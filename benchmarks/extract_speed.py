@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from retrieval.config import ExtractorConfig, InputSpec, RuntimeConfig  # noqa: E402
-from retrieval.extraction.extractor import Extractor, Job, _area_pool, _pool, _prepare, _roi_pool  # noqa: E402
+from retrieval.extraction.extractor import Extractor, Job, _area_pool_many, _pool, _prepare, _roi_pool  # noqa: E402
 from retrieval.extraction.images import expand_inputs, load_rgb  # noqa: E402
 from retrieval.extraction.patches import level_regions  # noqa: E402
 
@@ -85,10 +85,9 @@ def breakdown(config: ExtractorConfig, mode: str, paths: list[str], levels, batc
     t0 = time.perf_counter()
     for chunk in feats:
         for f in chunk:
-            if config.patch_mode == "pyramid":  # every window from every map: an upper bound
+            if config.patch_mode == "pyramid":  # every window from both maps: an upper bound
                 for rs in regions:
-                    for box in rs.boxes:
-                        _area_pool(f, box, config.pool)
+                    _area_pool_many(f, rs.boxes, config.pool)
             elif config.patch_mode == "roi":
                 for rs in regions:
                     for box in rs.boxes:
