@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from retrieval.config import ExtractorConfig, InputSpec, RuntimeConfig  # noqa: E402
-from retrieval.extraction.extractor import Extractor, Job, _pool, _prepare, _roi_pool  # noqa: E402
+from retrieval.extraction.extractor import Extractor, Job, _area_pool_many, _pool, _prepare, _roi_pool  # noqa: E402
 from retrieval.extraction.images import expand_inputs, load_rgb  # noqa: E402
 from retrieval.extraction.patches import level_regions  # noqa: E402
 
@@ -85,7 +85,10 @@ def breakdown(config: ExtractorConfig, mode: str, paths: list[str], levels, batc
     t0 = time.perf_counter()
     for chunk in feats:
         for f in chunk:
-            if config.patch_mode == "roi":
+            if config.patch_mode == "pyramid":  # every window from both maps: an upper bound
+                for rs in regions:
+                    _area_pool_many(f, rs.boxes, config.pool)
+            elif config.patch_mode == "roi":
                 for rs in regions:
                     for box in rs.boxes:
                         _roi_pool(f, box, config.pool)
@@ -111,7 +114,12 @@ def main() -> int:
     ap.add_argument("--levels", default="1,2,3,4")
     ap.add_argument("--batch-sizes", default="8,32,64")
     ap.add_argument("--workers", default="1,2")
-    ap.add_argument("--modes", default="crop,roi,roi@448,roi@640", help="crop, roi, roi@N (roi with --roi-size N)")
+    ap.add_argument("--modes", default="crop,roi,roi@448,roi@640",
+                    help="crop, roi, roi@N (roi with --roi-size N), pyramid")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time every configuration this many times, the modes interleaved, and keep the best "
+                    "(on a shared machine: the others' load hits every mode alike)")
+    ap.add_argument("--no-breakdown", action="store_true", help="skip the per-stage breakdown")
     ap.add_argument("--json", metavar="OUT")
     args = ap.parse_args()
     paths = expand_inputs([args.images])[: args.limit]
@@ -123,12 +131,18 @@ def main() -> int:
     rows, parts = [], []
     for name, config in backends(args).items():
         for mode in args.modes.split(","):
-            parts.append({"backend": name, "mode": mode, **breakdown(config, mode, paths, levels, 32)})
-            for b in batches:
-                for w in workers:
-                    ips = timed_run(config, mode, paths, levels, b, w)
-                    rows.append({"backend": name, "mode": mode, "batch": b, "workers": w, "images_per_s": ips})
-                    print(f"{name:26s} {mode:5s} batch {b:3d} workers {w}: {ips:7.2f} img/s", flush=True)
+            if not args.no_breakdown:
+                parts.append({"backend": name, "mode": mode, **breakdown(config, mode, paths, levels, 32)})
+        for rnd in range(args.rounds):
+            for mode in args.modes.split(","):
+                for b in batches:
+                    for w in workers:
+                        load = os.getloadavg()[0]
+                        ips = timed_run(config, mode, paths, levels, b, w)
+                        rows.append({"backend": name, "mode": mode, "batch": b, "workers": w, "round": rnd,
+                                     "images_per_s": ips, "load_before": load})
+                        print(f"{name:26s} {mode:7s} batch {b:3d} workers {w} round {rnd}: {ips:7.2f} img/s "
+                              f"(load {load:.1f})", flush=True)
     best = {}
     for r in rows:
         key = (r["backend"], r["mode"])
@@ -136,7 +150,7 @@ def main() -> int:
     ratios = {f"{b} {m}": best[(b, m)] / best[(b, "crop")] for b, m in best if m != "crop" and (b, "crop") in best}
     print("\nwhere the time goes (ms per image, batch 32, one thread of decoding)")
     for p in parts:
-        print(f"{p['backend']:26s} {p['mode']:5s} decode {p['decode_ms']:6.1f}  cut {p['cut_ms']:6.1f}  "
+        print(f"{p['backend']:26s} {p['mode']:7s} decode {p['decode_ms']:6.1f}  cut {p['cut_ms']:6.1f}  "
               f"network {p['network_ms']:7.1f}  pooling {p['pooling_ms']:5.1f}  "
               f"({p['network_inputs_per_image']:.0f} network inputs/image)")
     for b, r in ratios.items():

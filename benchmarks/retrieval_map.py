@@ -541,7 +541,7 @@ def command_line(args, row: dict) -> str:
     parts += ["--patch-mode", row["patch_mode"], "--levels", ",".join(map(str, row["levels"])),
               "--query-levels", ",".join(map(str, row["query_levels"])),
               "--aggregate", row["aggregate"], "--pca-dim", str(row["pca_dim"])]
-    if args.roi_size and row["patch_mode"] == "roi":
+    if args.roi_size and row["patch_mode"] in ("roi", "pyramid"):
         parts += ["--roi-size", str(args.roi_size)]
     if row["whiten_on"]:
         parts += ["--whiten-on", *[os.path.relpath(w) if not w.startswith("@") else w for w in row["whiten_on"]]]
@@ -582,8 +582,8 @@ def format_row(r: dict) -> str:
     agg = "-" if tuple(c["query_levels"]) == (1,) else c["aggregate"]
     t = r["timing"]
     mode = c["extractor"]["patch_mode"]
-    if mode == "roi" and c["extractor"].get("roi_size"):
-        mode = f"roi@{c['extractor']['roi_size']}"
+    if mode in ("roi", "pyramid") and c["extractor"].get("roi_size"):
+        mode = f"{mode}@{c['extractor']['roi_size']}"
     cells = (r["dataset"], _layer_of(c["extractor"]) or "default", c["extractor"]["pool"], mode,
              ",".join(map(str, c["levels"])), ",".join(map(str, c["query_levels"])), agg, pca, whiten,
              _rerank_cell(c), score, emh,

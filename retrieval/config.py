@@ -22,7 +22,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 POOLS = ("avg", "max", "gem")
-PATCH_MODES = ("crop", "roi")
+PATCH_MODES = ("crop", "roi", "pyramid")
+# pyramid mode: the whole image is fed twice, resized (squashed, as crop squashes each
+# window) to the network's input size and to a larger square; windows covering at least
+# PYRAMID_WHOLE of the image side (level 1) are pooled from the first, all others from the
+# second. The larger side is --roi-size when given, else PYRAMID_RATIO times the network's
+# (448 px for a 224 network: the most accurate of 384, 448 and 560 on UKBench and Paris,
+# benchmarks/results/describe.md).
+PYRAMID_RATIO = 2.0
+PYRAMID_WHOLE = 0.9
+MAP_SIZE_MODES = ("roi", "pyramid")  # the modes that --roi-size applies to
 AGGREGATES = ("min", "mean-min")
 # mean-min: measured best on UKBench and Paris (benchmarks/results/accuracy.md); plain min lets
 # one lucky window pair decide, which ranked below the global descriptor on UKBench.
@@ -182,7 +191,7 @@ class ExtractorConfig:
         has no torchvision backbone, weights or layer, a torch one no ONNX fields."""
         data = self.to_dict()
         drop = ("backbone", "weights", "layer") if self.onnx else ("onnx", "onnx_output")
-        if self.patch_mode != "roi":
+        if self.patch_mode not in MAP_SIZE_MODES:
             drop += ("roi_size",)
         return {k: v for k, v in data.items() if k not in drop}
 
@@ -199,9 +208,12 @@ class ExtractorConfig:
         replacing a file under the same name does not reuse stale descriptors.
         """
         ident = self.to_dict()
-        if self.roi_size is None or self.patch_mode != "roi":
+        if self.roi_size is None or self.patch_mode not in MAP_SIZE_MODES:
             # Absent unless it matters, so keys made before the option existed stay valid.
             ident.pop("roi_size")
+        if self.patch_mode == "pyramid":
+            # The default larger size and the split are part of what a pyramid descriptor is.
+            ident["pyramid"] = [round(PYRAMID_RATIO, 6), PYRAMID_WHOLE]
         if self.onnx:
             ident["onnx"] = file_digest(self.onnx)
             for k in ("backbone", "weights", "layer"):

@@ -66,14 +66,18 @@ def add_extractor_args(parser: argparse.ArgumentParser, *, search: bool = True) 
         "--patch-mode",
         default="crop",
         choices=PATCH_MODES,
-        help="crop: run every window through the network; roi: one pass, windows pooled from the map",
+        help="crop: run every window through the network (the papers); roi: one pass, windows "
+        "pooled from the map; pyramid: two passes, the whole image squashed to the network's "
+        "size (level 1) and to a larger square (--roi-size; default 448 px for a 224 network) "
+        "that levels 2-4 are pooled from (needs a model that takes any input size)",
     )
     g.add_argument(
         "--roi-size",
         type=int,
         metavar="N",
         help="roi mode: feed the whole image with its long side at N pixels, aspect kept "
-        "(needs a model that takes any input size; default: the network's input size)",
+        "(default: the network's input size); pyramid mode: the side of the larger square "
+        "input (default twice the network's size); needs a model that takes any input size",
     )
     if search:
         g.add_argument("--levels", type=parse_levels, default=LEVELS, help="sub-patch levels of database images (default 1,2,3,4)")

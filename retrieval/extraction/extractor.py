@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+from functools import lru_cache
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -16,11 +17,14 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .. import config as _config
 from ..config import ExtractorConfig, RuntimeConfig
 from .images import ImageError, load_rgb
 from .patches import RegionSet
 
 GEM_P = 3.0
+# Modes whose network outputs are feature maps of the whole image, windows pooled later.
+MAP_MODES = ("roi", "pyramid")
 # PIL's counter-clockwise turns: lossless (pixels are moved, not resampled).
 _TRANSPOSE = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
 
@@ -73,10 +77,16 @@ class Extractor:
             from .backbones import load_backbone
 
             self._backbone = load_backbone(self.config, self.runtime.device)
-            if self.config.patch_mode == "roi" and self._backbone.output_kind != "map":
+            mode = self.config.patch_mode
+            if mode in MAP_MODES and self._backbone.output_kind != "map":
                 raise ValueError(
-                    "--patch-mode roi needs a convolutional feature map, but the chosen "
+                    f"--patch-mode {mode} needs a convolutional feature map, but the chosen "
                     "layer/output is a vector; pick a conv layer or use --patch-mode crop"
+                )
+            if mode == "pyramid" and not self._backbone.dynamic_size:
+                raise ValueError(
+                    "--patch-mode pyramid feeds the image at several sizes and needs a network "
+                    "that accepts any input size; this one is fixed (use --patch-mode crop)"
                 )
         return self._backbone
 
@@ -120,7 +130,7 @@ class Extractor:
                 feats = backbone(np.stack([batch[i] for i in members]))
                 for i, feat in zip(members, feats):
                     state, slot = owners[i]
-                    state.outputs[slot] = feat if mode == "roi" else _pool(feat, how)
+                    state.outputs[slot] = feat if mode in MAP_MODES else _pool(feat, how)
                     state.left -= 1
             batch.clear()
             owners.clear()
@@ -179,6 +189,19 @@ class _Pending:
                 out[rs.name] = np.stack(self.outputs[start : start + len(rs)]).astype(np.float32)
                 start += len(rs)
             return out
+        if mode == "pyramid":
+            _, where = pyramid_plan(self.job.regions)
+            for rs, slots in zip(self.job.regions, where):
+                # Mirrored windows are pooled from the mirrored input over the mirrored box.
+                boxes = np.array(rs.boxes, dtype=np.float64)
+                boxes[rs.flips] = boxes[rs.flips][:, [2, 1, 0, 3]] * [-1, 1, -1, 1] + [1, 0, 1, 0]
+                vecs = np.empty((len(rs), self.outputs[slots[0]].shape[0]), np.float32)
+                slots = np.asarray(slots)
+                for slot in np.unique(slots):
+                    members = np.flatnonzero(slots == slot)
+                    vecs[members] = _area_pool_many(self.outputs[slot], boxes[members], how)
+                out[rs.name] = vecs
+            return out
         whole = self.outputs[0]
         mirror = self.outputs[1] if len(self.outputs) > 1 else None
         for rs in self.job.regions:
@@ -202,7 +225,10 @@ def _prepare(
 
     crop: one input per window, in region-set order. roi: the whole image (at the
     network's size, or with its long side at `roi_size`), plus its mirror if any region
-    set mirrors; windows are pooled from the feature map later.
+    set mirrors; windows are pooled from the feature map later. pyramid: the whole image
+    resized to a square at each scale of `pyramid_plan` that a window needs (and mirrored
+    where a mirrored window needs it), in the plan's order; the larger size is a square
+    of side `roi_size`, or PYRAMID_RATIO times the network's input size.
     """
     img = load_rgb(job.path)
     if job.crop is not None:
@@ -215,6 +241,17 @@ def _prepare(
         img = img.transpose(_TRANSPOSE[job.rotation])
     w, h = img.size
     out_h, out_w = size
+    if mode == "pyramid":
+        big_w = roi_size or round(out_w * _config.PYRAMID_RATIO)
+        shapes = [(out_w, out_h), (big_w, max(32, round(out_h * big_w / out_w)))]
+        inputs = []
+        resized: dict[int, np.ndarray] = {}
+        for scale_index, flip in pyramid_plan(job.regions)[0]:
+            if scale_index not in resized:
+                resized[scale_index] = np.asarray(img.resize(shapes[scale_index], Image.BILINEAR))
+            arr = resized[scale_index]
+            inputs.append(np.ascontiguousarray(arr[:, ::-1]) if flip else arr)
+        return (w, h), inputs
     if mode == "roi":
         if roi_size:
             scale = roi_size / max(w, h)
@@ -256,3 +293,78 @@ def _roi_pool(fmap: np.ndarray, box, how: str) -> np.ndarray:
     c1 = max(c0 + 1, int(np.ceil(x1 * w - 1e-6)))
     r1 = max(r0 + 1, int(np.ceil(y1 * h - 1e-6)))
     return _pool(fmap[:, r0:r1, c0:c1], how)
+
+
+def pyramid_scale_of(box) -> int:
+    """pyramid mode: 0 when a window is pooled from the input at the network's size (it
+    covers at least PYRAMID_WHOLE of the image side, geometric mean of its relative width
+    and height: level 1), 1 when from the larger input (every smaller window). Depends on
+    the box alone, so a window's descriptor is the same whichever other windows are
+    extracted with it."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    side = np.sqrt(max(x1 - x0, 1e-9) * max(y1 - y0, 1e-9))
+    return 0 if side >= _config.PYRAMID_WHOLE - 1e-9 else 1
+
+
+def pyramid_plan(regions) -> tuple[list[tuple[int, bool]], list[list[int]]]:
+    """pyramid mode: the network inputs an image needs, as (scale index, mirrored) in
+    ascending order, and for every region set the input each of its windows is pooled from."""
+    needs = sorted(
+        {(pyramid_scale_of(box), bool(flip)) for rs in regions for box, flip in zip(rs.boxes, rs.flips)}
+    )
+    slot = {key: i for i, key in enumerate(needs)}
+    where = [[slot[(pyramid_scale_of(box), bool(flip))] for box, flip in zip(rs.boxes, rs.flips)] for rs in regions]
+    return needs, where
+
+
+def _cell_weights(n: int, lo: float, hi: float) -> np.ndarray:
+    """How much of each of n equal cells over [0, 1] the interval [lo, hi] covers,
+    normalised to sum 1 (the nearest cell when the interval is empty)."""
+    edges = np.arange(n + 1) / n
+    w = np.clip(np.minimum(edges[1:], hi) - np.maximum(edges[:-1], lo), 0.0, None)
+    if w.sum() <= 0:
+        w = np.zeros(n)
+        w[min(n - 1, max(0, int((lo + hi) / 2 * n)))] = 1.0
+    return w / w.sum()
+
+
+@lru_cache(maxsize=256)
+def _window_weights(h: int, w: int, boxes: tuple) -> np.ndarray:
+    """[h * w, n] cell weights of n relative boxes over an h x w map (cached: every image
+    of a collection asks for the same few)."""
+    weights = np.stack(
+        [np.outer(_cell_weights(h, y0, y1), _cell_weights(w, x0, x1)).ravel() for x0, y0, x1, y1 in boxes], axis=1
+    ).astype(np.float32)
+    weights.flags.writeable = False
+    return weights
+
+
+def _area_pool_many(fmap: np.ndarray, boxes: np.ndarray, how: str) -> np.ndarray:
+    """`_area_pool` of many boxes of one map, [n, C]: avg and GeM as one matrix product."""
+    if how == "max":
+        return np.stack([_area_pool(fmap, box, how) for box in boxes]).astype(np.float32)
+    c, h, w = fmap.shape
+    weights = _window_weights(h, w, tuple(tuple(float(v) for v in box) for box in boxes))
+    flat = fmap.reshape(c, h * w).astype(np.float32, copy=False)
+    if how == "avg":
+        return (flat @ weights).T
+    return ((np.clip(flat, 1e-6, None) ** GEM_P) @ weights).T ** (1.0 / GEM_P)
+
+
+def _area_pool(fmap: np.ndarray, box, how: str) -> np.ndarray:
+    """Pool a [C, h, w] map over a relative box with fractional cells: each cell weighs by
+    the part of it the box covers (avg and GeM); max takes the cells the box covers at
+    least half of along each axis (the most covered one when none is)."""
+    _, h, w = fmap.shape
+    x0, y0, x1, y1 = (float(v) for v in box)
+    wy, wx = _cell_weights(h, y0, y1), _cell_weights(w, x0, x1)
+    if how == "max":
+        rows = wy * h * (y1 - y0) >= 0.5 - 1e-6 if y1 > y0 else wy > 0
+        cols = wx * w * (x1 - x0) >= 0.5 - 1e-6 if x1 > x0 else wx > 0
+        rows = rows if rows.any() else wy == wy.max()
+        cols = cols if cols.any() else wx == wx.max()
+        return fmap[:, rows][:, :, cols].reshape(fmap.shape[0], -1).max(axis=1)
+    if how == "avg":
+        return np.einsum("chw,h,w->c", fmap, wy, wx, optimize=True).astype(np.float32)
+    powered = np.clip(fmap, 1e-6, None) ** GEM_P
+    return (np.einsum("chw,h,w->c", powered, wy, wx, optimize=True) ** (1.0 / GEM_P)).astype(np.float32)
