@@ -215,6 +215,8 @@ def main() -> int:
     ap.add_argument("--code", default=str(ROOT), help="checkout whose retrieval package is measured")
     ap.add_argument("--images", default=str(SHARED / "data" / "ukbench" / "full"))
     ap.add_argument("--limit", type=int, default=60, help="images per configuration (the first ones, sorted)")
+    ap.add_argument("--roi-limit", type=int, default=256,
+                    help="images for the roi modes (one network input per image: a few batches need many images)")
     ap.add_argument("--weights", default=str(SHARED / "weights"), help="folder of the ONNX files")
     ap.add_argument("--backends",
                     default="onnx-mobilenetv2-int8,onnx-squeezenet1.1-fp16,torch-mobilenet_v2,torch-resnet50")
@@ -227,33 +229,35 @@ def main() -> int:
     ap.add_argument("--sweep-workers", default="1,2")
     ap.add_argument("--json", metavar="OUT")
     args = ap.parse_args()
-    paths = sorted(expand_inputs([args.images]))[: args.limit]
+    every = sorted(expand_inputs([args.images]))
+    paths = every[: args.limit]
     if not paths:
         ap.error(f"no images under {args.images}")
     levels = tuple(int(v) for v in args.levels.split(","))
     modes = list(rconfig.PATCH_MODES) if args.modes == "all" else args.modes.split(",")
     runtime = RuntimeConfig("cpu", args.batch_size, args.workers)
     load_before = os.getloadavg()
-    print(f"code: {ROOT} ({revision(ROOT)}); {len(paths)} images, levels {args.levels}, batch {args.batch_size}, "
+    print(f"code: {ROOT} ({revision(ROOT)}); {len(paths)} images ({args.roi_limit} for roi), levels {args.levels}, batch {args.batch_size}, "
           f"{args.workers} decode threads; load average {load_before[0]:.2f}", flush=True)
     rows = []
-    head = (f"{'backend':24s} {'mode':6s} {'img/s':>6s} {'limit':>6s} {'of lim':>6s} {'h/1M':>6s} "
+    head = (f"{'backend':24s} {'mode':6s} {'images':>6s} {'img/s':>6s} {'limit':>6s} {'of lim':>6s} {'h/1M':>6s} "
             f"{'decode':>6s} {'cut':>6s} {'net':>7s} {'pool':>5s} {'commit':>6s} {'publish s':>9s} {'load':>5s}")
     print(head, flush=True)
     for name, base in backends(args).items():
         for mode in modes:
             config = with_mode(base, mode)
+            paths = every[: args.roi_limit if config.patch_mode == "roi" else args.limit]
             with tempfile.TemporaryDirectory(prefix="extract-speed-") as tmp:
                 work = Path(tmp)
                 product = product_run(config, paths, levels, runtime, work)
                 parts = stages(product.pop("backbone"), config, paths, levels, args.batch_size, product, work)
             product.pop("store"), product.pop("key")
             ips = product["images_per_s"]
-            row = {"backend": name, "mode": mode, **product, **parts,
+            row = {"backend": name, "mode": mode, "images": len(paths), **product, **parts,
                    "fraction_of_limit": ips / parts["limit_images_per_s"],
                    "hours_per_million": 1e6 / ips / 3600, "load_after": os.getloadavg()[0]}
             rows.append(row)
-            print(f"{name:24s} {mode:6s} {ips:6.2f} {parts['limit_images_per_s']:6.2f} "
+            print(f"{name:24s} {mode:6s} {len(paths):6d} {ips:6.2f} {parts['limit_images_per_s']:6.2f} "
                   f"{row['fraction_of_limit']:6.0%} {row['hours_per_million']:6.1f} {parts['decode_ms']:6.1f} "
                   f"{parts['cut_ms']:6.1f} {parts['network_ms']:7.1f} {parts['pooling_ms']:5.1f} "
                   f"{parts['commit_ms']:6.1f} {product['publish_s']:9.2f} {row['load_after']:5.2f}", flush=True)
@@ -278,7 +282,7 @@ def main() -> int:
                         sweep.append({"backend": name, "mode": mode, "batch": b, "workers": w, "images_per_s": ips})
                         print(f"{name:24s} {mode:6s} batch {b:3d} workers {w}: {ips:7.2f} img/s (no store)", flush=True)
     result = {
-        "code": str(ROOT), "revision": revision(ROOT), "images": len(paths), "levels": list(levels),
+        "code": str(ROOT), "revision": revision(ROOT), "images": args.limit, "roi_images": args.roi_limit, "levels": list(levels),
         "batch_size": args.batch_size, "workers": args.workers, "rows": rows, "sweep": sweep,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "load_before": [round(v, 2) for v in load_before],

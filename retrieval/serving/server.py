@@ -144,8 +144,9 @@ class IndexWorker:
         """`_search` of an uploaded image, described together with the other uploads
         waiting: those that arrive within GATHER_S of each other, or while the index
         thread is busy (describing the previous batch), go through the network in one
-        extractor call (full batches mixing their windows), then each is searched on its
-        own (its descriptors are then store hits). The hits are those of a query alone."""
+        extractor call (full batches mixing their windows), and each is searched on its own
+        as soon as its image is described and stored (its descriptors are then store hits),
+        while the network goes on with the others. The hits are those of a query alone."""
         future: cf.Future = cf.Future()
         with self._lock:
             self._waiting.append((path, crop, options, future))
@@ -155,20 +156,15 @@ class IndexWorker:
         return await asyncio.wrap_future(future)
 
     def _drain(self) -> None:
-        """On the index thread: describe every waiting upload at once, then answer each."""
+        """On the index thread: describe every waiting upload at once, answering each as
+        soon as its image is described."""
         time.sleep(GATHER_S)
         with self._lock:
             batch, self._waiting = self._waiting, []
             self._drain_queued = False
         batch = [b for b in batch if b[3].set_running_or_notify_cancel()]  # a client gone: dropped
         self.batches = [*self.batches[-BATCH_LOG + 1:], len(batch)]
-        if len(batch) > 1:
-            _describe_together(self.index, batch)
-        for path, crop, options, future in batch:
-            try:
-                future.set_result(_search(self.index, path, crop, options))
-            except BaseException as err:  # noqa: BLE001 - raised in the request's task
-                future.set_exception(err)
+        _answer_together(self.index, batch)
 
     def close(self) -> None:
         self._pool.submit(self.index.close).result()
@@ -360,27 +356,57 @@ def _png(path: str) -> bytes:
     return buf.getvalue()
 
 
-def _describe_together(idx, batch: list) -> None:
-    """Describe (and store) the query images of `batch` in one extractor call per set of
-    query levels, as `Index.search` would describe each: its levels, at its rotations.
-    Failures are left for each query's own search to report."""
+def _answer_together(idx, batch: list) -> None:
+    """Answer the uploads of `batch` (path, crop, options, future), describing their images
+    in one extractor call per set of query levels, as `Index.search` would describe each
+    (its levels, at its rotations). Each upload is searched, its descriptors now store
+    hits, as soon as its last image is described, while the network goes on with the
+    others. An upload whose image fails is searched after the rest: its own search
+    describes it again and says why."""
+    from ..extraction.extractor import Skipped
     from ..extraction.features import describe
     from ..extraction.patches import level_names
 
+    def answer(entry) -> None:
+        path, crop, options, future = entry
+        try:
+            future.set_result(_search(idx, path, crop, options))
+        except BaseException as err:  # noqa: BLE001 - raised in the request's task
+            future.set_exception(err)
+
+    if len(batch) == 1:
+        answer(batch[0])
+        return
     groups: dict[tuple, list] = {}
-    for path, crop, options, _ in batch:
+    later = []
+    for entry in batch:
         try:
-            levels = tuple(options["query_levels"] or idx.search_config.effective_query_levels)
-            rotations = check_rotations(options["query_rotations"])
+            levels = tuple(entry[2]["query_levels"] or idx.search_config.effective_query_levels)
+            rotations = check_rotations(entry[2]["query_rotations"])
         except ConfigError:
+            later.append(entry)
             continue
-        groups.setdefault(levels, []).extend((path, crop, r) for r in rotations)
-    for levels, items in groups.items():
+        groups.setdefault(levels, []).append((entry, rotations))
+    for levels, members in groups.items():
+        waiting = {(entry[0], entry[1]): [entry, len(rotations)] for entry, rotations in members}
+        items = [(entry[0], entry[1], r) for entry, rotations in members for r in rotations]
         try:
-            for _ in describe(items, idx.extractor, idx.store, level_names(levels), progress=False, desc="query"):
-                pass
-        except Exception:  # noqa: BLE001 - each query describes itself again and says why
-            continue
+            for out in describe(items, idx.extractor, idx.store, level_names(levels), progress=False, desc="query"):
+                if isinstance(out, Skipped):
+                    key = next((k for k in waiting if k[0] == out.path), None)
+                    if key is not None:
+                        later.append(waiting.pop(key)[0])
+                    continue
+                state = waiting.get((out.path, out.crop))
+                if state is not None:
+                    state[1] -= 1
+                    if state[1] == 0:
+                        answer(waiting.pop((out.path, out.crop))[0])
+        except Exception:  # noqa: BLE001 - each query left describes itself again and says why
+            pass
+        later.extend(state[0] for state in waiting.values())
+    for entry in later:
+        answer(entry)
 
 
 def _search(idx, path: str, crop: tuple | None, options: dict) -> dict:
