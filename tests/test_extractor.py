@@ -152,7 +152,7 @@ class _Recording:
         return x.reshape(len(x), -1)[:, :8].astype(np.float32)  # 8 pixel values: a per-window fingerprint
 
 
-def _pipeline(tmp_path, n, batch_size, backbone):
+def _pipeline(tmp_path, n, batch_size, backbone, workers=2):
     import threading
 
     paths = []
@@ -161,18 +161,19 @@ def _pipeline(tmp_path, n, batch_size, backbone):
         make_scene(i).save(paths[-1])
     paths.insert(3, tmp_path / "missing.jpg")
     ex = Extractor(ExtractorConfig(backbone="resnet18", weights="none", input_spec=SPEC),
-                   RuntimeConfig(device="cpu", batch_size=batch_size, workers=2))
+                   RuntimeConfig(device="cpu", batch_size=batch_size, workers=workers))
     ex._backbone = backbone
     jobs = [Job(str(p), (level_regions(1), level_regions(2))) for p in paths]
     return ex, jobs, threading
 
 
-def test_pipeline_mixes_images_in_full_batches_and_yields_in_order(tmp_path):
+@pytest.mark.parametrize("workers", [2, 0])
+def test_pipeline_mixes_images_in_full_batches_and_yields_in_order(tmp_path, workers):
     """Windows of several images share a batch (all full but the last), the network runs
     outside the caller's thread, and images come out in job order, skips in place, each
     with the descriptors of its own windows."""
     bb = _Recording()
-    ex, jobs, threading = _pipeline(tmp_path, 12, 8, bb)
+    ex, jobs, threading = _pipeline(tmp_path, 12, 8, bb, workers)
     outs = list(ex.extract(jobs, progress=False))
     assert [o.job.path if isinstance(o, Extracted) else o.path for o in outs] == [j.path for j in jobs]
     assert [type(o) for o in outs] == [Extracted] * 3 + [Skipped] + [Extracted] * 9

@@ -124,13 +124,14 @@ class Extractor:
         if self.config.roi_size and not backbone.dynamic_size:
             raise ValueError("--roi-size needs a network that accepts any input size; this one is fixed")
         mode, how = self.config.patch_mode, self.config.pool
-        workers = max(1, self.runtime.workers)
+        workers = self.runtime.workers  # 0: the network thread decodes and cuts between its batches
         batch_size = self.runtime.batch_size
         # Decoded images waiting for the network: enough to fill the next batch of windows
         # while the current one runs, whatever the windows per image.
         prefetch = max(4, 4 * workers)
         timings = self.timings = collections.Counter()
-        pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="retrieval-decode")
+        pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="retrieval-decode") if workers else None
+        submit = pool.submit if pool is not None else _Later
         done: queue.Queue = queue.Queue(maxsize=OUTPUT_AHEAD)
         stop = threading.Event()
         roi_size = self.config.roi_size
@@ -191,7 +192,7 @@ class Extractor:
             try:
                 while not stop.is_set():
                     while len(futures) < prefetch and (job := next(job_iter, None)) is not None:
-                        futures.append((job, pool.submit(prepare, job)))
+                        futures.append((job, submit(prepare, job)))
                     if not futures:
                         break
                     job, fut = futures.popleft()
@@ -245,9 +246,22 @@ class Extractor:
                 yield out
         finally:
             stop.set()
-            pool.shutdown(wait=False, cancel_futures=True)
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
             thread.join()
             bar.close()
+
+
+class _Later:
+    """A future-like for `--workers 0`: the work runs when its result is asked for."""
+
+    __slots__ = ("fn", "args")
+
+    def __init__(self, fn, *args) -> None:
+        self.fn, self.args = fn, args
+
+    def result(self):
+        return self.fn(*self.args)
 
 
 class _Failure:
