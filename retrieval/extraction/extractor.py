@@ -27,8 +27,10 @@ from .images import ImageError, load_rgb
 from .patches import RegionSet
 
 GEM_P = 3.0
-# Finished images the network thread may get ahead of the caller (who commits them): enough
-# to ride out a slow commit, few enough that an interrupted run has little in flight.
+# Finished images the network thread may get ahead of the caller (who commits them), on top
+# of one batch's worth: enough to ride out a slow commit and to hand over a whole batch of
+# one-input images (roi) without waiting, few enough that an interrupted run has little
+# in flight.
 OUTPUT_AHEAD = 16
 # PIL's counter-clockwise turns: lossless (pixels are moved, not resampled).
 _TRANSPOSE = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
@@ -116,7 +118,7 @@ class Extractor:
         images as it takes (full batches) and pools what comes out; this generator, in the
         caller's thread, assembles each finished image and yields it, so whatever the caller
         does with it (commit it to SQLite, whose connections stay in their thread) runs while
-        the network works on the next batches. At most `OUTPUT_AHEAD` finished images wait
+        the network works on the next batches. At most `OUTPUT_AHEAD` + a batch of finished images wait
         for the caller; when it stops iterating, the other stages stop too.
         """
         backbone = self.backbone
@@ -128,11 +130,12 @@ class Extractor:
         batch_size = self.runtime.batch_size
         # Decoded images waiting for the network: enough to fill the next batch of windows
         # while the current one runs, whatever the windows per image.
-        prefetch = max(4, 4 * workers)
+        # Decoded inputs kept ready: the next two batches, and at least 4 images per thread.
+        ahead_inputs, ahead_images = 2 * batch_size, max(4, 4 * workers)
         timings = self.timings = collections.Counter()
         pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="retrieval-decode") if workers else None
         submit = pool.submit if pool is not None else _Later
-        done: queue.Queue = queue.Queue(maxsize=OUTPUT_AHEAD)
+        done: queue.Queue = queue.Queue(maxsize=OUTPUT_AHEAD + batch_size)
         stop = threading.Event()
         roi_size = self.config.roi_size
         lock = threading.Lock()
@@ -187,15 +190,20 @@ class Extractor:
                         return False
                 return True
 
-            futures: collections.deque[tuple[Job, cf.Future]] = collections.deque()
+            futures: collections.deque[tuple[Job, cf.Future, int]] = collections.deque()
+            queued = 0  # network inputs expected from the jobs in `futures`
             job_iter = iter(jobs)
             try:
                 while not stop.is_set():
-                    while len(futures) < prefetch and (job := next(job_iter, None)) is not None:
-                        futures.append((job, submit(prepare, job)))
+                    while (len(futures) < ahead_images or queued < ahead_inputs) and (
+                        job := next(job_iter, None)
+                    ) is not None:
+                        futures.append((job, submit(prepare, job), _inputs_hint(job, mode)))
+                        queued += futures[-1][2]
                     if not futures:
                         break
-                    job, fut = futures.popleft()
+                    job, fut, hint = futures.popleft()
+                    queued -= hint
                     t0 = time.perf_counter()
                     try:
                         image_size, inputs = fut.result()
@@ -250,6 +258,12 @@ class Extractor:
                 pool.shutdown(wait=False, cancel_futures=True)
             thread.join()
             bar.close()
+
+
+def _inputs_hint(job: Job, mode: str) -> int:
+    """Network inputs `job` will give, as known before decoding: one per window, except
+    roi (the whole image, and its mirror)."""
+    return 1 if mode == "roi" else max(1, sum(len(rs) for rs in job.regions))
 
 
 class _Later:
