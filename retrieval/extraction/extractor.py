@@ -118,8 +118,9 @@ class Extractor:
         images as it takes (full batches) and pools what comes out; this generator, in the
         caller's thread, assembles each finished image and yields it, so whatever the caller
         does with it (commit it to SQLite, whose connections stay in their thread) runs while
-        the network works on the next batches. At most `OUTPUT_AHEAD` + a batch of finished images wait
-        for the caller; when it stops iterating, the other stages stop too.
+        the network works on the next batches. At most `OUTPUT_AHEAD` + one batch of finished
+        images wait for the caller; when it stops iterating, the other stages stop too, and an
+        error in the network thread is raised here.
         """
         backbone = self.backbone
         size = (int(backbone.input_size[0]), int(backbone.input_size[1]))
@@ -128,8 +129,6 @@ class Extractor:
         mode, how = self.config.patch_mode, self.config.pool
         workers = self.runtime.workers  # 0: the network thread decodes and cuts between its batches
         batch_size = self.runtime.batch_size
-        # Decoded images waiting for the network: enough to fill the next batch of windows
-        # while the current one runs, whatever the windows per image.
         # Decoded inputs kept ready: the next two batches, and at least 4 images per thread.
         ahead_inputs, ahead_images = 2 * batch_size, max(4, 4 * workers)
         timings = self.timings = collections.Counter()
