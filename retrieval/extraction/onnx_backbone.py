@@ -221,7 +221,11 @@ def _prepared_path(path: str, config: ExtractorConfig, providers: list[str], ort
         return None
     if not where:
         where = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "retrieval" / "onnx")
-    ident = json.dumps({"model": file_digest(path), "output": config.onnx_output, "spec": config.input_spec.to_dict(),
+    try:
+        digest = file_digest(path)
+    except OSError:
+        return None  # unreadable: the preparation says so
+    ident = json.dumps({"model": digest, "output": config.onnx_output, "spec": config.input_spec.to_dict(),
                         "providers": providers, "onnxruntime": ort_version, "format": _PREPARED_FORMAT},
                        sort_keys=True)
     return Path(where).expanduser() / f"{hashlib.sha256(ident.encode()).hexdigest()[:32]}.onnx"
