@@ -164,7 +164,12 @@ class IndexWorker:
             self._drain_queued = False
         batch = [b for b in batch if b[3].set_running_or_notify_cancel()]  # a client gone: dropped
         self.batches = [*self.batches[-BATCH_LOG + 1:], len(batch)]
-        _answer_together(self.index, batch)
+        try:
+            _answer_together(self.index, batch)
+        finally:  # no request may wait forever, whatever went wrong
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(RuntimeError("the query could not be answered"))
 
     def close(self) -> None:
         self._pool.submit(self.index.close).result()
