@@ -1,14 +1,29 @@
-"""Extraction speed: images per second, crop against roi, torch against ONNX Runtime,
-batch sizes and decode threads, and where the time goes.
+"""Extraction speed through the product: images per second that `Index.add` describes and
+commits (feature store and manifest), per patch mode and backend, against the network-only
+limit, with the milliseconds per stage and the hours a million photos would take.
 
-    python benchmarks/extract_speed.py --images ../shared/data/ukbench/full --limit 120 \
-        --json results/extract_speed.json
+    python benchmarks/extract_speed.py --images ../shared/data/ukbench/full --limit 60 \
+        --json benchmarks/results/extract_speed.json
+    # the same measurement of another tree (e.g. the code before a change):
+    python benchmarks/extract_speed.py --code /path/to/other/checkout --limit 60
 
-Each configuration runs the real extractor (threads, batching, pooling) over the same
-images with no feature store, after one warm-up batch. The breakdown times each stage on
-its own over the same images: decode (JPEG -> RGB, EXIF), cut (crop + resize of every
-window, or of the whole image for roi), network (backbone forward on the batches the
-extractor would form) and pooling.
+For each backend x mode, on the same images:
+
+- product: a throw-away index and feature store in a temporary folder, one warm-up
+  extraction of 2 images (not stored), then `Index.add(paths)` timed. `img/s` counts the
+  describing part of it (extraction, store and manifest commits); the publish that follows
+  (whitening, segments) is timed apart and shown as `publish s`.
+- network-only limit: the same backbone called on the prepared uint8 inputs of the same
+  images, in the batches the extractor forms (consecutive windows, `--batch-size`, one
+  pass per input shape), nothing else running: `limit img/s`; `of limit` = img/s / limit.
+- stages, each timed alone over the same images, ms per image: decode (JPEG -> RGB,
+  EXIF), cut (crop + resize of every window, or the whole image for roi), network,
+  pooling, commit (store put + manifest add of the image's descriptors, one transaction
+  each, as `Index.add` does).
+- in-pipeline busy time (when the extractor reports `timings`): seconds each stage of the
+  pipeline was busy during the product run, per image.
+
+`--sweep` adds the old table: the bare extractor (no store) over `--batch-sizes` x `--workers`.
 """
 from __future__ import annotations
 
@@ -17,53 +32,101 @@ import dataclasses
 import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+def _code_root() -> Path:
+    """The tree whose `retrieval` is measured: --code DIR, else this script's checkout."""
+    for i, arg in enumerate(sys.argv):
+        if arg == "--code" and i + 1 < len(sys.argv):
+            return Path(sys.argv[i + 1]).resolve()
+        if arg.startswith("--code="):
+            return Path(arg.split("=", 1)[1]).resolve()
+    return Path(__file__).resolve().parents[1]
+
+
+ROOT = _code_root()
 sys.path.insert(0, str(ROOT))
 
-from retrieval.config import ExtractorConfig, InputSpec, RuntimeConfig  # noqa: E402
+import numpy as np  # noqa: E402
+
+from retrieval import config as rconfig  # noqa: E402
+from retrieval.config import ExtractorConfig, InputSpec, RuntimeConfig, SearchConfig  # noqa: E402
+from retrieval.engine.index import Index  # noqa: E402
+from retrieval.engine.manifest import Manifest  # noqa: E402
 from retrieval.extraction.extractor import Extractor, Job, _area_pool_many, _pool, _prepare, _roi_pool  # noqa: E402
 from retrieval.extraction.images import expand_inputs, load_rgb  # noqa: E402
-from retrieval.extraction.patches import level_regions  # noqa: E402
+from retrieval.extraction.patches import level_names, level_regions  # noqa: E402
+from retrieval.extraction.store import FeatureStore  # noqa: E402
 
-SHARED = ROOT.parent / "shared"
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+if not SHARED.is_dir():
+    SHARED = Path("/work/shared")
+SQUEEZENET_SPEC = "order=bgr,scale=255,mean=104/117/123,std=1"
 
 
 def backends(args) -> dict[str, ExtractorConfig]:
-    out = {}
-    if "onnx" in args.backends:
-        out["onnx-mobilenetv2-int8"] = ExtractorConfig(onnx=str(Path(args.onnx).resolve()), onnx_output="627")
-    if "torch" in args.backends:
-        # Same architecture as the ONNX model, fp32, random init (no download here).
-        out["torch-mobilenet_v2-fp32"] = ExtractorConfig(backbone="mobilenet_v2", weights="none", layer="features")
-    return out
+    weights = Path(args.weights)
+    known = {
+        "onnx-mobilenetv2-int8": lambda: ExtractorConfig(
+            onnx=str((weights / "mobilenetv2-12-int8.onnx").resolve()), onnx_output="627"),
+        "onnx-squeezenet1.1-fp16": lambda: ExtractorConfig(
+            onnx=str((weights / "squeezenet1.1-fp16.onnx").resolve()), onnx_output="fire9/concat_1",
+            input_spec=InputSpec.parse(SQUEEZENET_SPEC)),
+        # torchvision architectures, fp32, random init (no download here): speed only.
+        "torch-mobilenet_v2": lambda: ExtractorConfig(backbone="mobilenet_v2", weights="none", layer="features"),
+        "torch-resnet50": lambda: ExtractorConfig(backbone="resnet50", weights="none"),
+    }
+    wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in wanted if b not in known]
+    if unknown:
+        raise SystemExit(f"unknown backend(s) {unknown}; choose from {', '.join(known)}")
+    return {b: known[b]() for b in wanted}
 
 
 def with_mode(config: ExtractorConfig, mode: str) -> ExtractorConfig:
-    """`crop`, `roi` or `roi@N` (roi with the long side at N pixels)."""
+    """A patch mode of config.PATCH_MODES, or `MODE@N` (that mode with --roi-size N)."""
     patch_mode, _, size = mode.partition("@")
     return dataclasses.replace(config, patch_mode=patch_mode, roi_size=int(size) if size else None)
 
 
-def timed_run(config: ExtractorConfig, mode: str, paths: list[str], levels, batch: int, workers: int) -> float:
-    ex = Extractor(with_mode(config, mode), RuntimeConfig("cpu", batch, workers))
-    regions = tuple(level_regions(lv) for lv in levels)
-    list(ex.extract([Job(p, regions) for p in paths[:4]], progress=False))  # warm-up
-    start = time.perf_counter()
-    n = sum(1 for _ in ex.extract([Job(p, regions) for p in paths], progress=False))
-    return n / (time.perf_counter() - start)
+def product_run(config: ExtractorConfig, paths: list[str], levels, runtime: RuntimeConfig, work: Path) -> dict:
+    """`Index.add` over `paths` into a fresh index and store; the publish timed apart."""
+    idx = Index.create(work / "idx", config, SearchConfig(levels=levels), store=work / "store.sqlite",
+                       runtime=runtime)
+    try:
+        regions = tuple(level_regions(lv) for lv in levels)
+        list(idx.extractor.extract([Job(p, regions) for p in paths[:2]], progress=False))  # warm-up
+        spent = {"publish": 0.0}
+        publish = idx._publish
+
+        def timed_publish(progress: bool) -> None:
+            t0 = time.perf_counter()
+            publish(progress)
+            spent["publish"] += time.perf_counter() - t0
+
+        idx._publish = timed_publish
+        start = time.perf_counter()
+        report = idx.add(paths, progress=False)
+        total = time.perf_counter() - start
+        describe_s = total - spent["publish"]
+        timings = dict(getattr(idx.extractor, "timings", {}) or {})
+        return {"added": report.added, "skipped": len(report.skipped), "add_s": total,
+                "publish_s": spent["publish"], "describe_s": describe_s,
+                "images_per_s": report.added / describe_s, "pipeline_busy_s": timings,
+                "backbone": idx.extractor.backbone, "store": idx.store.path, "key": idx.extractor.key}
+    finally:
+        idx.close()
 
 
-def breakdown(config: ExtractorConfig, mode: str, paths: list[str], levels, batch: int) -> dict:
-    config = with_mode(config, mode)
-    ex = Extractor(config, RuntimeConfig("cpu", batch, 1))
-    bb = ex.backbone
-    size = tuple(int(v) for v in bb.input_size)
+def stages(backbone, config: ExtractorConfig, paths: list[str], levels, batch: int, product: dict,
+           work: Path) -> dict:
+    """Each stage alone over the same images (ms per image) and the network-only limit."""
+    size = tuple(int(v) for v in backbone.input_size)
     regions = tuple(level_regions(lv) for lv in levels)
     t0 = time.perf_counter()
     for p in paths:
@@ -73,96 +136,164 @@ def breakdown(config: ExtractorConfig, mode: str, paths: list[str], levels, batc
     inputs = []
     for p in paths:
         inputs.extend(_prepare(Job(p, regions), size, config.patch_mode, config.roi_size)[1])
-    cut = time.perf_counter() - t0 - decode
-    # roi@N inputs keep their aspect ratio: batch equal shapes, as the extractor does.
-    groups: dict[tuple, list[np.ndarray]] = {}
-    for arr in inputs:
-        groups.setdefault(arr.shape, []).append(arr)
-    bb(np.stack(inputs[:1]))  # warm-up
+    cut = max(0.0, time.perf_counter() - t0 - decode)
+    # The extractor's batches: consecutive inputs, `batch` at a time, one pass per shape.
+    batches = [inputs[i:i + batch] for i in range(0, len(inputs), batch)]
+    shaped = []
+    for b in batches:
+        groups: dict[tuple, list] = {}
+        for arr in b:
+            groups.setdefault(arr.shape, []).append(arr)
+        shaped.extend(np.stack(g) for g in groups.values())
+    backbone(shaped[0][:1])  # warm-up
     t0 = time.perf_counter()
-    feats = [bb(np.stack(g[i : i + batch])) for g in groups.values() for i in range(0, len(g), batch)]
+    feats = [backbone(x) for x in shaped]
     network = time.perf_counter() - t0
     t0 = time.perf_counter()
     for chunk in feats:
         for f in chunk:
-            if config.patch_mode == "pyramid":  # every window from both maps: an upper bound
-                for rs in regions:
-                    _area_pool_many(f, rs.boxes, config.pool)
-            elif config.patch_mode == "roi":
+            if config.patch_mode == "roi":
                 for rs in regions:
                     for box in rs.boxes:
                         _roi_pool(f, box, config.pool)
+            elif config.patch_mode == "pyramid":  # every window from each map: an upper bound
+                for rs in regions:
+                    _area_pool_many(f, rs.boxes, config.pool)
             else:
                 _pool(f, config.pool)
     pooling = time.perf_counter() - t0
+    # Commit: the product's descriptors, put again into a fresh store + manifest, one
+    # transaction each per image, as Index.add does.
+    names = level_names(levels)
+    with FeatureStore.open(product["store"]) as src:
+        digests = [r[0] for r in src.conn.execute("SELECT digest FROM images")]
+        rows = [(d, src.image_size(d), src.get(d, product["key"], names)) for d in digests]
+    commit_dir = work / "commit"
+    commit_dir.mkdir()
+    store = FeatureStore.open(commit_dir / "store.sqlite")
+    manifest = Manifest(commit_dir / "manifest.sqlite")
+    t0 = time.perf_counter()
+    for i, (d, (w, h), arrays) in enumerate(rows):
+        store.put(d, product["key"], w, h, arrays)
+        manifest.add(f"/img/{i}.jpg", d, w, h)
+    commit = time.perf_counter() - t0
+    store.close()
+    manifest.close()
     n = len(paths)
     return {
         "decode_ms": 1000 * decode / n,
         "cut_ms": 1000 * cut / n,
         "network_ms": 1000 * network / n,
         "pooling_ms": 1000 * pooling / n,
+        "commit_ms": 1000 * commit / max(1, len(rows)),
         "network_inputs_per_image": len(inputs) / n,
+        "network_passes": len(shaped),
+        "limit_images_per_s": n / network,
     }
+
+
+def timed_run(config: ExtractorConfig, mode: str, paths: list[str], levels, batch: int, workers: int) -> float:
+    """The bare extractor (no store), for the --sweep table."""
+    ex = Extractor(with_mode(config, mode), RuntimeConfig("cpu", batch, workers))
+    regions = tuple(level_regions(lv) for lv in levels)
+    list(ex.extract([Job(p, regions) for p in paths[:4]], progress=False))  # warm-up
+    start = time.perf_counter()
+    n = sum(1 for _ in ex.extract([Job(p, regions) for p in paths], progress=False))
+    return n / (time.perf_counter() - start)
+
+
+def revision(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(root), "log", "-1", "--format=%h %s"], capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip()[:70] + (" (+ uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "?"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--code", default=str(ROOT), help="checkout whose retrieval package is measured")
     ap.add_argument("--images", default=str(SHARED / "data" / "ukbench" / "full"))
-    ap.add_argument("--limit", type=int, default=120)
-    ap.add_argument("--onnx", default=str(SHARED / "weights" / "mobilenetv2-12-int8.onnx"))
-    ap.add_argument("--backends", default="onnx,torch")
+    ap.add_argument("--limit", type=int, default=60, help="images per configuration (the first ones, sorted)")
+    ap.add_argument("--roi-limit", type=int, default=256,
+                    help="images for the roi modes (one network input per image: a few batches need many images)")
+    ap.add_argument("--weights", default=str(SHARED / "weights"), help="folder of the ONNX files")
+    ap.add_argument("--backends",
+                    default="onnx-mobilenetv2-int8,onnx-squeezenet1.1-fp16,torch-mobilenet_v2,torch-resnet50")
+    ap.add_argument("--modes", default="all", help="all (config.PATCH_MODES), or a list of them and MODE@N (with --roi-size N)")
     ap.add_argument("--levels", default="1,2,3,4")
+    ap.add_argument("--batch-size", type=int, default=RuntimeConfig().batch_size)
+    ap.add_argument("--workers", type=int, default=RuntimeConfig().workers, help="decode threads")
+    ap.add_argument("--sweep", action="store_true", help="also the bare extractor over --batch-sizes x --sweep-workers")
     ap.add_argument("--batch-sizes", default="8,32,64")
-    ap.add_argument("--workers", default="1,2")
-    ap.add_argument("--modes", default="crop,roi,roi@448,roi@640",
-                    help="crop, roi, roi@N (roi with --roi-size N), pyramid")
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="time every configuration this many times, the modes interleaved, and keep the best "
-                    "(on a shared machine: the others' load hits every mode alike)")
-    ap.add_argument("--no-breakdown", action="store_true", help="skip the per-stage breakdown")
+    ap.add_argument("--sweep-workers", default="1,2")
     ap.add_argument("--json", metavar="OUT")
     args = ap.parse_args()
-    paths = expand_inputs([args.images])[: args.limit]
+    every = sorted(expand_inputs([args.images]))
+    paths = every[: args.limit]
     if not paths:
         ap.error(f"no images under {args.images}")
     levels = tuple(int(v) for v in args.levels.split(","))
-    batches = [int(v) for v in args.batch_sizes.split(",")]
-    workers = [int(v) for v in args.workers.split(",")]
-    rows, parts = [], []
-    for name, config in backends(args).items():
-        for mode in args.modes.split(","):
-            if not args.no_breakdown:
-                parts.append({"backend": name, "mode": mode, **breakdown(config, mode, paths, levels, 32)})
-        for rnd in range(args.rounds):
-            for mode in args.modes.split(","):
-                for b in batches:
-                    for w in workers:
-                        load = os.getloadavg()[0]
-                        ips = timed_run(config, mode, paths, levels, b, w)
-                        rows.append({"backend": name, "mode": mode, "batch": b, "workers": w, "round": rnd,
-                                     "images_per_s": ips, "load_before": load})
-                        print(f"{name:26s} {mode:7s} batch {b:3d} workers {w} round {rnd}: {ips:7.2f} img/s "
-                              f"(load {load:.1f})", flush=True)
-    best = {}
+    modes = list(rconfig.PATCH_MODES) if args.modes == "all" else args.modes.split(",")
+    runtime = RuntimeConfig("cpu", args.batch_size, args.workers)
+    load_before = os.getloadavg()
+    print(f"code: {ROOT} ({revision(ROOT)}); {len(paths)} images ({args.roi_limit} for roi), levels {args.levels}, batch {args.batch_size}, "
+          f"{args.workers} decode threads; load average {load_before[0]:.2f}", flush=True)
+    rows = []
+    head = (f"{'backend':24s} {'mode':6s} {'images':>6s} {'img/s':>6s} {'limit':>6s} {'of lim':>6s} {'h/1M':>6s} "
+            f"{'decode':>6s} {'cut':>6s} {'net':>7s} {'pool':>5s} {'commit':>6s} {'publish s':>9s} {'load':>5s}")
+    print(head, flush=True)
+    for name, base in backends(args).items():
+        for mode in modes:
+            config = with_mode(base, mode)
+            paths = every[: args.roi_limit if config.patch_mode == "roi" else args.limit]
+            with tempfile.TemporaryDirectory(prefix="extract-speed-") as tmp:
+                work = Path(tmp)
+                product = product_run(config, paths, levels, runtime, work)
+                parts = stages(product.pop("backbone"), config, paths, levels, args.batch_size, product, work)
+            product.pop("store"), product.pop("key")
+            ips = product["images_per_s"]
+            row = {"backend": name, "mode": mode, "images": len(paths), **product, **parts,
+                   "fraction_of_limit": ips / parts["limit_images_per_s"],
+                   "hours_per_million": 1e6 / ips / 3600, "load_after": os.getloadavg()[0]}
+            rows.append(row)
+            print(f"{name:24s} {mode:6s} {len(paths):6d} {ips:6.2f} {parts['limit_images_per_s']:6.2f} "
+                  f"{row['fraction_of_limit']:6.0%} {row['hours_per_million']:6.1f} {parts['decode_ms']:6.1f} "
+                  f"{parts['cut_ms']:6.1f} {parts['network_ms']:7.1f} {parts['pooling_ms']:5.1f} "
+                  f"{parts['commit_ms']:6.1f} {product['publish_s']:9.2f} {row['load_after']:5.2f}", flush=True)
+    busy = [r for r in rows if r["pipeline_busy_s"]]
+    if busy:
+        print("\nin-pipeline busy time during Index.add (ms per image; prepare summed over decode threads)")
+        for r in busy:
+            t = r["pipeline_busy_s"]
+            per = {k: 1000 * t.get(k, 0.0) / r["added"] for k in
+                   ("prepare", "network", "pool", "network_waits_input", "assemble", "caller_waits")}
+            print(f"{r['backend']:24s} {r['mode']:6s} " + "  ".join(f"{k} {v:.1f}" for k, v in per.items())
+                  + f"  ({int(t.get('batches', 0))} network passes)")
     for r in rows:
-        key = (r["backend"], r["mode"])
-        best[key] = max(best.get(key, 0.0), r["images_per_s"])
-    ratios = {f"{b} {m}": best[(b, m)] / best[(b, "crop")] for b, m in best if m != "crop" and (b, "crop") in best}
-    print("\nwhere the time goes (ms per image, batch 32, one thread of decoding)")
-    for p in parts:
-        print(f"{p['backend']:26s} {p['mode']:7s} decode {p['decode_ms']:6.1f}  cut {p['cut_ms']:6.1f}  "
-              f"network {p['network_ms']:7.1f}  pooling {p['pooling_ms']:5.1f}  "
-              f"({p['network_inputs_per_image']:.0f} network inputs/image)")
-    for b, r in ratios.items():
-        print(f"{b} vs crop: {r:.1f}x faster (best configuration of each)")
+        print(f"1,000,000 photos, {r['backend']} {r['mode']}: {r['hours_per_million']:.1f} h on this machine")
+    sweep = []
+    if args.sweep:
+        for name, base in backends(args).items():
+            for mode in modes:
+                for b in (int(v) for v in args.batch_sizes.split(",")):
+                    for w in (int(v) for v in args.sweep_workers.split(",")):
+                        ips = timed_run(base, mode, paths, levels, b, w)
+                        sweep.append({"backend": name, "mode": mode, "batch": b, "workers": w, "images_per_s": ips})
+                        print(f"{name:24s} {mode:6s} batch {b:3d} workers {w}: {ips:7.2f} img/s (no store)", flush=True)
     result = {
-        "images": len(paths), "levels": list(levels), "rows": rows, "breakdown": parts,
-        "roi_vs_crop": ratios,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "code": str(ROOT), "revision": revision(ROOT), "images": args.limit, "roi_images": args.roi_limit, "levels": list(levels),
+        "batch_size": args.batch_size, "workers": args.workers, "rows": rows, "sweep": sweep,
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "load_before": [round(v, 2) for v in load_before],
+                    "load_after": [round(v, 2) for v in os.getloadavg()]},
     }
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        Path(args.json).write_text(json.dumps(result, indent=2, default=float))
     return 0
 
 

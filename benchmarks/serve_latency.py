@@ -34,6 +34,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+for _i, _arg in enumerate(sys.argv):  # --code DIR: measure that checkout's retrieval (e.g. the code before a change)
+    if _arg == "--code" and _i + 1 < len(sys.argv):
+        ROOT = Path(sys.argv[_i + 1]).resolve()
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 CLI = [sys.executable, "-m", "retrieval.cli"]
 TIMEOUT = 120  # seconds, for any one request or command
@@ -51,7 +54,7 @@ def summary(seconds: list[float]) -> dict:
 
 
 def run(args: list[str]) -> subprocess.CompletedProcess:
-    out = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=30 * TIMEOUT)
+    out = subprocess.run(args, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=30 * TIMEOUT)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed ({out.returncode}):\n{out.stderr}")
     return out
@@ -86,7 +89,8 @@ class Server:
     def __init__(self, index: Path) -> None:
         start = time.perf_counter()
         self.proc = subprocess.Popen([*CLI, "serve", str(index), "--host", "127.0.0.1", "--port", "0"],
-                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV)
+                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV,
+                                     cwd=ROOT)  # `-m` puts the working directory first on sys.path
         lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stderr], daemon=True).start()
         self.url = None
@@ -135,12 +139,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48, help="requests per throughput run (default 48)")
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    parser.add_argument("--code", default=str(ROOT), help="checkout whose retrieval is measured (default: this one)")
     args, build_flags = parser.parse_known_args()
     if not build_flags:
         raise SystemExit("give the extractor flags of the index, e.g. --onnx FILE --onnx-output 627 --levels 1,2")
     concurrency = [int(c) for c in args.concurrency.split(",")]
 
-    images = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    images = sorted(p for p in Path(args.images).resolve().iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
     need = args.index_images + args.cli_queries + args.queries + len(concurrency) * args.requests
     if len(images) < need:
         raise SystemExit(f"{args.images} has {len(images)} images; these settings use {need} distinct ones")
@@ -183,7 +188,7 @@ def main() -> None:
     n_errors = sum(isinstance(h, str) for _, h in cold + repeat) + sum(r["errors"] for r in runs)
 
     result = {
-        "index_images": len(db), "build_seconds": round(build_s, 1), "build_flags": build_flags, "k": args.k,
+        "code": str(ROOT), "index_images": len(db), "build_seconds": round(build_s, 1), "build_flags": build_flags, "k": args.k,
         "server_startup_seconds": round(server.startup_s, 2),
         "cli_fresh_process": summary(cli_times),
         "server_cold": summary([s for s, _ in cold]),
@@ -194,7 +199,9 @@ def main() -> None:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "load_before": round(load_before, 1), "load_after": round(os.getloadavg()[0], 1)},
     }
-    print(f"index: {len(db)} images ({' '.join(build_flags)}), built in {build_s:.1f} s; k={args.k}")
+    print(f"code: {ROOT}")
+    print(f"index: {len(db)} images ({' '.join(build_flags)}), built in {build_s:.1f} s "
+          f"({len(db) / build_s:.2f} img/s with start-up); k={args.k}")
     print(f"server start-up (process start to ready): {server.startup_s:.1f} s")
     print(f"{'mode':44s} {'n':>4s} {'p50 ms':>8s} {'p95 ms':>8s}")
     for name, key in (("retrieval query, fresh process (extract+search)", "cli_fresh_process"),

@@ -314,3 +314,29 @@ def test_squeezenet_fp16_fixed_batch_cut():
     xin = preprocess(x, bb.spec)
     ref = np.concatenate([sess.run(["fire9/concat_1"], {"data_0": xin[i : i + 1]})[0] for i in range(2)])
     assert _rel(out, ref.astype(np.float32)) <= 1e-2
+
+
+def test_prepared_onnx_graph_is_reused_without_importing_onnx(exported, tmp_path):
+    """A second process loading the same model, output and spec restores the prepared
+    graph from the cache: the same outputs, no `onnx` import, no probing."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    path, _ = exported
+    env = {**os.environ, "RETRIEVAL_ONNX_CACHE": str(tmp_path / "cache")}
+    script = (
+        "import json, sys, numpy as np\n"
+        "from retrieval.config import ExtractorConfig, InputSpec\n"
+        "from retrieval.extraction.backbones import load_backbone\n"
+        f"bb = load_backbone(ExtractorConfig(onnx={str(path)!r}, input_spec=InputSpec(size=(64, 64))), 'cpu')\n"
+        "x = np.random.default_rng(5).integers(0, 256, size=(2, 96, 64, 3), dtype=np.uint8)\n"
+        "print(json.dumps({'onnx': 'onnx' in sys.modules, 'out': bb(x).ravel()[::97].tolist(),\n"
+        "                  'info': bb.describe()}))\n"
+    )
+    runs = [json.loads(subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                                      check=True, timeout=300).stdout) for _ in range(2)]
+    assert runs[0]["onnx"] and not runs[1]["onnx"]
+    assert runs[0]["out"] == runs[1]["out"] and runs[0]["info"] == runs[1]["info"]
+    assert len(list((tmp_path / "cache").glob("*.onnx"))) == 1

@@ -132,3 +132,71 @@ def test_unreadable_reasons(tmp_path):
     (tmp_path / "e.jpg").write_bytes(b"")
     with pytest.raises(ImageError, match="empty file"):
         load_rgb(tmp_path / "e.jpg")
+
+
+class _Recording:
+    """A stand-in backbone: records the batches it is given and the thread it runs in."""
+
+    input_size, dynamic_size, output_kind = (32, 32), False, "vector"
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        import threading
+
+        self.batches, self.threads, self.fail_at, self._threading = [], set(), fail_at, threading
+
+    def __call__(self, x):
+        self.threads.add(self._threading.get_ident())
+        self.batches.append(len(x))
+        if self.fail_at is not None and len(self.batches) > self.fail_at:
+            raise RuntimeError("the network broke")
+        return x.reshape(len(x), -1)[:, :8].astype(np.float32)  # 8 pixel values: a per-window fingerprint
+
+
+def _pipeline(tmp_path, n, batch_size, backbone, workers=2):
+    import threading
+
+    paths = []
+    for i in range(n):
+        paths.append(tmp_path / f"s{i}.jpg")
+        make_scene(i).save(paths[-1])
+    paths.insert(3, tmp_path / "missing.jpg")
+    ex = Extractor(ExtractorConfig(backbone="resnet18", weights="none", input_spec=SPEC),
+                   RuntimeConfig(device="cpu", batch_size=batch_size, workers=workers))
+    ex._backbone = backbone
+    jobs = [Job(str(p), (level_regions(1), level_regions(2))) for p in paths]
+    return ex, jobs, threading
+
+
+@pytest.mark.parametrize("workers", [2, 0])
+def test_pipeline_mixes_images_in_full_batches_and_yields_in_order(tmp_path, workers):
+    """Windows of several images share a batch (all full but the last), the network runs
+    outside the caller's thread, and images come out in job order, skips in place, each
+    with the descriptors of its own windows."""
+    bb = _Recording()
+    ex, jobs, threading = _pipeline(tmp_path, 12, 8, bb, workers)
+    outs = list(ex.extract(jobs, progress=False))
+    assert [o.job.path if isinstance(o, Extracted) else o.path for o in outs] == [j.path for j in jobs]
+    assert [type(o) for o in outs] == [Extracted] * 3 + [Skipped] + [Extracted] * 9
+    assert bb.batches == [8] * 7 + [4]  # 12 images x 5 windows = 60
+    assert threading.get_ident() not in bb.threads
+    alone = Extractor(ex.config, RuntimeConfig(device="cpu", batch_size=5, workers=1))
+    alone._backbone = _Recording()
+    for job, out in zip(jobs, outs):
+        if isinstance(out, Extracted):
+            (ref,) = alone.extract([job], progress=False)
+            for name in ("level1", "level2"):
+                np.testing.assert_array_equal(out.descriptors[name], ref.descriptors[name])
+    assert ex.timings["inputs"] == 60 and ex.timings["network"] > 0
+
+
+def test_pipeline_stops_with_its_caller_and_raises_network_errors_there(tmp_path):
+    ex, jobs, threading = _pipeline(tmp_path, 12, 5, _Recording())
+    gen = ex.extract(jobs, progress=False)
+    first = next(gen)
+    assert isinstance(first, Extracted)
+    gen.close()  # the caller stops early: the network thread ends, nothing is left running
+    assert not [t for t in threading.enumerate() if t.name == "retrieval-network"]
+    ex._backbone = _Recording(fail_at=2)
+    with pytest.raises(RuntimeError, match="the network broke"):
+        list(ex.extract(jobs, progress=False))
+    assert not [t for t in threading.enumerate() if t.name == "retrieval-network"]

@@ -31,7 +31,7 @@ def add_runtime_args(parser) -> None:
     """The throughput flags (`--device`, `--batch-size`, `--workers`) on a parser or group."""
     parser.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when available")
     parser.add_argument("--batch-size", type=int, default=32, help="windows per network batch (default 32)")
-    parser.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
+    parser.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2; 0 decodes in the network's thread, between batches)")
 
 
 def add_ray_arg(parser) -> None:

@@ -24,11 +24,24 @@ import math
 import os
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from ..config import NPROBE
 from ..fileio import replacing
+
+
+class _LazyFaiss:
+    """`faiss`, imported on first use: a query of a collection small enough to be scored
+    exactly never touches it, and a one-shot `retrieval query` saves its import."""
+
+    def __getattr__(self, name: str):
+        import faiss as module
+
+        globals()["faiss"] = module
+        return getattr(module, name)
+
+
+faiss = _LazyFaiss()
 
 WINDOW_BITS = 6  # up to 64 windows per image (levels 1-4 have 30)
 RETRAIN_GROWTH = 4  # re-train once the collection holds this many times the trained windows

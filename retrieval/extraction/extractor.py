@@ -1,15 +1,21 @@
 """Images -> raw window descriptors, batched across images and windows.
 
-Decoding, cropping and resizing run in worker threads (Pillow releases the GIL); the
-network runs in the calling thread on batches that mix windows of several images. Each
-finished image is yielded as soon as all of its windows are pooled, so callers can store
-it before the next one is done (an interrupted run loses at most the images in flight).
+A pipeline of overlapping stages: decoding, cropping and resizing run in worker threads
+ahead of the network (Pillow releases the GIL); the network runs in its own thread on
+full batches that mix windows of several images, and pools its outputs; each finished
+image is yielded, in job order, to the caller's thread, which stores it while the
+network runs on (ONNX Runtime and torch release the GIL). So an interrupted run loses
+at most the images in flight, and the caller's SQLite connections stay in its thread.
+`Extractor.timings` holds the seconds each stage was busy in the last `extract`.
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
 from functools import lru_cache
+import queue
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -25,6 +31,11 @@ from .patches import RegionSet
 GEM_P = 3.0
 # Modes whose network outputs are feature maps of the whole image, windows pooled later.
 MAP_MODES = ("roi", "pyramid")
+# Finished images the network thread may get ahead of the caller (who commits them), on top
+# of one batch's worth: enough to ride out a slow commit and to hand over a whole batch of
+# one-input images (roi) without waiting, few enough that an interrupted run has little
+# in flight.
+OUTPUT_AHEAD = 16
 # PIL's counter-clockwise turns: lossless (pixels are moved, not resampled).
 _TRANSPOSE = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
 
@@ -70,6 +81,9 @@ class Extractor:
         self.runtime = runtime or RuntimeConfig()
         self._backbone = None
         self._key: str | None = None
+        # Seconds per stage of the last extract (prepare: summed over decode threads;
+        # network and pool: network thread; assemble and caller_waits: caller's thread).
+        self.timings: collections.Counter = collections.Counter()
 
     @property
     def backbone(self):
@@ -107,69 +121,186 @@ class Extractor:
     def extract(
         self, jobs: Iterable[Job], *, total: int | None = None, progress: bool = True, desc: str = "extract"
     ) -> Iterator[Extracted | Skipped]:
-        """Describe every job; yields one Extracted or Skipped per job, in job order."""
+        """Describe every job; yields one Extracted or Skipped per job, in job order.
+
+        A pipeline of three stages that overlap: worker threads decode and cut the images
+        ahead of the network; a network thread fills batches with the windows of as many
+        images as it takes (full batches) and pools what comes out; this generator, in the
+        caller's thread, assembles each finished image and yields it, so whatever the caller
+        does with it (commit it to SQLite, whose connections stay in their thread) runs while
+        the network works on the next batches. At most `OUTPUT_AHEAD` + one batch of finished
+        images wait for the caller; when it stops iterating, the other stages stop too, and an
+        error in the network thread is raised here.
+        """
         backbone = self.backbone
         size = (int(backbone.input_size[0]), int(backbone.input_size[1]))
         if self.config.roi_size and not backbone.dynamic_size:
             raise ValueError("--roi-size needs a network that accepts any input size; this one is fixed")
         mode, how = self.config.patch_mode, self.config.pool
-        prefetch = max(4, 4 * max(1, self.runtime.workers))
-        pool = cf.ThreadPoolExecutor(max_workers=max(1, self.runtime.workers))
-        bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
-        in_flight: collections.deque[_Pending] = collections.deque()
-        batch: list[np.ndarray] = []
-        owners: list[tuple[_Pending, int]] = []
+        workers = self.runtime.workers  # 0: the network thread decodes and cuts between its batches
+        batch_size = self.runtime.batch_size
+        # Decoded inputs kept ready: the next two batches, and at least 4 images per thread.
+        ahead_inputs, ahead_images = 2 * batch_size, max(4, 4 * workers)
+        timings = self.timings = collections.Counter()
+        pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="retrieval-decode") if workers else None
+        submit = pool.submit if pool is not None else _Later
+        done: queue.Queue = queue.Queue(maxsize=OUTPUT_AHEAD + batch_size)
+        stop = threading.Event()
+        roi_size = self.config.roi_size
+        lock = threading.Lock()
 
-        def run_batch() -> None:
-            # Inputs share a shape except in roi mode with --roi-size (aspect kept):
-            # one forward pass per shape.
-            by_shape: dict[tuple, list[int]] = {}
-            for i, arr in enumerate(batch):
-                by_shape.setdefault(arr.shape, []).append(i)
-            for members in by_shape.values():
-                feats = backbone(np.stack([batch[i] for i in members]))
-                for i, feat in zip(members, feats):
-                    state, slot = owners[i]
-                    state.outputs[slot] = feat if mode in MAP_MODES else _pool(feat, how)
-                    state.left -= 1
-            batch.clear()
-            owners.clear()
+        def prepare(job: Job):
+            t0 = time.perf_counter()
+            try:
+                return _prepare(job, size, mode, roi_size)
+            finally:
+                with lock:
+                    timings["prepare"] += time.perf_counter() - t0
 
-        def finished() -> Iterator[Extracted | Skipped]:
-            while in_flight and in_flight[0].left == 0:
-                state = in_flight.popleft()
-                bar.update(1)
-                yield state.skipped or Extracted(state.job, *state.size, state.assemble(mode, how))
-
-        try:
-            futures: collections.deque[tuple[Job, cf.Future]] = collections.deque()
-            job_iter = iter(jobs)
-            while True:
-                while len(futures) < prefetch and (job := next(job_iter, None)) is not None:
-                    futures.append((job, pool.submit(_prepare, job, size, mode, self.config.roi_size)))
-                if not futures:
-                    break
-                job, fut = futures.popleft()
+        def hand_over(item) -> bool:
+            """Queue one finished image (or the end, or an error) for the caller; False when told to stop."""
+            while not stop.is_set():
                 try:
-                    image_size, inputs = fut.result()
-                except (ImageError, OSError, ValueError) as err:
-                    reason = str(err) if isinstance(err, ImageError) else f"cannot decode: {err}"
-                    in_flight.append(_Pending(job, (0, 0), 0, Skipped(job.path, reason, job)))
-                    yield from finished()
+                    done.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
                     continue
-                state = _Pending(job, image_size, len(inputs))
-                in_flight.append(state)
-                for slot, arr in enumerate(inputs):
-                    batch.append(arr)
-                    owners.append((state, slot))
-                    if len(batch) >= self.runtime.batch_size:
-                        run_batch()
-                        yield from finished()
-            run_batch()
-            yield from finished()
+            return False
+
+        def network() -> None:
+            in_flight: collections.deque[_Pending] = collections.deque()
+            batch: list[np.ndarray] = []
+            owners: list[tuple[_Pending, int]] = []
+
+            def run_batch() -> None:
+                # Inputs share a shape except in roi mode with --roi-size (aspect kept):
+                # one forward pass per shape.
+                by_shape: dict[tuple, list[int]] = {}
+                for i, arr in enumerate(batch):
+                    by_shape.setdefault(arr.shape, []).append(i)
+                for members in by_shape.values():
+                    t0 = time.perf_counter()
+                    feats = backbone(np.stack([batch[i] for i in members]))
+                    t1 = time.perf_counter()
+                    for i, feat in zip(members, feats):
+                        state, slot = owners[i]
+                        state.outputs[slot] = feat if mode in MAP_MODES else _pool(feat, how)
+                        state.left -= 1
+                    timings["network"] += t1 - t0
+                    timings["pool"] += time.perf_counter() - t1
+                    timings["batches"] += 1
+                    timings["inputs"] += len(members)
+                batch.clear()
+                owners.clear()
+
+            def finished() -> bool:
+                while in_flight and in_flight[0].left == 0:
+                    if not hand_over(in_flight.popleft()):
+                        return False
+                return True
+
+            futures: collections.deque[tuple[Job, cf.Future, int]] = collections.deque()
+            queued = 0  # network inputs expected from the jobs in `futures`
+            job_iter = iter(jobs)
+            try:
+                while not stop.is_set():
+                    while (len(futures) < ahead_images or queued < ahead_inputs) and (
+                        job := next(job_iter, None)
+                    ) is not None:
+                        futures.append((job, submit(prepare, job), _inputs_hint(job, mode)))
+                        queued += futures[-1][2]
+                    if not futures:
+                        break
+                    job, fut, hint = futures.popleft()
+                    queued -= hint
+                    t0 = time.perf_counter()
+                    try:
+                        image_size, inputs = fut.result()
+                    except (ImageError, OSError, ValueError) as err:
+                        reason = str(err) if isinstance(err, ImageError) else f"cannot decode: {err}"
+                        in_flight.append(_Pending(job, (0, 0), 0, Skipped(job.path, reason, job)))
+                        if not finished():
+                            return
+                        continue
+                    finally:
+                        timings["network_waits_input"] += time.perf_counter() - t0
+                    state = _Pending(job, image_size, len(inputs))
+                    in_flight.append(state)
+                    for slot, arr in enumerate(inputs):
+                        batch.append(arr)
+                        owners.append((state, slot))
+                        if len(batch) >= batch_size:
+                            run_batch()
+                            if not finished():
+                                return
+                    if not finished():  # an image without windows is done at once
+                        return
+                run_batch()
+                if finished():
+                    hand_over(_END)
+            except BaseException as err:  # noqa: BLE001 - handed to the caller's thread, raised there
+                hand_over(_Failure(err))
+
+        thread = threading.Thread(target=network, name="retrieval-network", daemon=True)
+        bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
+        thread.start()
+        try:
+            while True:
+                t0 = time.perf_counter()
+                state = done.get()
+                timings["caller_waits"] += time.perf_counter() - t0
+                if state is _END:
+                    break
+                if isinstance(state, _Failure):
+                    raise state.error
+                bar.update(1)
+                if state.skipped:
+                    yield state.skipped
+                    continue
+                t0 = time.perf_counter()
+                out = Extracted(state.job, *state.size, state.assemble(mode, how))
+                timings["assemble"] += time.perf_counter() - t0
+                yield out
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            stop.set()
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+            thread.join()
             bar.close()
+
+
+def _inputs_hint(job: Job, mode: str) -> int:
+    """Network inputs `job` will give, as known before decoding: one per window, except
+    roi (the whole image) and pyramid (the whole image at each scale its windows need)."""
+    if mode == "roi":
+        return 1
+    if mode == "pyramid":
+        return max(1, len(pyramid_plan(job.regions)[0]))
+    return max(1, sum(len(rs) for rs in job.regions))
+
+
+class _Later:
+    """A future-like for `--workers 0`: the work runs when its result is asked for."""
+
+    __slots__ = ("fn", "args")
+
+    def __init__(self, fn, *args) -> None:
+        self.fn, self.args = fn, args
+
+    def result(self):
+        return self.fn(*self.args)
+
+
+class _Failure:
+    """An exception raised in the network thread, to be raised again in the caller's."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_END = object()  # the network thread has handed over every job
 
 
 class _Pending:

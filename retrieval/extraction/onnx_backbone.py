@@ -7,6 +7,8 @@ declares, so every cut yields float32 like a float model's.
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import os
 import tempfile
 from dataclasses import replace
@@ -16,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .backbone import DEFAULT_SIZE, PROBE_EXTRA, Backbone, cpu_count, cuda_present, preprocess, rel_err
-from ..config import ConfigError, ExtractorConfig
+from ..config import ConfigError, ExtractorConfig, InputSpec, file_digest
 
 _NP_DTYPES = {1: "float32", 10: "float16", 11: "float64"}
 _QUANTIZED = (2, 3)  # uint8, int8 (TensorProto element types)
@@ -243,15 +245,50 @@ def session_options(ort, **overrides):
     return opts
 
 
+_PREPARED_FORMAT = 1
+PREPARED_CACHE_ENV = "RETRIEVAL_ONNX_CACHE"
+
+
+def _prepared_path(path: str, config: ExtractorConfig, providers: list[str], ort_version: str) -> Path | None:
+    """Where the prepared (cut, probed) graph of this model and configuration is kept:
+    `$RETRIEVAL_ONNX_CACHE` (`off` disables), else `$XDG_CACHE_HOME/retrieval/onnx`
+    (~/.cache). Keyed by the model file's content, so a replaced file is prepared again."""
+    where = os.environ.get(PREPARED_CACHE_ENV)
+    if where == "off":
+        return None
+    if not where:
+        where = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "retrieval" / "onnx")
+    try:
+        digest = file_digest(path)
+    except OSError:
+        return None  # unreadable: the preparation says so
+    ident = json.dumps({"model": digest, "output": config.onnx_output, "spec": config.input_spec.to_dict(),
+                        "providers": providers, "onnxruntime": ort_version, "format": _PREPARED_FORMAT},
+                       sort_keys=True)
+    return Path(where).expanduser() / f"{hashlib.sha256(ident.encode()).hexdigest()[:32]}.onnx"
+
+
 class OnnxBackbone(Backbone):
     def __init__(self, config: ExtractorConfig, device: str = "auto") -> None:
-        import onnx
         import onnxruntime as ort
 
         self.config = config
         self.path = str(Path(config.onnx).expanduser())
         if not Path(self.path).is_file():
             raise ConfigError(f"--onnx {self.path}: file not found")
+        self.providers = self._providers(device, ort)
+        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        cache = _prepared_path(self.path, config, self.providers, ort.__version__)
+        if cache is not None and self._restore(cache, ort):
+            return
+        self._prepare(config, ort)
+        if cache is not None:
+            self._keep(cache)
+
+    def _prepare(self, config: ExtractorConfig, ort) -> None:
+        """Cut the graph, probe which dimensions may be dynamic, check the output."""
+        import onnx
+
         try:
             model = onnx.load(self.path)
         except Exception as err:
@@ -297,8 +334,6 @@ class OnnxBackbone(Backbone):
         self.declared_size = declared
         self.declared_batch = _dim(dims[0])
 
-        self.providers = self._providers(device, ort)
-        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         # reference: the graph as declared
         hw_fixed = declared is not None
         probe_size = declared or size
@@ -331,7 +366,7 @@ class OnnxBackbone(Backbone):
                 break
             except Exception:
                 continue
-        self.model, self.session, dyn_b, dyn_h = chosen
+        self._model, self.session, dyn_b, dyn_h = chosen
         self.batch = None if (dyn_b or self.declared_batch is None) else self.declared_batch
         self.dynamic_size = bool(dyn_h) or declared is None
         if not self.dynamic_size and declared is not None and size != declared:
@@ -348,6 +383,55 @@ class OnnxBackbone(Backbone):
         self.output_kind = "map" if out.ndim == 4 else "vector"
         self.output_shape = tuple(out.shape[1:])
 
+    @property
+    def model(self):
+        """The cut graph the session runs (an onnx ModelProto; read from the cache if need be)."""
+        if self._model is None:
+            import onnx
+
+            self._model = onnx.load_from_string(self._model_file.read_bytes())
+        return self._model
+
+    # The outcome of `_prepare`, kept so that the next process with the same model file,
+    # output, input spec, providers and onnxruntime skips it: no `onnx` import, no graph
+    # surgery, no probe sessions (most of a one-shot `retrieval query`'s start-up).
+    _KEPT = ("output", "tensor", "input_name", "layout", "input_size", "declared_size", "declared_batch",
+             "batch", "dynamic_size", "output_kind", "output_shape")
+
+    def _restore(self, cache: Path, ort) -> bool:
+        try:
+            meta = json.loads(cache.with_suffix(".json").read_text())
+            if meta.get("format") != _PREPARED_FORMAT:
+                return False
+            blob = cache.read_bytes()
+            session = self._session(blob, ort)
+        except Exception:  # noqa: BLE001 - a missing, partial or unreadable entry: prepare again
+            return False
+        for name in self._KEPT:
+            value = meta[name]
+            setattr(self, name, tuple(value) if isinstance(value, list) else value)
+        self.spec = InputSpec.from_dict(meta["spec"])
+        self.session, self._model, self._model_file = session, None, cache
+        return True
+
+    def _keep(self, cache: Path) -> None:
+        if self._model.ByteSize() >= (1 << 31) - (1 << 26):
+            return  # external data: not worth a copy
+        meta = {name: getattr(self, name) for name in self._KEPT}
+        meta.update(format=_PREPARED_FORMAT, spec=self.spec.to_dict(), source=self.path)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            # The graph first, its description last: an entry without its .json is ignored.
+            for target, data in ((cache, self._model.SerializeToString()),
+                                 (cache.with_suffix(".json"), json.dumps(meta, indent=1).encode())):
+                fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=".tmp-")
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                os.replace(tmp, target)
+        except OSError:
+            pass  # a read-only cache only costs the next process the preparation
+        self._model_file = cache
+
     @staticmethod
     def _providers(device: str, ort) -> list[str]:
         available = ort.get_available_providers()
@@ -360,6 +444,8 @@ class OnnxBackbone(Backbone):
         """An InferenceSession of `model` on self.providers with SESSION_OPTIONS (each of
         which `overrides` may replace; benchmarks/network_speed.py measures them)."""
         opts = session_options(ort, **overrides)
+        if isinstance(model, bytes):
+            return ort.InferenceSession(model, sess_options=opts, providers=self.providers)
         blob = model.SerializeToString() if model.ByteSize() < (1 << 31) - (1 << 26) else None
         if blob is not None:
             return ort.InferenceSession(blob, sess_options=opts, providers=self.providers)
