@@ -376,7 +376,7 @@ def _factor_grid(args, base: ExtractorConfig) -> FactorGrid:
             raise ConfigError(f"--fuse {text!r}: name two or more layers joined by '+', e.g. A+B")
         fuse.append(parts)
     grid = FactorGrid(
-        layers=layers or (Extractor(base).load().describe()["backbone_info"]["output" if base.onnx else "layer"],),
+        layers=layers or (Extractor(base).load().summary()["backbone_info"]["output" if base.onnx else "layer"],),
         pools=_grid_list(args.pool, "--pool", allowed=POOLS),
         pca_dims=pca_dims or (0,),
         jitters=_grid_list(args.jitter, "--jitter", int, JITTERS),

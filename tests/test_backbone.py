@@ -54,7 +54,7 @@ def test_resnet18_default_layer_is_last_conv_map(r18):
     out = r18(_images(2, 64))
     assert r18.output_kind == "map" and out.dtype == np.float32
     assert out.shape == (2, 512, 2, 2)
-    d = r18.describe()
+    d = r18.summary()
     assert d["kind"] == "torch" and d["layer"] == "layer4" and d["weights"] == "random-init"
     assert d["device"] == "cpu" and r18.input_size == (64, 64) and r18.dynamic_size
     # other spatial sizes are accepted (roi mode feeds whole images)
@@ -65,7 +65,7 @@ def test_resnet18_default_layer_is_last_conv_map(r18):
 def test_mobilenet_v3_default_and_penultimate():
     cfg = ExtractorConfig(backbone="mobilenet_v3_small", weights="none")
     bb = load_backbone(cfg, "cpu")
-    assert bb.describe()["layer"] == "features" and bb.input_size == (224, 224)  # default size
+    assert bb.summary()["layer"] == "features" and bb.input_size == (224, 224)  # default size
     assert bb(_images(2)).shape == (2, 576, 7, 7)
     pen = load_backbone(
         ExtractorConfig(backbone="mobilenet_v3_small", weights="none", layer="penultimate", input_spec=SMALL), "cpu"
@@ -133,7 +133,7 @@ def test_local_checkpoint(tmp_path, r18):
     outs = []
     for path in (plain, wrapped):
         bb = load_backbone(_r18(weights=str(path), layer="penultimate"), "cpu")
-        assert bb.describe()["weights"] == f"checkpoint:{path.resolve()}"
+        assert bb.summary()["weights"] == f"checkpoint:{path.resolve()}"
         outs.append(bb(x))
     np.testing.assert_array_equal(outs[0], outs[1])
     with torch.inference_mode():
@@ -192,7 +192,7 @@ def test_onnx_generic_cut_at_intermediate_tensor(exported):
     x = _images(3, 64, seed=11)
     got = bb(x)
     assert bb.output_kind == "map" and bb.dynamic_size and got.shape == (3, 256, 4, 4)
-    d = bb.describe()
+    d = bb.summary()
     assert d["kind"] == "onnx" and d["output"] == tensor and d["provider"] == "CPUExecutionProvider"
     ref = load_backbone(_r18(layer="layer3"), "cpu")(x)
     assert _rel(got, ref) <= 1e-4
@@ -237,7 +237,7 @@ def test_onnx_fixed_batch_is_looped(tmp_path):
     _pinned_batch_model(path)
     bb = load_backbone(ExtractorConfig(onnx=str(path)), "cpu")
     assert bb.input_size == (32, 32) and not bb.dynamic_size
-    assert bb.describe()["batch"] == 1
+    assert bb.summary()["batch"] == 1
     x = _images(3, 32, seed=2)
     out = bb(x)
     assert out.shape == (3, 4, 30, 30)
@@ -333,7 +333,7 @@ def test_prepared_onnx_graph_is_reused_without_importing_onnx(exported, tmp_path
         f"bb = load_backbone(ExtractorConfig(onnx={str(path)!r}, input_spec=InputSpec(size=(64, 64))), 'cpu')\n"
         "x = np.random.default_rng(5).integers(0, 256, size=(2, 96, 64, 3), dtype=np.uint8)\n"
         "print(json.dumps({'onnx': 'onnx' in sys.modules, 'out': bb(x).ravel()[::97].tolist(),\n"
-        "                  'info': bb.describe()}))\n"
+        "                  'info': bb.summary()}))\n"
     )
     runs = [json.loads(subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                                       check=True, timeout=300).stdout) for _ in range(2)]

@@ -41,7 +41,7 @@ class ColourBackbone:
         x = images.astype(np.float32) / 255.0
         return np.concatenate([x.mean(axis=(1, 2)), x.std(axis=(1, 2)), np.ones((len(x), 1), np.float32)], axis=1)
 
-    def describe(self) -> dict:
+    def summary(self) -> dict:
         return {"kind": "fake"}
 
 

@@ -79,7 +79,7 @@ def test_quantized_cut_is_dequantized_with_the_producers_scale():
     images = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
     bb = load_backbone(ExtractorConfig(onnx=str(MOBILENET), onnx_output="391_quantized"), "cpu")
     got = bb(images)
-    assert got.dtype == np.float32 and got.shape == (2, 64, 14, 14) and bb.describe()["dequantized"]
+    assert got.dtype == np.float32 and got.shape == (2, 64, 14, 14) and bb.summary()["dequantized"]
 
     model = onnx.load(str(MOBILENET))
     raw = ort.InferenceSession(cut_onnx(model, "391_quantized", out_type=onnx.TensorProto.UINT8).SerializeToString(),

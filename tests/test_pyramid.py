@@ -56,7 +56,7 @@ def test_mode_is_offered_and_keyed_apart():
     # --roi-size sets the larger input of pyramid mode: another key, shown by `info`.
     sized = ExtractorConfig(patch_mode="pyramid", roi_size=448)
     assert sized.key() not in keys and sized.key() != ExtractorConfig(patch_mode="roi", roi_size=448).key()
-    assert sized.describe()["roi_size"] == 448 and "roi_size" not in ExtractorConfig().describe()
+    assert sized.summary()["roi_size"] == 448 and "roi_size" not in ExtractorConfig().summary()
 
 
 def test_scales_and_plan():

@@ -83,7 +83,7 @@ def test_int8_model_loads_with_onnx_and_agrees_with_float(int8_export, photos):
         return ex, np.concatenate([np.concatenate([d[k] for k in sorted(d)]) for d in out])
 
     ex, got = describe(ExtractorConfig(onnx=str(path), input_spec=spec))
-    d = ex.backbone.describe()
+    d = ex.backbone.summary()
     assert d["kind"] == "onnx" and d["output"] == "features" and not d["dequantized"]
     assert d["output_kind"] == "map" and d["output_shape"] == [256, 4, 4]
     _, ref = describe(ExtractorConfig(backbone="resnet18", weights="none", layer="layer3", input_spec=spec))

@@ -68,7 +68,7 @@ class Backbone:
             return self._forward(np.zeros((1, h, w, 3), np.uint8))[:0]
         return self._forward(images)
 
-    def describe(self) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
         raise NotImplementedError
 
     # -- helpers shared by both kinds -------------------------------------------------

@@ -115,8 +115,9 @@ class Extractor:
             self._key = self.config.key()
         return self._key
 
-    def describe(self) -> dict:
-        return {**self.config.to_dict(), "key": self.key, "backbone_info": self.backbone.describe()}
+    def summary(self) -> dict:
+        """The configuration, the store key of its descriptors and what the network is."""
+        return {**self.config.to_dict(), "key": self.key, "backbone_info": self.backbone.summary()}
 
     def extract(
         self, jobs: Iterable[Job], *, total: int | None = None, progress: bool = True, desc: str = "extract"

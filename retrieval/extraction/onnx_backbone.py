@@ -475,7 +475,7 @@ class OnnxBackbone(Backbone):
     def _forward(self, images: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(self._run_loop(self.session, self._prep(images), self.batch))
 
-    def describe(self) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
         return {
             "kind": "onnx",
             "file": self.path,

@@ -461,7 +461,7 @@ class TorchBackbone(Backbone):
             out = self.module(self.to_input(images))
             return np.ascontiguousarray(out.float().cpu().numpy(), dtype=np.float32)
 
-    def describe(self) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
         return {
             "kind": "torch",
             "backbone": self.config.backbone,
