@@ -287,6 +287,24 @@ class OnnxBackbone(Backbone):
 
     def _prepare(self, config: ExtractorConfig, ort) -> None:
         """Cut the graph, probe which dimensions may be dynamic, check the output."""
+        model, out_type = self._cut_source(config.onnx_output)
+        base = cut_onnx(model, self.tensor, out_type=out_type)
+        elem = self._read_input(base, config)
+        self._model, self.session, dyn_b, dyn_h = self._probe_dynamic(model, base, out_type, elem, ort)
+        self.batch = None if (dyn_b or self.declared_batch is None) else self.declared_batch
+        self.dynamic_size = bool(dyn_h) or self.declared_size is None
+        declared, size = self.declared_size, self.input_size
+        if not self.dynamic_size and declared is not None and size != declared:
+            raise ConfigError(
+                f"--input-spec size={size[0]}/{size[1]} but {self.path} only accepts "
+                f"{declared[0]}x{declared[1]} inputs"
+            )
+        self._read_output()
+
+    def _cut_source(self, output: str | None):
+        """The model as loaded, with a DequantizeLinear after a quantized `output`; sets
+        `output` (the asked tensor) and `tensor` (the one read). ConfigError naming close
+        tensor names when `output` is not in the graph."""
         import onnx
 
         try:
@@ -295,7 +313,7 @@ class OnnxBackbone(Backbone):
             raise ConfigError(f"--onnx {self.path}: not a readable ONNX model ({err})") from None
         g = model.graph
         produced = [o for n in g.node for o in n.output if o]
-        self.output = config.onnx_output or g.output[0].name
+        self.output = output or g.output[0].name
         if self.output not in set(produced):
             close = difflib.get_close_matches(self.output, produced, n=5)
             raise ConfigError(
@@ -305,12 +323,16 @@ class OnnxBackbone(Backbone):
                 f"some valid tensor names (last 15 of {len(produced)}): {', '.join(produced[-15:])}"
             )
         out_type = _tensor_type(model, self.output)
-        # The tensor actually read: a quantized one is read through a DequantizeLinear.
         self.tensor = self.output
         if out_type in _QUANTIZED:
             model, self.tensor = dequantize_at(model, self.output)
             out_type = onnx.TensorProto.FLOAT
-        base = cut_onnx(model, self.tensor, out_type=out_type)
+        return model, out_type
+
+    def _read_input(self, base, config: ExtractorConfig) -> int:
+        """The cut graph's one image input: its name, layout, declared size and batch, and
+        the effective input spec (dtype from the graph, size from the user or the graph);
+        returns the input's ONNX element type."""
         if len(base.graph.input) != 1 or len(base.graph.input[0].type.tensor_type.shape.dim) != 4:
             raise ConfigError(
                 f"--onnx {self.path}: the graph up to {self.output!r} needs "
@@ -326,54 +348,51 @@ class OnnxBackbone(Backbone):
         elem = vi.type.tensor_type.elem_type
         if elem not in _NP_DTYPES:
             raise ConfigError(f"--onnx {self.path}: input {self.input_name!r} has unsupported element type {elem}")
-        # effective input spec: dtype from the graph, size from the user or the graph
         user = config.input_spec
         size = tuple(user.size) if user.size else (declared or DEFAULT_SIZE)
         self.spec = replace(user, size=size, dtype=_NP_DTYPES[elem])
         self.input_size = size
         self.declared_size = declared
         self.declared_batch = _dim(dims[0])
+        return elem
 
-        # reference: the graph as declared
-        hw_fixed = declared is not None
-        probe_size = declared or size
+    def _probe_dynamic(self, model, base, out_type, elem: int, ort):
+        """(graph, session, dynamic batch, dynamic size): the freest cut whose outputs on
+        random probes equal the graph as declared, and whose spatial dimensions really
+        follow the input's (a graph can accept any size and still pin one inside)."""
+        declared_batch, probe_size = self.declared_batch, self.declared_size or self.input_size
         rng = np.random.default_rng(0)
         probe = rng.integers(0, 256, size=(2, probe_size[0], probe_size[1], 3), dtype=np.uint8)
         ref_sess = self._session(base, ort)
-        ref = self._run_loop(ref_sess, self._prep(probe), self.declared_batch)
-        tol = 1e-2 if elem == 10 else 1e-3
+        ref = self._run_loop(ref_sess, self._prep(probe), declared_batch)
+        tol = 1e-2 if elem == 10 else 1e-3  # float16 graphs
         tries = []
         for b, h in ((True, True), (False, True), (True, False)):
-            b = b and self.declared_batch is not None
-            h = h and hw_fixed
+            b = b and declared_batch is not None
+            h = h and self.declared_size is not None
             if (b or h) and (b, h) not in tries:
                 tries.append((b, h))
-        chosen = (base, ref_sess, False, False)
         for b, h in tries:
             try:
                 m = cut_onnx(model, self.tensor, b, h, out_type=out_type)
                 sess = self._session(m, ort)
-                got = self._run_loop(sess, self._prep(probe), None if b else self.declared_batch)
+                got = self._run_loop(sess, self._prep(probe), None if b else declared_batch)
                 if got.shape != ref.shape or rel_err(got, ref) > tol:
                     continue
                 if h:
                     bigger = (probe_size[0] + PROBE_EXTRA, probe_size[1] + PROBE_EXTRA)
                     img = rng.integers(0, 256, size=(1, bigger[0], bigger[1], 3), dtype=np.uint8)
-                    big = self._run_loop(sess, self._prep(img), None if b else self.declared_batch)
+                    big = self._run_loop(sess, self._prep(img), None if b else declared_batch)
                     if big.ndim == 4 and big.shape[2:] == ref.shape[2:] and ref.shape[2] > 1:
                         continue  # spatial dims ignored: something is pinned inside the graph
-                chosen = (m, sess, b, h)
-                break
-            except Exception:
+                return m, sess, b, h
+            except Exception:  # noqa: BLE001 - a cut ONNX Runtime refuses is simply not chosen
                 continue
-        self._model, self.session, dyn_b, dyn_h = chosen
-        self.batch = None if (dyn_b or self.declared_batch is None) else self.declared_batch
-        self.dynamic_size = bool(dyn_h) or declared is None
-        if not self.dynamic_size and declared is not None and size != declared:
-            raise ConfigError(
-                f"--input-spec size={size[0]}/{size[1]} but {self.path} only accepts "
-                f"{declared[0]}x{declared[1]} inputs"
-            )
+        return base, ref_sess, False, False
+
+    def _read_output(self) -> None:
+        """Run one image: the output must be a map [N, C, h, w] or a vector [N, C]."""
+        size = self.input_size
         out = self(np.zeros((1, size[0], size[1], 3), np.uint8))
         if out.ndim not in (2, 4):
             raise ConfigError(
