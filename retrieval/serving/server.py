@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi import Depends, FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
@@ -209,18 +209,11 @@ def create_app(
     @app.post("/api/query")
     async def query_upload(
         image: UploadFile | None = File(None),
-        k: str | None = Form(None),
-        aggregate: str | None = Form(None),
-        query_levels: str | None = Form(None),
         box: str | None = Form(None),
-        qe: str | None = Form(None),
-        dba: str | None = Form(None),
-        query_rotations: str | None = Form(None),
-        nprobe: str | None = Form(None),
+        options: SearchOptions = Depends(_form_options),
     ) -> dict:
         if image is None:
             raise HTTPException(400, "no query image: send it as the multipart file field 'image'")
-        options = _options(k, aggregate, query_levels, qe, dba, query_rotations, nprobe)
         data = await image.read()
         if len(data) > max_upload_bytes:
             raise UploadTooLarge(max_upload_bytes)
@@ -243,16 +236,9 @@ def create_app(
     @app.post("/api/query/{image_id}")
     async def query_indexed(
         image_id: str,
-        k: str | None = Form(None),
-        aggregate: str | None = Form(None),
-        query_levels: str | None = Form(None),
         box: str | None = Form(None),
-        qe: str | None = Form(None),
-        dba: str | None = Form(None),
-        query_rotations: str | None = Form(None),
-        nprobe: str | None = Form(None),
+        options: SearchOptions = Depends(_form_options),
     ) -> dict:
-        options = _options(k, aggregate, query_levels, qe, dba, query_rotations, nprobe)
         entry = await _entry(image_id)
         crop = _box(box, entry.width, entry.height)
         result = await worker.run(_search, entry.path, crop, options)
@@ -334,6 +320,19 @@ def _options(k: str | None = None, aggregate: str | None = None, query_levels: s
             low = 1 if name == "k" else 0
             raise HTTPException(400, f"{name} must be a whole number from {low} to {MAX_K} (got {given[name]})")
     return options
+
+
+def _form_options(
+    k: str | None = Form(None),
+    aggregate: str | None = Form(None),
+    query_levels: str | None = Form(None),
+    qe: str | None = Form(None),
+    dba: str | None = Form(None),
+    query_rotations: str | None = Form(None),
+    nprobe: str | None = Form(None),
+) -> SearchOptions:
+    """The query routes' optional form fields as one SearchOptions (a FastAPI dependency)."""
+    return _options(k, aggregate, query_levels, qe, dba, query_rotations, nprobe)
 
 
 def _whole_number(name: str, text: str) -> int:
