@@ -54,8 +54,8 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from retrieval.cli.app import add_rerank_args  # noqa: E402
 from retrieval.cli.args import (  # noqa: E402
+    add_rerank_args,
     add_extractor_args,
     extractor_config_from_args,
     parse_levels,

@@ -12,14 +12,14 @@ import os
 import sys
 import time
 
-from ..config import EXACT_LIMIT, QE_ALPHA, ConfigError, RuntimeConfig
+from ..config import EXACT_LIMIT, ConfigError, RuntimeConfig
 from .args import (
     add_extractor_args,
+    add_rerank_args,
     add_ray_arg,
     add_runtime_args,
     extractor_config_from_args,
     parse_levels,
-    parse_rotations,
     runtime_config_from_args,
     search_config_from_args,
     search_options_from_args,
@@ -182,33 +182,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest accepted query upload (default 20)")
     add_runtime_args(p)
     return parser
-
-
-def add_rerank_args(p: argparse.ArgumentParser) -> None:
-    """The re-ranking and rotation flags of `query` (also used by benchmarks/retrieval_map.py)."""
-    g = p.add_argument_group("re-ranking (off by default; benchmarks/results/reranking.md)")
-    g.add_argument("--qe", type=_non_negative, default=0, metavar="K",
-                   help="query expansion: also score the windows of the K best images as queries and "
-                   "average the distances with alpha-QE weights (default 0 = off)")
-    g.add_argument("--qe-alpha", type=float, default=QE_ALPHA, metavar="A",
-                   help=f"alpha-QE exponent: a hit at distance d weighs (1 - d^2/2)^A (default {QE_ALPHA:g})")
-    g.add_argument("--dba", type=_non_negative, default=0, metavar="K",
-                   help="database-side augmentation: average each image's distance with its K nearest "
-                   "neighbours' (computed by `retrieval dba`; default 0 = off)")
-    g.add_argument("--query-rotations", type=parse_rotations, default=None, metavar="R,...",
-                   help="describe the query turned by each of these angles (degrees counter-clockwise, "
-                   "from 0,90,180,270) and keep each image's smallest distance; hits say which rotation "
-                   "decided (default: the query as it is)")
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (got {text!r})")
-    return value
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from ..config import (
-    AGGREGATES, DEVICES, LEVELS, PATCH_MODES, POOLS, ConfigError, ExtractorConfig, InputSpec, RuntimeConfig,
-    SearchConfig, SearchOptionError, SearchOptions, levels_from_text, rotations_from_text,
+    AGGREGATES, DEVICES, LEVELS, PATCH_MODES, POOLS, QE_ALPHA, ConfigError, ExtractorConfig, InputSpec,
+    RuntimeConfig, SearchConfig, SearchOptionError, SearchOptions, levels_from_text, rotations_from_text,
 )
 
 
@@ -142,3 +142,30 @@ def search_options_from_args(args: argparse.Namespace) -> SearchOptions:
     except SearchOptionError as err:
         flag = _OPTION_FLAGS.get(err.field, "--" + err.field.replace("_", "-"))
         raise ConfigError(f"{flag} must be {err.allowed} (got {err.value!r})") from None
+
+
+def add_rerank_args(p: argparse.ArgumentParser) -> None:
+    """The re-ranking and rotation flags of `retrieval query` and benchmarks/retrieval_map.py."""
+    g = p.add_argument_group("re-ranking (off by default; benchmarks/results/reranking.md)")
+    g.add_argument("--qe", type=_non_negative, default=0, metavar="K",
+                   help="query expansion: also score the windows of the K best images as queries and "
+                   "average the distances with alpha-QE weights (default 0 = off)")
+    g.add_argument("--qe-alpha", type=float, default=QE_ALPHA, metavar="A",
+                   help=f"alpha-QE exponent: a hit at distance d weighs (1 - d^2/2)^A (default {QE_ALPHA:g})")
+    g.add_argument("--dba", type=_non_negative, default=0, metavar="K",
+                   help="database-side augmentation: average each image's distance with its K nearest "
+                   "neighbours' (computed by `retrieval dba`; default 0 = off)")
+    g.add_argument("--query-rotations", type=parse_rotations, default=None, metavar="R,...",
+                   help="describe the query turned by each of these angles (degrees counter-clockwise, "
+                   "from 0,90,180,270) and keep each image's smallest distance; hits say which rotation "
+                   "decided (default: the query as it is)")
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (got {text!r})")
+    return value
