@@ -100,7 +100,7 @@ def test_the_same_bad_value_gets_the_same_verdict_everywhere(ivf_index):
 
     from retrieval.serving.server import create_app
 
-    with TestClient(create_app(index)) as client:
+    with TestClient(create_app(index), base_url="http://127.0.0.1") as client:
         for field, verdict in verdicts.items():
             r = client.post("/api/query", files={"image": ("q.jpg", open(paths[0], "rb").read(), "image/jpeg")},
                             data={field: "0"})

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("fastapi", reason="fastapi is not installed (pip install 'retrieval[serve]')")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install 'retrieval[serve]')")
 
-from conftest import run_cli  # noqa: E402
+from conftest import make_scene, run_cli  # noqa: E402
 from serving import build_tiny_index, serve_process  # noqa: E402
 
 CHROMIUM = os.environ.get("RETRIEVAL_CHROMIUM") or next(
@@ -21,6 +21,7 @@ CHROMIUM = os.environ.get("RETRIEVAL_CHROMIUM") or next(
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="no Chromium found (apt-get install chromium, or set RETRIEVAL_CHROMIUM)")
 WAIT_MS = 60_000
+TOKEN = "page-token"
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +164,47 @@ def test_page_drag_on_the_query_searches_the_crop(page, server, tiny):
     page.dblclick(".query-shot .frame")
     page.wait_for_function("!document.querySelector('.query-shot .box.crop') && "
                            "document.getElementById('result').dataset.state === 'done'", timeout=WAIT_MS)
+
+
+def test_page_with_a_token_asks_once_and_shows_every_thumbnail(browser, tmp_path):
+    """`serve --token`: the page asks for the token once, its cookie then carries the
+    thumbnails; the header count follows an `add` made by another process."""
+    index, paths = build_tiny_index(tmp_path, 3)
+    extra = tmp_path / "images" / "extra.jpg"
+    make_scene(7).save(extra, quality=90)
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    asked = []
+    page.on("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept(TOKEN)))
+    try:
+        with serve_process(index, "--token", TOKEN) as url:
+            page.goto(url)
+            page.wait_for_function("document.getElementById('info').textContent.includes('3 images')", timeout=WAIT_MS)
+            assert run_cli("add", str(index), str(extra), "--quiet").returncode == 0
+            page.set_input_files("#file", str(paths[1]))
+            page.wait_for_selector('#result[data-state="done"]', timeout=WAIT_MS)
+            assert page.query_selector("figure.hit").get_attribute("data-path") == str(paths[1])
+            page.wait_for_function("[...document.images].every(i => i.complete && i.naturalWidth > 0)", timeout=WAIT_MS)
+            page.wait_for_function("document.getElementById('info').textContent.includes('4 images')", timeout=WAIT_MS)
+            assert len(asked) == 1 and "token" in asked[0]
+    finally:
+        context.close()
+
+
+def test_page_error_clears_old_hits_and_reranking_controls_work(page, server, tiny):
+    _, paths = tiny
+    page.goto(server)
+    page.set_input_files("#file", str(paths[0]))
+    page.wait_for_selector('#result[data-state="done"]', timeout=WAIT_MS)
+    page.fill("#rotations", "45")
+    page.press("#rotations", "Enter")
+    page.wait_for_selector('#result[data-state="error"]', state="attached", timeout=WAIT_MS)
+    assert "query_rotations" in page.inner_text("#status")
+    assert page.query_selector_all("figure.hit") == [] and not page.is_visible("#result")
+    # Query expansion and rotations from the page; more than the old cap of 100 hits is allowed.
+    assert page.get_attribute("#k", "max") == "1000"
+    page.fill("#rotations", "0,180")
+    page.fill("#qe", "1")
+    page.press("#rotations", "Enter")
+    page.wait_for_selector('#result[data-state="done"]', timeout=WAIT_MS)
+    assert page.query_selector("figure.hit").get_attribute("data-path") == str(paths[0])

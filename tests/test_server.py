@@ -21,6 +21,8 @@ from serving import build_tiny_index, http, http_json, multipart, serve_process 
 
 SPEC_HIT = {"rank", "path", "distance", "query_box", "db_box"}
 LIMIT = 200_000  # upload limit of the test app; the test images are ~10 KB
+# The served address: the TestClient's own "testserver" would fail the Host check.
+BASE = "http://127.0.0.1"
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(tiny):
-    with TestClient(create_app(tiny[0], max_upload_bytes=LIMIT)) as c:
+    with TestClient(create_app(tiny[0], max_upload_bytes=LIMIT), base_url=BASE) as c:
         yield c
 
 
@@ -142,11 +144,11 @@ def test_concurrent_uploads_are_described_together_with_the_hits_of_sequential_o
                  h["distance"]) for h in r.json()["results"][0]["hits"]]
 
     seq_index, _ = build_tiny_index(tmp_path / "sequential", 6)
-    with TestClient(create_app(seq_index, max_upload_bytes=LIMIT)) as c:
+    with TestClient(create_app(seq_index, max_upload_bytes=LIMIT), base_url=BASE) as c:
         sequential = [answer(_upload(c, q, name=q.name, **f)) for q, f in zip(queries, fields)]
 
     con_index, _ = build_tiny_index(tmp_path / "concurrent", 6)
-    with TestClient(create_app(con_index, max_upload_bytes=LIMIT)) as c:
+    with TestClient(create_app(con_index, max_upload_bytes=LIMIT), base_url=BASE) as c:
         worker = c.app.state.worker
         extractor = worker.index.extractor
         calls, extract = [], extractor.extract

@@ -180,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0 = any free port)")
     p.add_argument("--max-upload-mb", type=float, default=20, metavar="MB",
                    help="largest accepted query upload (default 20)")
+    p.add_argument("--token", metavar="TOKEN",
+                   help="every route but the page then needs 'Authorization: Bearer TOKEN' (the page asks "
+                   "for it once); default: the environment variable RETRIEVAL_TOKEN, else none")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host header is NAME (repeatable); others than the "
+                   "address served, localhost and loopback addresses get 400 (DNS rebinding defence)")
+    p.add_argument("--quiet", action="store_true", help="no access log (one line per request on stderr)")
     add_runtime_args(p)
     return parser
 
@@ -420,8 +427,12 @@ def _serve(args) -> int:
     except ImportError as err:
         raise ConfigError(f"retrieval serve needs the web extras ({err.name} is missing); "
                           "install them with: pip install 'retrieval[serve]'")
+    token = args.token if args.token is not None else os.environ.get("RETRIEVAL_TOKEN") or None
+    if token is not None and not token.strip():
+        raise ConfigError("--token must not be empty")
     serve(args.index, args.host, args.port, runtime=runtime_config_from_args(args),
-          max_upload_bytes=int(args.max_upload_mb * 2**20))
+          max_upload_bytes=int(args.max_upload_mb * 2**20), allow_hosts=tuple(args.allow_host),
+          token=token, quiet=args.quiet)
     return EXIT_OK
 
 

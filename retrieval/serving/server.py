@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import contextlib
+import errno
 import io
 import ipaddress
 import mimetypes
@@ -27,7 +28,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -37,6 +38,7 @@ from threadpoolctl import threadpool_limits
 
 from ..config import ConfigError, RuntimeConfig, SearchOptions, levels_from_text, rotations_from_text
 from ..extraction.images import ImageError, load_rgb
+from .guard import Guard, HostPolicy
 from .report import STATIC, cached_thumbnail
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -181,9 +183,16 @@ def create_app(
     *,
     runtime: RuntimeConfig | None = None,
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    host: str = "127.0.0.1",
+    allow_hosts: tuple[str, ...] = (),
+    token: str | None = None,
+    access_log: TextIO | None = None,
 ) -> FastAPI:
     """The FastAPI app serving the index at `index_dir` (opened now, closed on shutdown).
 
+    `host` is the address served and `allow_hosts` the other names a request's `Host`
+    header may give; `token`, when given, is needed by every route but the page (see
+    guard.py); `access_log` receives one line per request.
     Raises IndexUsageError when `index_dir` is not an index.
     """
     worker = IndexWorker(index_dir, runtime)
@@ -196,6 +205,9 @@ def create_app(
     app = FastAPI(title="retrieval", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = worker
     app.add_middleware(_BodyLimit, limit=max_upload_bytes + FORM_OVERHEAD)
+    # Added last, so outermost: a refused request never reaches the routes, and the log
+    # sees every answer, the body limit's included.
+    app.add_middleware(Guard, hosts=HostPolicy(host, allow_hosts), token=token, log=access_log)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -453,21 +465,31 @@ def serve(
     *,
     runtime: RuntimeConfig | None = None,
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    allow_hosts: tuple[str, ...] = (),
+    token: str | None = None,
+    quiet: bool = False,
 ) -> None:
     """Serve `index_dir` until interrupted (Ctrl-C or SIGTERM). Port 0 picks a free port.
 
-    The address actually listened on is printed on stderr once the index is loaded.
+    The address actually listened on is printed on stderr once the index is loaded, then
+    one access-log line per request unless `quiet`.
     """
     import uvicorn
 
-    if not is_loopback(host):
+    if not is_loopback(host) and token is None:
         print(
-            f"retrieval serve: warning: listening on {host}: anyone who can reach this machine can "
-            "search the index and download every indexed image; use --host 127.0.0.1 to stay local",
+            f"retrieval serve: warning: listening on {host} without a token: anyone who can reach this "
+            "machine can search the index and download every indexed image; set --token (or "
+            "RETRIEVAL_TOKEN), or use --host 127.0.0.1 to stay local",
             file=sys.stderr, flush=True,
         )
-    app = create_app(index_dir, runtime=runtime, max_upload_bytes=max_upload_bytes)
-    sock = _listen(host, port)
+    sock = _listen(host, port)  # before loading the index: a bad --host fails at once
+    try:
+        app = create_app(index_dir, runtime=runtime, max_upload_bytes=max_upload_bytes, host=host,
+                         allow_hosts=allow_hosts, token=token, access_log=None if quiet else sys.stderr)
+    except BaseException:
+        sock.close()
+        raise
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     print(f"retrieval serve: {index_dir} on http://{shown}:{bound}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
@@ -489,8 +511,16 @@ def _listen(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+    except socket.gaierror as err:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}: {err.strerror or err}; give --host an IP address or "
+                          "name of this machine (127.0.0.1: this machine only, 0.0.0.0: every interface)") from err
     except OSError as err:
         sock.close()
+        if err.errno == errno.EADDRNOTAVAIL:
+            raise ConfigError(f"cannot listen on {host}: no network interface of this machine has that "
+                              "address; give --host one of its own addresses (127.0.0.1: this machine "
+                              "only, 0.0.0.0: every interface)") from err
         raise OSError(
             f"cannot listen on {host}:{port}: {err.strerror or err}; choose another --port (0 = any free port)"
         ) from err

@@ -35,8 +35,33 @@ function describeIndex(info) {
   return `${info.images} images, ${info.patches} windows, ${net}, ${ext.patch_mode} levels ${levels}, ${info.index_type}`;
 }
 
+// A server started with --token answers 401 until the page proves the token once: it then
+// sets an HttpOnly cookie, which every later request (the <img> thumbnails included) carries.
+let proving = null;
+
+async function proveToken() {
+  let note = "This server needs its access token (retrieval serve --token).";
+  for (;;) {
+    const token = window.prompt(note);
+    if (token === null) throw new Error("no token given; reload the page to enter it");
+    const r = await fetch("/api/session", {method: "POST", headers: {Authorization: `Bearer ${token.trim()}`}});
+    if (r.ok) return;
+    note = "That token was refused; enter the token the server was started with.";
+  }
+}
+
+async function api(url, init = {}) {
+  let r = await fetch(url, init);
+  if (r.status === 401) {
+    proving = proving || proveToken().finally(() => { proving = null; });
+    await proving;
+    r = await fetch(url, init);
+  }
+  return r;
+}
+
 async function loadInfo() {
-  const r = await fetch("/api/info");
+  const r = await api("/api/info");
   const info = await r.json();
   $("info").textContent = describeIndex(info);
   $("info").title = info.path || "";
@@ -47,6 +72,9 @@ function options() {
   form.append("k", $("k").value || "10");
   if ($("aggregate").value) form.append("aggregate", $("aggregate").value);
   if ($("levels").value.trim()) form.append("query_levels", $("levels").value.trim());
+  if ($("qe").value) form.append("qe", $("qe").value);
+  if ($("dba").value) form.append("dba", $("dba").value);
+  if ($("rotations").value.trim()) form.append("query_rotations", $("rotations").value.trim());
   if (current && current.box) form.append("box", current.box.join(","));
   return form;
 }
@@ -64,9 +92,12 @@ async function search() {
   status("searching…");
   $("result").dataset.state = "searching";
   const start = performance.now();
-  const r = await fetch(url, {method: "POST", body: form});
+  const r = await api(url, {method: "POST", body: form});
   const body = await r.json().catch(() => ({detail: `HTTP ${r.status}`}));
   if (!r.ok) {
+    // The hits of an earlier query must not read as the answer to this one.
+    $("hits").replaceChildren();
+    $("result").hidden = true;
     $("result").dataset.state = "error";
     status(`${r.status}: ${body.detail}`, true);
     return;
@@ -75,6 +106,8 @@ async function search() {
   render(result, src);
   status(`${result.hits.length} hits in ${Math.round(performance.now() - start)} ms` +
          (current.box ? " (crop: double-click the query to clear it)" : ""));
+  // Another process may have added or removed images since the page loaded.
+  loadInfo().catch(() => {});
 }
 
 function render(result, src) {
@@ -170,7 +203,7 @@ async function searchIndexed(text) {
   if (!text) { status("type the path of an indexed image (as the hits show it) or its id", true); return; }
   let id = text;
   if (!/^\d+$/.test(text)) {
-    const r = await fetch(`/api/lookup?path=${encodeURIComponent(text)}`);
+    const r = await api(`/api/lookup?path=${encodeURIComponent(text)}`);
     const body = await r.json();
     if (!r.ok) { status(body.detail, true); return; }
     id = body.id;
