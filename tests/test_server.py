@@ -314,3 +314,58 @@ def test_serve_process_over_http(tiny, store_env):
         body, ctype = multipart({}, {"image": ("x.jpg", b"not an image")})
         status, err = http_json(url + "api/query", body=body, content_type=ctype)
         assert status == 400 and "not an image" in err["detail"]
+
+
+def test_upload_above_the_pixel_cap_is_413_before_decoding(tiny, private_tmp, monkeypatch):
+    """Issue 23 row 7: the header's size decides; nothing is decoded (a refused upload never
+    reaches the decoder)."""
+    import retrieval.serving.server as server
+
+    _, paths, _ = tiny
+    decoded = []
+    monkeypatch.setattr(server, "_shrink", lambda *a: decoded.append(a))
+    with TestClient(create_app(tiny[0], max_upload_pixels=10_000), base_url=BASE) as small:
+        r = _upload(small, paths[0])
+    assert r.status_code == 413, r.text
+    assert "160x120" in r.json()["detail"] and "0.01 megapixel limit" in r.json()["detail"]
+    assert "--max-upload-mpx" in r.json()["detail"]
+    assert decoded == [] and list(private_tmp.iterdir()) == []
+
+
+def test_large_upload_is_queried_decoded_smaller_with_boxes_in_its_own_pixels(client, tiny, private_tmp, monkeypatch):
+    """An upload above UPLOAD_SIDE is decoded at a reduced scale (here 160 px wide at a side
+    of 50: the JPEG's DCT scale 1/2, as 1/4 would be under 50); its hits are still found and its boxes are given in the pixels
+    of the image as uploaded."""
+    import retrieval.serving.server as server
+
+    _, paths, _ = tiny
+    monkeypatch.setattr(server, "UPLOAD_SIDE", 50)
+    read = []
+    shrink = server._shrink
+    monkeypatch.setattr(server, "_shrink", lambda *a: read.append(shrink(*a)) or read[-1])
+    r = _upload(client, paths[2], box="8,6,152,114")
+    assert r.status_code == 200, r.text
+    result = r.json()["results"][0]
+    assert read == [(80, 60)]
+    assert (result["width"], result["height"]) == (160, 120)
+    assert result["hits"][0]["path"] == str(paths[2])
+    boxes = np.array([h["query_box"] for h in result["hits"]])
+    assert boxes[:, 2].max() > 80 and (boxes[:, 0] >= 8 - 3).all() and (boxes[:, 2] <= 152 + 3).all()
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_load_rgb_max_side_uses_the_jpeg_scale_and_upright_size(tmp_path):
+    from retrieval.extraction.images import load_rgb, upright_size
+
+    jpeg = tmp_path / "wide.jpg"
+    Image.effect_noise((1000, 400), 40).convert("RGB").save(jpeg, quality=90)
+    assert load_rgb(jpeg, max_side=200).size == (250, 100)  # DCT scale 1/4: 250 in [200, 400)
+    assert load_rgb(jpeg).size == (1000, 400) and load_rgb(jpeg, max_side=1000).size == (1000, 400)
+    png = tmp_path / "wide.png"
+    Image.effect_noise((1000, 400), 40).convert("RGB").save(png)
+    assert load_rgb(png, max_side=300).size == (334, 134)  # reduced by 3
+    turned = tmp_path / "turned.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    Image.new("RGB", (300, 200)).save(turned, exif=exif)
+    assert upright_size(turned) == (200, 300) == load_rgb(turned).size

@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0 = any free port)")
     p.add_argument("--max-upload-mb", type=float, default=20, metavar="MB",
                    help="largest accepted query upload (default 20)")
+    p.add_argument("--max-upload-mpx", type=float, default=50, metavar="MPX",
+                   help="most megapixels in a query upload, read from its header before decoding "
+                   "(default 50; 413 above)")
     p.add_argument("--token", metavar="TOKEN",
                    help="every route but the page then needs 'Authorization: Bearer TOKEN' (the page asks "
                    "for it once); default: the environment variable RETRIEVAL_TOKEN, else none")
@@ -422,6 +425,8 @@ def _serve(args) -> int:
         raise ConfigError(f"--port must be from 0 to 65535 (got {args.port})")
     if args.max_upload_mb <= 0:
         raise ConfigError("--max-upload-mb must be > 0")
+    if args.max_upload_mpx <= 0:
+        raise ConfigError("--max-upload-mpx must be > 0")
     try:
         from ..serving.server import serve
     except ImportError as err:
@@ -431,7 +436,8 @@ def _serve(args) -> int:
     if token is not None and not token.strip():
         raise ConfigError("--token must not be empty")
     serve(args.index, args.host, args.port, runtime=runtime_config_from_args(args),
-          max_upload_bytes=int(args.max_upload_mb * 2**20), allow_hosts=tuple(args.allow_host),
+          max_upload_bytes=int(args.max_upload_mb * 2**20), max_upload_pixels=int(args.max_upload_mpx * 1e6),
+          allow_hosts=tuple(args.allow_host),
           token=token, quiet=args.quiet)
     return EXIT_OK
 

@@ -1,10 +1,11 @@
 """Reading images and input lists, with a reason for everything that cannot be read."""
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -20,12 +21,39 @@ class ImageError(Exception):
     """An input that cannot be used; `str(err)` is the reason shown to the user."""
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode `path` fully into an RGB image, upright per its EXIF orientation.
+# EXIF orientations that turn the image a quarter: its upright width is its stored height.
+_QUARTER_TURNS = {5, 6, 7, 8}
+
+
+def load_rgb(path: str | Path, max_side: int | None = None) -> Image.Image:
+    """Decode `path` into an RGB image, upright per its EXIF orientation.
 
     Grayscale, palette, CMYK, RGBA (composited on white) and 16-bit images are
-    converted. Raises ImageError with a reason for anything unusable.
+    converted. With `max_side`, an image whose long side is above it is decoded smaller,
+    its long side from `max_side` to under twice that: a JPEG at the DCT scale (1/2, 1/4
+    or 1/8) that gets there, so the full image is never held; another format reduced by a
+    whole factor once decoded. Raises ImageError with a reason for anything unusable.
     """
+    with _opened(path) as img:
+        if max_side is not None and max(img.size) > max_side:
+            img.draft(img.mode, (img.width * max_side // max(img.size), img.height * max_side // max(img.size)))
+        img.load()
+        if max_side is not None and max(img.size) >= 2 * max_side:
+            img = img.reduce(max(img.size) // max_side)
+        return _to_rgb(ImageOps.exif_transpose(img))
+
+
+def upright_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of the image at `path` as `load_rgb` turns it upright, read from its
+    header alone (nothing decoded). Raises ImageError as `load_rgb` does for what it can see."""
+    with _opened(path) as img:
+        turned = img.getexif().get(0x0112) in _QUARTER_TURNS
+        return (img.height, img.width) if turned else img.size
+
+
+@contextlib.contextmanager
+def _opened(path: str | Path) -> Iterator[Image.Image]:
+    """The image at `path` opened (its header read), every failure an ImageError with a reason."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -43,9 +71,7 @@ def load_rgb(path: str | Path) -> Image.Image:
                     raise ImageError(
                         f"decompression bomb: {img.width}x{img.height} exceeds {MAX_PIXELS} pixels"
                     )
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                return _to_rgb(img)
+                yield img
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:

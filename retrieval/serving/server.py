@@ -37,11 +37,20 @@ from starlette.concurrency import run_in_threadpool
 from threadpoolctl import threadpool_limits
 
 from ..config import ConfigError, RuntimeConfig, SearchOptions, levels_from_text, rotations_from_text
-from ..extraction.images import ImageError, load_rgb
+from ..extraction.images import ImageError, load_rgb, upright_size
 from .guard import Guard, HostPolicy
 from .report import STATIC, cached_thumbnail
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+# Checked from the image header before anything is decoded: a 20 MB JPEG can hold 9400 x
+# 9400 pixels, 265 MB once decoded (benchmarks/results/serve.md).
+MAX_UPLOAD_PIXELS = 50_000_000
+# A larger upload is decoded at a reduced scale (a JPEG straight from its DCT, never whole)
+# to a long side from UPLOAD_SIDE to twice that, and queried so: the network sees each
+# window at a few hundred pixels, far fewer than this, whatever the image's size.
+UPLOAD_SIDE = 4096
+# Uploads decoded at once, each at most (2 * UPLOAD_SIDE)^2 RGB pixels while it is.
+DECODES_AT_ONCE = 2
 MAX_K = 1000
 # Multipart framing and the small form fields around the image.
 FORM_OVERHEAD = 64 * 1024
@@ -51,6 +60,18 @@ GATHER_S = 0.005
 BATCH_LOG = 1000
 # Formats every browser shows as they are; anything else is served converted to PNG.
 BROWSER_FORMATS = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"}
+
+
+class TooManyPixels(HTTPException):
+    """Raised when an upload's header gives more pixels than the server's limit."""
+
+    def __init__(self, name: str, width: int, height: int, limit: int) -> None:
+        super().__init__(
+            413,
+            f"{name} is {width}x{height} = {width * height / 1e6:.1f} megapixels, above the "
+            f"{limit / 1e6:g} megapixel limit; send a smaller image or start the server with a "
+            "larger --max-upload-mpx",
+        )
 
 
 class UploadTooLarge(HTTPException):
@@ -183,6 +204,7 @@ def create_app(
     *,
     runtime: RuntimeConfig | None = None,
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    max_upload_pixels: int = MAX_UPLOAD_PIXELS,
     host: str = "127.0.0.1",
     allow_hosts: tuple[str, ...] = (),
     token: str | None = None,
@@ -196,6 +218,7 @@ def create_app(
     Raises IndexUsageError when `index_dir` is not an index.
     """
     worker = IndexWorker(index_dir, runtime)
+    decode_slots = asyncio.Semaphore(DECODES_AT_ONCE)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -235,13 +258,24 @@ def create_app(
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
             try:
-                width, height = await run_in_threadpool(_decoded_size, tmp)
+                width, height = await run_in_threadpool(upright_size, tmp)
+                if width * height > max_upload_pixels:
+                    raise TooManyPixels(name, width, height, max_upload_pixels)
+                crop = _box(box, width, height)
+                async with decode_slots:
+                    queried = await run_in_threadpool(_shrink, tmp, UPLOAD_SIDE, (width, height))
             except ImageError as err:
                 raise HTTPException(400, f"{name}: {err}; upload a JPEG, PNG, WebP, BMP, GIF or TIFF image") from None
-            crop = _box(box, width, height)
+            sx, sy = width / queried[0], height / queried[1]
+            if crop is not None:
+                crop = (crop[0] / sx, crop[1] / sy, crop[2] / sx, crop[3] / sy)
             result = await worker.search_upload(tmp, crop, options)
         finally:
             os.unlink(tmp)
+        if (sx, sy) != (1, 1):  # boxes back in pixels of the image as uploaded
+            for hit in result["hits"]:
+                x0, y0, x1, y1 = hit["query_box"]
+                hit["query_box"] = [x0 * sx, y0 * sy, x1 * sx, y1 * sy]
         result.update(query=name, width=width, height=height)
         return {"results": [result]}
 
@@ -371,8 +405,14 @@ def _box(text: str | None, width: int, height: int) -> tuple[float, float, float
     return (x0, y0, x1, y1)
 
 
-def _decoded_size(path: str) -> tuple[int, int]:
-    return load_rgb(path).size
+def _shrink(path: str, side: int, full: tuple[int, int]) -> tuple[int, int]:
+    """Decode the upload at `path`, `full` pixels upright (ImageError if it cannot be); one
+    larger than `side` is written back there decoded smaller (`load_rgb`'s max_side), for
+    the query to read instead. Returns the size of the image the query will read."""
+    img = load_rgb(path, max_side=side)
+    if img.size != full:
+        img.save(path, "PNG", compress_level=1)
+    return img.size
 
 
 def _png(path: str) -> bytes:
@@ -465,6 +505,7 @@ def serve(
     *,
     runtime: RuntimeConfig | None = None,
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    max_upload_pixels: int = MAX_UPLOAD_PIXELS,
     allow_hosts: tuple[str, ...] = (),
     token: str | None = None,
     quiet: bool = False,
@@ -485,7 +526,8 @@ def serve(
         )
     sock = _listen(host, port)  # before loading the index: a bad --host fails at once
     try:
-        app = create_app(index_dir, runtime=runtime, max_upload_bytes=max_upload_bytes, host=host,
+        app = create_app(index_dir, runtime=runtime, max_upload_bytes=max_upload_bytes,
+                         max_upload_pixels=max_upload_pixels, host=host,
                          allow_hosts=allow_hosts, token=token, access_log=None if quiet else sys.stderr)
     except BaseException:
         sock.close()
