@@ -249,6 +249,19 @@ def test_three_shards_return_the_unsharded_top_k_in_threads(sharded_pair):
         assert len(shards.search(queries, k=None)[0].hits) == 34
 
 
+def test_rotations_over_shards_give_the_unsharded_hits(sharded_pair):
+    """Issue 23 row 18: each shard keeps an image's smallest distance over the rotations,
+    so the merged top k is the unsharded one, each hit with the same deciding rotation."""
+    whole, sharded, queries = sharded_pair
+    with Index.open(whole) as idx, ShardedIndex.open(sharded) as shards:
+        for k in (3, None):
+            want = idx.search(queries[:6], k=k, query_rotations=(0, 90, 180))
+            got = shards.search(queries[:6], k=k, query_rotations=(0, 90, 180))
+            assert _top(got) == _top(want)
+            assert [[h.rotation for h in r.hits] for r in got] == [[h.rotation for h in r.hits] for r in want]
+            assert {h.rotation for r in got for h in r.hits} > {0}
+
+
 def test_shards_with_another_whitening_and_changes_to_shards_are_refused(sharded_pair, tmp_path):
     _, sharded, _ = sharded_pair
     from retrieval.engine.index import IndexUsageError

@@ -68,3 +68,19 @@ def test_save_load_round_trip(tmp_path):
     (tmp_path / "w.npz").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="w.npz"):
         PCAWhitening.load(tmp_path / "w.npz")
+
+
+@pytest.mark.parametrize("n, d", [(30, 40), (500, 40), (100, 300)])
+def test_shrinkage_estimated_from_the_data_is_sklearns(n, d):
+    """Issue 23 row 19: "ledoit-wolf" and "oas", computed from the streamed sums, give
+    sklearn.covariance's values on the L2-normalized windows."""
+    covariance = pytest.importorskip("sklearn.covariance", reason="scikit-learn is not installed")
+    x = _data(n=n, d=d, seed=n + d).astype(np.float64)
+    unit = l2_normalize(x).astype(np.float64)
+    streamed = PCAWhitening(16, shrinkage="ledoit-wolf").fit_chunks([x[: n // 3], x[n // 3:]])
+    assert streamed.shrinkage_ == pytest.approx(covariance.ledoit_wolf_shrinkage(unit), rel=1e-6)
+    oas = PCAWhitening(16, shrinkage="oas").fit(x)
+    assert oas.shrinkage_ == pytest.approx(covariance.OAS().fit(unit).shrinkage_, rel=1e-6)
+    assert PCAWhitening(16).fit(x).shrinkage_ == pytest.approx(min(1, 4 * d / n))
+    with pytest.raises(ValueError, match="ledoit-wolf"):
+        PCAWhitening(16, shrinkage="median").fit(x)

@@ -40,7 +40,7 @@ from .index import Index, IndexUsageError
 from .manifest import Entry, Manifest
 from .meta import write_meta
 from .query import K_NOT_GIVEN, QueryResult, answer_queries
-from .search import Ranking, merge_rankings, rank
+from .search import Ranking, merge_rankings, rank_descriptions
 from .segments import write_segment
 from .snapshot import State, View, publish
 from .whitening import PCAWhitening
@@ -163,13 +163,14 @@ class _ShardSearcher:
     def warm(self, wait: bool) -> int:
         return self.index.warm(wait)
 
-    def search(self, queries: list[np.ndarray], options: SearchOptions) -> list[tuple[Ranking, dict[int, Entry]]]:
-        """Per query (whitened vectors): this shard's ranking and the manifest entries of
-        its images that still exist."""
+    def search(self, queries: list[list[np.ndarray]], options: SearchOptions) -> list[tuple[Ranking, dict[int, Entry]]]:
+        """Per query (its descriptions, e.g. one per rotation, as whitened vectors): this
+        shard's ranking, each image at its smallest distance over the descriptions, and
+        the manifest entries of its images that still exist."""
         view = self.index.view()
         out = []
-        for q in queries:
-            r = rank(q, view, options)
+        for descriptions in queries:
+            r = rank_descriptions(descriptions, view, options)
             out.append((r, self.index.manifest.get_many(r.ids.tolist())))
         return out
 
@@ -286,18 +287,18 @@ class ShardedIndex:
     ) -> list[QueryResult]:
         """`Index.search` over every shard: the same arguments and result; each shard
         returns its own top k and the driver keeps the k nearest overall. `exact_limit`
-        applies per shard. Query expansion, database-side augmentation and rotations need
+        applies per shard. With rotations each shard keeps an image's smallest distance
+        over them, as one index does. Query expansion and database-side augmentation need
         the whole collection's ranking and are not offered over shards yet: asking for
         them is an IndexUsageError."""
         options = self._front.search_options(k, options, keywords)
-        asked = [flag for flag, on in (("--qe", options.qe), ("--dba", options.dba),
-                                       ("--query-rotations", options.query_rotations)) if on]
+        asked = [flag for flag, on in (("--qe", options.qe), ("--dba", options.dba)) if on]
         if asked:
             raise IndexUsageError(f"{', '.join(asked)}: not available on a sharded index yet; "
                                   "query the unsplit index for these options")
 
         def rank_on_shards(described: list[list[np.ndarray]]) -> list:
-            per_shard = self._each("search", [descriptions[0] for descriptions in described], options)
+            per_shard = self._each("search", described, options)
             out = []
             for n in range(len(described)):
                 parts = [shard[n] for shard in per_shard]
