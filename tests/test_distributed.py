@@ -262,6 +262,30 @@ def test_rotations_over_shards_give_the_unsharded_hits(sharded_pair):
             assert {h.rotation for r in got for h in r.hits} > {0}
 
 
+def test_serve_on_a_sharded_directory_answers_as_the_unsharded_index(sharded_pair):
+    """Issue 23 row 18: `retrieval serve SHARDED_DIR`: info, lookup, an indexed query, an
+    upload with rotations and a thumbnail, each as the server of the unsharded index has them."""
+    pytest.importorskip("fastapi", reason="fastapi is not installed (pip install 'retrieval[serve]')")
+    pytest.importorskip("multipart", reason="python-multipart is not installed (pip install 'retrieval[serve]')")
+    from fastapi.testclient import TestClient
+
+    from retrieval.serving.server import create_app
+
+    whole, sharded, queries = sharded_pair
+    answers = []
+    for index in (whole, sharded):
+        with TestClient(create_app(index), base_url="http://127.0.0.1") as client:
+            info = client.get("/api/info").json()
+            found = client.get("/api/lookup", params={"path": queries[4]}).json()
+            by_id = client.post(f"/api/query/{found['id']}", data={"k": "5"}).json()
+            upload = client.post("/api/query", files={"image": ("q.jpg", open(queries[-1], "rb").read(), "image/jpeg")},
+                                 data={"k": "5", "query_rotations": "0,90"}).json()
+            thumb = client.get(f"/api/images/{found['id']}/thumb")
+            answers.append((info["images"], found, by_id, upload, thumb.status_code, thumb.content))
+    assert answers[0][0] == 34 and answers[1] == answers[0]
+    assert answers[1][2]["results"][0]["hits"][0]["path"] == queries[4]
+
+
 def test_shards_with_another_whitening_and_changes_to_shards_are_refused(sharded_pair, tmp_path):
     _, sharded, _ = sharded_pair
     from retrieval.engine.index import IndexUsageError

@@ -562,6 +562,10 @@ class Index:
         """The indexed image with manifest id `image_id` (path, digest, size), or None."""
         return self.manifest.get(image_id)
 
+    def by_path(self, path: str) -> Entry | None:
+        """The indexed image at `path` (compared as a string; the file is not read), or None."""
+        return self.manifest.by_path(path)
+
     def info(self) -> dict:
         """Counts and configuration, as `retrieval info --json` prints them."""
         return index_info(

@@ -160,6 +160,12 @@ class _ShardSearcher:
     def info(self) -> dict:
         return self.index.info()
 
+    def entry(self, image_id: int) -> Entry | None:
+        return self.index.entry(image_id)
+
+    def by_path(self, path: str) -> Entry | None:
+        return self.index.by_path(path)
+
     def warm(self, wait: bool) -> int:
         return self.index.warm(wait)
 
@@ -265,6 +271,28 @@ class ShardedIndex:
                     "shards would not be comparable; make the shards with `retrieval split`"
                 )
         return mine
+
+    @property
+    def extractor(self):
+        """The network that describes the queries (the first shard's; every shard has its configuration)."""
+        return self._front.extractor
+
+    @property
+    def store(self):
+        """The feature store the queries' descriptors are kept in."""
+        return self._front.store
+
+    @property
+    def search_config(self):
+        return self._front.search_config
+
+    def entry(self, image_id: int) -> Entry | None:
+        """The indexed image with manifest id `image_id`, from the shard that holds it, or None."""
+        return next((e for e in self._each("entry", image_id) if e is not None), None)
+
+    def by_path(self, path: str) -> Entry | None:
+        """The indexed image at `path` (compared as a string), from the shard that holds it, or None."""
+        return next((e for e in self._each("by_path", path) if e is not None), None)
 
     def warm(self, wait: bool = False) -> int:
         """`Index.warm` on every shard, where it is served (each actor's node reads its own

@@ -148,9 +148,9 @@ class IndexWorker:
 
     @staticmethod
     def _open(index_dir: str | Path, runtime: RuntimeConfig | None):
-        from ..engine.index import Index
+        from ..engine.sharded import open_index
 
-        idx = Index.open(index_dir, runtime=runtime)
+        idx = open_index(index_dir, runtime=runtime)  # a split index's shards are searched in threads
         try:
             idx.extractor.load()  # the first query should not pay for loading the network
             idx.warm()  # ... nor for loading the published vectors, FAISS, or cold disk pages
@@ -294,7 +294,7 @@ def create_app(
     @app.get("/api/lookup")
     async def lookup(path: str) -> dict:
         # Compared with the manifest's paths as a string; the file itself is never touched.
-        entry = await worker.run(lambda idx: idx.manifest.by_path(path))
+        entry = await worker.run(lambda idx: idx.by_path(path))
         if entry is None:
             raise HTTPException(404, f"{path} is not in the index; paste the path exactly as the hits show it")
         return {"id": entry.id, "path": entry.path, "width": entry.width, "height": entry.height}
