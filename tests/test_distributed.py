@@ -262,6 +262,17 @@ def test_rotations_over_shards_give_the_unsharded_hits(sharded_pair):
             assert {h.rotation for r in got for h in r.hits} > {0}
 
 
+def test_query_expansion_over_shards_gives_the_unsharded_hits(sharded_pair):
+    """Issue 23 row 18: the qe nearest images found over every shard, then every shard
+    scored against the query and their windows: the unsharded index's hits (exact mode)."""
+    whole, sharded, queries = sharded_pair
+    with Index.open(whole) as idx, ShardedIndex.open(sharded) as shards:
+        for k, more in ((3, {}), (None, {}), (5, {"query_rotations": (0, 90)})):
+            want = idx.search(queries, k=k, qe=2, **more)
+            assert _top(shards.search(queries, k=k, qe=2, **more)) == _top(want)
+            assert _top(want) != _top(idx.search(queries, k=k, **more))  # expansion changed something
+
+
 def test_serve_on_a_sharded_directory_answers_as_the_unsharded_index(sharded_pair):
     """Issue 23 row 18: `retrieval serve SHARDED_DIR`: info, lookup, an indexed query, an
     upload with rotations and a thumbnail, each as the server of the unsharded index has them."""
@@ -301,8 +312,8 @@ def test_shards_with_another_whitening_and_changes_to_shards_are_refused(sharded
     query = sharded_pair[2][0]
     out = run_cli("query", str(sharded), query, "-k", "3", "--json")
     assert out.returncode == 0 and json.loads(out.stdout)["results"][0]["hits"][0]["path"] == query
-    out = run_cli("query", str(sharded), query, "--qe", "3")
-    assert out.returncode == 2 and "--qe: not available on a sharded index" in out.stderr
+    out = run_cli("query", str(sharded), query, "--dba", "3")
+    assert out.returncode == 2 and "--dba: not available on a sharded index" in out.stderr
 
 
 @needs_ray

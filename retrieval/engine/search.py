@@ -183,8 +183,24 @@ def rank_reranked(queries: list[np.ndarray], view: View, options: SearchOptions,
             pool = wider
             scored = _augmented_distances(queries, view, pool, options, neighbours)
     dist = _expanded_distances(scored, expanded, hit_distances, view, pool, options, neighbours)
+    return _final(scored, dist, options.k)
+
+
+def rank_expanded(queries: list[np.ndarray], view: View, options: SearchOptions, expanded: list[np.ndarray],
+                  hit_distances: np.ndarray) -> Ranking:
+    """Query expansion's ranking of every image of `view`, the expanded hits found
+    elsewhere (e.g. over several shards: their windows `expanded` and their distances to
+    the query `hit_distances`): `rank_reranked`'s last step without database-side
+    augmentation, every image scored exactly."""
+    scored = nearest_description_distances(queries, view, None, _aggregate(options))
+    dist = _expanded_distances(scored, expanded, hit_distances, view, None, options, None)
+    return _final(scored, dist, options.k)
+
+
+def _final(scored: Ranking, dist: np.ndarray, k: int | None) -> Ranking:
+    """The k nearest of `scored`'s images at their re-ranked distances `dist`."""
     final = Ranking(scored.ids, dist, scored.query_patch, scored.db_patch, scored.query)
-    return final.take(top_k(dist, scored.ids, options.k))
+    return final.take(top_k(dist, scored.ids, k))
 
 
 def _widened(pool: np.ndarray, neighbours: Neighbours | None, dba: int) -> np.ndarray:

@@ -40,7 +40,7 @@ from .index import Index, IndexUsageError
 from .manifest import Entry, Manifest
 from .meta import write_meta
 from .query import K_NOT_GIVEN, QueryResult, answer_queries
-from .search import Ranking, merge_rankings, rank_descriptions
+from .search import Ranking, merge_rankings, rank_descriptions, rank_expanded
 from .segments import write_segment
 from .snapshot import State, View, publish
 from .whitening import PCAWhitening
@@ -162,6 +162,23 @@ class _ShardSearcher:
 
     def entry(self, image_id: int) -> Entry | None:
         return self.index.entry(image_id)
+
+    def windows(self, image_ids: list[int], rows: np.ndarray | None) -> dict[int, np.ndarray]:
+        """The window vectors (only `rows`) of those of `image_ids` this shard holds."""
+        view = self.index.view()
+        held = set(_published_ids(view).tolist())
+        return {i: view.windows(i, rows) for i in image_ids if i in held}
+
+    def expanded(self, queries: list[list[np.ndarray]], options: SearchOptions,
+                 hits: list[tuple[list[np.ndarray], np.ndarray]]) -> list[tuple[Ranking, dict[int, Entry]]]:
+        """`search` with query expansion, the expanded hits (windows, distances) of each
+        query found over every shard."""
+        view = self.index.view()
+        out = []
+        for descriptions, (expanded, distances) in zip(queries, hits):
+            r = rank_expanded(descriptions, view, options, expanded, distances)
+            out.append((r, self.index.manifest.get_many(r.ids.tolist())))
+        return out
 
     def by_path(self, path: str) -> Entry | None:
         return self.index.by_path(path)
@@ -316,23 +333,33 @@ class ShardedIndex:
         """`Index.search` over every shard: the same arguments and result; each shard
         returns its own top k and the driver keeps the k nearest overall. `exact_limit`
         applies per shard. With rotations each shard keeps an image's smallest distance
-        over them, as one index does. Query expansion and database-side augmentation need
-        the whole collection's ranking and are not offered over shards yet: asking for
-        them is an IndexUsageError."""
+        over them, as one index does. Query expansion finds the `qe` nearest images over
+        every shard first, then each shard scores all its images exactly against the query
+        and their windows (the unsharded index's hits when it too searches exactly).
+        Database-side augmentation needs every image's neighbours' distances, across
+        shards, and is not offered over shards yet: asking for it is an IndexUsageError."""
         options = self._front.search_options(k, options, keywords)
-        asked = [flag for flag, on in (("--qe", options.qe), ("--dba", options.dba)) if on]
-        if asked:
-            raise IndexUsageError(f"{', '.join(asked)}: not available on a sharded index yet; "
-                                  "query the unsplit index for these options")
+        if options.dba:
+            raise IndexUsageError("--dba: not available on a sharded index yet; query the unsplit index for it")
 
-        def rank_on_shards(described: list[list[np.ndarray]]) -> list:
-            per_shard = self._each("search", described, options)
+        def merged(per_shard: list, k: int | None) -> list:
+            """Per query, the k nearest over the shards' rankings, and their entries."""
             out = []
-            for n in range(len(described)):
+            for n in range(len(per_shard[0])):
                 parts = [shard[n] for shard in per_shard]
                 entries = {i: e for _, found in parts for i, e in found.items()}
-                out.append((merge_rankings([r for r, _ in parts], options.k), entries))
+                out.append((merge_rankings([r for r, _ in parts], k), entries))
             return out
+
+        def rank_on_shards(described: list[list[np.ndarray]]) -> list:
+            if not options.qe:
+                return merged(self._each("search", described, options), options.k)
+            nearest = merged(self._each("search", described, options.replace(k=options.qe, qe=0)), options.qe)
+            rows = self._front._rows_at(options.query_levels)
+            wanted = sorted({i for ranking, _ in nearest for i in ranking.ids.tolist()})
+            windows = {i: w for found in self._each("windows", wanted, rows) for i, w in found.items()}
+            hits = [([windows[i] for i in ranking.ids.tolist()], ranking.distances) for ranking, _ in nearest]
+            return merged(self._each("expanded", described, options, hits), options.k)
 
         return answer_queries(self._front, self.whitening, queries, options, rank_on_shards,
                               progress=progress, skipped=skipped)
