@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+from ..progress import Progress
 
 from .. import config as _config
 from ..config import ExtractorConfig, RuntimeConfig
@@ -243,7 +243,7 @@ class Extractor:
                 hand_over(_Failure(err))
 
         thread = threading.Thread(target=network, name="retrieval-network", daemon=True)
-        bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
+        bar = Progress(total, desc, enabled=progress)
         thread.start()
         try:
             while True:
