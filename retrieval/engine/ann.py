@@ -177,10 +177,11 @@ class VectorIndex:
         needed = MIN_POINTS_PER_CENTROID * centroids
         if len(sample) < needed:
             fits = len(sample) // MIN_POINTS_PER_CENTROID
+            instead = (f"a structure with at most {fits} IVF lists and PQ codes per sub-vector, or 'auto'"
+                       if fits >= 2 else "'exact' or 'auto' (exact search is the fast choice at this size)")
             warning = (f"{self.factory!r} trained on {len(sample)} windows, fewer than the {needed} its "
                        f"{centroids} centroids need ({MIN_POINTS_PER_CENTROID} windows each): its candidates "
-                       f"may miss images; choose a structure with at most {fits} IVF lists and PQ codes "
-                       "per sub-vector, or 'auto'")
+                       f"may miss images; choose {instead}")
             for _, params in self._clusterings():
                 params.min_points_per_centroid = 1
         try:
