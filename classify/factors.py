@@ -24,7 +24,7 @@ from retrieval.config import ExtractorConfig, RuntimeConfig
 from retrieval.extraction.extractor import Extractor
 from retrieval.extraction.store import FeatureStore
 from retrieval.engine.whitening import l2_normalize
-from retrieval.progress import Progress
+from retrieval.extraction.progress import Progress
 
 from .data import Dataset
 from .features import FeatureTable, image_vectors, power_normalize

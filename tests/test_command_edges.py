@@ -10,7 +10,7 @@ import pytest
 from conftest import TINY_FLAGS, make_scene, run_cli
 from retrieval import ExtractorConfig, Index, RuntimeConfig, SearchConfig
 from retrieval.config import InputSpec
-from retrieval.progress import Progress
+from retrieval.extraction.progress import Progress
 
 CONFIG = ExtractorConfig(backbone="resnet18", weights="none", input_spec=InputSpec(size=(64, 64)))
 SEARCH = SearchConfig(levels=(1, 2), pca_dim=16)
@@ -28,7 +28,7 @@ def six(tmp_path):
 def test_what_info_reports_as_index_type_is_accepted_back(tmp_path, six, capfd):
     with Index.create(tmp_path / "idx", CONFIG, SEARCH, store=tmp_path / "s.sqlite",
                       runtime=RuntimeConfig(batch_size=16)) as idx:
-        idx.add([str(six)], progress=False)
+        idx.add(sorted(map(str, six.iterdir())), progress=False)
         assert idx.info()["index_type"] == "exact"
         for value in ("exact", "auto", "Flat"):
             idx.set_index_type(value)
@@ -39,7 +39,8 @@ def test_what_info_reports_as_index_type_is_accepted_back(tmp_path, six, capfd):
         idx.set_index_type("IVF16,PQ4x4fs")
         err = capfd.readouterr().err
         assert "WARNING clustering" not in err
-        assert "trained on 30 windows, fewer than the 624" in err and "at most 0 IVF lists" not in err
+        assert "trained on 30 windows, fewer than the 624" in err, (err, idx.info()["structure"])
+        assert "at most 0 IVF lists" not in err
         info = idx.info()
         assert info["structure"]["search"] == "candidates" and "trained on 30 windows" in info["structure"]["reason"]
         idx.set_index_type(info["index_type"])  # what info reports, again

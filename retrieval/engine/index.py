@@ -37,7 +37,7 @@ from ..extraction.images import expand_inputs
 from ..extraction.patches import level_names, level_regions
 from ..extraction.store import FeatureStore, StoreError, default_store_path
 from ..fileio import storage_message, writable
-from ..progress import Progress
+from ..extraction.progress import Progress
 from . import writer
 from .ann import FactoryError, index_type_argument
 from .manifest import Entry, Manifest

@@ -50,6 +50,8 @@ class Manifest:
             conn = connect_read_only(self.path)
             conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
         except sqlite3.DatabaseError as err:
+            if refused.errno != errno.EROFS:  # never written whole (a first build on a full disk)
+                raise refused from err
             raise ManifestError(f"cannot read {self.path} ({err}) nor write it ({refused.strerror})") from err
         self.refused = refused
         self._conn = conn

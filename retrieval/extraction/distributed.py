@@ -24,12 +24,12 @@ import warnings
 from typing import Iterable, Iterator
 
 import numpy as np
-from ..progress import Progress
 
 from ..cluster import connect
 from ..config import ConfigError, ExtractorConfig, RuntimeConfig
 from .extractor import Extracted, Extractor, Job, Skipped
 from .patches import region_set
+from .progress import Progress
 
 # Images per Ray task: enough windows for several network batches, few enough that a dead
 # actor costs little (its in-flight tasks are retried) and the bar moves smoothly.

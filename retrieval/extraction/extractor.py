@@ -21,12 +21,12 @@ from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image
-from ..progress import Progress
 
 from .. import config as _config
 from ..config import ExtractorConfig, RuntimeConfig
 from .images import ImageError, load_rgb
 from .patches import RegionSet
+from .progress import Progress
 
 GEM_P = 3.0
 # Modes whose network outputs are feature maps of the whole image, windows pooled later.

@@ -150,6 +150,8 @@ class FeatureStore:
             conn = connect_read_only(self.path)
             row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         except sqlite3.DatabaseError as err:
+            if refused.errno != errno.EROFS:  # never written whole (a first run on a full disk)
+                raise refused from err
             raise StoreError(f"feature store {self.path} cannot be read ({err}) nor written ({refused.strerror})") from err
         if row is None or int(row[0]) != SCHEMA_VERSION:
             raise StoreError(
