@@ -100,9 +100,15 @@ def replacing(path: str | Path, suffix: str = ".tmp") -> Iterator[str]:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as err:
-        if err.filename is None:  # a failed write() names no file: name the one being written
-            raise OSError(err.errno, err.strerror, str(path)) from err
-        raise
+        if err.filename is not None:
+            raise
+        # A failed write() names no file: name the one being written. numpy's short write
+        # ("N requested and M written") does not even keep the errno; a nearly full file
+        # system says which it was.
+        code = err.errno if err.errno is not None else errno.ENOSPC if _nearly_full(path.parent) else None
+        if code is None:
+            raise OSError(f"{err}: {path}") from err
+        raise OSError(code, os.strerror(code), str(path)) from err
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

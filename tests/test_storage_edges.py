@@ -141,8 +141,10 @@ def test_query_after_an_add_failed_on_a_full_disk_answers_from_the_published_sta
     assert got["build"]["rc"] == 0, got["build"]["stderr"]
     assert got["add"]["rc"] == 1 and f"no space left on device: {mount}/" in got["add"]["stderr"]
     assert got["query"]["rc"] == 0, got["query"]["stderr"]
+    # What is published: the first three, and any of the others the add committed and
+    # the query itself could publish in what room was left.
     hits = json.loads(got["query"]["stdout"])["results"][0]["hits"]
-    assert hits and {Path(h["path"]).parent for h in hits} == {first}  # the published three
+    assert hits[0]["path"] == str(first / "img0.jpg") and {Path(h["path"]).parent for h in hits} <= {first, more}
     assert got["finish"]["rc"] == 0, got["finish"]["stderr"]
     assert json.loads(got["finish"]["stdout"])["images"] == 6
 
@@ -162,5 +164,5 @@ def test_a_failed_write_names_the_file_being_written(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert done.returncode == 1
-    assert f"File too large: '{target}'" in done.stderr
+    assert done.stderr.rstrip().splitlines()[-1].endswith(f": {target}"), done.stderr
     assert not target.exists() and list(tmp_path.iterdir()) == []  # no temporary file left either
