@@ -34,6 +34,7 @@ from retrieval.extraction.extractor import Extractor
 from retrieval.extraction.factory import make_extractor
 from retrieval.extraction.images import expand_inputs
 from retrieval.extraction.store import FeatureStore
+from retrieval.fileio import storage_message
 
 from .data import DataError, load_dataset, load_split
 from .factors import FactorGrid, study
@@ -215,7 +216,7 @@ def _check_dim(clf: Classifier, table: FeatureTable) -> None:
 def _emit(args, result: dict, text: str) -> None:
     if args.json:
         print(json.dumps(result))
-    else:
+    elif text:  # nothing to say (every input skipped, named on stderr): no empty line either
         print(text)
 
 
@@ -464,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         print("classify: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - any other failure is exit 1 with a message
-        print(f"classify: error: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"classify: error: {storage_message(err) or f'{type(err).__name__}: {err}'}", file=sys.stderr)
         return 1
 
 

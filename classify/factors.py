@@ -19,12 +19,12 @@ from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from retrieval.config import ExtractorConfig, RuntimeConfig
 from retrieval.extraction.extractor import Extractor
 from retrieval.extraction.store import FeatureStore
 from retrieval.engine.whitening import l2_normalize
+from retrieval.extraction.progress import Progress
 
 from .data import Dataset
 from .features import FeatureTable, image_vectors, power_normalize
@@ -120,7 +120,7 @@ def study(
         return cache[key]
 
     entries = [(name, (name,)) for name in grid.layers] + [("+".join(parts), tuple(parts)) for parts in grid.fuse]
-    bar = tqdm(total=len(grid), desc="configurations", unit="cfg", disable=not progress)
+    bar = Progress(len(grid), "configurations", "cfg", enabled=progress)
     try:
         for jitter in grid.jitters:
             for name, parts in entries:

@@ -9,6 +9,7 @@ INSTALL_HINT = "pip install 'retrieval[ray]'"
 # The object store of a `--ray local` cluster: results stream through it and are consumed
 # at once, so it needs little, and the machine is usually shared.
 LOCAL_OBJECT_STORE_BYTES = 1 << 30
+AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 def require_ray():
@@ -30,8 +31,13 @@ def connect(address: str):
     ray = require_ray()
     if ray.is_initialized():
         return ray
+    # A cluster this process starts gets Ray's default token authentication; Ray then logs
+    # that it did so, on every run. Only that notice is held back; it is restored after.
+    notice = logging.getLogger(AUTH_NOTICE_LOGGER)
+    level = notice.level
     try:
         if address == "local":
+            notice.setLevel(logging.ERROR)
             ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
                      object_store_memory=LOCAL_OBJECT_STORE_BYTES)
         else:
@@ -41,4 +47,6 @@ def connect(address: str):
             f"--ray {address}: cannot join a Ray cluster ({err}); start one with `ray start --head`, "
             "pass its address, or use --ray local"
         ) from None
+    finally:
+        notice.setLevel(level)
     return ray

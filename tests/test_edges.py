@@ -176,6 +176,17 @@ def test_classify_output_into_closed_pipe_exits_quietly(tiny_model):
     assert (out.returncode, out.stderr) == (EXIT_BROKEN_PIPE, "")
 
 
+def test_classify_predict_of_a_non_image_prints_nothing_on_stdout(tiny_model, tmp_path):
+    """Issue 23 row 15: stdout holds the predictions (or the JSON) and nothing else."""
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    args = ["predict", str(tiny_model["model"]), str(text), "--store", str(tiny_model["store"]), "--quiet"]
+    out = run_cli(*args, module="classify.cli")
+    assert (out.returncode, out.stdout) == (3, "") and f"{text}" in out.stderr
+    out = run_cli(*args, "--json", module="classify.cli")
+    assert out.returncode == 3 and json.loads(out.stdout)["predictions"] == []
+
+
 def test_bad_flag_shows_the_subcommands_usage(tiny_index, tiny_model):
     out = run_cli("query", str(tiny_index["index"]), str(tiny_index["image"]), "--bogus", env=tiny_index["env"])
     assert out.returncode == 2 and out.stdout == ""

@@ -215,7 +215,7 @@ def test_query_during_a_running_add_returns_hits(tmp_path, store_env):
         hits = json.loads(out.stdout)["results"][0]["hits"]
         assert hits[0]["path"] == paths[0] and len(hits) == 3
         busy = run_cli("add", idx, paths[9])  # a second writer is refused, not queued
-        assert busy.returncode == 2 and "being written by another process" in busy.stderr
+        assert busy.returncode == 4 and "being written by another process" in busy.stderr  # busy (SPEC)
         info = run_cli("info", idx, "--json")
         assert info.returncode == 0, info.stderr
         assert (json.loads(info.stdout)["images"], json.loads(info.stdout)["up_to_date"]) == (7, False)

@@ -1,7 +1,8 @@
 """The `retrieval` command line: build, add, query, info, remove, reindex, split, dba, export-onnx, layers, serve.
 
 Exit codes (docs/cli.md section 1): 0 all done; 2 usage error (unknown index, bad flag);
-3 done, but some inputs were skipped (each named on stderr and in the JSON); 1 other failure;
+3 done, but some inputs were skipped (each named on stderr and in the JSON); 4 busy (another
+process is writing the index; nothing was done); 1 other failure;
 141, silently, when stdout is a closed pipe (see `cliutil.stdout_closed`).
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 import time
 
 from ..config import EXACT_LIMIT, ConfigError, RuntimeConfig
+from ..fileio import storage_message
 from .args import (
     add_extractor_args,
     add_rerank_args,
@@ -26,7 +28,7 @@ from .args import (
 )
 from .util import add_subcommands, stdout_closed
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_SKIPPED, EXIT_BUSY = 0, 1, 2, 3, 4
 
 
 _INDEX_HELP = "folder of an index made by `retrieval build`"
@@ -39,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Instance image retrieval with multi-scale CNN sub-patch descriptors "
         "(L2 + PCA-whitening + L2, min-over-patch-pairs distance).",
         epilog="INPUT is an image file, a folder (recursive) or @list.txt (one path per line). "
-        "Exit codes: 0 done, 1 failure, 2 usage error, 3 done but some inputs skipped.",
+        "Exit codes: 0 done, 1 failure, 2 usage error, 3 done but some inputs skipped, "
+        "4 busy (another process is writing the index; retry).",
     )
     sub = add_subcommands(parser, dest="command", required=True)
 
@@ -116,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reindex", help="change the search structure of an index (no extraction)")
     p.add_argument("index", metavar="INDEX_DIR", help=_INDEX_HELP)
     p.add_argument("--index-type", metavar="FACTORY", required=True,
-                   help="a FAISS index-factory string, 'Flat' (exact search at any size) or 'auto' "
-                   "(chosen by collection size)")
+                   help="a FAISS index-factory string, 'exact' or 'Flat' (exact search at any size), or "
+                   "'auto' (chosen by collection size): any `index_type` that `info` reports")
     _common(p)
 
     from ..extraction.onnx_export import CALIBRATE_IMAGES, DEFAULT_INT8_FORMAT, HELDOUT_IMAGES, INT8_FORMATS
@@ -201,7 +204,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ..engine.index import IndexUsageError
+    from ..engine.index import IndexBusy, IndexUsageError
 
     try:
         code = _COMMANDS[args.command](args)
@@ -212,11 +215,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, IndexUsageError) as err:
         print(f"retrieval {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except IndexBusy as err:
+        print(f"retrieval {args.command}: busy: {err}", file=sys.stderr)
+        return EXIT_BUSY
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to finish", file=sys.stderr)
         return EXIT_FAIL
     except Exception as err:  # noqa: BLE001 - the CLI reports, never dumps a trace by default
-        print(f"retrieval {args.command}: failed: {type(err).__name__}: {err}", file=sys.stderr)
+        # A full or read-only disk is named as such, with the file, rather than as an OSError.
+        print(f"retrieval {args.command}: failed: {storage_message(err) or f'{type(err).__name__}: {err}'}",
+              file=sys.stderr)
         return EXIT_FAIL
 
 
@@ -282,7 +290,7 @@ def _reindex(args) -> int:
     from ..engine.index import Index
 
     with Index.open(args.index) as idx:
-        idx.set_index_type(None if args.index_type == "auto" else args.index_type)
+        idx.set_index_type(args.index_type)
         info = idx.info()
     print(json.dumps(info["structure"]) if args.json else
           f"{args.index}: {info['structure']['search']} search ({info['structure']['reason']})")

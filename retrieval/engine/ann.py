@@ -46,6 +46,8 @@ faiss = _LazyFaiss()
 WINDOW_BITS = 6  # up to 64 windows per image (levels 1-4 have 30)
 RETRAIN_GROWTH = 4  # re-train once the collection holds this many times the trained windows
 TRAIN_PER_LIST = 64  # training windows per IVF list (FAISS warns below 39)
+MIN_POINTS_PER_CENTROID = 39  # FAISS's k-means default: fewer points per centroid train it poorly
+EXACT_NAMES = ("exact", "Flat", "IDMap,Flat")  # what `info` reports for exact search, and FAISS's names
 LAYOUT_TRAIN_IMAGES = 1024  # the layout index's training sample (images)
 LAYOUT_MIN_IMAGES = 640  # below, no layout index: FAISS asks for 39 x 16 points to train 4-bit codebooks
 
@@ -62,6 +64,15 @@ def faiss_device(device: str = "auto") -> str:
     return "cuda:0" if device != "cpu" and gpus > 0 else "cpu"
 
 
+def index_type_argument(value: str | None) -> str | None:
+    """An `--index-type` value as the index keeps it: None for 'auto' (or nothing: chosen by
+    collection size), else the checked string ('exact', which `info` reports, included)."""
+    if value is None or value.strip().lower() == "auto":
+        return None
+    check_factory(value)
+    return value
+
+
 def check_factory(factory: str, dim: int = 64) -> None:
     """Raise FactoryError (saying what is allowed) if FAISS cannot parse `factory`."""
     if is_flat(factory):
@@ -72,14 +83,14 @@ def check_factory(factory: str, dim: int = 64) -> None:
         first = str(err).strip().splitlines()[-1] if str(err).strip() else ""
         raise FactoryError(
             f"--index-type {factory!r} is not a FAISS index-factory string ({first}); "
-            "examples: 'IVF1024,PQ64x4fs', 'IVF256,Flat', 'HNSW32'; leave it out to let the "
-            "index choose by collection size"
+            "examples: 'IVF1024,PQ64x4fs', 'IVF256,Flat', 'HNSW32'; 'exact' (or 'Flat') for exact "
+            "search at any size; 'auto' (or leaving it out) to let the index choose by collection size"
         ) from None
 
 
 def is_flat(factory: str | None) -> bool:
     """'Flat' (exact search): served by the kernel alone, without FAISS."""
-    return factory is not None and factory.replace(" ", "") in ("Flat", "IDMap,Flat")
+    return factory is not None and factory.replace(" ", "").lower() in {n.lower() for n in EXACT_NAMES}
 
 
 def auto_factory(windows: int, dim: int) -> str:
@@ -155,12 +166,41 @@ class VectorIndex:
     def is_trained(self) -> bool:
         return bool(self.index.is_trained)
 
-    def train(self, sample: np.ndarray) -> None:
-        """Train on `sample` windows; ValueError saying why when it cannot be trained."""
+    def train(self, sample: np.ndarray) -> str | None:
+        """Train on `sample` windows; ValueError saying why when it cannot be trained.
+
+        A sample with fewer than MIN_POINTS_PER_CENTROID windows per centroid (IVF lists,
+        PQ codebook entries) still trains, but returns a warning saying what to choose
+        instead; FAISS's own line about it (on stderr, from C++) is silenced."""
+        warning = None
+        centroids = max((c for c, _ in self._clusterings()), default=0)
+        needed = MIN_POINTS_PER_CENTROID * centroids
+        if len(sample) < needed:
+            fits = len(sample) // MIN_POINTS_PER_CENTROID
+            instead = (f"a structure with at most {fits} IVF lists and PQ codes per sub-vector, or 'auto'"
+                       if fits >= 2 else "'exact' or 'auto' (exact search is the fast choice at this size)")
+            warning = (f"{self.factory!r} trained on {len(sample)} windows, fewer than the {needed} its "
+                       f"{centroids} centroids need ({MIN_POINTS_PER_CENTROID} windows each): its candidates "
+                       f"may miss images; choose {instead}")
+            for _, params in self._clusterings():
+                params.min_points_per_centroid = 1
         try:
             self.index.train(np.ascontiguousarray(sample, dtype=np.float32))
         except RuntimeError as err:
             raise ValueError(f"cannot train {self.factory!r} on {len(sample)} windows: {err}") from None
+        return warning
+
+    def _clusterings(self) -> list:
+        """(centroids, FAISS ClusteringParameters) of each k-means training runs: the IVF
+        coarse quantizer's and the product quantizer's codebooks."""
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is None:
+            return []
+        ivf = faiss.downcast_index(ivf)
+        found = [(int(ivf.nlist), ivf.cp)]
+        if hasattr(ivf, "pq"):
+            found.append((int(ivf.pq.ksub), ivf.pq.cp))
+        return found
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, np.int64))

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from ..config import ConfigError, ExtractorConfig, RuntimeConfig, SearchConfig, SearchOptions, file_digest
 from ..extraction.extractor import Extractor, Skipped
@@ -37,8 +36,10 @@ from ..extraction.features import Crop, ImageFeatures, describe
 from ..extraction.images import expand_inputs
 from ..extraction.patches import level_names, level_regions
 from ..extraction.store import FeatureStore, StoreError, default_store_path
+from ..fileio import storage_message, writable
+from ..extraction.progress import Progress
 from . import writer
-from .ann import FactoryError, check_factory
+from .ann import FactoryError, index_type_argument
 from .manifest import Entry, Manifest
 from .meta import MetaError, differing, new_meta, read_meta, write_meta
 from .neighbours import Neighbours
@@ -57,6 +58,7 @@ from .whitening import PCAWhitening
 # while a publish that rewrites the FAISS file (1 GB at a million images) happens only
 # O(log N) times in a build.
 CHECKPOINT_IMAGES = 20_000
+_WRITER_RUNS = "it is rebuilt from the feature store as soon as the running writer finishes"
 CHECKPOINT_FRACTION = 4
 
 
@@ -64,8 +66,8 @@ class IndexUsageError(RuntimeError):
     """Not an index, or an index that cannot be used as asked (usage error, exit 2)."""
 
 
-class IndexBusy(IndexUsageError):
-    """Another process holds the index's write lock."""
+class IndexBusy(RuntimeError):
+    """Another process holds the index's write lock: nothing was done; retry (exit 4)."""
 
 
 @dataclass
@@ -137,11 +139,10 @@ class Index:
         """
         path = Path(path)
         search = search or SearchConfig()
-        if index_type is not None:
-            try:
-                check_factory(index_type)
-            except FactoryError as err:
-                raise IndexUsageError(str(err)) from None
+        try:
+            index_type = index_type_argument(index_type)
+        except FactoryError as err:
+            raise IndexUsageError(str(err)) from None
         meta = new_meta(extractor, search, index_type, Path(store).resolve() if store else default_store_path(),
                         whiten_on)
         if (path / "index.json").exists():
@@ -323,14 +324,14 @@ class Index:
             )
 
     def set_index_type(self, factory: str | None) -> None:
-        """Change the structure that proposes candidates (a FAISS factory string, 'Flat'
-        for exact search at any size, None for the automatic choice), rebuilt from the
-        stored window vectors: nothing is extracted again."""
-        if factory is not None:
-            try:
-                check_factory(factory)
-            except FactoryError as err:
-                raise IndexUsageError(str(err)) from None
+        """Change the structure that proposes candidates (a FAISS factory string, 'exact'
+        or 'Flat' for exact search at any size, None or 'auto' for the automatic choice:
+        whatever `info` reports as `index_type` is accepted), rebuilt from the stored
+        window vectors: nothing is extracted again."""
+        try:
+            factory = index_type_argument(factory)
+        except FactoryError as err:
+            raise IndexUsageError(str(err)) from None
         with self._writing():
             self.meta["index_type"] = self.index_type = factory
             write_meta(self.path, self.meta)
@@ -390,14 +391,20 @@ class Index:
             try:
                 state = read_state(self.path)
             except DamagedFile as err:
-                if self._try_refresh():
+                why = self._try_refresh()
+                if why is None:
                     continue
-                raise self._damaged(err) from None
-            if (state is None or state.generation != self.manifest.generation) and self._try_refresh():
-                continue  # published what a killed writer left unpublished
+                raise self._damaged(err, why) from None
+            why = None
+            if state is None or state.generation != self.manifest.generation:
+                why = self._try_refresh()
+                if why is None:
+                    continue  # published what a killed writer left unpublished
             if state is None:
                 if self.manifest.count() == 0:
                     return View(self.path, State(), self.patches_per_image, self.runtime.device)
+                if why is not None and not why.startswith(_WRITER_RUNS):
+                    raise IndexUsageError(f"{self.path} has nothing published yet: {why}")
                 raise IndexUsageError(
                     f"{self.path} has nothing published yet: its first build is still running "
                     "(or was killed: re-run the same `retrieval build` to finish it)"
@@ -410,25 +417,36 @@ class Index:
             except DamagedFile as err:
                 # A writer may have published and cleaned up between our two reads: look
                 # again; if the same state still names a bad file, rebuild it.
-                if _read_state_or_none(self.path) != state or self._try_refresh():
+                if _read_state_or_none(self.path) != state:
                     continue
-                raise self._damaged(err) from None
+                why = self._try_refresh()
+                if why is None:
+                    continue
+                raise self._damaged(err, why) from None
         raise IndexUsageError(f"{self.path}: no consistent published state after 3 tries; is something deleting its files?")
 
-    def _damaged(self, err: DamagedFile) -> IndexUsageError:
-        return IndexUsageError(
-            f"{err}; it is rebuilt from the feature store as soon as the running writer finishes "
-            f"(or by the next `retrieval add {self.path} ...`)"
-        )
+    def _damaged(self, err: DamagedFile, why: str) -> IndexUsageError:
+        return IndexUsageError(f"{err}; {why}")
 
-    def _try_refresh(self) -> bool:
-        """Bring derived files up to the manifest if no writer is running; False if one is."""
+    def _try_refresh(self) -> str | None:
+        """Bring the derived files up to the manifest (rebuilding any missing or damaged one);
+        None when done, else why not: a writer is running, or the directory is read-only
+        or full. Readers then answer from what is published; nothing is written."""
+        if not writable(self.path):
+            return (f"{self.path} is on a read-only file system, so derived files cannot be rebuilt here: "
+                    f"run `retrieval add {self.path} ...` where it can be written (the feature store "
+                    "keeps the descriptors: nothing is extracted again)")
         try:
             with self._writing():
                 self._publish(progress=False)
-            return True
+            return None
         except IndexBusy:
-            return False
+            return (f"{_WRITER_RUNS} (or by the next `retrieval add {self.path} ...`)")
+        except OSError as err:
+            message = storage_message(err)
+            if message is None:
+                raise
+            return f"derived files cannot be rebuilt ({message})"
 
     def warm(self, wait: bool = False) -> int:
         """Prepare for a stream of queries, as a server does once at start: load the
@@ -505,8 +523,9 @@ class Index:
         try:
             return rank_query(descriptions, view, options, **kwargs)
         except DamagedFile as err:
-            if not self._try_refresh():
-                raise self._damaged(err) from None
+            why = self._try_refresh()
+            if why is not None:
+                raise self._damaged(err, why) from None
         return rank_query(descriptions, self.view(), options, **kwargs)
 
     def _rows_at(self, levels: Sequence[int]) -> np.ndarray | None:
@@ -548,11 +567,13 @@ class Index:
             ])) if view.segments else np.empty(0, np.int64)
             near = np.full((len(ids), k), -1, np.int64)
             dist = np.full((len(ids), k), np.inf, np.float32)
-            for j, image_id in enumerate(tqdm(ids.tolist(), desc="neighbours", unit="img", disable=not progress, leave=False)):
-                r = rank(view.windows(image_id, rows), view, SearchOptions(k=k + 1, aggregate=self.search_config.aggregate))
-                other = r.ids != image_id
-                found = r.ids[other][:k]
-                near[j, :len(found)], dist[j, :len(found)] = found, r.distances[other][:k]
+            with Progress(len(ids), "neighbours", enabled=progress) as bar:
+                for j, image_id in enumerate(ids.tolist()):
+                    r = rank(view.windows(image_id, rows), view, SearchOptions(k=k + 1, aggregate=self.search_config.aggregate))
+                    other = r.ids != image_id
+                    found = r.ids[other][:k]
+                    near[j, :len(found)], dist[j, :len(found)] = found, r.distances[other][:k]
+                    bar.update(1)
             meta = {"k": k, "images": len(ids), "generation": view.state.generation,
                     "aggregate": self.search_config.aggregate, "query_levels": list(levels)}
             Neighbours(ids, near, dist, meta).save(self.path)

@@ -7,11 +7,15 @@ file is detected and rebuilt rather than trusted.
 """
 from __future__ import annotations
 
+import errno
+import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..fileio import connect_read_only, sqlite_storage_error, writable
 
 
 @dataclass(frozen=True)
@@ -31,10 +35,34 @@ class Manifest:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._conn: sqlite3.Connection | None = None
+        self.refused: OSError | None = None  # why it is open for reading only
+
+    @property
+    def read_only(self) -> bool:
+        """Whether the index directory cannot be written (a read-only mount): the manifest is
+        then only read, never created, upgraded or changed."""
+        return self.path.exists() and not writable(self.path.parent)
+
+    def _open_for_reading(self, refused: OSError) -> sqlite3.Connection:
+        """Read the manifest though writing it is `refused` (read-only mount, full disk);
+        every change then raises `refused`."""
+        try:
+            conn = connect_read_only(self.path)
+            conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
+        except sqlite3.DatabaseError as err:
+            if refused.errno != errno.EROFS:  # never written whole (a first build on a full disk)
+                raise refused from err
+            raise ManifestError(f"cannot read {self.path} ({err}) nor write it ({refused.strerror})") from err
+        self.refused = refused
+        self._conn = conn
+        return conn
 
     @property
     def conn(self) -> sqlite3.Connection:
         if self._conn is None:
+            if self.read_only:
+                return self._open_for_reading(OSError(errno.EROFS, os.strerror(errno.EROFS), str(self.path)))
+            conn = None
             try:
                 conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
                 conn.execute("PRAGMA journal_mode=WAL")
@@ -50,6 +78,13 @@ class Manifest:
                     """
                 )
             except sqlite3.DatabaseError as err:
+                if conn is not None:
+                    conn.close()
+                storage = sqlite_storage_error(err, self.path)
+                if storage is not None and self.path.exists() and self.path.stat().st_size > 0:
+                    return self._open_for_reading(storage)  # a full disk: the published images are still read
+                if storage is not None:
+                    raise storage from err
                 raise ManifestError(
                     f"{self.path} is damaged ({err}): it is the list of the index's images and cannot be "
                     "rebuilt; restore it from a backup, or build the index again into a new directory "
@@ -136,15 +171,24 @@ class Manifest:
 
     def _transaction(self, statements: list[tuple[str, tuple]]) -> None:
         conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
+        if self.refused is not None:
+            raise OSError(self.refused.errno, self.refused.strerror, self.refused.filename)
         try:
-            for sql, params in statements:
-                conn.execute(sql, params)
-            self._bump()
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, params in statements:
+                    conn.execute(sql, params)
+                self._bump()
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # SQLite has already rolled back after a full disk
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as err:
+            storage = sqlite_storage_error(err, self.path)
+            if storage is None:
+                raise
+            raise storage from err
 
     def add(self, path: str, digest: str, width: int, height: int) -> None:
         """Insert an image (replacing a different image previously at the same path)."""

@@ -146,6 +146,7 @@ def _describe(front: QueryFront, items: list[QueryItem], options: SearchOptions,
     feats = describe(
         [(path, crop, r) for path, crop in items for r in rotations],
         front.extractor, front.store, level_names(options.query_levels), progress=progress, desc="query",
+        keep=None,  # a store on a read-only or full disk still answers; the query is just not kept
     )
     views: dict[QueryItem, dict[int, ImageFeatures]] = {}
     failed: dict[str, str] = {}

@@ -44,7 +44,8 @@ class State:
     whitening: dict | None = None  # {"file", "images": collection size when fitted, "source"}
     segments: list[dict] = field(default_factory=list)  # [{"name", "images"}]
     dead: dict | None = None  # {"file", "count"}
-    ann: dict | None = None  # {"file", "factory", "auto", "windows", "images", "layout": file or None}
+    ann: dict | None = None  # {"file", "factory", "auto", "windows", "images", "layout": file or None,
+    #                           "warning": why it was trained on too few windows, or None}
     note: str | None = None  # why a structure the user asked for is not in use yet
 
     def new_name(self, prefix: str, suffix: str = "") -> str:

@@ -35,7 +35,7 @@ def index_info(directory: Path, *, images: int, generation: int, patches: int, e
         "dim": whitening.output_dim if whitening is not None else 0,
         "extractor": extractor,
         "search": search,
-        "index_type": (state.ann or {}).get("factory") or index_type or "exact",
+        "index_type": (state.ann or {}).get("factory") or (index_type if not is_flat(index_type) else None) or "exact",
         "structure": _structure(state, index_type, policy),
         "segments": len(state.segments),
         "removed_pending": (state.dead or {}).get("count", 0),
@@ -75,10 +75,12 @@ def _structure(state: State, user: str | None, policy: WritePolicy) -> dict:
             f"chosen for {state.ann['windows']} windows (more than {policy.ann_min_images} images); "
             f"re-trained after {policy.retrain_growth}-fold growth"
         )
+        if state.ann.get("warning"):
+            why = f"{why}; {state.ann['warning']}"
         return {"search": "candidates", "factory": state.ann["factory"], "reason": why,
                 "layout_factory": state.ann.get("layout_factory"), "exact_limit": EXACT_LIMIT}
     if is_flat(user):
-        why = "--index-type Flat: the kernel scores every image"
+        why = f"--index-type {user}: the kernel scores every image"
     elif state.note:
         why = state.note
     else:

@@ -224,14 +224,17 @@ class _Writer:
             factory = user or auto_factory(windows, dim)
             ann = VectorIndex(dim, factory, self.inputs.device)
             try:
-                ann.train(self._training_sample(state, live, dim, training_size(factory)))
+                short = ann.train(self._training_sample(state, live, dim, training_size(factory)))
             except ValueError as err:
                 # Too few windows for the user's factory yet: exact search serves meanwhile.
                 state.ann, state.note = None, f"{err}; searching exactly until the collection is large enough"
                 return
+            if short:
+                self._say(f"warning: {short}")
             layout = self._new_layout(state, live, dim)
             self._add_to_ann(ann, layout, state, live, dim)
-            state.ann = {"factory": factory, "auto": user is None, "windows": windows, "images": int(len(live))}
+            state.ann = {"factory": factory, "auto": user is None, "windows": windows, "images": int(len(live)),
+                         "warning": short}
         else:
             ann, layout = loaded
             fresh = layout is None and self._new_layout(state, live, dim)

@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Iterable, Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from ..cluster import connect
 from ..config import ConfigError, ExtractorConfig, RuntimeConfig
 from .extractor import Extracted, Extractor, Job, Skipped
 from .patches import region_set
+from .progress import Progress
 
 # Images per Ray task: enough windows for several network batches, few enough that a dead
 # actor costs little (its in-flight tasks are retried) and the bar moves smoothly.
@@ -76,8 +77,7 @@ class RayExtractor(Extractor):
         levels = {name: log.level for name, log in loggers.items()}
         loggers["ray.data"].setLevel(logging.WARNING)
         loggers["ray.data._internal.progress"].setLevel(logging.ERROR)
-        bar = tqdm(total=len(jobs), desc=f"{desc} (ray: {placement['actors']} actors)", unit="img",
-                   disable=not progress, leave=False)
+        bar = Progress(len(jobs), f"{desc} (ray: {placement['actors']} actors)", enabled=progress)
         try:
             items = [
                 {"seq": seq, "path": job.path, "regions": ",".join(rs.name for rs in job.regions),
@@ -85,16 +85,12 @@ class RayExtractor(Extractor):
                 for seq, job in enumerate(jobs)
             ]
             tasks = -(-len(items) // IMAGES_PER_TASK)
-            ds = ray.data.from_items(items, override_num_blocks=tasks).map_batches(
-                _Describer,
-                fn_constructor_args=(self.config.to_dict(), worker_runtime),
-                batch_size=IMAGES_PER_TASK,
-                batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=min(placement["actors"], tasks),
-                                                   max_tasks_in_flight_per_actor=IN_FLIGHT_PER_ACTOR),
-                num_cpus=placement["num_cpus"],
-                num_gpus=placement["num_gpus"] or None,
-            )
+            with warnings.catch_warnings():
+                # `max_restarts` (in `_dataset`) is how Ray Data 2.60 documents turning actor restarts
+                # off, but it has no named parameter for it yet and warns that such keywords
+                # are deprecated.
+                warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+                ds = self._dataset(ray, items, tasks, placement, worker_runtime)
             waiting: dict[int, Extracted | Skipped] = {}
             expected = 0
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -113,6 +109,24 @@ class RayExtractor(Extractor):
             for name, level in levels.items():
                 loggers[name].setLevel(level)
             bar.close()
+
+
+    def _dataset(self, ray, items: list[dict], tasks: int, placement: dict, worker_runtime: RuntimeConfig):
+        """The Ray Data pipeline describing `items` on `placement['actors']` actors."""
+        return ray.data.from_items(items, override_num_blocks=tasks).map_batches(
+            _Describer,
+            fn_constructor_args=(self.config.to_dict(), worker_runtime),
+            batch_size=IMAGES_PER_TASK,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=min(placement["actors"], tasks),
+                                               max_tasks_in_flight_per_actor=IN_FLIGHT_PER_ACTOR),
+            num_cpus=placement["num_cpus"],
+            num_gpus=placement["num_gpus"] or None,
+            # On one machine a dead actor is the machine's trouble, not a lost node that a
+            # restart would fix; with restarts on, Ray also prints an error line on every run
+            # about restarting actors whose arguments sit in the object store.
+            **({"max_restarts": 0} if self.runtime.ray == "local" else {}),
+        )
 
 
 def _placement(ray, device: str) -> dict:

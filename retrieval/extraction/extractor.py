@@ -21,12 +21,12 @@ from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from .. import config as _config
 from ..config import ExtractorConfig, RuntimeConfig
 from .images import ImageError, load_rgb
 from .patches import RegionSet
+from .progress import Progress
 
 GEM_P = 3.0
 # Modes whose network outputs are feature maps of the whole image, windows pooled later.
@@ -243,7 +243,7 @@ class Extractor:
                 hand_over(_Failure(err))
 
         thread = threading.Thread(target=network, name="retrieval-network", daemon=True)
-        bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
+        bar = Progress(total, desc, enabled=progress)
         thread.start()
         try:
             while True:

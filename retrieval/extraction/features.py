@@ -5,12 +5,15 @@ and the benchmarks all get their descriptors through `describe`.
 """
 from __future__ import annotations
 
+import errno
+import sys
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from ..config import file_digest
+from ..fileio import STORAGE_ERRNOS, storage_message
 from .extractor import Extractor, Job, Skipped
 from .patches import RegionSet, region_set
 from .store import FeatureStore, quantize
@@ -41,6 +44,7 @@ def describe(
     progress: bool = True,
     desc: str = "extract",
     digests: dict[str, str] | None = None,
+    keep: bool | None = True,
 ) -> Iterator[ImageFeatures | Skipped]:
     """Yield the descriptors of every item (a path, (path, crop box in pixels), or
     (path, crop, rotation): the crop turned by 0/90/180/270 degrees counter-clockwise).
@@ -48,12 +52,19 @@ def describe(
     Store hits are yielded first, then extractions as they finish; each extraction is
     committed to the store before it is yielded. Unreadable inputs come out as Skipped.
     `digests` maps paths whose content digest the caller has already computed.
+    `keep=None` commits extractions only where the store can take them (queries: a store
+    on a read-only mount or a full disk still answers; a full one says so once on stderr).
     """
     digests = digests or {}
     sets = [r if isinstance(r, RegionSet) else region_set(r) for r in regions]
     names = [rs.name for rs in sets]
     key = extractor.key
-    store.register_config(key, extractor.config.to_dict())
+    if keep is None and store.read_only:
+        if store.refused.errno != errno.EROFS:  # a read-only mount is expected to keep nothing
+            _say_not_kept(store.refused)
+        keep = False
+    if keep is not False:
+        keep = _kept(keep, lambda: store.register_config(key, extractor.config.to_dict()))
     misses: dict[str, Job] = {}
     twins: dict[str, list[str]] = {}  # digest -> further paths with the same content
     for item in items:
@@ -95,8 +106,28 @@ def describe(
                 yield Skipped(path, out.reason, out.job)
             continue
         found = out.job.tag[1]
-        store.put(digest, key, out.width, out.height, out.descriptors)
+        if keep is not False:
+            keep = _kept(keep, lambda: store.put(digest, key, out.width, out.height, out.descriptors))
         # What the store now returns, so this run and every later one see the same numbers.
         descriptors = {**found, **{name: quantize(a) for name, a in out.descriptors.items()}}
         for path in paths:
             yield ImageFeatures(path, digest, out.width, out.height, descriptors, out.job.crop, True, out.job.rotation)
+
+
+def _kept(keep: bool | None, write) -> bool | None:
+    """Run a store write; with `keep=None`, a write the storage refuses (full disk) is
+    said on stderr and turns keeping off (False) for the rest of the call."""
+    try:
+        write()
+    except OSError as err:
+        message = storage_message(err)
+        if keep is not None or message is None:
+            raise
+        _say_not_kept(err)
+        return False
+    return keep
+
+
+def _say_not_kept(err: OSError) -> None:
+    print(f"retrieval: warning: the descriptors extracted now are not kept in the store "
+          f"({STORAGE_ERRNOS[err.errno]}: {err.filename})", file=sys.stderr)

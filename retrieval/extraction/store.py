@@ -15,6 +15,7 @@ Rows too large for float16 are kept in float32. Stores written before float16 st
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
+from ..fileio import connect_read_only, sqlite_storage_error, writable
 
 SCHEMA_VERSION = 2
 _FLOAT16_MAX = 60000.0
@@ -79,6 +82,14 @@ class FeatureStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._conn: sqlite3.Connection | None = None
+        # Why writes are refused (a read-only mount, a disk too full to open the store for
+        # writing): the rows are still read; `put` raises this.
+        self.refused: OSError | None = None
+
+    @property
+    def read_only(self) -> bool:
+        """Opened for reading only (`refused` says why)."""
+        return self.refused is not None
 
     @classmethod
     def open(cls, path: str | Path | None = None) -> "FeatureStore":
@@ -96,7 +107,11 @@ class FeatureStore:
                         f"{self.path} is not a feature store (not an SQLite file); "
                         "choose another --store, or move that file away"
                     )
+        if self.path.exists() and not writable(self.path.parent):
+            self._connect_read_only(OSError(errno.EROFS, os.strerror(errno.EROFS), str(self.path)))
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = None
         try:
             conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
@@ -117,8 +132,39 @@ class FeatureStore:
                     "upgrade retrieval or use another --store"
                 )
         except sqlite3.DatabaseError as err:
+            if conn is not None:
+                conn.close()
+            storage = sqlite_storage_error(err, self.path)
+            if storage is not None and self.path.stat().st_size > 0:
+                self._connect_read_only(storage)  # a full disk: what is stored is still served
+                return
+            if storage is not None:
+                raise storage from err
             raise StoreError(f"feature store {self.path} is damaged ({err}); restore it or choose another --store") from err
         self._conn = conn
+
+    def _connect_read_only(self, refused: OSError) -> None:
+        """Open the store for reading only, because writing it was `refused`: every stored
+        row is served; `put` raises `refused`."""
+        try:
+            conn = connect_read_only(self.path)
+            row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        except sqlite3.DatabaseError as err:
+            if refused.errno != errno.EROFS:  # never written whole (a first run on a full disk)
+                raise refused from err
+            raise StoreError(f"feature store {self.path} cannot be read ({err}) nor written ({refused.strerror})") from err
+        if row is None or int(row[0]) != SCHEMA_VERSION:
+            raise StoreError(
+                f"feature store {self.path} has schema {row[0] if row else 'none'} and cannot be written "
+                f"({refused.strerror}); this version reads {SCHEMA_VERSION} and upgrades a store it can write: "
+                "open it once where it can be written"
+            )
+        self.refused = refused
+        self._conn = conn
+
+    def _check_writable(self) -> None:
+        if self.refused is not None:
+            raise OSError(self.refused.errno, self.refused.strerror, self.refused.filename)
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -139,6 +185,8 @@ class FeatureStore:
         self.close()
 
     def register_config(self, key: str, config: dict) -> None:
+        """Record what an extractor key stands for (`refused` when the store is `read_only`)."""
+        self._check_writable()
         self.conn.execute(
             "INSERT OR IGNORE INTO configs VALUES (?, ?)", (key, json.dumps(config, sort_keys=True))
         )
@@ -184,8 +232,20 @@ class FeatureStore:
         self.put_many(config, [(digest, width, height, arrays)])
 
     def put_many(self, config: str, images: list[tuple[str, int, int, dict[str, np.ndarray]]]) -> None:
-        """Store (digest, width, height, {region: array}) of many images in one transaction."""
+        """Store (digest, width, height, {region: array}) of many images in one transaction
+        (`refused`, naming the file, when the store is `read_only`)."""
+        self._check_writable()
         conn = self.conn
+        try:
+            self._put_many(conn, config, images)
+        except sqlite3.Error as err:
+            storage = sqlite_storage_error(err, self.path)
+            if storage is None:
+                raise
+            raise storage from err
+
+    @staticmethod
+    def _put_many(conn: sqlite3.Connection, config: str, images: list) -> None:
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany("INSERT OR REPLACE INTO images VALUES (?, ?, ?)", [(d, w, h) for d, w, h, _ in images])
@@ -199,7 +259,8 @@ class FeatureStore:
             )
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # SQLite has already rolled back after a full disk
+                conn.execute("ROLLBACK")
             raise
 
     def count(self, config: str | None = None) -> int:

@@ -451,7 +451,9 @@ def _answer_together(idx, batch: list) -> None:
         waiting = {(entry[0], entry[1]): [entry, len(rotations)] for entry, rotations in members}
         items = [(entry[0], entry[1], r) for entry, rotations in members for r in rotations]
         try:
-            for out in describe(items, idx.extractor, idx.store, level_names(levels), progress=False, desc="query"):
+            # keep=None: a store on a read-only or full disk still answers (engine/query.py does the same).
+            for out in describe(items, idx.extractor, idx.store, level_names(levels), progress=False, desc="query",
+                                keep=None):
                 if isinstance(out, Skipped):
                     key = next((k for k in waiting if k[0] == out.path), None)
                     if key is not None:
