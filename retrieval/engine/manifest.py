@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..extraction.connections import ThreadConnections
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -27,41 +29,42 @@ class ManifestError(RuntimeError):
     """manifest.sqlite is not a readable SQLite database."""
 
 
+def _create_schema(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(
+        """
+        CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE IF NOT EXISTS images (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, path TEXT NOT NULL UNIQUE,
+            digest TEXT NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL);
+        CREATE INDEX IF NOT EXISTS images_digest ON images (digest);
+        INSERT OR IGNORE INTO meta VALUES ('generation', '0');
+        """
+    )
+
+
 class Manifest:
+    """The images of an index. Any thread may use it: each gets its own connection
+    (`retrieval/extraction/connections.py`)."""
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._conn: sqlite3.Connection | None = None
+        self._conns = ThreadConnections(self.path, _create_schema)
 
     @property
     def conn(self) -> sqlite3.Connection:
-        if self._conn is None:
-            try:
-                conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
-                conn.executescript(
-                    """
-                    CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-                    CREATE TABLE IF NOT EXISTS images (
-                        id INTEGER PRIMARY KEY AUTOINCREMENT, path TEXT NOT NULL UNIQUE,
-                        digest TEXT NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL);
-                    CREATE INDEX IF NOT EXISTS images_digest ON images (digest);
-                    INSERT OR IGNORE INTO meta VALUES ('generation', '0');
-                    """
-                )
-            except sqlite3.DatabaseError as err:
-                raise ManifestError(
-                    f"{self.path} is damaged ({err}): it is the list of the index's images and cannot be "
-                    "rebuilt; restore it from a backup, or build the index again into a new directory "
-                    "(the feature store keeps the descriptors, so nothing is extracted twice)"
-                ) from err
-            self._conn = conn
-        return self._conn
+        """The calling thread's connection."""
+        try:
+            return self._conns.get()
+        except sqlite3.DatabaseError as err:
+            raise ManifestError(
+                f"{self.path} is damaged ({err}): it is the list of the index's images and cannot be "
+                "rebuilt; restore it from a backup, or build the index again into a new directory "
+                "(the feature store keeps the descriptors, so nothing is extracted twice)"
+            ) from err
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self._conns.close()
 
     @property
     def generation(self) -> int:

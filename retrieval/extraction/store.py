@@ -18,10 +18,13 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
+from .connections import ThreadConnections
 
 SCHEMA_VERSION = 2
 _FLOAT16_MAX = 60000.0
@@ -74,19 +77,21 @@ class FeatureStore:
     """Raw (pooled, un-normalized) descriptors of image windows, float16 on disk.
 
     Open with `FeatureStore.open(path)`; use as a context manager or call `close()`.
+    Any thread may use it: each gets its own connection (`connections.py`).
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self._conns: ThreadConnections | None = None
 
     @classmethod
     def open(cls, path: str | Path | None = None) -> "FeatureStore":
         store = cls(path or default_store_path())
-        store._connect()
+        store._conns = store._connect()
         return store
 
-    def _connect(self) -> None:
+    def _connect(self) -> ThreadConnections:
         if self.path.is_dir():
             raise StoreError(f"feature store {self.path} is a directory; --store takes a file path")
         if self.path.exists() and self.path.stat().st_size > 0:
@@ -97,40 +102,47 @@ class FeatureStore:
                         "choose another --store, or move that file away"
                     )
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        conns = ThreadConnections(self.path, self._setup)
+        self._checked(conns)  # the schema is checked (and made) now, not on first use
+        return conns
+
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(_SCHEMA)
+        row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None:
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) == 1:
+            # Schema 1 held float32 only: the new column's default says so.
+            columns = [r[1] for r in conn.execute("PRAGMA table_info(descriptors)")]
+            if "dtype" not in columns:
+                conn.execute("ALTER TABLE descriptors ADD COLUMN dtype TEXT NOT NULL DEFAULT 'float32'")
+            conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
+        elif int(row[0]) != SCHEMA_VERSION:
+            raise StoreError(
+                f"feature store {self.path} has schema {row[0]}, this version reads {SCHEMA_VERSION}; "
+                "upgrade retrieval or use another --store"
+            )
+
+    def _checked(self, conns: ThreadConnections) -> sqlite3.Connection:
         try:
-            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(_SCHEMA)
-            row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is None:
-                conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) == 1:
-                # Schema 1 held float32 only: the new column's default says so.
-                columns = [r[1] for r in conn.execute("PRAGMA table_info(descriptors)")]
-                if "dtype" not in columns:
-                    conn.execute("ALTER TABLE descriptors ADD COLUMN dtype TEXT NOT NULL DEFAULT 'float32'")
-                conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
-            elif int(row[0]) != SCHEMA_VERSION:
-                raise StoreError(
-                    f"feature store {self.path} has schema {row[0]}, this version reads {SCHEMA_VERSION}; "
-                    "upgrade retrieval or use another --store"
-                )
+            return conns.get()
         except sqlite3.DatabaseError as err:
             raise StoreError(f"feature store {self.path} is damaged ({err}); restore it or choose another --store") from err
-        self._conn = conn
 
     @property
     def conn(self) -> sqlite3.Connection:
-        if self._conn is None:
-            self._connect()
-        assert self._conn is not None
-        return self._conn
+        """The calling thread's connection (each thread has its own)."""
+        with self._lock:
+            if self._conns is None:
+                self._conns = self._connect()
+        return self._checked(self._conns)
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        with self._lock:
+            if self._conns is not None:
+                self._conns.close()
+                self._conns = None
 
     def __enter__(self) -> "FeatureStore":
         return self
