@@ -40,7 +40,7 @@ from .index import Index, IndexUsageError
 from .manifest import Entry, Manifest
 from .meta import write_meta
 from .query import K_NOT_GIVEN, QueryResult, answer_queries
-from .search import Ranking, merge_rankings, rank
+from .search import Ranking, merge_rankings, rank_many
 from .segments import write_segment
 from .snapshot import State, View, publish
 from .whitening import PCAWhitening
@@ -166,12 +166,8 @@ class _ShardSearcher:
     def search(self, queries: list[np.ndarray], options: SearchOptions) -> list[tuple[Ranking, dict[int, Entry]]]:
         """Per query (whitened vectors): this shard's ranking and the manifest entries of
         its images that still exist."""
-        view = self.index.view()
-        out = []
-        for q in queries:
-            r = rank(q, view, options)
-            out.append((r, self.index.manifest.get_many(r.ids.tolist())))
-        return out
+        rankings = rank_many(queries, self.index.view(), options)
+        return [(r, self.index.manifest.get_many(r.ids.tolist())) for r in rankings]
 
     def close(self) -> None:
         self.index.close()
