@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import threading
 import zipfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -165,25 +164,5 @@ def _blas() -> ThreadpoolController:
     return ThreadpoolController()  # inspects the loaded libraries once (about 15 ms)
 
 
-_limit_lock = threading.Lock()
-_limit_users = 0
-_limiter = None
-
-
-@contextlib.contextmanager
-def _one_blas_thread() -> Iterator[None]:
-    """BLAS limited to one thread while any thread whitens a few rows. The limit is
-    process-wide: counted here, so that threads whitening at once do not restore each
-    other's limit as the "original" one (which would leave BLAS on one thread for good)."""
-    global _limit_users, _limiter
-    with _limit_lock:
-        if _limit_users == 0:
-            _limiter = _blas().limit(limits=1, user_api="blas")
-        _limit_users += 1
-    try:
-        yield
-    finally:
-        with _limit_lock:
-            _limit_users -= 1
-            if _limit_users == 0:
-                _limiter.restore_original_limits()
+def _one_blas_thread():
+    return _blas().limit(limits=1, user_api="blas")
