@@ -34,6 +34,7 @@ _PUBLIC = {
     "Index": "engine.index",
     "QueryResult": "engine.query",
     "Report": "engine.index",
+    "SearchBatcher": "engine.batcher",
     "ShardedIndex": "engine.sharded",
 }
 

@@ -57,7 +57,7 @@ def connect_read_only(path: str | Path) -> sqlite3.Connection:
     a machine that then mounted the folder read-only) would be ignored by that, so it
     is refused, naming the file, rather than read without its last changes."""
     path = Path(path)
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60, isolation_level=None)
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60, isolation_level=None, check_same_thread=False)
     try:
         conn.execute("PRAGMA schema_version").fetchone()  # the file is opened on first use
         return conn
@@ -69,7 +69,7 @@ def connect_read_only(path: str | Path) -> sqlite3.Connection:
             f"{path} is on a read-only file system and {wal.name} holds changes not yet written into it; "
             "open it once where it can be written (any `retrieval info` does), then mount it read-only again"
         )
-    return sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, timeout=60, isolation_level=None)
+    return sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, timeout=60, isolation_level=None, check_same_thread=False)
 
 
 def _nearly_full(directory: Path) -> bool:

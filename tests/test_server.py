@@ -121,10 +121,11 @@ def test_upload_with_query_expansion_and_rotations(client, tiny):
     assert all(SPEC_HIT | {"id", "rotation"} <= set(h) for h in hits)
 
 
-def test_concurrent_uploads_are_described_together_with_the_hits_of_sequential_ones(tmp_path):
-    """8 uploads arriving while the index thread is busy go through the network in one
-    extractor call, and each gets exactly the hits it gets when the 8 come one by one
-    (on a twin index with its own store, so both runs extract)."""
+def test_concurrent_uploads_are_answered_together_with_the_hits_of_sequential_ones(tmp_path):
+    """8 uploads arriving together are answered as one batch of the server's SearchBatcher:
+    one extractor call per set of search options, and each upload gets exactly the hits
+    it gets when the 8 come one by one (on a twin index with its own store, so both runs
+    extract)."""
     import threading
     from pathlib import Path
 
@@ -134,7 +135,7 @@ def test_concurrent_uploads_are_described_together_with_the_hits_of_sequential_o
         path.parent.mkdir(exist_ok=True)
         make_scene(40 + i).save(path, quality=90)
         queries.append(path)
-    # Several option sets: batches group uploads by query levels, and rotations/boxes ride along.
+    # Several option sets: a batch is searched once per set, and rotations/boxes ride along.
     fields = [{"k": 6}, {"k": 6, "query_levels": "1"}, {"k": 3, "box": "10,10,150,110"},
               {"k": 6, "query_rotations": "0,90"}, {"k": 6}, {"k": 6, "query_levels": "1"}, {"k": 6}, {"k": 4}]
 
@@ -153,27 +154,22 @@ def test_concurrent_uploads_are_described_together_with_the_hits_of_sequential_o
         extractor = worker.index.extractor
         calls, extract = [], extractor.extract
         extractor.extract = lambda jobs, **kw: (calls.append(len(jobs)), extract(jobs, **kw))[1]
-        gate = threading.Event()
-        worker._pool.submit(gate.wait, 300)  # the index thread is busy: uploads queue up
+        # The batch is answered once all 8 wait (or after a minute), whatever the timing.
+        worker.batcher.wait_s, worker.batcher.max_batch = 60, 8
         out: dict[int, object] = {}
         threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, _upload(c, queries[i], name=queries[i].name,
                                                                                **fields[i])))
                    for i in range(8)]
         for t in threads:
             t.start()
-        for _ in range(3000):  # until all 8 wait (not a timing claim: a bounded wait)
-            if len(worker._waiting) == 8:
-                break
-            threading.Event().wait(0.1)
-        gate.set()
         for t in threads:
             t.join(300)
         concurrent = [answer(out[i]) for i in range(8)]
-        assert worker.batches[-1] == 8
-    # one call per set of query levels (levels 1,2 and level 1), each image with its rotations
-    assert sorted(calls) == [2, 7]
+        assert list(worker.batcher.batches)[-1] == 8
+    # one call per set of options (k 6 x3, k 6 at level 1 x2, k 3, k 6 at two rotations, k 4)
+    assert sorted(calls) == [1, 1, 2, 2, 3]
     # The same hits: images, ids, ranks, boxes, rotations; the distances agree to float
-    # rounding (the network sums in another order when windows of 8 images share a batch).
+    # rounding (the network sums in another order when windows of several images share a batch).
     assert [[h[:-1] for h in hits] for hits in concurrent] == [[h[:-1] for h in hits] for hits in sequential]
     np.testing.assert_allclose([h[-1] for hits in concurrent for h in hits],
                                [h[-1] for hits in sequential for h in hits], rtol=1e-3)

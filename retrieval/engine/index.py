@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ from .neighbours import Neighbours
 from .pause import pause_hook
 from .policy import WritePolicy
 from .query import K_NOT_GIVEN, QueryResult, answer_queries, search_options
-from .search import rank, rank_query
+from .search import rank, rank_queries
 from .segments import DamagedFile
 from .snapshot import State, View, read_state
 from .status import index_info
@@ -115,6 +116,9 @@ class Index:
         self._extractor: Extractor | None = None
         self._store: FeatureStore | None = None
         self._view: View | None = None
+        # Guards the parts opened on first use, which threads sharing the index may ask
+        # for at once (two networks or stores loaded would cost memory, not answers).
+        self._parts_lock = threading.Lock()
 
     # -- creation ---------------------------------------------------------------------
     @classmethod
@@ -198,6 +202,10 @@ class Index:
     # -- parts --------------------------------------------------------------------------
     @property
     def store(self) -> FeatureStore:
+        with self._parts_lock:
+            return self._open_store()
+
+    def _open_store(self) -> FeatureStore:
         if self._store is None:
             path = Path(self.meta["store"])
             # Never create a store an existing index does not have: index.json naming a
@@ -216,9 +224,10 @@ class Index:
 
     @property
     def extractor(self) -> Extractor:
-        if self._extractor is None:
-            self._extractor = make_extractor(self.extractor_config, self.runtime)
-        return self._extractor
+        with self._parts_lock:
+            if self._extractor is None:
+                self._extractor = make_extractor(self.extractor_config, self.runtime)
+            return self._extractor
 
     @property
     def patches_per_image(self) -> int:
@@ -501,11 +510,9 @@ class Index:
         expand_rows = self._rows_at(options.query_levels)
 
         def rank_here(described: list[list[np.ndarray]]) -> list:
-            out = []
-            for descriptions in described:
-                r = self._rank(view, descriptions, options, expand_rows=expand_rows, neighbours=neighbours)
-                out.append((r, self.manifest.get_many(r.ids.tolist())))
-            return out
+            rankings = self._rank(view, described, options, expand_rows=expand_rows, neighbours=neighbours)
+            entries = self.manifest.get_many(np.unique(np.concatenate([r.ids for r in rankings])).tolist())
+            return [(r, {i: entries[i] for i in r.ids.tolist() if i in entries}) for r in rankings]
 
         return answer_queries(self, whitening, queries, options, rank_here, progress=progress, skipped=skipped)
 
@@ -517,16 +524,19 @@ class Index:
         except ConfigError as err:
             raise IndexUsageError(str(err)) from None
 
-    def _rank(self, view: View, descriptions: list[np.ndarray], options: SearchOptions, **kwargs):
-        """search.rank_query; the FAISS files load on first use, so one found damaged
-        there is rebuilt from the segments (when no writer runs) and the query asked again."""
+    def _rank(self, view: View, described: list[list[np.ndarray]], options: SearchOptions, **kwargs):
+        """search.rank_queries; the FAISS files load on first use, so one found missing
+        there was deleted by a writer that published since (the queries are asked again
+        of the newer state), or is damaged and rebuilt from the segments (when no writer
+        runs) before the queries are asked again."""
         try:
-            return rank_query(descriptions, view, options, **kwargs)
+            return rank_queries(described, view, options, **kwargs)
         except DamagedFile as err:
-            why = self._try_refresh()
-            if why is not None:
-                raise self._damaged(err, why) from None
-        return rank_query(descriptions, self.view(), options, **kwargs)
+            if _read_state_or_none(self.path) == view.state:
+                why = self._try_refresh()
+                if why is not None:
+                    raise self._damaged(err, why) from None
+        return rank_queries(described, self.view(), options, **kwargs)
 
     def _rows_at(self, levels: Sequence[int]) -> np.ndarray | None:
         """Rows of a database image's windows that lie at `levels` (None: all of them, when

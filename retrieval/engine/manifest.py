@@ -10,11 +10,13 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..connections import ThreadConnections
 from ..fileio import connect_read_only, sqlite_storage_error, writable
 
 
@@ -31,10 +33,32 @@ class ManifestError(RuntimeError):
     """manifest.sqlite is not a readable SQLite database."""
 
 
+def _create_schema(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(
+        """
+        CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE IF NOT EXISTS images (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, path TEXT NOT NULL UNIQUE,
+            digest TEXT NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL);
+        CREATE INDEX IF NOT EXISTS images_digest ON images (digest);
+        INSERT OR IGNORE INTO meta VALUES ('generation', '0');
+        """
+    )
+
+
+def _check_readable(conn: sqlite3.Connection) -> None:
+    conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
+
+
 class Manifest:
+    """The images of an index. Any thread may use it: each gets its own connection
+    (`retrieval/connections.py`)."""
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self._conns: ThreadConnections | None = None
         self.refused: OSError | None = None  # why it is open for reading only
 
     @property
@@ -43,60 +67,59 @@ class Manifest:
         then only read, never created, upgraded or changed."""
         return self.path.exists() and not writable(self.path.parent)
 
-    def _open_for_reading(self, refused: OSError) -> sqlite3.Connection:
+    def _open(self) -> ThreadConnections:
+        if self.read_only:
+            return self._open_for_reading(OSError(errno.EROFS, os.strerror(errno.EROFS), str(self.path)))
+        conns = ThreadConnections(self.path, _create_schema)
+        try:
+            conns.get()
+        except sqlite3.DatabaseError as err:
+            conns.close()
+            storage = sqlite_storage_error(err, self.path)
+            if storage is not None and self.path.exists() and self.path.stat().st_size > 0:
+                return self._open_for_reading(storage)  # a full disk: the published images are still read
+            if storage is not None:
+                raise storage from err
+            raise self._damaged(err) from err
+        return conns
+
+    def _open_for_reading(self, refused: OSError) -> ThreadConnections:
         """Read the manifest though writing it is `refused` (read-only mount, full disk);
         every change then raises `refused`."""
+        conns = ThreadConnections(self.path, _check_readable, connect=connect_read_only)
         try:
-            conn = connect_read_only(self.path)
-            conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
+            conns.get()
         except sqlite3.DatabaseError as err:
+            conns.close()
             if refused.errno != errno.EROFS:  # never written whole (a first build on a full disk)
                 raise refused from err
             raise ManifestError(f"cannot read {self.path} ({err}) nor write it ({refused.strerror})") from err
         self.refused = refused
-        self._conn = conn
-        return conn
+        return conns
+
+    def _damaged(self, err: sqlite3.DatabaseError) -> ManifestError:
+        return ManifestError(
+            f"{self.path} is damaged ({err}): it is the list of the index's images and cannot be "
+            "rebuilt; restore it from a backup, or build the index again into a new directory "
+            "(the feature store keeps the descriptors, so nothing is extracted twice)"
+        )
 
     @property
     def conn(self) -> sqlite3.Connection:
-        if self._conn is None:
-            if self.read_only:
-                return self._open_for_reading(OSError(errno.EROFS, os.strerror(errno.EROFS), str(self.path)))
-            conn = None
-            try:
-                conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
-                conn.executescript(
-                    """
-                    CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-                    CREATE TABLE IF NOT EXISTS images (
-                        id INTEGER PRIMARY KEY AUTOINCREMENT, path TEXT NOT NULL UNIQUE,
-                        digest TEXT NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL);
-                    CREATE INDEX IF NOT EXISTS images_digest ON images (digest);
-                    INSERT OR IGNORE INTO meta VALUES ('generation', '0');
-                    """
-                )
-            except sqlite3.DatabaseError as err:
-                if conn is not None:
-                    conn.close()
-                storage = sqlite_storage_error(err, self.path)
-                if storage is not None and self.path.exists() and self.path.stat().st_size > 0:
-                    return self._open_for_reading(storage)  # a full disk: the published images are still read
-                if storage is not None:
-                    raise storage from err
-                raise ManifestError(
-                    f"{self.path} is damaged ({err}): it is the list of the index's images and cannot be "
-                    "rebuilt; restore it from a backup, or build the index again into a new directory "
-                    "(the feature store keeps the descriptors, so nothing is extracted twice)"
-                ) from err
-            self._conn = conn
-        return self._conn
+        """The calling thread's connection."""
+        with self._lock:
+            if self._conns is None:
+                self._conns = self._open()
+        try:
+            return self._conns.get()
+        except sqlite3.DatabaseError as err:
+            raise self._damaged(err) from err
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        with self._lock:
+            if self._conns is not None:
+                self._conns.close()
+                self._conns = None
 
     @property
     def generation(self) -> int:

@@ -11,14 +11,16 @@ pairs.
 Every function takes the search's `SearchOptions` (`retrieval/config.py`), with its
 aggregate resolved for the index (`SearchOptions.for_index`; None means mean-min).
 
-- `rank`: one description of a query ([nq, d] unit vectors) against the view.
+- `rank`: one description of a query ([nq, d] unit vectors) against the view;
+  `rank_many` several at once (one FAISS batch search for all their candidates).
 - `rank_descriptions`: several descriptions of one query (its rotations); an image's
   distance is the smallest over them.
 - `rank_reranked`: the same, then query expansion (the top hits' own window sets become
   queries too) and database-side augmentation (an image is scored with its stored
   nearest neighbours, `retrieval/engine/neighbours.py`). Both combine distances with
   alpha-QE weights, so a window-set distance needs no averaged descriptor.
-- `rank_query`: whichever of the two the options ask for.
+- `rank_query`: whichever of the two the options ask for; `rank_queries` for many
+  queries at once.
 - `merge_rankings`: the k nearest over several rankings (rotations, shards).
 """
 from __future__ import annotations
@@ -67,29 +69,51 @@ def rank(query: np.ndarray, view: View, options: SearchOptions = SearchOptions()
     """The `options.k` nearest images (None: every image) to one query description
     ([nq, d] unit vectors). `layout_rows` are the database window positions of the
     query's windows (default: all, in order), for the layout index."""
-    pool = candidate_images(query, view, options, layout_rows) if uses_candidates(view, options) else None
-    ids, dist, qp, dp = image_distances(query, view, pool, _aggregate(options))
-    return Ranking(ids, dist, qp, dp).take(top_k(dist, ids, options.k))
+    return rank_many([query], view, options, layout_rows)[0]
+
+
+def rank_many(queries: list[np.ndarray], view: View, options: SearchOptions = SearchOptions(),
+              layout_rows: np.ndarray | None = None) -> list[Ranking]:
+    """`rank` of each query description, their FAISS candidates found in one batch
+    search (FAISS spreads a batch over its threads; one window set at a time leaves
+    them idle). Each ranking is the one `rank` gives the description alone."""
+    pools = (candidate_pools(queries, view, options, layout_rows) if uses_candidates(view, options)
+             else [None] * len(queries))
+    out = []
+    for query, pool in zip(queries, pools):
+        ids, dist, qp, dp = image_distances(query, view, pool, _aggregate(options))
+        out.append(Ranking(ids, dist, qp, dp).take(top_k(dist, ids, options.k)))
+    return out
 
 
 def candidate_images(query: np.ndarray, view: View, options: SearchOptions,
                      layout_rows: np.ndarray | None = None) -> np.ndarray:
-    """Sorted ids of the images FAISS proposes for one query description: the owners of
-    each query window's `per_patch` nearest windows, and the layout index's `layout_k`."""
+    """Sorted ids of the images FAISS proposes for one query description."""
+    return candidate_pools([query], view, options, layout_rows)[0]
+
+
+def candidate_pools(queries: list[np.ndarray], view: View, options: SearchOptions,
+                    layout_rows: np.ndarray | None = None) -> list[np.ndarray]:
+    """Per query description, the sorted ids of the images FAISS proposes: the owners of
+    each query window's `per_patch` nearest windows, and the layout index's `layout_k`.
+    All descriptions' windows go to FAISS in one search (and their layouts in another)."""
     per_patch = options.per_patch or max(4 * options.k, 64)
     # nprobe goes with this call only: the FAISS structure is shared by every thread.
-    _, found = view.ann.search(query, per_patch, nprobe=options.nprobe)
-    pool = found[found >= 0] >> WINDOW_BITS
+    _, found = view.ann.search(np.concatenate(queries), per_patch, nprobe=options.nprobe)
+    bounds = np.cumsum([0] + [len(q) for q in queries])
+    pools = [found[a:b][found[a:b] >= 0] >> WINDOW_BITS for a, b in zip(bounds[:-1], bounds[1:])]
     rows = np.arange(view.patches) if layout_rows is None else layout_rows
-    layout = view.layout if options.layout_k != 0 and len(query) == len(rows) else None
+    laid_out = [i for i, q in enumerate(queries) if len(q) == len(rows)]
+    layout = view.layout if options.layout_k != 0 and laid_out else None
     if layout is not None:
         # A query at fewer levels fills only its windows' places: the zeros elsewhere
         # make the inner product the sum over the windows it has.
-        laid = np.zeros((view.patches, query.shape[1]), np.float32)
-        laid[rows] = query
-        _, near = layout.search(laid.reshape(1, -1), options.layout_k)
-        pool = np.concatenate([pool, near[near >= 0]])
-    return np.unique(pool)
+        laid = np.zeros((len(laid_out), view.patches, queries[0].shape[1]), np.float32)
+        laid[:, rows] = np.stack([queries[i] for i in laid_out])
+        _, near = layout.search(laid.reshape(len(laid_out), -1), options.layout_k)
+        for i, found_near in zip(laid_out, near):
+            pools[i] = np.concatenate([pools[i], found_near[found_near >= 0]])
+    return [np.unique(pool) for pool in pools]
 
 
 def top_k(dist: np.ndarray, ids: np.ndarray, k: int | None) -> np.ndarray:
@@ -127,23 +151,36 @@ def rank_descriptions(queries: list[np.ndarray], view: View, options: SearchOpti
     says which description decided."""
     if not queries:
         raise ValueError("rank_descriptions needs at least one description of the query")
-    if len(queries) == 1:
-        return rank(queries[0], view, options, layout_rows)
-    parts = []
-    for i, q in enumerate(queries):
-        r = rank(q, view, options, layout_rows)
+    return _nearest_description(rank_many(queries, view, options, layout_rows), options.k)
+
+
+def _nearest_description(parts: list[Ranking], k: int | None) -> Ranking:
+    """The rankings of one query's descriptions merged, each labelled with its description."""
+    if len(parts) == 1:
+        return parts[0]
+    for i, r in enumerate(parts):
         r.query = np.full(len(r.ids), i, np.int32)
-        parts.append(r)
-    return merge_rankings(parts, options.k)
+    return merge_rankings(parts, k)
 
 
 def rank_query(queries: list[np.ndarray], view: View, options: SearchOptions, *,
                expand_rows: np.ndarray | None = None, neighbours: Neighbours | None = None) -> Ranking:
     """One query, described once or several ways: `rank_reranked` when the options ask
     for query expansion or database-side augmentation, else `rank_descriptions`."""
+    return rank_queries([queries], view, options, expand_rows=expand_rows, neighbours=neighbours)[0]
+
+
+def rank_queries(described: list[list[np.ndarray]], view: View, options: SearchOptions, *,
+                 expand_rows: np.ndarray | None = None, neighbours: Neighbours | None = None) -> list[Ranking]:
+    """`rank_query` of each query (its list of descriptions), in order. Without
+    re-ranking, every description of every query is ranked in one `rank_many` batch."""
     if options.qe or options.dba:
-        return rank_reranked(queries, view, options, expand_rows=expand_rows, neighbours=neighbours)
-    return rank_descriptions(queries, view, options, expand_rows)
+        return [rank_reranked(d, view, options, expand_rows=expand_rows, neighbours=neighbours) for d in described]
+    if not all(described):
+        raise ValueError("rank_queries needs at least one description of each query")
+    flat = rank_many([q for d in described for q in d], view, options, expand_rows)
+    ends = np.cumsum([len(d) for d in described]).tolist()
+    return [_nearest_description(flat[end - len(d):end], options.k) for d, end in zip(described, ends)]
 
 
 def rank_reranked(queries: list[np.ndarray], view: View, options: SearchOptions, *,

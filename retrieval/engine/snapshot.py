@@ -110,6 +110,8 @@ class View:
         self.segments: list[Segment] = []
         self._ann: VectorIndex | None = None
         self._layout: VectorIndex | None = None
+        # Threads searching this view at once load each structure once between them.
+        self._faiss_lock = threading.Lock()
         if state.whitening is not None:
             path = directory / state.whitening["file"]
             try:
@@ -135,17 +137,19 @@ class View:
     @property
     def ann(self) -> VectorIndex | None:
         """The FAISS structure, loaded on first use (a large one is hundreds of MB)."""
-        if self._ann is None and self.state.ann is not None:
-            self._ann = self._load_faiss("file", "factory")
-        return self._ann
+        with self._faiss_lock:
+            if self._ann is None and self.state.ann is not None:
+                self._ann = self._load_faiss("file", "factory")
+            return self._ann
 
     @property
     def layout(self) -> VectorIndex | None:
         """The layout index (one laid-out vector per image), loaded on first use; None
         where the state has none (one window per image)."""
-        if self._layout is None and self.state.ann is not None and self.state.ann.get("layout"):
-            self._layout = self._load_faiss("layout", "layout_factory")
-        return self._layout
+        with self._faiss_lock:
+            if self._layout is None and self.state.ann is not None and self.state.ann.get("layout"):
+                self._layout = self._load_faiss("layout", "layout_factory")
+            return self._layout
 
     def _load_faiss(self, file_key: str, factory_key: str) -> VectorIndex:
         path = self.directory / self.state.ann[file_key]

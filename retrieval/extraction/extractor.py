@@ -80,6 +80,7 @@ class Extractor:
         self.config = config
         self.runtime = runtime or RuntimeConfig()
         self._backbone = None
+        self._load_lock = threading.Lock()
         self._key: str | None = None
         # Seconds per stage of the last extract (prepare: summed over decode threads;
         # network and pool: network thread; assemble and caller_waits: caller's thread).
@@ -87,22 +88,24 @@ class Extractor:
 
     @property
     def backbone(self):
-        if self._backbone is None:
-            from .backbones import load_backbone
+        # Threads sharing an index may ask at once: the network is loaded once.
+        with self._load_lock:
+            if self._backbone is None:
+                from .backbones import load_backbone
 
-            self._backbone = load_backbone(self.config, self.runtime.device)
-            mode = self.config.patch_mode
-            if mode in MAP_MODES and self._backbone.output_kind != "map":
-                raise ValueError(
-                    f"--patch-mode {mode} needs a convolutional feature map, but the chosen "
-                    "layer/output is a vector; pick a conv layer or use --patch-mode crop"
-                )
-            if mode == "pyramid" and not self._backbone.dynamic_size:
-                raise ValueError(
-                    "--patch-mode pyramid feeds the image at several sizes and needs a network "
-                    "that accepts any input size; this one is fixed (use --patch-mode crop)"
-                )
-        return self._backbone
+                self._backbone = load_backbone(self.config, self.runtime.device)
+                mode = self.config.patch_mode
+                if mode in MAP_MODES and self._backbone.output_kind != "map":
+                    raise ValueError(
+                        f"--patch-mode {mode} needs a convolutional feature map, but the chosen "
+                        "layer/output is a vector; pick a conv layer or use --patch-mode crop"
+                    )
+                if mode == "pyramid" and not self._backbone.dynamic_size:
+                    raise ValueError(
+                        "--patch-mode pyramid feeds the image at several sizes and needs a network "
+                        "that accepts any input size; this one is fixed (use --patch-mode crop)"
+                    )
+            return self._backbone
 
     def load(self) -> "Extractor":
         """Load the network now rather than on first use; raises on a bad configuration."""

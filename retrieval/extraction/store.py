@@ -19,11 +19,13 @@ import errno
 import json
 import os
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
+from ..connections import ThreadConnections
 from ..fileio import connect_read_only, sqlite_storage_error, writable
 
 SCHEMA_VERSION = 2
@@ -77,11 +79,13 @@ class FeatureStore:
     """Raw (pooled, un-normalized) descriptors of image windows, float16 on disk.
 
     Open with `FeatureStore.open(path)`; use as a context manager or call `close()`.
+    Any thread may use it: each gets its own connection (`retrieval/connections.py`).
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self._conns: ThreadConnections | None = None
         # Why writes are refused (a read-only mount, a disk too full to open the store for
         # writing): the rows are still read; `put` raises this.
         self.refused: OSError | None = None
@@ -94,10 +98,10 @@ class FeatureStore:
     @classmethod
     def open(cls, path: str | Path | None = None) -> "FeatureStore":
         store = cls(path or default_store_path())
-        store._connect()
+        store._conns = store._connect()
         return store
 
-    def _connect(self) -> None:
+    def _connect(self) -> ThreadConnections:
         if self.path.is_dir():
             raise StoreError(f"feature store {self.path} is a directory; --store takes a file path")
         if self.path.exists() and self.path.stat().st_size > 0:
@@ -108,59 +112,65 @@ class FeatureStore:
                         "choose another --store, or move that file away"
                     )
         if self.path.exists() and not writable(self.path.parent):
-            self._connect_read_only(OSError(errno.EROFS, os.strerror(errno.EROFS), str(self.path)))
-            return
+            return self._connect_read_only(OSError(errno.EROFS, os.strerror(errno.EROFS), str(self.path)))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = None
+        conns = ThreadConnections(self.path, self._setup)
         try:
-            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(_SCHEMA)
-            row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is None:
-                conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) == 1:
-                # Schema 1 held float32 only: the new column's default says so.
-                columns = [r[1] for r in conn.execute("PRAGMA table_info(descriptors)")]
-                if "dtype" not in columns:
-                    conn.execute("ALTER TABLE descriptors ADD COLUMN dtype TEXT NOT NULL DEFAULT 'float32'")
-                conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
-            elif int(row[0]) != SCHEMA_VERSION:
-                raise StoreError(
-                    f"feature store {self.path} has schema {row[0]}, this version reads {SCHEMA_VERSION}; "
-                    "upgrade retrieval or use another --store"
-                )
+            conns.get()  # the schema is checked (and made) now, not on first use
         except sqlite3.DatabaseError as err:
-            if conn is not None:
-                conn.close()
+            conns.close()
             storage = sqlite_storage_error(err, self.path)
             if storage is not None and self.path.stat().st_size > 0:
-                self._connect_read_only(storage)  # a full disk: what is stored is still served
-                return
+                return self._connect_read_only(storage)  # a full disk: what is stored is still served
             if storage is not None:
                 raise storage from err
-            raise StoreError(f"feature store {self.path} is damaged ({err}); restore it or choose another --store") from err
-        self._conn = conn
+            raise self._damaged(err) from err
+        return conns
 
-    def _connect_read_only(self, refused: OSError) -> None:
-        """Open the store for reading only, because writing it was `refused`: every stored
-        row is served; `put` raises `refused`."""
-        try:
-            conn = connect_read_only(self.path)
-            row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        except sqlite3.DatabaseError as err:
-            if refused.errno != errno.EROFS:  # never written whole (a first run on a full disk)
-                raise refused from err
-            raise StoreError(f"feature store {self.path} cannot be read ({err}) nor written ({refused.strerror})") from err
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(_SCHEMA)
+        row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None:
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) == 1:
+            # Schema 1 held float32 only: the new column's default says so.
+            columns = [r[1] for r in conn.execute("PRAGMA table_info(descriptors)")]
+            if "dtype" not in columns:
+                conn.execute("ALTER TABLE descriptors ADD COLUMN dtype TEXT NOT NULL DEFAULT 'float32'")
+            conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
+        elif int(row[0]) != SCHEMA_VERSION:
+            raise StoreError(
+                f"feature store {self.path} has schema {row[0]}, this version reads {SCHEMA_VERSION}; "
+                "upgrade retrieval or use another --store"
+            )
+
+    def _check_schema_read_only(self, conn: sqlite3.Connection) -> None:
+        row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None or int(row[0]) != SCHEMA_VERSION:
             raise StoreError(
                 f"feature store {self.path} has schema {row[0] if row else 'none'} and cannot be written "
-                f"({refused.strerror}); this version reads {SCHEMA_VERSION} and upgrades a store it can write: "
-                "open it once where it can be written"
+                f"({self.refused.strerror if self.refused else 'read-only'}); this version reads {SCHEMA_VERSION} "
+                "and upgrades a store it can write: open it once where it can be written"
             )
+
+    def _connect_read_only(self, refused: OSError) -> ThreadConnections:
+        """Open the store for reading only, because writing it was `refused`: every stored
+        row is served; `put` raises `refused`."""
         self.refused = refused
-        self._conn = conn
+        conns = ThreadConnections(self.path, self._check_schema_read_only, connect=connect_read_only)
+        try:
+            conns.get()
+        except sqlite3.DatabaseError as err:
+            conns.close()
+            self.refused = None
+            if refused.errno != errno.EROFS:  # never written whole (a first run on a full disk)
+                raise refused from err
+            raise StoreError(f"feature store {self.path} cannot be read ({err}) nor written ({refused.strerror})") from err
+        return conns
+
+    def _damaged(self, err: sqlite3.DatabaseError) -> StoreError:
+        return StoreError(f"feature store {self.path} is damaged ({err}); restore it or choose another --store")
 
     def _check_writable(self) -> None:
         if self.refused is not None:
@@ -168,15 +178,20 @@ class FeatureStore:
 
     @property
     def conn(self) -> sqlite3.Connection:
-        if self._conn is None:
-            self._connect()
-        assert self._conn is not None
-        return self._conn
+        """The calling thread's connection (each thread has its own)."""
+        with self._lock:
+            if self._conns is None:
+                self._conns = self._connect()
+        try:
+            return self._conns.get()
+        except sqlite3.DatabaseError as err:
+            raise self._damaged(err) from err
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        with self._lock:
+            if self._conns is not None:
+                self._conns.close()
+                self._conns = None
 
     def __enter__(self) -> "FeatureStore":
         return self

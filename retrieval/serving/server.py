@@ -14,7 +14,6 @@ the re-ranking fields `qe`, `dba`, `query_rotations` = "0,90,180,270", as `retri
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures as cf
 import contextlib
 import errno
 import io
@@ -24,9 +23,6 @@ import os
 import socket
 import sys
 import tempfile
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
@@ -37,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from threadpoolctl import threadpool_limits
 
 from ..config import ConfigError, RuntimeConfig, SearchOptions, levels_from_text, rotations_from_text
+from ..engine.batcher import SearchBatcher
 from ..extraction.images import ImageError, load_rgb, upright_size
 from .guard import Guard, HostPolicy
 from .report import STATIC, cached_thumbnail
@@ -54,10 +51,6 @@ DECODES_AT_ONCE = 2
 MAX_K = 1000
 # Multipart framing and the small form fields around the image.
 FORM_OVERHEAD = 64 * 1024
-# Uploads arriving within this many seconds of the first are described in one extractor
-# call (and any arriving while the index thread is busy wait for the next such call).
-GATHER_S = 0.005
-BATCH_LOG = 1000
 # Formats every browser shows as they are; anything else is served converted to PNG.
 BROWSER_FORMATS = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"}
 
@@ -121,30 +114,23 @@ class _BodyLimit:
 
 
 class IndexWorker:
-    """Owns the open Index on one dedicated thread; every index call runs there.
+    """The open Index, shared by the server's threads, and the batcher every query goes
+    through (`retrieval/engine/batcher.py`).
 
-    One thread, rather than a lock around `search`: the manifest and the feature store
-    hold SQLite connections that may only be used by the thread that opened them, and the
-    network and the native kernel are shared and already use every core for one query,
-    so running queries one at a time costs no throughput. Uploads, decoding and
-    thumbnails run beside it on the server's other threads. Uploaded query images that
-    arrive together are described together (`search_upload`): one network call for all
-    of them, in full batches, rather than one call each.
+    An Index is safe to share between threads, so the routes call it from the server's
+    thread pool. Queries arriving together (uploads or indexed images) are answered
+    together: their images described in one network call, their candidates found in one
+    FAISS batch search, one batch at a time, each batch using every core.
     """
 
     def __init__(self, index_dir: str | Path, runtime: RuntimeConfig | None = None) -> None:
-        # Uploads waiting to be described together (see `search_upload`).
-        self._lock = threading.Lock()
-        self._waiting: list[tuple[str, Any, dict, cf.Future]] = []
-        self._drain_queued = False
-        self.batches: list[int] = []  # uploads per description batch (the last BATCH_LOG ones)
         # A query whitens a handful of vectors, too few for BLAS threads to pay for waking
         # up: on the shared 2-core machine they made a store-hit search ~4x slower (about
         # 34 ms against 8.5 ms; benchmarks/results/serve.md). The limit is process-wide,
         # which suits a server process; the network and the kernel keep their own threads.
         threadpool_limits(1, user_api="blas")
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval-index")
-        self.index = self._pool.submit(self._open, index_dir, runtime).result()
+        self.index = self._open(index_dir, runtime)
+        self.batcher = SearchBatcher(self.index)
 
     @staticmethod
     def _open(index_dir: str | Path, runtime: RuntimeConfig | None):
@@ -160,43 +146,26 @@ class IndexWorker:
         return idx
 
     async def run(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
-        """Run `fn(index, *args, **kwargs)` on the index thread and await its result."""
-        return await asyncio.wrap_future(self._pool.submit(fn, self.index, *args, **kwargs))
+        """Run `fn(index, *args, **kwargs)` in the server's thread pool and await its result."""
+        return await run_in_threadpool(fn, self.index, *args, **kwargs)
 
-    async def search_upload(self, path: str, crop: tuple | None, options: SearchOptions) -> dict:
-        """`_search` of an uploaded image, described together with the other uploads
-        waiting: those that arrive within GATHER_S of each other, or while the index
-        thread is busy (describing the previous batch), go through the network in one
-        extractor call (full batches mixing their windows), and each is searched on its own
-        as soon as its image is described and stored (its descriptors are then store hits),
-        while the network goes on with the others. The hits are those of a query alone."""
-        future: cf.Future = cf.Future()
-        with self._lock:
-            self._waiting.append((path, crop, options, future))
-            if not self._drain_queued:
-                self._drain_queued = True
-                self._pool.submit(self._drain)
-        return await asyncio.wrap_future(future)
+    async def search(self, path: str, crop: tuple | None, options: SearchOptions) -> dict:
+        """The query JSON of docs/cli.md section 5 for one query image, each hit with its id
+        and size; answered by the batcher together with the queries waiting beside it."""
+        from ..engine.index import IndexUsageError
 
-    def _drain(self) -> None:
-        """On the index thread: describe every waiting upload at once, answering each as
-        soon as its image is described."""
-        time.sleep(GATHER_S)
-        with self._lock:
-            batch, self._waiting = self._waiting, []
-            self._drain_queued = False
-        batch = [b for b in batch if b[3].set_running_or_notify_cancel()]  # a client gone: dropped
-        self.batches = [*self.batches[-BATCH_LOG + 1:], len(batch)]
+        item = path if crop is None else (path, crop)
         try:
-            _answer_together(self.index, batch)
-        finally:  # no request may wait forever, whatever went wrong
-            for *_, future in batch:
-                if not future.done():
-                    future.set_exception(RuntimeError("the query could not be answered"))
+            result = await asyncio.wrap_future(self.batcher.submit(item, options))
+        except IndexUsageError as err:  # e.g. dba asked of an index whose neighbours were not computed
+            raise HTTPException(400, str(err)) from None
+        if result.error is not None:
+            raise HTTPException(400, f"cannot query this image: {result.error}")
+        return await self.run(_hits_json, result)
 
     def close(self) -> None:
-        self._pool.submit(self.index.close).result()
-        self._pool.shutdown()
+        self.batcher.close()
+        self.index.close()
 
 
 def create_app(
@@ -269,7 +238,7 @@ def create_app(
             sx, sy = width / queried[0], height / queried[1]
             if crop is not None:
                 crop = (crop[0] / sx, crop[1] / sy, crop[2] / sx, crop[3] / sy)
-            result = await worker.search_upload(tmp, crop, options)
+            result = await worker.search(tmp, crop, options)
         finally:
             os.unlink(tmp)
         if (sx, sy) != (1, 1):  # boxes back in pixels of the image as uploaded
@@ -287,7 +256,7 @@ def create_app(
     ) -> dict:
         entry = await _entry(image_id)
         crop = _box(box, entry.width, entry.height)
-        result = await worker.run(_search, entry.path, crop, options)
+        result = await worker.search(entry.path, crop, options)
         result.update(query=entry.path, query_id=entry.id, width=entry.width, height=entry.height)
         return {"results": [result]}
 
@@ -421,67 +390,8 @@ def _png(path: str) -> bytes:
     return buf.getvalue()
 
 
-def _answer_together(idx, batch: list) -> None:
-    """Answer the uploads of `batch` (path, crop, options, future), describing their images
-    in one extractor call per set of query levels, as `Index.search` would describe each
-    (its levels, at its rotations). Each upload is searched, its descriptors now store
-    hits, as soon as its last image is described, while the network goes on with the
-    others. An upload whose image fails is searched after the rest: its own search
-    describes it again and says why."""
-    from ..extraction.extractor import Skipped
-    from ..extraction.features import describe
-    from ..extraction.patches import level_names
-
-    def answer(entry) -> None:
-        path, crop, options, future = entry
-        try:
-            future.set_result(_search(idx, path, crop, options))
-        except BaseException as err:  # noqa: BLE001 - raised in the request's task
-            future.set_exception(err)
-
-    if len(batch) == 1:
-        answer(batch[0])
-        return
-    groups: dict[tuple, list] = {}
-    later = []
-    for entry in batch:
-        options = entry[2].for_index(idx.search_config)  # checked when the request was read
-        groups.setdefault(tuple(options.query_levels), []).append((entry, options.rotations))
-    for levels, members in groups.items():
-        waiting = {(entry[0], entry[1]): [entry, len(rotations)] for entry, rotations in members}
-        items = [(entry[0], entry[1], r) for entry, rotations in members for r in rotations]
-        try:
-            # keep=None: a store on a read-only or full disk still answers (engine/query.py does the same).
-            for out in describe(items, idx.extractor, idx.store, level_names(levels), progress=False, desc="query",
-                                keep=None):
-                if isinstance(out, Skipped):
-                    key = next((k for k in waiting if k[0] == out.path), None)
-                    if key is not None:
-                        later.append(waiting.pop(key)[0])
-                    continue
-                state = waiting.get((out.path, out.crop))
-                if state is not None:
-                    state[1] -= 1
-                    if state[1] == 0:
-                        answer(waiting.pop((out.path, out.crop))[0])
-        except Exception:  # noqa: BLE001 - each query left describes itself again and says why
-            pass
-        later.extend(state[0] for state in waiting.values())
-    for entry in later:
-        answer(entry)
-
-
-def _search(idx, path: str, crop: tuple | None, options: SearchOptions) -> dict:
-    """One query on the index thread: the query JSON of docs/cli.md section 5, each hit with its id and size."""
-    from ..engine.index import IndexUsageError
-
-    item = path if crop is None else (path, crop)
-    try:
-        (result,) = idx.search([item], options=options)
-    except IndexUsageError as err:  # e.g. dba asked of an index whose neighbours were not computed
-        raise HTTPException(400, str(err)) from None
-    if result.error is not None:
-        raise HTTPException(400, f"cannot query this image: {result.error}")
+def _hits_json(idx, result) -> dict:
+    """A QueryResult as the query JSON, each hit with its manifest id and size."""
     hits = []
     for hit in result.hits:
         entry = idx.entry(hit.id)

@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Many client threads searching one kept index, through the public API.
+
+    python benchmarks/concurrency.py /tmp/scale/n100000/index /tmp/scale/n100000/queries \
+        --threads 1,2,4,8 --seconds 20 --json out.json
+
+The index and its query images come from `benchmarks/index_scale.py --keep` (the
+queries' descriptors are in the index's store, so a search is ranking, not network).
+For each client count, each mode runs `--seconds` of closed-loop clients (a client asks
+its next query as soon as it has its answer; client c starts at query c and steps
+through them all), after `Index.warm(wait=True)` as `retrieval serve` does:
+
+- `shared`: one `Index`, every client calls `Index.search([query], k=10)`;
+- `batched`: one `Index` and one `SearchBatcher`, every client calls `batcher.search`;
+- `per-thread`: one `Index` per client thread, opened in that thread (the only way before
+  an `Index` could be shared; run it with PYTHONPATH at an older checkout to measure that
+  code: the script puts its own checkout last on sys.path).
+
+Reports queries/s and p50 / p95 / p99 latency per mode and client count, whether every
+answer equals the sequential one (ids and distances), and recall@10 of the sequential
+answers against exact scoring of every image on `--recall-queries` of the queries.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))  # last: a PYTHONPATH checkout wins
+
+import numpy as np  # noqa: E402
+
+from retrieval import Index  # noqa: E402
+
+MODES = ("shared", "batched", "per-thread")
+
+
+def _answer(result) -> list:
+    return [(h.id, round(h.distance, 5)) for h in result.hits]
+
+
+def run_mode(mode: str, index_dir: Path, queries: list[str], clients: int, seconds: float, k: int,
+             expected: dict[str, list]) -> dict:
+    """`clients` closed-loop threads for `seconds`: throughput, latency percentiles and
+    how many answers differ from the sequential ones."""
+    shared = Index.open(index_dir) if mode != "per-thread" else None
+    batcher = None
+    if mode == "batched":
+        from retrieval import SearchBatcher
+
+        batcher = SearchBatcher(shared)
+    if shared is not None:
+        shared.warm(wait=True)
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    differ = [0] * clients
+    errors: list[str] = []
+    ready = threading.Barrier(clients + 1)
+    stop = threading.Event()
+
+    def client(c: int) -> None:
+        own = Index.open(index_dir) if mode == "per-thread" else None
+        try:
+            if own is not None:
+                own.warm(wait=True)
+                own.search(queries[:1], k=k)  # loads this thread's view and FAISS structure
+            ask = ((lambda q: batcher.search(q, k=k)) if batcher is not None else
+                   (lambda q: (own or shared).search([q], k=k)[0]))
+            ready.wait()
+            i = c
+            while not stop.is_set():
+                q = queries[i % len(queries)]
+                t = time.perf_counter()
+                result = ask(q)
+                latencies[c].append(time.perf_counter() - t)
+                differ[c] += _answer(result) != expected[q]
+                i += clients
+        except BaseException as err:  # noqa: BLE001 - reported in the row
+            errors.append(f"{type(err).__name__}: {err}")
+            if not ready.broken:
+                ready.abort()
+        finally:
+            if own is not None:
+                own.close()
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        ready.wait()
+    except threading.BrokenBarrierError:
+        pass
+    start = time.perf_counter()
+    time.sleep(seconds if not errors else 0)
+    stop.set()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    if batcher is not None:
+        batches = list(batcher.batches)
+        batcher.close()
+    if shared is not None:
+        shared.close()
+    times = [x for per in latencies for x in per]
+    ms = lambda q: round(1000 * float(np.percentile(times, q)), 1) if times else None  # noqa: E731
+    row = {"mode": mode, "clients": clients, "queries": len(times), "qps": round(len(times) / elapsed, 1),
+           "p50_ms": ms(50), "p95_ms": ms(95), "p99_ms": ms(99), "differ_from_sequential": sum(differ),
+           "errors": errors[:3]}
+    if batcher is not None:
+        row["mean_batch"] = round(float(np.mean(batches)), 2) if batches else None
+    return row
+
+
+def _load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("index", type=Path, help="a kept index (benchmarks/index_scale.py --keep)")
+    p.add_argument("queries", type=Path, help="folder of query images whose descriptors are in the index's store")
+    p.add_argument("--threads", default="1,2,4,8", help="client thread counts (default 1,2,4,8)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"modes to run, from {','.join(MODES)}")
+    p.add_argument("--seconds", type=float, default=20.0, help="closed-loop run per mode and client count")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--recall-queries", type=int, default=20, help="queries scored exactly for recall@k (0: skip)")
+    p.add_argument("--json", help="write the rows here")
+    args = p.parse_args(argv)
+    modes = args.modes.split(",")
+    if not set(modes) <= set(MODES):
+        p.error(f"--modes takes {','.join(MODES)} (got {args.modes!r})")
+    counts = [int(v) for v in args.threads.split(",")]
+    queries = [str(q) for q in sorted(args.queries.iterdir())]
+    with Index.open(args.index) as idx:
+        idx.warm(wait=True)
+        sequential = {q: idx.search([q], k=args.k)[0] for q in queries}
+        recall = None
+        if args.recall_queries:
+            some = queries[:args.recall_queries]
+            exact = idx.search(some, k=args.k, exact_limit=10**12)
+            recall = round(float(np.mean([len({h.id for h in sequential[q].hits} & {h.id for h in e.hits}) / args.k
+                                          for q, e in zip(some, exact)])), 3)
+        info = idx.info()
+    expected = {q: _answer(r) for q, r in sequential.items()}
+    rows = []
+    print(f"{info['images']} images, {info['structure']['search']} {info['structure'].get('factory') or ''}, "
+          f"recall@{args.k} {recall}", flush=True)
+    for clients in counts:
+        for mode in modes:
+            before = _load()
+            row = run_mode(mode, args.index, queries, clients, args.seconds, args.k, expected)
+            row["load_before"], row["load_after"] = before, _load()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    result = {"machine": f"{platform.node()} {os.cpu_count()} CPUs", "command": " ".join(sys.argv),
+              "pythonpath": os.environ.get("PYTHONPATH", ""), "images": info["images"],
+              "structure": info["structure"], f"recall@{args.k}": recall, "rows": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 1 if any(r["errors"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

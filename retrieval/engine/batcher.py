@@ -1,0 +1,128 @@
+"""Concurrent single-query searches on one index, answered together.
+
+A service's request threads each ask one query of a shared `Index` (or `ShardedIndex`).
+Searched one by one, each pays its own FAISS search and kernel calls, and their OpenMP
+threads fight over the cores. `SearchBatcher` gathers the queries that arrive within
+`wait_s` of the oldest waiting one (at most `max_batch`), and those that arrive while a
+batch is being answered, and answers them with one `search` call per distinct
+`SearchOptions`: their images are described in one extractor call (store hits need no
+network) and ranked with one FAISS batch search (`search.rank_many`). Each caller gets
+the result that `search` gives its query alone, an unreadable query included (a result
+with its `error`); an exception of `search` (a bad option for this index) goes to every
+caller of that options group.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+from ..config import SearchOptions
+from .query import K_NOT_GIVEN, QueryResult, search_options
+
+WAIT_S = 0.002
+MAX_BATCH = 32
+BATCH_LOG = 1000  # batch sizes kept in `SearchBatcher.batches`
+
+
+class Searchable(Protocol):
+    """What the batcher needs of an index (`Index`, `ShardedIndex`)."""
+
+    def search(self, queries: Sequence[Any], *, options: SearchOptions) -> list[QueryResult]: ...
+
+
+@dataclass
+class _Request:
+    query: Any  # a path, or (path, crop box in pixels)
+    options: SearchOptions
+    future: cf.Future
+    arrived: float
+
+
+class SearchBatcher:
+    """Answers single queries from many threads together; one per shared index.
+
+    >>> batcher = SearchBatcher(Index.open("my-index"))     # doctest: +SKIP
+    >>> batcher.search("query.jpg", k=5).hits                # doctest: +SKIP (from any thread)
+    >>> batcher.close()                                      # doctest: +SKIP
+
+    The batches run on one thread of the batcher's own, each using every core (FAISS and
+    the kernel are parallel inside), so a batch never competes with another for them.
+    """
+
+    def __init__(self, index: Searchable, *, wait_s: float = WAIT_S, max_batch: int = MAX_BATCH) -> None:
+        if wait_s < 0 or max_batch < 1:
+            raise ValueError(f"wait_s must be >= 0 and max_batch >= 1 (got {wait_s}, {max_batch})")
+        self.index, self.wait_s, self.max_batch = index, wait_s, max_batch
+        self.batches: collections.deque[int] = collections.deque(maxlen=BATCH_LOG)  # queries per batch
+        self._pending: list[_Request] = []
+        self._changed = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="retrieval-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, query: Any, options: SearchOptions = SearchOptions()) -> cf.Future:
+        """Queue one query (a path, or (path, crop box)); its future's result is its
+        `QueryResult` (for `asyncio.wrap_future` in an event loop)."""
+        if not isinstance(options, SearchOptions):
+            raise TypeError(f"options must be a SearchOptions (got {type(options).__name__})")
+        future: cf.Future = cf.Future()
+        with self._changed:
+            if self._closed:
+                raise RuntimeError("this SearchBatcher is closed; make a new one for the index")
+            self._pending.append(_Request(query, options, future, time.monotonic()))
+            self._changed.notify()
+        return future
+
+    def search(self, query: Any, k: int | None = K_NOT_GIVEN, *, options: SearchOptions | None = None,
+               **keywords) -> QueryResult:
+        """`Index.search` of one query (same options, as `options=` or keywords), answered
+        together with the queries other threads ask meanwhile."""
+        return self.submit(query, search_options(k, options, keywords)).result()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._pending and not self._closed:
+                    self._changed.wait()
+                if not self._pending:
+                    return  # closed, and every queued query answered
+                deadline = self._pending[0].arrived + self.wait_s
+                while len(self._pending) < self.max_batch and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._changed.wait(left)
+                batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
+            self._answer([r for r in batch if r.future.set_running_or_notify_cancel()])
+
+    def _answer(self, batch: list[_Request]) -> None:
+        self.batches.append(len(batch))
+        groups: dict[SearchOptions, list[_Request]] = {}
+        for request in batch:
+            groups.setdefault(request.options, []).append(request)
+        for options, members in groups.items():
+            try:
+                results = self.index.search([r.query for r in members], options=options)
+            except Exception as err:  # noqa: BLE001 - raised in each caller's thread
+                for r in members:
+                    r.future.set_exception(err)
+                continue
+            for r, result in zip(members, results):
+                r.future.set_result(result)
+
+    def close(self) -> None:
+        """Answer the queries already queued, then stop (the index stays open)."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        self._thread.join()
+
+    def __enter__(self) -> "SearchBatcher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,154 @@
+"""One `Index` shared by many threads (issue 24): concurrent searches get exactly the
+sequential answers, searches beside a writer thread answer from published states, and
+the `SearchBatcher` gives each caller its own result."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from conftest import make_scene
+from retrieval import (ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchBatcher, SearchConfig,
+                       SearchOptions)
+from retrieval.engine.index import IndexUsageError
+
+CONFIG = ExtractorConfig(backbone="resnet18", weights="none", input_spec=InputSpec(size=(64, 64)))
+SEARCH = SearchConfig(levels=(1, 2), pca_dim=16)
+# Exact scoring of every image, and FAISS candidates (IVF, exact_limit 0) re-ranked.
+EXACT = SearchOptions(k=5)
+FAISS = SearchOptions(k=5, exact_limit=0, nprobe=2, per_patch=3)
+
+
+def _scenes(folder, seeds) -> list[str]:
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for s in seeds:
+        make_scene(s, size=(96, 72)).save(folder / f"s{s:03d}.jpg", quality=90)
+        paths.append(str(folder / f"s{s:03d}.jpg"))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """16 scenes behind an 8-list IVF structure; 50 more scenes described in its store."""
+    root = tmp_path_factory.mktemp("shared")
+    paths = _scenes(root / "images", range(16))
+    with Index.create(root / "idx", CONFIG, SEARCH, store=root / "s.sqlite", index_type="IVF8,Flat",
+                      runtime=RuntimeConfig(batch_size=32)) as idx:
+        idx.add(paths, progress=False)
+    return root, paths
+
+
+def _key(result):
+    return result.query, result.error, [(h.id, h.distance, h.query_box, h.db_box) for h in result.hits]
+
+
+def test_eight_threads_get_exactly_the_sequential_answers(shared):
+    """8 threads x 50 searches on one Index opened in the main thread (half straight,
+    half through a SearchBatcher; exact and FAISS options) return the sequential results."""
+    root, paths = shared
+    with Index.open(root / "idx") as idx:
+        plan = [(paths[(t * 7 + i) % len(paths)], (EXACT, FAISS)[(t + i) % 2]) for t in range(8) for i in range(50)]
+        expected = {(q, o): _key(idx.search([q], options=o)[0]) for q in paths for o in (EXACT, FAISS)}
+        # The two options answer differently, so a mix-up between callers would show.
+        assert any(expected[(q, EXACT)] != expected[(q, FAISS)] for q in paths)
+        got: dict[int, list] = {t: [] for t in range(8)}
+        errors: list[BaseException] = []
+        start = threading.Barrier(8)
+        with SearchBatcher(idx, wait_s=0.005) as batcher:
+            def work(t: int) -> None:
+                start.wait()
+                try:
+                    for i in range(50):
+                        q, o = plan[t * 50 + i]
+                        result = batcher.search(q, options=o) if i % 2 else idx.search([q], options=o)[0]
+                        got[t].append(_key(result))
+                except BaseException as err:  # noqa: BLE001 - reported below
+                    errors.append(err)
+
+            threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert max(batcher.batches) > 1  # concurrent queries were answered together
+        assert not errors, errors
+        for t in range(8):
+            assert got[t] == [expected[step] for step in plan[t * 50:(t + 1) * 50]]
+
+
+def test_searches_beside_a_writer_thread_answer_from_published_states(shared, tmp_path):
+    """Threads search while another thread of the process adds 50 images and removes 10:
+    no error, and every answer (all images: k above the collection, exact scoring or
+    exhaustive FAISS candidates) is the image set of one published state."""
+    root, paths = shared
+    more = _scenes(tmp_path / "more", range(100, 150))
+    index_dir = tmp_path / "idx"
+    with Index.create(index_dir, CONFIG, SEARCH, store=root / "s.sqlite", index_type="IVF8,Flat",
+                      runtime=RuntimeConfig(batch_size=32)) as idx:
+        idx.add(paths, progress=False)
+        before = {e.id for e in idx.manifest.entries()}
+    everything = [SearchOptions(k=1000), SearchOptions(k=1000, exact_limit=0, nprobe=8, per_patch=1000)]
+    with Index.open(index_dir) as idx:
+        idx.search(paths[:1])  # the view in place before the writer starts
+        done = threading.Event()
+        seen: list[frozenset] = []
+        errors: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                idx.add(more, progress=False)
+                idx.remove(more[:10])
+            except BaseException as err:  # noqa: BLE001 - reported below
+                errors.append(err)
+            finally:
+                done.set()
+
+        def read(t: int) -> None:
+            try:
+                i = 0
+                while not done.is_set() or i < 4:
+                    result = idx.search([paths[(t + i) % len(paths)]], options=everything[(t + i) % 2])[0]
+                    seen.append(frozenset(h.id for h in result.hits))
+                    i += 1
+            except BaseException as err:  # noqa: BLE001 - reported below
+                errors.append(err)
+
+        threads = [threading.Thread(target=write)] + [threading.Thread(target=read, args=(t,)) for t in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        ids = {e.path: e.id for e in idx.manifest.entries()}
+    added = {i for p, i in ids.items() if p in more[10:]}
+    removed = set(range(max(before) + 1, max(before) + 11))
+    published = {frozenset(before), frozenset(before | added | removed), frozenset(before | added)}
+    assert set(seen) <= published, [sorted(s - before) for s in set(seen) - published]
+    assert frozenset(before | added) in seen  # the readers saw the writer's last state
+
+
+def test_batcher_gives_each_caller_its_own_result_also_beside_an_unreadable_query(shared, tmp_path):
+    """Six callers in one batch (five images, one unreadable file): each gets what a search
+    of its query alone gives, the unreadable one its reason; a bad option fails only the
+    callers that asked for it."""
+    root, paths = shared
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    queries = [paths[3], paths[0], str(broken), paths[3], (paths[5], (10.0, 10.0, 80.0, 60.0)), paths[9]]
+    options = [EXACT, FAISS, EXACT, FAISS, EXACT, SearchOptions(k=2)]
+    with Index.open(root / "idx") as idx:
+        alone = [_key(idx.search([q], options=o)[0]) for q, o in zip(queries, options)]
+        assert alone[2][1] and not alone[2][2]  # the unreadable query: a reason, no hits
+        # max_batch = the callers, and a long wait: the six are answered as one batch.
+        with SearchBatcher(idx, wait_s=60, max_batch=len(queries)) as batcher:
+            futures = [batcher.submit(q, o) for q, o in zip(queries, options)]
+            assert [_key(f.result(timeout=120)) for f in futures] == alone
+            assert list(batcher.batches) == [len(queries)]
+        with SearchBatcher(idx, wait_s=60, max_batch=2) as batcher:
+            bad, good = batcher.submit(paths[1], SearchOptions(dba=2)), batcher.submit(paths[1], EXACT)
+            with pytest.raises(IndexUsageError, match="retrieval dba"):
+                bad.result(timeout=120)
+            assert _key(good.result(timeout=120)) == _key(idx.search([paths[1]], options=EXACT)[0])
+        with pytest.raises(RuntimeError, match="closed"):
+            batcher.submit(paths[1])
