@@ -237,3 +237,12 @@ def test_reduced_decode_follows_exif_orientation(tmp_path):
     make_scene(4, (640, 320)).save(path, exif=exif, quality=95)
     img, full = load_rgb_at_least(path, (150, 100))  # upright: 320 / 150 -> 1/2, 640 / 100 -> 1/4
     assert full == (320, 640) and img.size == (160, 320)
+
+
+def test_multi_picture_jpeg_is_decoded_reduced_too(tmp_path):
+    from retrieval.extraction.images import load_rgb_at_least
+
+    path = tmp_path / "camera.mpo"
+    make_scene(5, (640, 480)).save(path, save_all=True, append_images=[make_scene(6, (640, 480))], format="MPO")
+    img, full = load_rgb_at_least(path, (150, 100))
+    assert full == (640, 480) and img.size == (160, 120)

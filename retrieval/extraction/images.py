@@ -17,6 +17,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 MAX_PIXELS = 89_478_485
 ORIENTATION_TAG = 0x0112
 _QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+# Formats Pillow can decode at 1/2, 1/4, 1/8 scale (MPO: the multi-picture JPEG of many
+# cameras and phones, first picture).
+_DCT_SCALED = ("JPEG", "MPO")
 
 
 class ImageError(Exception):
@@ -59,7 +62,7 @@ def load_rgb_at_least(path: str | Path, need: tuple[float, float] | None) -> tup
                     )
                 turned = img.getexif().get(ORIENTATION_TAG) in _QUARTER_TURNS
                 full = (img.height, img.width) if turned else img.size
-                if need is not None and img.format == "JPEG":
+                if need is not None and img.format in _DCT_SCALED:
                     w, h = need
                     img.draft(img.mode, (math.ceil(h), math.ceil(w)) if turned else (math.ceil(w), math.ceil(h)))
                 img.load()
