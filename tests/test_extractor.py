@@ -200,3 +200,49 @@ def test_pipeline_stops_with_its_caller_and_raises_network_errors_there(tmp_path
     with pytest.raises(RuntimeError, match="the network broke"):
         list(ex.extract(jobs, progress=False))
     assert not [t for t in threading.enumerate() if t.name == "retrieval-network"]
+
+
+def test_large_jpeg_is_decoded_at_the_scale_its_windows_need(tmp_path):
+    # 640 x 480 and windows of levels 1-2 at 64 px: the level-2 window (2/3 of the side)
+    # needs 96 x 96, so the JPEG decodes at 1/4 (160 x 120); the full size is still reported.
+    from retrieval.extraction.extractor import _prepare, decode_need
+    from retrieval.extraction.images import load_rgb_at_least
+
+    path = tmp_path / "big.jpg"
+    make_scene(3, (640, 480)).save(path, quality=95)
+    regions = (level_regions(1), level_regions(2))
+    assert decode_need(Job(str(path), regions), (64, 64), "crop") == pytest.approx((96, 96))
+    img, full = load_rgb_at_least(path, (96, 96))
+    assert img.size == (160, 120) and full == (640, 480)
+    assert load_rgb_at_least(path, (200, 96))[0].size == (320, 240)  # 1/4 would leave 160 < 200
+    assert load_rgb_at_least(path, None)[0].size == (640, 480)
+    assert decode_need(Job(str(path), regions, crop=(0, 0, 300, 300)), (64, 64), "crop") is None
+    # The inputs cut from the reduced decode are those of the full one within JPEG noise.
+    (w, h), reduced = _prepare(Job(str(path), regions), (64, 64), "crop")
+    assert (w, h) == (640, 480)
+    ex, out = _extract(path, "crop", regions)
+    assert (out.width, out.height) == (640, 480)
+    full_img = load_rgb(path)
+    for box, arr in zip(np.concatenate([r.boxes for r in regions]) * [640, 480, 640, 480], reduced):
+        exact = np.asarray(full_img.resize((64, 64), Image.BILINEAR, box=tuple(float(v) for v in box)))
+        assert np.abs(exact.astype(float) - arr).mean() < 2.0
+
+
+def test_reduced_decode_follows_exif_orientation(tmp_path):
+    from retrieval.extraction.images import load_rgb_at_least
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 640 x 320, shown 320 x 640
+    path = tmp_path / "turned.jpg"
+    make_scene(4, (640, 320)).save(path, exif=exif, quality=95)
+    img, full = load_rgb_at_least(path, (150, 100))  # upright: 320 / 150 -> 1/2, 640 / 100 -> 1/4
+    assert full == (320, 640) and img.size == (160, 320)
+
+
+def test_multi_picture_jpeg_is_decoded_reduced_too(tmp_path):
+    from retrieval.extraction.images import load_rgb_at_least
+
+    path = tmp_path / "camera.mpo"
+    make_scene(5, (640, 480)).save(path, save_all=True, append_images=[make_scene(6, (640, 480))], format="MPO")
+    img, full = load_rgb_at_least(path, (150, 100))
+    assert full == (640, 480) and img.size == (160, 120)

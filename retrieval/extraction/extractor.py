@@ -24,7 +24,7 @@ from PIL import Image
 
 from .. import config as _config
 from ..config import ExtractorConfig, RuntimeConfig
-from .images import ImageError, load_rgb
+from .images import ImageError, load_rgb_at_least
 from .patches import RegionSet
 from .progress import Progress
 
@@ -365,15 +365,19 @@ def _prepare(
     where a mirrored window needs it), in the plan's order; the larger size is a square
     of side `roi_size`, or PYRAMID_RATIO times the network's input size.
     """
-    img = load_rgb(job.path)
+    img, full = load_rgb_at_least(job.path, decode_need(job, size, mode, roi_size))
     if job.crop is not None:
         x0, y0, x1, y1 = job.crop
         box = (max(0, int(x0)), max(0, int(y0)), min(img.width, int(round(x1))), min(img.height, int(round(y1))))
         if box[2] - box[0] < 1 or box[3] - box[1] < 1:
             raise ImageError(f"crop box {job.crop} is empty for a {img.width}x{img.height} image")
         img = img.crop(box)
+        full = img.size
     if job.rotation:
         img = img.transpose(_TRANSPOSE[job.rotation])
+        full = full[::-1] if job.rotation in (90, 270) else full
+    # Windows are cut in the decoded image's pixels (fewer than `full` when a JPEG was
+    # decoded at a reduced scale); the size reported is the full one.
     w, h = img.size
     out_h, out_w = size
     if mode == "pyramid":
@@ -386,7 +390,7 @@ def _prepare(
                 resized[scale_index] = np.asarray(img.resize(shapes[scale_index], Image.BILINEAR))
             arr = resized[scale_index]
             inputs.append(np.ascontiguousarray(arr[:, ::-1]) if flip else arr)
-        return (w, h), inputs
+        return full, inputs
     if mode == "roi":
         if roi_size:
             scale = roi_size / max(w, h)
@@ -395,7 +399,7 @@ def _prepare(
         inputs = [whole]
         if any(rs.flips.any() for rs in job.regions):
             inputs.append(np.ascontiguousarray(whole[:, ::-1]))
-        return (w, h), inputs
+        return full, inputs
     scale = np.array([w, h, w, h], dtype=np.float64)
     inputs = []
     for rs in job.regions:
@@ -404,7 +408,31 @@ def _prepare(
             if flip:
                 piece = piece.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             inputs.append(np.asarray(piece))
-    return (w, h), inputs
+    return full, inputs
+
+
+def decode_need(
+    job: Job, size: tuple[int, int], mode: str, roi_size: int | None = None
+) -> tuple[float, float] | None:
+    """The smallest upright image (width, height) from which every network input of `job`
+    is cut by shrinking, never enlarging: a JPEG decoded at a reduced scale that keeps this
+    much gives nearly the descriptors of the full decode. None (decode in full) when the
+    job's crop box is in full-resolution pixels or it has no windows."""
+    boxes = [rs.boxes for rs in job.regions if len(rs)]
+    if job.crop is not None or not boxes:
+        return None
+    out_h, out_w = size
+    if mode == "crop":
+        sides = np.concatenate(boxes)
+        need = (out_w / float((sides[:, 2] - sides[:, 0]).min()), out_h / float((sides[:, 3] - sides[:, 1]).min()))
+    elif mode == "pyramid":
+        big = roi_size or round(out_w * _config.PYRAMID_RATIO)
+        larger = any(scale == 1 for scale, _ in pyramid_plan(job.regions)[0])
+        need = (big, max(32, round(out_h * big / out_w))) if larger else (out_w, out_h)
+    else:
+        # roi keeps the aspect with --roi-size: its short side is not known before decoding.
+        need = (roi_size, roi_size) if roi_size else (out_w, out_h)
+    return need[::-1] if job.rotation in (90, 270) else need
 
 
 def _pool(feat: np.ndarray, how: str) -> np.ndarray:
