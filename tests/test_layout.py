@@ -115,8 +115,9 @@ def test_sub_packages_by_role():
     for role in ("extraction", "engine", "serving", "evaluation", "cli"):
         assert f"retrieval.{role}" in graph, f"retrieval/{role}/ is missing"
     flat = sorted(m for m in graph if m.count(".") == 1 and m.startswith("retrieval."))
-    # Only what every role shares stays at the top: configuration values, file writing, Ray.
-    assert set(flat) <= {"retrieval.config", "retrieval.fileio", "retrieval.cluster", *(
+    # Only what every role shares stays at the top: configuration values, file writing,
+    # SQLite connections per thread, Ray.
+    assert set(flat) <= {"retrieval.config", "retrieval.fileio", "retrieval.connections", "retrieval.cluster", *(
         f"retrieval.{r}" for r in ("extraction", "engine", "serving", "evaluation", "cli"))}, flat
 
 
