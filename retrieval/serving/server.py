@@ -9,7 +9,9 @@ optional `k`, `aggregate`, `query_levels`, `box` = "x0,y0,x1,y1" in pixels, `npr
 the re-ranking fields `qe`, `dba`, `query_rotations` = "0,90,180,270", as `retrieval query`);
 `POST /api/query/{id}` (same options, an indexed image as the query);
 `GET /api/lookup?path=` (the id of an indexed path); `GET /api/images/{id}` and
-`GET /api/images/{id}/thumb`.
+`GET /api/images/{id}/thumb`. Who may call them (the Host check, the token and its
+`POST /api/session` cookie) and the access log: guard.py, in front of every route.
+The index may be a split one (`retrieval split`): its shards are searched in threads.
 """
 from __future__ import annotations
 
