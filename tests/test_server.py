@@ -312,3 +312,17 @@ def test_serve_process_over_http(tiny, store_env):
         body, ctype = multipart({}, {"image": ("x.jpg", b"not an image")})
         status, err = http_json(url + "api/query", body=body, content_type=ctype)
         assert status == 400 and "not an image" in err["detail"]
+
+
+def test_duplicates_route_returns_the_groups_with_their_windows(client, tiny):
+    r = client.get("/api/duplicates", params={"max_distance": "10"})  # every image near every other
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["max_distance"] == 10 and body["max_distance_rule"] == "given"
+    [group] = body["groups"]
+    first, *rest = group["images"]
+    assert len(group["images"]) == body["images"] and first["distance"] == 0
+    assert all(len(m["box"]) == 4 and len(m["first_box"]) == 4 and m["width"] > 0 for m in rest)
+    for bad in ({"max_distance": "abc"}, {"max_distance": "-1"}, {"min_size": "1"}, {"min_size": "x"}):
+        r = client.get("/api/duplicates", params=bad)
+        assert r.status_code == 400 and r.json()["detail"], (bad, r.text)

@@ -30,11 +30,13 @@ from .snapshot import View
 # Neighbours per image the groups are found from: a group holds at most K + 1 images
 # through its leader's list, plus those whose own lists name the leader.
 K = 10
-# The default threshold, per index: a share of the typical distance between unrelated
-# images (the median distance of every image's K-th neighbour, which for all but groups
-# of more than K images is a different thing). Fitted on the copies and UKBench sets of
+# The default threshold, per index: how near an unrelated image comes. An image's
+# neighbours K/2+1..K are, for all but groups of more than K/2 images, other things; the
+# default is the UNRELATED_QUANTILE of their distances, so that about 1 % of unrelated
+# neighbours are nearer. Fitted on the copies and UKBench sets of
 # benchmarks/duplicates_bench.py (benchmarks/results/duplicates.md).
-UNRELATED_SHARE = 0.8
+UNRELATED_QUANTILE = 0.01
+RULE = f"per index: the {UNRELATED_QUANTILE:g} quantile of the distances of every image's neighbours {K // 2 + 1}-{K}"
 
 
 @dataclass(frozen=True)
@@ -90,13 +92,13 @@ def pair_distances(neighbours: Neighbours, live: np.ndarray) -> tuple[np.ndarray
 
 
 def default_max_distance(neighbours: Neighbours, live: np.ndarray) -> float:
-    """`UNRELATED_SHARE` of the median distance of the live images' last stored neighbour."""
+    """The per-index default (`RULE`): the UNRELATED_QUANTILE of the distances of the live
+    images' neighbours K/2+1..K; 0 (no groups) when there are none (an index of fewer than
+    K/2 + 2 images), as there is nothing to say what unrelated looks like."""
     rows = np.isin(neighbours.ids, np.asarray(live, np.int64))
-    last = neighbours.distances[rows, -1]
-    last = last[np.isfinite(last)]
-    if not len(last):
-        return 0.0
-    return float(UNRELATED_SHARE * np.median(last))
+    far = neighbours.distances[rows, K // 2:K]
+    far = far[np.isfinite(far)]
+    return float(np.quantile(far, UNRELATED_QUANTILE)) if len(far) else 0.0
 
 
 def leader_groups(a: np.ndarray, b: np.ndarray, d: np.ndarray, max_distance: float,
@@ -110,7 +112,7 @@ def leader_groups(a: np.ndarray, b: np.ndarray, d: np.ndarray, max_distance: flo
     dist = np.concatenate([d[near], d[near]]).astype(np.float64)
     if not len(src):
         return []
-    order = np.lexsort((dist, src))
+    order = np.lexsort((dst, dist, src))
     src, dst, dist = src[order], dst[order], dist[order]
     nodes, start, degree = np.unique(src, return_index=True, return_counts=True)
     mean = np.add.reduceat(dist, start) / degree

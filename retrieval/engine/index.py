@@ -614,7 +614,7 @@ class Index:
         live = neighbours.ids
         if max_distance is None:
             max_distance = grouping.default_max_distance(neighbours, live)
-            rule = f"per index: {grouping.UNRELATED_SHARE} x the median distance of each image's {neighbours.k}-th neighbour"
+            rule = grouping.RULE
         else:
             rule = "given"
         found = grouping.leader_groups(*grouping.pair_distances(neighbours, live), max_distance, min_size)

@@ -1,4 +1,5 @@
-"""The self-contained HTML page of `retrieval duplicates --html`: one row per group.
+"""The groups of `retrieval duplicates` for people: the self-contained HTML page of
+`--html` (one row per group), and the data of the serve page's duplicates view.
 
 Each group's first image comes first; every other member gets a colour, and its matched
 pair of windows (the closest pair of their windows) is drawn in that colour on it and
@@ -16,11 +17,35 @@ from ..engine.index import Index
 from .report import COLOURS, STATIC, Thumb, figure, index_summary, thumbnail, write_page
 
 
+def group_boxes(found: Duplicates, idx: Index) -> list[tuple[list, list[tuple[list[float], list[float]]]]]:
+    """Per group of `found`: its members' manifest entries, and for each member after the
+    first the boxes of their matched windows (on the first image, on the member)."""
+    view = idx.view()
+    levels = idx.search_config.levels
+    out = []
+    for group in found.groups:
+        entries = idx.manifest.get_many([m.id for m in group])
+        members = [entries[m.id] for m in group]
+        out.append((members, [matched_boxes(view, levels, members[0], e) for e in members[1:]]))
+    return out
+
+
+def duplicates_json(found: Duplicates, idx: Index) -> dict:
+    """`found.to_dict()` with what a page needs to draw it: each member's `width` and
+    `height`, and for each member after the first `box` (its matched window) and
+    `first_box` (the matched window on the first image)."""
+    data = found.to_dict()
+    for group, (members, boxes) in zip(data["groups"], group_boxes(found, idx)):
+        for m, entry in zip(group["images"], members):
+            m.update(width=entry.width, height=entry.height)
+        for m, (first_box, box) in zip(group["images"][1:], boxes):
+            m.update(box=box, first_box=first_box)
+    return data
+
+
 def render_duplicates(found: Duplicates, idx: Index, *, max_side: int = 256) -> str:
     """The page of `found` (from `idx.duplicates()`); images that cannot be decoded any
     more are shown with the reason instead of a thumbnail."""
-    view = idx.view()
-    levels = idx.search_config.levels
     e = html.escape
     title = f"retrieval duplicates {found.index}"
     parts = [
@@ -29,10 +54,8 @@ def render_duplicates(found: Duplicates, idx: Index, *, max_side: int = 256) -> 
         f"<header><h1>{e(title)}</h1><span class=meta>{e(index_summary(idx.info()))}; "
         f"{len(found.groups)} groups, max distance {found.max_distance:.4f} ({e(found.rule)})</span></header><main>",
     ]
-    for n, group in enumerate(found.groups, 1):
-        entries = idx.manifest.get_many([m.id for m in group])
-        first = entries[group[0].id]
-        boxes = [matched_boxes(view, levels, first, entries[m.id]) for m in group[1:]]
+    for n, (group, (members, boxes)) in enumerate(zip(found.groups, group_boxes(found, idx)), 1):
+        first = members[0]
         parts.append(f"<section class=\"query group\"><h2>group {n}: {len(group)} images</h2><div class=row>")
         parts.append(figure(
             _thumb(first.path, max_side), f"<b>first</b><span class=name>{e(os.path.basename(first.path))}</span>",
