@@ -47,6 +47,7 @@ from retrieval.cli.args import add_extractor_args, extractor_config_from_args, s
 from retrieval.engine import duplicates as grouping  # noqa: E402
 from retrieval.engine.index import Index  # noqa: E402
 
+MAX_SOURCES, MAX_DISTRACTORS = 40, 60
 COPIES = ("half-size", "jpeg-q30", "crop-80", "rotate-5", "brighter", "text", "mirror")
 
 
@@ -75,9 +76,12 @@ def copies_set(data: Path, work: Path, sources: int, distractors: int, seed: int
     """The images of the copies set and each one's true group (sources and their copies
     share their source's number; distractors have numbers of their own)."""
     pool = sorted(str(p) for p in (data / "hymenoptera").rglob("*.jpg"))
-    if len(pool) < sources + distractors:
-        raise SystemExit(f"{data / 'hymenoptera'} holds {len(pool)} images; need {sources + distractors}")
-    picked = random.Random(seed).sample(pool, sources + distractors)
+    if sources > MAX_SOURCES or distractors > MAX_DISTRACTORS or len(pool) < MAX_SOURCES + MAX_DISTRACTORS:
+        raise SystemExit(f"--sources is at most {MAX_SOURCES}, --distractors at most {MAX_DISTRACTORS}, and "
+                         f"{data / 'hymenoptera'} must hold their sum (it holds {len(pool)} images)")
+    # One draw whatever the counts, so that a smaller run reuses a larger one's descriptors.
+    drawn = random.Random(seed).sample(pool, MAX_SOURCES + MAX_DISTRACTORS)
+    picked = drawn[:sources] + drawn[MAX_SOURCES:MAX_SOURCES + distractors]
     out = work / "copies"
     out.mkdir(parents=True, exist_ok=True)
     paths, labels = [], []
@@ -145,6 +149,10 @@ def run_engine(name: str, paths: list[str], labels: list[int], args) -> dict:
     with idx:
         start = time.perf_counter()
         report = idx.add(paths, progress=not args.quiet)
+        wanted = {str(Path(p).resolve()) for p in paths}
+        left_over = [e.path for e in idx.manifest.entries() if e.path not in wanted]  # from a larger earlier run
+        if left_over:
+            report = idx.remove(left_over)
         add_s = time.perf_counter() - start
         at = {idx.manifest.by_path(str(Path(p).resolve())).id: i for i, p in enumerate(paths)}
         start = time.perf_counter()
