@@ -68,13 +68,16 @@ def test_copies_are_grouped_with_their_source_and_a_half_crop_is_found(copies):
         assert g[0].distance == 0 and all(0 < m.distance <= NEAR for m in g[1:])
 
 
-def test_the_default_distance_is_the_stated_quantile_of_far_neighbours(copies):
+def test_the_default_distance_is_the_stated_share_of_the_unrelated_distance(copies):
     index, _ = copies
     with Index.open(index) as idx:
         found = idx.duplicates()
-        far = idx.current_neighbours(grouping.K).distances[:, grouping.K // 2:grouping.K]
-    assert found.rule == grouping.RULE
-    assert found.max_distance == pytest.approx(np.quantile(far[np.isfinite(far)], grouping.UNRELATED_QUANTILE))
+    # Ten images: nobody has a 10th neighbour, so there is no estimate and no group.
+    assert found.rule == grouping.RULE and found.max_distance == 0 and found.groups == []
+    neighbours = grouping.Neighbours(np.arange(3), np.tile(np.arange(grouping.K), (3, 1)),
+                                     np.tile(np.linspace(0.1, 1.0, grouping.K, dtype=np.float32), (3, 1)), {})
+    neighbours.distances[1, -1] = 2.0
+    assert grouping.default_max_distance(neighbours, np.arange(3)) == pytest.approx(grouping.UNRELATED_SHARE * 1.0)
 
 
 def test_min_size_drops_smaller_groups_without_regrouping_them(copies):
