@@ -185,7 +185,7 @@ def with_copies(tmp_path_factory):
 
 def test_duplicates_page_opens_offline_with_every_group(page, with_copies, tmp_path):
     report = tmp_path / "dups.html"
-    out = run_cli("duplicates", str(with_copies), "--max-distance", "0.75", "--html", str(report), "--json", "--quiet")
+    out = run_cli("duplicates", str(with_copies), "--max-distance", "0.3", "--html", str(report), "--json", "--quiet")
     assert out.returncode == 0, out.stderr
     groups = json.loads(out.stdout)["groups"]
     assert len(groups) == 2
@@ -201,11 +201,11 @@ def test_duplicates_page_opens_offline_with_every_group(page, with_copies, tmp_p
 
 def test_serve_duplicates_view_shows_every_group(page, with_copies):
     with serve_process(with_copies) as url:
-        page.goto(url + "/duplicates")
+        page.goto(url + "duplicates")
         page.wait_for_function("document.getElementById('status').textContent.includes('groups in')", timeout=WAIT_MS)
-        page.fill("#max-distance", "0.75")
+        page.fill("#max-distance", "0.3")
         page.click("button[type=submit]")
-        page.wait_for_function("document.getElementById('status').textContent.includes('max distance 0.75')", timeout=WAIT_MS)
+        page.wait_for_function("document.getElementById('status').textContent.includes('max distance 0.3000')", timeout=WAIT_MS)
         assert len(page.query_selector_all("section.group")) == 2
         assert len(_boxes_drawn(page, ".group .box")) == 4
         page.wait_for_function("[...document.images].every(i => i.complete && i.naturalWidth > 0)", timeout=WAIT_MS)
