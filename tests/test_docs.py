@@ -94,7 +94,8 @@ def _cited(pattern: str) -> set[tuple[str, str]]:
     found = set()
     for folder in ("retrieval", "classify", "benchmarks", "tests", "docs", "examples"):
         for path in (ROOT / folder).rglob("*"):
-            if path.suffix in (".py", ".md") and path.is_file():
+            # benchmarks/.cache holds the peers' virtual environments, not the project's text.
+            if path.suffix in (".py", ".md") and path.is_file() and ".cache" not in path.relative_to(ROOT).parts:
                 found |= {(str(path.relative_to(ROOT)), m) for m in re.findall(pattern, path.read_text())}
     for path in ROOT.glob("*.md"):
         found |= {(path.name, m) for m in re.findall(pattern, path.read_text())}

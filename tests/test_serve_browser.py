@@ -5,13 +5,18 @@ browser is the system's (`chromium`, or $RETRIEVAL_CHROMIUM), never a download.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("fastapi", reason="fastapi is not installed (pip install 'retrieval[serve]')")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install 'retrieval[serve]')")
+
+from PIL import Image  # noqa: E402
 
 from conftest import make_scene, run_cli  # noqa: E402
 from serving import build_tiny_index, serve_process  # noqa: E402
@@ -208,3 +213,48 @@ def test_page_error_clears_old_hits_and_reranking_controls_work(page, server, ti
     page.press("#rotations", "Enter")
     page.wait_for_selector('#result[data-state="done"]', timeout=WAIT_MS)
     assert page.query_selector("figure.hit").get_attribute("data-path") == str(paths[0])
+@pytest.fixture(scope="module")
+def with_copies(tmp_path_factory):
+    """The tiny index of 4 scenes plus a half-size copy of the first two."""
+    root = tmp_path_factory.mktemp("dups")
+    index, paths = build_tiny_index(root, 4)
+    copies = []
+    for p in paths[:2]:
+        copy = p.with_name(f"{p.stem}-half.png")
+        Image.open(p).resize((80, 60)).save(copy)
+        copies.append(copy)
+    out = run_cli("add", str(index), *map(str, copies), "--quiet")
+    assert out.returncode == 0, out.stderr
+    return index
+
+
+def test_duplicates_page_opens_offline_with_every_group(page, with_copies, tmp_path):
+    report = tmp_path / "dups.html"
+    out = run_cli("duplicates", str(with_copies), "--max-distance", "0.3", "--html", str(report), "--json", "--quiet")
+    assert out.returncode == 0, out.stderr
+    groups = json.loads(out.stdout)["groups"]
+    assert groups and {"img0.jpg", "img0-half.png"} <= {Path(m["path"]).name for m in groups[0]["images"]}
+    page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(("file:", "data:")) else route.abort())
+    page.goto(report.as_uri())
+    sections = page.query_selector_all("section.group")
+    assert len(sections) == len(groups)
+    for section, group in zip(sections, groups):
+        assert len(section.query_selector_all("figure.shot")) == len(group["images"])
+    # Each member after the first: its matched window on it and on the first image.
+    assert len(_boxes_drawn(page, ".group .box")) == 2 * sum(len(g["images"]) - 1 for g in groups)
+    assert _all_images_loaded(page)
+
+
+def test_serve_duplicates_view_shows_every_group(page, with_copies):
+    with serve_process(with_copies) as url:
+        page.goto(url + "duplicates")
+        page.wait_for_function("document.getElementById('status').textContent.includes('groups in')", timeout=WAIT_MS)
+        page.fill("#max-distance", "0.3")
+        page.click("button[type=submit]")
+        page.wait_for_function("document.getElementById('status').textContent.includes('max distance 0.3000')", timeout=WAIT_MS)
+        shown = int(re.search(r"(\d+) groups in", page.inner_text("#status")).group(1))
+        sections = page.query_selector_all("section.group")
+        assert shown >= 1 and len(sections) == shown
+        members = sum(len(s.query_selector_all("figure.shot")) for s in sections)
+        assert len(_boxes_drawn(page, ".group .box")) == 2 * (members - shown)
+        page.wait_for_function("[...document.images].every(i => i.complete && i.naturalWidth > 0)", timeout=WAIT_MS)

@@ -365,3 +365,15 @@ def test_load_rgb_max_side_uses_the_jpeg_scale_and_upright_size(tmp_path):
     exif[0x0112] = 6  # stored landscape, shown portrait
     Image.new("RGB", (300, 200)).save(turned, exif=exif)
     assert upright_size(turned) == (200, 300) == load_rgb(turned).size
+def test_duplicates_route_returns_the_groups_with_their_windows(client, tiny):
+    r = client.get("/api/duplicates", params={"max_distance": "10"})  # every image near every other
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["max_distance"] == 10 and body["max_distance_rule"] == "given"
+    [group] = body["groups"]
+    first, *rest = group["images"]
+    assert len(group["images"]) == body["images"] and first["distance"] == 0
+    assert all(len(m["box"]) == 4 and len(m["first_box"]) == 4 and m["width"] > 0 for m in rest)
+    for bad in ({"max_distance": "abc"}, {"max_distance": "-1"}, {"min_size": "1"}, {"min_size": "x"}):
+        r = client.get("/api/duplicates", params=bad)
+        assert r.status_code == 400 and r.json()["detail"], (bad, r.text)

@@ -1,4 +1,4 @@
-"""The `retrieval` command line: build, add, query, info, remove, reindex, split, dba, export-onnx, layers, serve.
+"""The `retrieval` command line: build, add, query, info, remove, reindex, split, dba, duplicates, export-onnx, layers, serve.
 
 Exit codes (docs/cli.md section 1): 0 all done; 2 usage error (unknown index, bad flag);
 3 done, but some inputs were skipped (each named on stderr and in the JSON); 4 busy (another
@@ -96,6 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10,
                    help="neighbours kept per image (default 10; `query --dba K` uses up to this many). "
                    "Re-run after add/remove: images added since are searched without augmentation")
+    _common(p)
+
+    p = sub.add_parser("duplicates", help="groups of indexed images that show the same thing (copies, crops, views)")
+    p.add_argument("index", metavar="INDEX_DIR", help=_INDEX_HELP)
+    p.add_argument("--max-distance", type=float, metavar="D",
+                   help="largest image distance between a group's first image and a member (default: set "
+                   "per index from its own distances; the output says which value and rule)")
+    p.add_argument("--min-size", type=int, default=2, metavar="N",
+                   help="report only groups of at least N images (default 2)")
+    p.add_argument("--html", metavar="OUT.html",
+                   help="also write a self-contained page of the groups: thumbnails, each member's "
+                   "matched windows drawn on it and on the group's first image")
     _common(p)
 
     p = sub.add_parser("info", help="counts and configuration of an index")
@@ -345,6 +357,29 @@ def _dba(args) -> int:
     return EXIT_OK
 
 
+def _duplicates(args) -> int:
+    from ..engine.index import Index
+
+    if args.html and not os.path.isdir(os.path.dirname(os.path.abspath(args.html))):
+        raise ConfigError(f"--html {args.html}: its folder does not exist; create it first")
+    with Index.open(args.index) as idx:
+        found = idx.duplicates(args.max_distance, args.min_size, progress=not args.quiet)
+        if args.html:
+            from ..serving.duplicates_page import write_duplicates_page
+
+            write_duplicates_page(args.html, found, idx)
+    if args.json:
+        print(json.dumps(found.to_dict()))
+        return EXIT_OK
+    print(f"{found.index}: {len(found.groups)} groups in {found.images} images "
+          f"(max distance {found.max_distance:.4f}, {found.rule}; {found.seconds:.1f} s)")
+    for n, group in enumerate(found.groups, 1):
+        print(f"group {n} ({len(group)} images)")
+        for m in group:
+            print(f"  {m.distance:.4f}  {m.path}")
+    return EXIT_OK
+
+
 def _info(args) -> int:
     from ..engine.sharded import open_index
 
@@ -455,6 +490,7 @@ _COMMANDS = {
     "add": _add,
     "query": _query,
     "dba": _dba,
+    "duplicates": _duplicates,
     "info": _info,
     "remove": _remove,
     "reindex": _reindex,

@@ -43,6 +43,8 @@ from . import writer
 from .ann import FactoryError, index_type_argument
 from .manifest import Entry, Manifest
 from .meta import MetaError, differing, new_meta, read_meta, write_meta
+from . import duplicates as grouping
+from .duplicates import Duplicates
 from .neighbours import Neighbours
 from .pause import pause_hook
 from .policy import WritePolicy
@@ -569,25 +571,88 @@ class Index:
         with self._writing():
             self._publish(progress=False)
             view = self.view()
-            levels = self.search_config.effective_query_levels
-            rows = self._rows_at(levels)
-            ids = np.sort(np.concatenate([
-                seg.ids if view.live_rows(i) is None else seg.ids[view.live_rows(i)]
-                for i, seg in enumerate(view.segments)
-            ])) if view.segments else np.empty(0, np.int64)
-            near = np.full((len(ids), k), -1, np.int64)
-            dist = np.full((len(ids), k), np.inf, np.float32)
-            with Progress(len(ids), "neighbours", enabled=progress) as bar:
-                for j, image_id in enumerate(ids.tolist()):
-                    r = rank(view.windows(image_id, rows), view, SearchOptions(k=k + 1, aggregate=self.search_config.aggregate))
-                    other = r.ids != image_id
-                    found = r.ids[other][:k]
-                    near[j, :len(found)], dist[j, :len(found)] = found, r.distances[other][:k]
-                    bar.update(1)
-            meta = {"k": k, "images": len(ids), "generation": view.state.generation,
-                    "aggregate": self.search_config.aggregate, "query_levels": list(levels)}
+            ids = _live_ids(view)
+            near, dist = self._nearest(view, ids, k, progress)
+            meta = self._neighbours_meta(view, k, len(ids))
             Neighbours(ids, near, dist, meta).save(self.path)
         return meta
+
+    def current_neighbours(self, k: int, *, progress: bool = False) -> Neighbours:
+        """The stored nearest neighbours (k or more per image) of every published image,
+        brought up to date: rows of removed images dropped, rows of images added since
+        computed and stored. The rows kept are not recomputed, so they may miss an image
+        added since (that image's own row names its nearest); with none stored, or fewer
+        than k per image, every row is computed."""
+        try:
+            found = Neighbours.load(self.path)
+        except ValueError:
+            found = None  # damaged: computed again below, as when absent
+        view = self.view()
+        if found is not None and found.k >= k and np.array_equal(found.ids, _live_ids(view)):
+            return found
+        with self._writing():
+            self._publish(progress=False)
+            view = self.view()
+            ids = _live_ids(view)
+            if found is None or found.k < k:
+                found = Neighbours(np.empty(0, np.int64), np.empty((0, k), np.int64), np.empty((0, k), np.float32), {})
+            kept = np.isin(found.ids, ids)
+            todo = np.setdiff1d(ids, found.ids)
+            near, dist = self._nearest(view, todo, found.k, progress)
+            all_ids = np.concatenate([found.ids[kept], todo])
+            order = np.argsort(all_ids, kind="stable")
+            meta = self._neighbours_meta(view, found.k, len(ids))
+            meta["computed"] = len(todo)
+            found = Neighbours(all_ids[order], np.concatenate([found.neighbours[kept], near])[order],
+                               np.concatenate([found.distances[kept], dist])[order], meta)
+            found.save(self.path)
+        return found
+
+    def _nearest(self, view: View, ids: np.ndarray, k: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The k nearest other images of each of `ids` and their distances ([len(ids), k];
+        -1 and inf where fewer exist), at the query levels and with the index's distance."""
+        rows = self._rows_at(self.search_config.effective_query_levels)
+        near = np.full((len(ids), k), -1, np.int64)
+        dist = np.full((len(ids), k), np.inf, np.float32)
+        with Progress(len(ids), "neighbours", enabled=progress) as bar:
+            for j, image_id in enumerate(ids.tolist()):
+                r = rank(view.windows(image_id, rows), view, SearchOptions(k=k + 1, aggregate=self.search_config.aggregate))
+                other = r.ids != image_id
+                found = r.ids[other][:k]
+                near[j, :len(found)], dist[j, :len(found)] = found, r.distances[other][:k]
+                bar.update(1)
+        return near, dist
+
+    def _neighbours_meta(self, view: View, k: int, images: int) -> dict:
+        return {"k": k, "images": images, "generation": view.state.generation,
+                "aggregate": self.search_config.aggregate,
+                "query_levels": list(self.search_config.effective_query_levels)}
+
+    def duplicates(self, max_distance: float | None = None, min_size: int = 2, *,
+                   progress: bool = False) -> Duplicates:
+        """Groups of indexed images that show the same thing (`retrieval/engine/duplicates.py`
+        says how): every image in at most one group, groups of `min_size` or more images,
+        largest first, each member with its distance to the group's first image.
+        `max_distance` None: set from this index's own distances (the result says which).
+        The neighbour lists are reused (`current_neighbours`): after add/remove only the
+        added images are searched."""
+        if min_size < 2:
+            raise IndexUsageError(f"--min-size must be >= 2 (got {min_size})")
+        if max_distance is not None and not max_distance >= 0:
+            raise IndexUsageError(f"--max-distance must be >= 0 (got {max_distance})")
+        start = time.perf_counter()
+        neighbours = self.current_neighbours(grouping.K, progress=progress)
+        live = neighbours.ids
+        if max_distance is None:
+            max_distance = grouping.default_max_distance(neighbours, live)
+            rule = grouping.RULE
+        else:
+            rule = "given"
+        found = grouping.leader_groups(*grouping.pair_distances(neighbours, live), max_distance, min_size)
+        entries = self.manifest.get_many([i for g in found for i, _ in g])
+        groups = [[grouping.Member(i, entries[i].path, d) for i, d in g] for g in found
+                  if all(i in entries for i, _ in g)]
+        return Duplicates(str(self.path), len(live), groups, max_distance, rule, time.perf_counter() - start)
 
     def entry(self, image_id: int) -> Entry | None:
         """The indexed image with manifest id `image_id` (path, digest, size), or None."""
@@ -605,6 +670,15 @@ class Index:
             search=self.search_config.to_dict(), index_type=self.index_type, policy=self.policy,
             device=self.runtime.device, store=self.meta["store"],
         )
+
+
+def _live_ids(view: View) -> np.ndarray:
+    """The ids of a generation's live images, sorted."""
+    if not view.segments:
+        return np.empty(0, np.int64)
+    return np.sort(np.concatenate([
+        seg.ids if view.live_rows(i) is None else seg.ids[view.live_rows(i)] for i, seg in enumerate(view.segments)
+    ])).astype(np.int64)
 
 
 def _read_state_or_none(path: Path) -> State | None:

@@ -6,8 +6,8 @@ whose name is rebound to this machine's address (DNS rebinding) names itself the
 the address served, `localhost`, a loopback address and the `--allow-host` names pass.
 An IP literal cannot be rebound, so on a wildcard address (0.0.0.0, ::) any IP passes.
 
-Token: every route but the page itself (`GET /` and its static files, which hold no
-index data) needs `Authorization: Bearer TOKEN`, or the cookie that `POST /api/session`
+Token: every route but the pages themselves (`GET /`, `GET /duplicates` and their static
+files, which hold no index data) needs `Authorization: Bearer TOKEN`, or the cookie that `POST /api/session`
 sets once the page has proven the token that way: `<img>` tags, which show the
 thumbnails, cannot send headers. The cookie is HttpOnly (no script reads it back) and
 SameSite=Strict (no other site's page makes the browser send it).
@@ -24,6 +24,8 @@ from typing import Callable, TextIO
 COOKIE = "retrieval_token"
 SESSION_PATH = "/api/session"
 WILDCARDS = {"0.0.0.0", "::", ""}
+# The pages: their data comes from the API routes, which the token guards.
+PAGES = {"/", "/duplicates"}
 
 
 def host_name(header: str) -> str:
@@ -120,7 +122,7 @@ class Guard:
 
 
 def _is_page(scope: dict) -> bool:
-    return scope["method"] in ("GET", "HEAD") and (scope["path"] == "/" or scope["path"].startswith("/static/"))
+    return scope["method"] in ("GET", "HEAD") and (scope["path"] in PAGES or scope["path"].startswith("/static/"))
 
 
 async def _json(send: Callable, status: int, detail: str, extra: list | None = None) -> None:

@@ -111,13 +111,13 @@ def render_report(
     for result in results:
         parts.append(f"<section class=query><h2>{e(result.query)}</h2><div class=row>")
         q = thumb(result.query)
-        parts.append(_figure(q, "<span class=name>query</span>", result.query, [
+        parts.append(figure(q, "<span class=name>query</span>", result.query, [
             (i % COLOURS, hit.query_box) for i, hit in enumerate(result.hits)
         ], classes="query-shot"))
         for i, hit in enumerate(result.hits):
             caption = (f"<b>#{hit.rank}</b> distance {hit.distance:.4f}"
                        f"<span class=name>{e(os.path.basename(hit.path))}</span>")
-            parts.append(_figure(
+            parts.append(figure(
                 thumb(hit.path), caption, f"#{hit.rank}  distance {hit.distance:.4f}\n{hit.path}",
                 [(i % COLOURS, hit.db_box)], classes=f"hit c{i % COLOURS}", swatch=i % COLOURS,
             ))
@@ -133,10 +133,12 @@ def render_report(
     return "".join(parts)
 
 
-def _figure(
+def figure(
     thumb: Thumb | str, caption: str, hover: str, boxes: list[tuple[int, Sequence[float]]],
     *, classes: str, swatch: int | None = None,
 ) -> str:
+    """One image of a page: its thumbnail (or the reason it has none) with `boxes` (colour
+    number, pixel box) drawn on it, its caption and a hover text."""
     e = html.escape
     if isinstance(thumb, str):
         frame = f"<p class=error>{e(thumb)}</p>"
@@ -166,9 +168,13 @@ def index_summary(info: dict) -> str:
 
 def write_report(path: str | Path, results: Sequence, **kwargs) -> Path:
     """Write `render_report(results, **kwargs)` to `path` atomically; returns the path."""
+    return write_page(path, render_report(results, **kwargs))
+
+
+def write_page(path: str | Path, text: str) -> Path:
+    """Write an HTML page to `path` atomically, readable by all; returns the path."""
     path = Path(path)
-    text = render_report(results, **kwargs)
     with replacing(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is meant to be shared
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a page is meant to be shared
     return path

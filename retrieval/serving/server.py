@@ -262,6 +262,30 @@ def create_app(
         result.update(query=entry.path, query_id=entry.id, width=entry.width, height=entry.height)
         return {"results": [result]}
 
+    @app.get("/duplicates", include_in_schema=False)
+    async def duplicates_page() -> FileResponse:
+        return FileResponse(STATIC / "duplicates.html", media_type="text/html")
+
+    @app.get("/api/duplicates")
+    async def duplicates(max_distance: str | None = None, min_size: str | None = None) -> dict:
+        # The groups as `retrieval duplicates --json`, plus what the page draws with.
+        from ..engine.index import IndexUsageError
+        from .duplicates_page import duplicates_json
+
+        try:
+            distance = float(max_distance) if max_distance else None
+        except ValueError:
+            raise HTTPException(400, f"max_distance must be a number >= 0 (got {max_distance!r})") from None
+        size = _whole_number("min_size", min_size) if min_size else 2
+
+        def find(idx) -> dict:
+            return duplicates_json(idx.duplicates(distance, size), idx)
+
+        try:
+            return await worker.run(find)
+        except IndexUsageError as err:
+            raise HTTPException(400, str(err)) from None
+
     @app.get("/api/lookup")
     async def lookup(path: str) -> dict:
         # Compared with the manifest's paths as a string; the file itself is never touched.
