@@ -154,7 +154,7 @@ def add_rerank_args(p: argparse.ArgumentParser) -> None:
                    help=f"alpha-QE exponent: a hit at distance d weighs (1 - d^2/2)^A (default {QE_ALPHA:g})")
     g.add_argument("--dba", type=_non_negative, default=0, metavar="K",
                    help="database-side augmentation: average each image's distance with its K nearest "
-                   "neighbours' (computed by `retrieval dba`; default 0 = off)")
+                   "neighbours' (kept current by add/remove; default 0 = off)")
     g.add_argument("--query-rotations", type=parse_rotations, default=None, metavar="R,...",
                    help="describe the query turned by each of these angles (degrees counter-clockwise, "
                    "from 0,90,180,270) and keep each image's smallest distance; hits say which rotation "

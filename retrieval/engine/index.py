@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
-from ..config import ConfigError, ExtractorConfig, RuntimeConfig, SearchConfig, SearchOptions, file_digest
+from ..config import NEIGHBOURS_K, ConfigError, ExtractorConfig, RuntimeConfig, SearchConfig, SearchOptions, file_digest
 from ..extraction.extractor import Extractor, Skipped
 from ..extraction.factory import make_extractor
 from ..extraction.features import Crop, ImageFeatures, describe
@@ -41,11 +40,13 @@ from . import writer
 from .ann import FactoryError, check_factory
 from .manifest import Entry, Manifest
 from .meta import MetaError, differing, new_meta, read_meta, write_meta
+from . import neighbour_lists
+from .neighbour_lists import NeighbourSettings
 from .neighbours import Neighbours
 from .pause import pause_hook
 from .policy import WritePolicy
 from .query import K_NOT_GIVEN, QueryResult, answer_queries, search_options
-from .search import rank, rank_query
+from .search import rank_query
 from .segments import DamagedFile
 from .snapshot import State, View, read_state
 from .status import index_info
@@ -360,7 +361,14 @@ class Index:
             policy=self.policy,
             shared_whitening=self.path / shared if shared else None,
             whiten_on=(lambda: self._store_whiten_on(sources, progress)) if sources else None,
+            neighbours=self._neighbour_settings(NEIGHBOURS_K),
         )
+
+    def _neighbour_settings(self, k: int) -> NeighbourSettings:
+        levels = self.search_config.effective_query_levels
+        # Candidates as soon as the writer builds FAISS: at a million images all pairs are out of reach.
+        return NeighbourSettings(k, tuple(levels), self.search_config.aggregate, self._rows_at(levels),
+                                 exact_limit=self.policy.ann_min_images)
 
     def _store_whiten_on(self, sources: Sequence[str], progress: bool) -> list[str]:
         """Describe the `--whiten-on` images into the store (what is stored is not
@@ -533,30 +541,16 @@ class Index:
         return found
 
     def build_neighbours(self, k: int, *, progress: bool = False) -> dict:
-        """Compute and store every image's k nearest other images (for `search(dba=...)`),
-        with the index's query levels and image distance; returns what `info` reports."""
+        """Compute every image's k nearest other images from scratch, with the index's
+        query levels and image distance (`add` and `remove` keep them current after
+        that, at this k); returns what `info` reports."""
         if k < 1:
             raise IndexUsageError("-k must be >= 1")
         with self._writing():
             self._publish(progress=False)
-            view = self.view()
-            levels = self.search_config.effective_query_levels
-            rows = self._rows_at(levels)
-            ids = np.sort(np.concatenate([
-                seg.ids if view.live_rows(i) is None else seg.ids[view.live_rows(i)]
-                for i, seg in enumerate(view.segments)
-            ])) if view.segments else np.empty(0, np.int64)
-            near = np.full((len(ids), k), -1, np.int64)
-            dist = np.full((len(ids), k), np.inf, np.float32)
-            for j, image_id in enumerate(tqdm(ids.tolist(), desc="neighbours", unit="img", disable=not progress, leave=False)):
-                r = rank(view.windows(image_id, rows), view, SearchOptions(k=k + 1, aggregate=self.search_config.aggregate))
-                other = r.ids != image_id
-                found = r.ids[other][:k]
-                near[j, :len(found)], dist[j, :len(found)] = found, r.distances[other][:k]
-            meta = {"k": k, "images": len(ids), "generation": view.state.generation,
-                    "aggregate": self.search_config.aggregate, "query_levels": list(levels)}
-            Neighbours(ids, near, dist, meta).save(self.path)
-        return meta
+            found = neighbour_lists.update(self.view(), None, self._neighbour_settings(k), progress=progress)
+            found.save(self.path)
+        return found.meta
 
     def entry(self, image_id: int) -> Entry | None:
         """The indexed image with manifest id `image_id` (path, digest, size), or None."""
