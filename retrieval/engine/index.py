@@ -487,7 +487,8 @@ class Index:
         options = self.search_options(k, options, keywords)
         view = self.view()
         whitening = view.whitening if view.images else None
-        neighbours = self.neighbours(options.dba) if options.dba and whitening is not None else None
+        wants = whitening is not None and (options.dba or options.rerank)
+        neighbours = self.neighbours(options.dba or 1) if wants else None
         expand_rows = self._rows_at(options.query_levels)
 
         def rank_here(described: list[list[np.ndarray]]) -> list:
@@ -535,8 +536,9 @@ class Index:
         if found is None or found.k < k:
             have = "none are stored" if found is None else f"{found.k} per image are stored"
             raise IndexUsageError(
-                f"--dba {k} needs the {k} nearest neighbours of every image of {self.path}, but {have}; "
-                f"compute them with `retrieval dba {self.path} -k {k}`"
+                f"re-ranking (--dba {k}, or adaptive) needs the {k} nearest neighbours of every image of "
+                f"{self.path}, but {have}; compute them with `retrieval dba {self.path} -k {max(k, NEIGHBOURS_K)}` "
+                "(or query with --no-rerank)"
             )
         return found
 
