@@ -68,6 +68,7 @@ from retrieval.config import (  # noqa: E402
     PATCH_MODES,
     POOLS,
     QE_ALPHA,
+    RERANK_MARGIN,
     ConfigError,
     ExtractorConfig,
     RuntimeConfig,
@@ -155,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --sweep: plot the score against layer depth (per pooling) and PCA dimension (matplotlib)")
     g.add_argument("--qe-grid", metavar="K,...", help="comma list of --qe values (default --qe)")
     g.add_argument("--dba-grid", metavar="K,...", help="comma list of --dba values (default --dba)")
+    g.add_argument("--rerank-grid", metavar="M,...",
+                   help="comma list of adaptive re-ranking margins, 'off' for none (default --rerank/--rerank-margin)")
     g.add_argument(
         "--query-rotations-grid", metavar="R,...;...",
         help="';'-separated rotation lists, e.g. '0;0,90,180,270' (default --query-rotations)",
@@ -190,6 +193,16 @@ def _split(text: str | None, sep: str) -> list[str]:
     return [t.strip() for t in (text or "").split(sep) if t.strip()]
 
 
+def _rerank_value(text: str) -> tuple[bool, float]:
+    """A --rerank-grid entry: 'off' (no adaptive re-ranking) or a margin."""
+    if text == "off":
+        return False, RERANK_MARGIN
+    try:
+        return True, float(text)
+    except ValueError:
+        raise ConfigError(f"--rerank-grid takes 'off' or margins (got {text!r})") from None
+
+
 def combinations(args: argparse.Namespace) -> list[dict]:
     """The rows to run: dicts with levels, query_levels, aggregate, pca_dim, patch_mode,
     whiten_on, qe, dba, query_rotations, layer (a --layer or --onnx-output name) and pool."""
@@ -205,6 +218,8 @@ def combinations(args: argparse.Namespace) -> list[dict]:
             "whiten_on": _whiten_sources(args.whiten_on),
             "qe": args.qe,
             "dba": args.dba,
+            "rerank": args.rerank,
+            "rerank_margin": args.rerank_margin,
             "query_rotations": rotations,
             "layer": layer,
             "pool": args.pool,
@@ -253,18 +268,20 @@ def combinations(args: argparse.Namespace) -> list[dict]:
         rotation_sets = [parse_rotations(r) for r in _split(args.query_rotations_grid, ";")] or [rotations]
     except argparse.ArgumentTypeError as err:
         raise ConfigError(f"--query-rotations-grid: {err}")
+    reranks = [_rerank_value(v) for v in _split(args.rerank_grid, ",")] or [
+        (args.rerank, args.rerank_margin)]
     rows, seen = [], set()
-    for layer, pool, mode, whiten, (db, q), pca, agg, dba, qe, rot in itertools.product(
-            layers, pools, modes, whitens, pairs, pcas, aggregates, dbas, qes, rotation_sets):
+    for layer, pool, mode, whiten, (db, q), pca, agg, dba, qe, rot, (rr, margin) in itertools.product(
+            layers, pools, modes, whitens, pairs, pcas, aggregates, dbas, qes, rotation_sets, reranks):
         if q == (1,):
             agg = "min"  # one query window: min and mean-min are the same distance
-        key = (layer, pool, mode, tuple(whiten or ()), db, q, pca, agg, dba, qe, rot)
+        key = (layer, pool, mode, tuple(whiten or ()), db, q, pca, agg, dba, qe, rot, rr, margin)
         if key in seen:
             continue
         seen.add(key)
         rows.append({"levels": db, "query_levels": q, "aggregate": agg, "pca_dim": pca,
-                     "patch_mode": mode, "whiten_on": whiten, "qe": qe, "dba": dba,
-                     "query_rotations": rot, "layer": layer, "pool": pool})
+                     "patch_mode": mode, "whiten_on": whiten, "qe": qe, "dba": dba, "rerank": rr,
+                     "rerank_margin": margin, "query_rotations": rot, "layer": layer, "pool": pool})
     return rows
 
 
@@ -435,7 +452,8 @@ def run_rows(args, dataset: Dataset, rows: list[dict], store: str, index_base: P
             pca_used = whitening.output_dim if whitening is not None else None
             dba_k = max(row["dba"] for row in group)
             dba_seconds = None
-            if dba_k:
+            # The writer keeps the lists (10 per image); a larger --dba needs them recomputed.
+            if dba_k > (index.info()["neighbours"] or {}).get("k", 0):
                 t2 = time.perf_counter()
                 index.build_neighbours(dba_k, progress=progress)
                 dba_seconds = time.perf_counter() - t2
@@ -446,6 +464,7 @@ def run_rows(args, dataset: Dataset, rows: list[dict], store: str, index_base: P
                 rankings, skipped, search_seconds, tops = run_search(
                     index, dataset, row["query_levels"], row["aggregate"], progress, args.json_top, items,
                     qe=row["qe"], qe_alpha=args.qe_alpha, dba=row["dba"], query_rotations=row["query_rotations"],
+                    rerank=row["rerank"], rerank_margin=row["rerank_margin"],
                     **({"exact_limit": args.exact_limit} if args.exact_limit is not None else {}),
                     layout_k=args.layout_k)
                 scores = evaluate(dataset, rankings)
@@ -474,6 +493,8 @@ def run_rows(args, dataset: Dataset, rows: list[dict], store: str, index_base: P
                     "qe": row["qe"],
                     "qe_alpha": args.qe_alpha,
                     "dba": row["dba"],
+                    "rerank": row["rerank"],
+                    "rerank_margin": row["rerank_margin"],
                     "query_rotations": list(row["query_rotations"] or [0]),
                     "rotate_queries": args.rotate_queries or 0,
                 }
@@ -558,6 +579,7 @@ def command_line(args, row: dict) -> str:
         parts += ["--dba", str(row["dba"])]
     if row["query_rotations"]:
         parts += ["--query-rotations", ",".join(map(str, row["query_rotations"]))]
+    parts += ["--rerank", "--rerank-margin", f"{row['rerank_margin']:g}"] if row["rerank"] else ["--no-rerank"]
     if args.rotate_queries:
         parts += ["--rotate-queries", str(args.rotate_queries)]
     return " ".join(_quote(p) for p in parts)
@@ -595,6 +617,8 @@ def format_row(r: dict) -> str:
 def _rerank_cell(c: dict) -> str:
     """e.g. 'qe2 dba5 rot0/90 (q@90)': the query-time options of a row, '-' for none."""
     parts = [f"{name}{c[name]}" for name in ("qe", "dba") if c.get(name)]
+    if c.get("rerank"):
+        parts.append(f"adaptive{c['rerank_margin']:g}")
     if c.get("query_rotations", [0]) != [0]:
         parts.append("rot" + "/".join(map(str, c["query_rotations"])))
     if c.get("rotate_queries"):

@@ -42,6 +42,10 @@ ROTATIONS = (0, 90, 180, 270)  # query rotations, degrees counter-clockwise (los
 # Up to this many images a query scores every image with the kernel (exact, and measured
 # faster than FAISS candidates: benchmarks/results/scale.md); above, candidates.
 EXACT_LIMIT = 2_000
+# Adaptive re-ranking uses the hits and neighbours within this distance of the nearest
+# (chosen leave-one-set-out: benchmarks/results/reranking.md).
+RERANK_MARGIN = 0.2
+NEIGHBOURS_K = 10  # each image's nearest images kept by the writer, for re-ranking (`retrieval dba -k` changes it)
 QE_ALPHA = 3.0  # the exponent of alpha-QE (Radenovic et al.): near hits weigh much more than far ones
 NPROBE = 16  # IVF lists per query window: recall 0.955 against 0.85 for 8 on hard data (benchmarks/results/scale.md)
 LAYOUT_K = 128  # candidates from the layout index (benchmarks/results/scale.md)
@@ -314,7 +318,9 @@ class SearchOptions:
     `nprobe` IVF lists, and the `layout_k` images nearest to the query's windows laid end
     to end (0 leaves the layout index out). Re-ranking: `qe` best images' windows become
     queries too (alpha-QE weights, exponent `qe_alpha`), `dba` nearest neighbours of each
-    image are averaged in. `query_rotations` (distinct, from 0, 90, 180, 270) describes
+    image are averaged in (fixed counts); with both 0, `rerank` re-ranks adaptively: the
+    hits, and each image's stored neighbours, within `rerank_margin` of the nearest
+    (False with both 0: the plain ranking). `query_rotations` (distinct, from 0, 90, 180, 270) describes
     the query at each rotation; None describes it as it is (and hits carry no rotation).
 
     A value out of range is a SearchOptionError (a ConfigError) naming the field and
@@ -332,6 +338,8 @@ class SearchOptions:
     qe: int = 0
     qe_alpha: float = QE_ALPHA
     dba: int = 0
+    rerank: bool = False
+    rerank_margin: float = RERANK_MARGIN
     query_rotations: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -347,6 +355,12 @@ class SearchOptions:
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha >= 0:
             raise SearchOptionError("qe_alpha", "a number >= 0", alpha)
         put("qe_alpha", float(alpha))
+        margin = self.rerank_margin
+        if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not margin >= 0:
+            raise SearchOptionError("rerank_margin", "a number >= 0", margin)
+        put("rerank_margin", float(margin))
+        if not isinstance(self.rerank, bool):
+            raise SearchOptionError("rerank", "true or false", self.rerank)
         if self.aggregate is not None and self.aggregate not in AGGREGATES:
             raise SearchOptionError("aggregate", f"one of {', '.join(AGGREGATES)}", self.aggregate)
         if self.query_levels is not None:
@@ -366,6 +380,11 @@ class SearchOptions:
                 raise SearchOptionError(
                     "query_rotations", "a non-empty list of distinct values from 0,90,180,270", self.query_rotations
                 ) from None
+
+    @property
+    def reranks(self) -> bool:
+        """Whether distances are re-ranked (fixed `qe`/`dba`, or adaptive `rerank`)."""
+        return bool(self.qe or self.dba or self.rerank)
 
     @property
     def rotations(self) -> tuple[int, ...]:

@@ -344,7 +344,7 @@ def test_kill_9_while_publishing_keeps_the_last_generation_then_heals(tmp_path, 
     assert healed.images == 16 and healed.generation > before.generation
     # Nothing is left over but what the healed state names (file names may be reused).
     left = {p.name for p in cut.iterdir() if not p.name.startswith("manifest.sqlite")}
-    assert left - {".lock", "index.json", "state.json"} == healed.files()
+    assert left - {".lock", "index.json", "state.json", "neighbours.npz"} == healed.files()
     calm_out = run_cli("query", str(calm), *paths[::3], "-k", "16", "--json")
     assert json.loads(out.stdout)["results"] == json.loads(calm_out.stdout)["results"]
     info = json.loads(run_cli("info", str(cut), "--json").stdout)

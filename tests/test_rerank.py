@@ -63,11 +63,39 @@ def test_off_reproduces_the_plain_ranking_exactly(qe_chain):
         # What search was before re-ranking existed: one whitened query through `rank`.
         plain = rank(view.whitening.transform(np.concatenate([f.descriptors[n] for n in LEVELS])), view,
                      SearchOptions(k=None))
-        for kw in ({}, {"qe": 0, "dba": 0}, {"query_rotations": (0,)}):
+        for kw in ({"rerank": False}, {"qe": 0, "dba": 0, "rerank": False},
+                   {"query_rotations": (0,), "rerank": False}):
             hits = idx.search([query], k=None, **kw)[0].hits
             assert [h.id for h in hits] == plain.ids.tolist()
             assert [h.distance for h in hits] == plain.distances.tolist()
             assert all(h.rotation == (0 if kw.get("query_rotations") else None) for h in hits)
+            assert {h.distance_kind for h in hits} == {"plain"}
+        reranked = idx.search([query], k=None, rerank=True)[0].hits
+        assert {h.distance_kind for h in reranked} == {"reranked"}
+    out = run_cli("query", str(index), query, "-k", "20", "--json", "--quiet", "--no-rerank")
+    assert out.returncode == 0, out.stderr
+    hits = json.loads(out.stdout)["results"][0]["hits"]
+    assert [h["distance"] for h in hits] == pytest.approx(plain.distances.tolist())
+    assert {h["distance_kind"] for h in hits} == {"plain"}
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.1, 0.5, 10.0])
+def test_adaptive_reranking_keeps_an_exact_duplicate_first(qe_chain, margin):
+    index, _, names = qe_chain
+    with Index.open(index) as idx:
+        for path in names:  # every indexed image is its own exact duplicate
+            hits = idx.search([path], k=3, rerank=True, rerank_margin=margin)[0].hits
+            assert hits[0].path == path and hits[0].distance_kind == "reranked"
+
+
+def test_adaptive_margin_chooses_how_many_hits_expand_the_query(qe_chain):
+    """The chain A -> B -> C: C shares nothing with A. A margin taking in B (A's best hit)
+    reaches C as query expansion with one hit does; a margin of 0 keeps only B."""
+    index, query, names = qe_chain
+    with Index.open(index) as idx:
+        fixed = _order(idx, query, names, qe=1)
+        wide = _order(idx, query, names, rerank=True, rerank_margin=0.0)
+    assert fixed[:2] == ["B", "C"] and wide[:2] == ["B", "C"]
 
 
 def test_query_expansion_reaches_the_far_end_of_a_chain(qe_chain):
@@ -82,19 +110,18 @@ def test_query_expansion_reaches_the_far_end_of_a_chain(qe_chain):
     assert all(a.distance <= b.distance for a, b in zip(hits, hits[1:]))
 
 
-def test_database_side_augmentation_lifts_the_neighbour_and_follows_removals(dba_chain, tmp_path):
+def test_database_side_augmentation_lifts_the_neighbour_and_follows_add_and_remove(dba_chain, tmp_path):
     index, query, names = dba_chain
     with Index.open(index) as idx:
-        with pytest.raises(IndexUsageError, match="retrieval dba"):
-            idx.search([query], k=3, dba=1)
+        assert idx.info()["neighbours"]["k"] == 10  # kept by the writer since the first add
         meta = idx.build_neighbours(2)
         assert meta["k"] == 2 and meta["images"] == 8
         assert idx.info()["neighbours"]["up_to_date"] is True
         plain = _order(idx, query, names)
         augmented = _order(idx, query, names, dba=1, qe_alpha=1)
-        with pytest.raises(IndexUsageError, match="-k 3"):
+        with pytest.raises(IndexUsageError, match="--dba 3"):
             idx.search([query], k=3, dba=3)
-        # B removed: C loses its only link; the stored neighbours skip what is gone.
+        # B removed: C loses its only link; the lists no longer name it.
         b = next(p for p, n in names.items() if n == "B")
         idx.remove([b])
         after = _order(idx, query, names, dba=1, qe_alpha=1)
@@ -103,11 +130,12 @@ def test_database_side_augmentation_lifts_the_neighbour_and_follows_removals(dba
         idx.add([str(extra)], progress=False)
         names[str(extra)] = "new"
         with_new = _order(idx, query, names, dba=1, qe_alpha=1)
-        assert idx.info()["neighbours"]["up_to_date"] is False
+        info = idx.info()["neighbours"]
+    assert info["up_to_date"] is True and info["k"] == 2 and info["images"] == 8
     assert plain[0] == "B" and plain[-1] == "C"
     assert augmented[:2] == ["B", "C"]
     assert "B" not in after and after.index("C") > 1
-    assert sorted(with_new) == sorted(after + ["new"])  # a new image is searched, unaugmented
+    assert sorted(with_new) == sorted(after + ["new"])
 
 
 def test_an_image_found_only_when_the_query_is_turned(qe_chain, tmp_path):
@@ -157,7 +185,7 @@ def test_cli_flags_and_the_dba_command(qe_chain, tmp_path):
     before = sorted(p.name for p in index.iterdir())
     for flags, needle in ((["--qe", "-1"], "--qe"), (["--query-rotations", "0,45"], "--query-rotations"),
                           (["--dba", "x"], "--dba"), (["--qe-alpha", "-2"], "--qe-alpha"),
-                          (["--dba", "2"], "retrieval dba")):
+                          (["--dba", "11"], "retrieval dba")):  # the writer keeps 10
         out = run_cli("query", str(index), query, "--json", "--quiet", *flags)
         assert out.returncode == 2 and needle in out.stderr and out.stdout == "", (flags, out.stderr)
     assert sorted(p.name for p in index.iterdir()) == before  # a refused command wrote nothing

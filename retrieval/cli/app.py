@@ -91,11 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "without it the shards are searched in threads")
     _common(p)
 
-    p = sub.add_parser("dba", help="compute every image's nearest neighbours, for `query --dba K`")
+    p = sub.add_parser("dba", help="recompute every image's nearest neighbours from scratch (add/remove keep them current)")
     p.add_argument("index", metavar="INDEX_DIR", help=_INDEX_HELP)
     p.add_argument("-k", type=int, default=10,
-                   help="neighbours kept per image (default 10; `query --dba K` uses up to this many). "
-                   "Re-run after add/remove: images added since are searched without augmentation")
+                   help="neighbours kept per image (default 10; `query --dba K` uses up to this many); "
+                   "later adds and removes keep this many")
     _common(p)
 
     p = sub.add_parser("duplicates", help="groups of indexed images that show the same thing (copies, crops, views)")

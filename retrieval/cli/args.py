@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..config import (
-    AGGREGATES, DEVICES, LEVELS, PATCH_MODES, POOLS, QE_ALPHA, ConfigError, ExtractorConfig, InputSpec,
+    AGGREGATES, DEVICES, LEVELS, PATCH_MODES, POOLS, QE_ALPHA, RERANK_MARGIN, ConfigError, ExtractorConfig, InputSpec,
     RuntimeConfig, SearchConfig, SearchOptionError, SearchOptions, levels_from_text, rotations_from_text,
 )
 
@@ -138,6 +138,7 @@ def search_options_from_args(args: argparse.Namespace) -> SearchOptions:
             k=args.k, query_levels=args.query_levels, aggregate=args.aggregate, exact_limit=args.exact_limit,
             nprobe=args.nprobe, per_patch=args.per_patch, layout_k=args.layout_k,
             qe=args.qe, qe_alpha=args.qe_alpha, dba=args.dba, query_rotations=args.query_rotations,
+            rerank=args.rerank, rerank_margin=args.rerank_margin,
         )
     except SearchOptionError as err:
         flag = _OPTION_FLAGS.get(err.field, "--" + err.field.replace("_", "-"))
@@ -146,7 +147,14 @@ def search_options_from_args(args: argparse.Namespace) -> SearchOptions:
 
 def add_rerank_args(p: argparse.ArgumentParser) -> None:
     """The re-ranking and rotation flags of `retrieval query` and benchmarks/retrieval_map.py."""
-    g = p.add_argument_group("re-ranking (off by default; benchmarks/results/reranking.md)")
+    g = p.add_argument_group("re-ranking (docs/reranking.md)")
+    default = SearchOptions()
+    g.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=default.rerank,
+                   help="adaptive re-ranking where --qe/--dba give no count: query expansion by the hits, and "
+                   "augmentation by each image's kept neighbours, within --rerank-margin of the nearest; "
+                   f"--no-rerank gives the plain ranking (default {'on' if default.rerank else 'off'})")
+    g.add_argument("--rerank-margin", type=float, default=RERANK_MARGIN, metavar="M",
+                   help=f"adaptive re-ranking: distance margin over the nearest hit or neighbour (default {RERANK_MARGIN:g})")
     g.add_argument("--qe", type=_non_negative, default=0, metavar="K",
                    help="query expansion: also score the windows of the K best images as queries and "
                    "average the distances with alpha-QE weights (default 0 = off)")
@@ -154,7 +162,7 @@ def add_rerank_args(p: argparse.ArgumentParser) -> None:
                    help=f"alpha-QE exponent: a hit at distance d weighs (1 - d^2/2)^A (default {QE_ALPHA:g})")
     g.add_argument("--dba", type=_non_negative, default=0, metavar="K",
                    help="database-side augmentation: average each image's distance with its K nearest "
-                   "neighbours' (computed by `retrieval dba`; default 0 = off)")
+                   "neighbours' (kept current by add/remove; default 0 = off)")
     g.add_argument("--query-rotations", type=parse_rotations, default=None, metavar="R,...",
                    help="describe the query turned by each of these angles (degrees counter-clockwise, "
                    "from 0,90,180,270) and keep each image's smallest distance; hits say which rotation "

@@ -30,7 +30,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ..config import ConfigError, ExtractorConfig, RuntimeConfig, SearchConfig, SearchOptions, file_digest
+from ..config import NEIGHBOURS_K, ConfigError, ExtractorConfig, RuntimeConfig, SearchConfig, SearchOptions, file_digest
 from ..extraction.extractor import Extractor, Skipped
 from ..extraction.factory import make_extractor
 from ..extraction.features import Crop, ImageFeatures, describe
@@ -38,18 +38,19 @@ from ..extraction.images import expand_inputs
 from ..extraction.patches import level_names, level_regions
 from ..extraction.store import FeatureStore, StoreError, default_store_path
 from ..fileio import storage_message, writable
-from ..extraction.progress import Progress
 from . import writer
 from .ann import FactoryError, index_type_argument
 from .manifest import Entry, Manifest
 from .meta import MetaError, differing, new_meta, read_meta, write_meta
 from . import duplicates as grouping
+from . import neighbour_lists
 from .duplicates import Duplicates
+from .neighbour_lists import NeighbourSettings
 from .neighbours import Neighbours
 from .pause import pause_hook
 from .policy import WritePolicy
 from .query import K_NOT_GIVEN, QueryResult, answer_queries, search_options
-from .search import rank, rank_queries
+from .search import rank_queries
 from .segments import DamagedFile
 from .snapshot import State, View, read_state
 from .status import index_info
@@ -372,7 +373,14 @@ class Index:
             policy=self.policy,
             shared_whitening=self.path / shared if shared else None,
             whiten_on=(lambda: self._store_whiten_on(sources, progress)) if sources else None,
+            neighbours=self._neighbour_settings(NEIGHBOURS_K),
         )
+
+    def _neighbour_settings(self, k: int) -> NeighbourSettings:
+        levels = self.search_config.effective_query_levels
+        # Candidates as soon as the writer builds FAISS: at a million images all pairs are out of reach.
+        return NeighbourSettings(k, tuple(levels), self.search_config.aggregate, self._rows_at(levels),
+                                 exact_limit=self.policy.ann_min_images)
 
     def _store_whiten_on(self, sources: Sequence[str], progress: bool) -> list[str]:
         """Describe the `--whiten-on` images into the store (what is stored is not
@@ -508,7 +516,8 @@ class Index:
         options = self.search_options(k, options, keywords)
         view = self.view()
         whitening = view.whitening if view.images else None
-        neighbours = self.neighbours(options.dba) if options.dba and whitening is not None else None
+        wants = whitening is not None and (options.dba or options.rerank)
+        neighbours = self.neighbours(options.dba or 1) if wants else None
         expand_rows = self._rows_at(options.query_levels)
 
         def rank_here(described: list[list[np.ndarray]]) -> list:
@@ -558,75 +567,37 @@ class Index:
         if found is None or found.k < k:
             have = "none are stored" if found is None else f"{found.k} per image are stored"
             raise IndexUsageError(
-                f"--dba {k} needs the {k} nearest neighbours of every image of {self.path}, but {have}; "
-                f"compute them with `retrieval dba {self.path} -k {k}`"
+                f"re-ranking (--dba {k}, or adaptive) needs the {k} nearest neighbours of every image of "
+                f"{self.path}, but {have}; compute them with `retrieval dba {self.path} -k {max(k, NEIGHBOURS_K)}` "
+                "(or query with --no-rerank)"
             )
         return found
 
     def build_neighbours(self, k: int, *, progress: bool = False) -> dict:
-        """Compute and store every image's k nearest other images (for `search(dba=...)`),
-        with the index's query levels and image distance; returns what `info` reports."""
+        """Compute every image's k nearest other images from scratch, with the index's
+        query levels and image distance (`add` and `remove` keep them current after
+        that, at this k); returns what `info` reports."""
         if k < 1:
             raise IndexUsageError("-k must be >= 1")
         with self._writing():
             self._publish(progress=False)
-            view = self.view()
-            ids = _live_ids(view)
-            near, dist = self._nearest(view, ids, k, progress)
-            meta = self._neighbours_meta(view, k, len(ids))
-            Neighbours(ids, near, dist, meta).save(self.path)
-        return meta
+            found = neighbour_lists.update(self.view(), None, self._neighbour_settings(k), progress=progress)
+            found.save(self.path)
+        return found.meta
 
     def current_neighbours(self, k: int, *, progress: bool = False) -> Neighbours:
-        """The stored nearest neighbours (k or more per image) of every published image,
-        brought up to date: rows of removed images dropped, rows of images added since
-        computed and stored. The rows kept are not recomputed, so they may miss an image
-        added since (that image's own row names its nearest); with none stored, or fewer
-        than k per image, every row is computed."""
+        """The stored nearest neighbours (k or more per image) of every published image.
+        The writer keeps them current on every add and remove; they are computed here
+        only when none are stored, or fewer than k per image (an index built before the
+        writer kept them, or after `retrieval dba -k` with a smaller k)."""
         try:
             found = Neighbours.load(self.path)
         except ValueError:
             found = None  # damaged: computed again below, as when absent
-        view = self.view()
-        if found is not None and found.k >= k and np.array_equal(found.ids, _live_ids(view)):
+        if found is not None and found.k >= k and np.array_equal(found.ids, self.view().live_ids()):
             return found
-        with self._writing():
-            self._publish(progress=False)
-            view = self.view()
-            ids = _live_ids(view)
-            if found is None or found.k < k:
-                found = Neighbours(np.empty(0, np.int64), np.empty((0, k), np.int64), np.empty((0, k), np.float32), {})
-            kept = np.isin(found.ids, ids)
-            todo = np.setdiff1d(ids, found.ids)
-            near, dist = self._nearest(view, todo, found.k, progress)
-            all_ids = np.concatenate([found.ids[kept], todo])
-            order = np.argsort(all_ids, kind="stable")
-            meta = self._neighbours_meta(view, found.k, len(ids))
-            meta["computed"] = len(todo)
-            found = Neighbours(all_ids[order], np.concatenate([found.neighbours[kept], near])[order],
-                               np.concatenate([found.distances[kept], dist])[order], meta)
-            found.save(self.path)
-        return found
-
-    def _nearest(self, view: View, ids: np.ndarray, k: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-        """The k nearest other images of each of `ids` and their distances ([len(ids), k];
-        -1 and inf where fewer exist), at the query levels and with the index's distance."""
-        rows = self._rows_at(self.search_config.effective_query_levels)
-        near = np.full((len(ids), k), -1, np.int64)
-        dist = np.full((len(ids), k), np.inf, np.float32)
-        with Progress(len(ids), "neighbours", enabled=progress) as bar:
-            for j, image_id in enumerate(ids.tolist()):
-                r = rank(view.windows(image_id, rows), view, SearchOptions(k=k + 1, aggregate=self.search_config.aggregate))
-                other = r.ids != image_id
-                found = r.ids[other][:k]
-                near[j, :len(found)], dist[j, :len(found)] = found, r.distances[other][:k]
-                bar.update(1)
-        return near, dist
-
-    def _neighbours_meta(self, view: View, k: int, images: int) -> dict:
-        return {"k": k, "images": images, "generation": view.state.generation,
-                "aggregate": self.search_config.aggregate,
-                "query_levels": list(self.search_config.effective_query_levels)}
+        self.build_neighbours(max(k, found.k if found is not None else k), progress=progress)
+        return self.neighbours(k)
 
     def duplicates(self, max_distance: float | None = None, min_size: int = 2, *,
                    progress: bool = False) -> Duplicates:
@@ -634,8 +605,8 @@ class Index:
         says how): every image in at most one group, groups of `min_size` or more images,
         largest first, each member with its distance to the group's first image.
         `max_distance` None: set from this index's own distances (the result says which).
-        The neighbour lists are reused (`current_neighbours`): after add/remove only the
-        added images are searched."""
+        It reads the neighbour lists the writer keeps current (`current_neighbours`): nothing
+        is searched again after add/remove."""
         if min_size < 2:
             raise IndexUsageError(f"--min-size must be >= 2 (got {min_size})")
         if max_distance is not None and not max_distance >= 0:
@@ -670,15 +641,6 @@ class Index:
             search=self.search_config.to_dict(), index_type=self.index_type, policy=self.policy,
             device=self.runtime.device, store=self.meta["store"],
         )
-
-
-def _live_ids(view: View) -> np.ndarray:
-    """The ids of a generation's live images, sorted."""
-    if not view.segments:
-        return np.empty(0, np.int64)
-    return np.sort(np.concatenate([
-        seg.ids if view.live_rows(i) is None else seg.ids[view.live_rows(i)] for i, seg in enumerate(view.segments)
-    ])).astype(np.int64)
 
 
 def _read_state_or_none(path: Path) -> State | None:

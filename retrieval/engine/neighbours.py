@@ -35,24 +35,30 @@ class Neighbours:
     def k(self) -> int:
         return int(self.neighbours.shape[1])
 
-    def _rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row, whether listed) of each image id; the row of an unlisted id is meaningless."""
         pos = np.minimum(np.searchsorted(self.ids, ids), max(len(self.ids) - 1, 0))
         known = (self.ids[pos] == ids) if len(self.ids) else np.zeros(len(ids), bool)
         return pos, known
 
     def widen(self, pool: np.ndarray, k: int) -> np.ndarray:
         """`pool` plus the first k neighbours of its images (sorted, unique)."""
-        pos, known = self._rows(pool)
+        pos, known = self.rows(pool)
         more = self.neighbours[pos[known], :k].ravel()
         return np.unique(np.concatenate([pool, more[more >= 0]]))
 
-    def augment(self, ids: np.ndarray, dist: np.ndarray, k: int, alpha: float) -> np.ndarray:
+    def augment(self, ids: np.ndarray, dist: np.ndarray, k: int, alpha: float,
+                margin: float | None = None) -> np.ndarray:
         """Each image's distance averaged with its first k neighbours' (weight 1 for its own,
-        alpha-QE weight of the neighbour's distance to it for each neighbour); neighbours
+        alpha-QE weight of the neighbour's distance to it for each neighbour); with a
+        `margin`, only the neighbours within it of the image's nearest one. Neighbours
         not among `ids` (removed, or not candidates) are left out."""
-        pos, known = self._rows(ids)
+        pos, known = self.rows(ids)
         nb = np.where(known[:, None], self.neighbours[pos, :k], -1)
-        weight = qe_weight(self.distances[pos, :k], alpha) * (nb >= 0)
+        near = self.distances[pos, :k]
+        weight = qe_weight(near, alpha) * (nb >= 0)
+        if margin is not None:
+            weight = weight * (near <= near[:, :1] + margin)
         order = np.argsort(ids, kind="stable")
         at = np.minimum(np.searchsorted(ids[order], nb), len(ids) - 1)
         found = ids[order][at] == nb

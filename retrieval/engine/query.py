@@ -43,12 +43,14 @@ class Hit:
     db_box: list[float]
     id: int = -1
     rotation: int | None = None  # set when the query was described at several rotations
+    distance_kind: str = "plain"  # "reranked": a weighted mean of window-set distances (docs/reranking.md)
 
     def to_dict(self) -> dict:
         out = {
             "rank": self.rank,
             "path": self.path,
             "distance": self.distance,
+            "distance_kind": self.distance_kind,
             "query_box": self.query_box,
             "db_box": self.db_box,
         }
@@ -180,7 +182,8 @@ def assemble_hits(ranking: Ranking, entries: dict[int, Entry], views: list[Image
     dboxes = db_layout[dp] * sizes
     rotations = options.query_rotations
     return [
-        Hit(pos + 1, entries[i].path, d, qb, dbb, i, rotations[w] if rotations is not None else None)
+        Hit(pos + 1, entries[i].path, d, qb, dbb, i, rotations[w] if rotations is not None else None,
+            ranking.distance_kind)
         for pos, (i, d, qb, dbb, w) in enumerate(zip(
             ids.tolist(), dist.tolist(), np.round(qboxes, 1).tolist(), np.round(dboxes, 1).tolist(), which.tolist(),
         ))

@@ -37,6 +37,8 @@ from .snapshot import View
 
 # With FAISS candidates, re-ranking needs the distances of more images than the k shown.
 RERANK_POOL = 100
+# Adaptive query expansion uses at most this many hits (those within the margin of the best).
+ADAPTIVE_QE = 10
 
 
 @dataclass
@@ -48,11 +50,13 @@ class Ranking:
     query_patch: np.ndarray  # int32, window index within the query
     db_patch: np.ndarray  # int32, window index within the database image
     query: np.ndarray | None = None  # int32, which description of the query decided (None: the one)
+    distance_kind: str = "plain"  # "reranked": distances are re-ranked means, not one window-set distance
 
     def take(self, positions: np.ndarray) -> "Ranking":
         """The images at `positions`, in that order."""
         return Ranking(self.ids[positions], self.distances[positions], self.query_patch[positions],
-                       self.db_patch[positions], None if self.query is None else self.query[positions])
+                       self.db_patch[positions], None if self.query is None else self.query[positions],
+                       self.distance_kind)
 
 
 def _aggregate(options: SearchOptions) -> str:
@@ -166,7 +170,7 @@ def _nearest_description(parts: list[Ranking], k: int | None) -> Ranking:
 def rank_query(queries: list[np.ndarray], view: View, options: SearchOptions, *,
                expand_rows: np.ndarray | None = None, neighbours: Neighbours | None = None) -> Ranking:
     """One query, described once or several ways: `rank_reranked` when the options ask
-    for query expansion or database-side augmentation, else `rank_descriptions`."""
+    for re-ranking (fixed or adaptive), else `rank_descriptions`."""
     return rank_queries([queries], view, options, expand_rows=expand_rows, neighbours=neighbours)[0]
 
 
@@ -174,7 +178,7 @@ def rank_queries(described: list[list[np.ndarray]], view: View, options: SearchO
                  expand_rows: np.ndarray | None = None, neighbours: Neighbours | None = None) -> list[Ranking]:
     """`rank_query` of each query (its list of descriptions), in order. Without
     re-ranking, every description of every query is ranked in one `rank_many` batch."""
-    if options.qe or options.dba:
+    if options.reranks:
         return [rank_reranked(d, view, options, expand_rows=expand_rows, neighbours=neighbours) for d in described]
     if not all(described):
         raise ValueError("rank_queries needs at least one description of each query")
@@ -188,18 +192,28 @@ def rank_reranked(queries: list[np.ndarray], view: View, options: SearchOptions,
     """The `options.k` nearest images to a query described several ways, re-ranked.
 
     An image's first distance is the smallest over `queries` ([nq_i, d] unit vectors
-    each); `Ranking.query` says which decided. With `dba` > 0 each image's distance is
-    averaged with those of its `dba` nearest neighbours in `neighbours` (weights
-    alpha-QE of their distance to it). With `qe` > 0 the `qe` best images' own windows
-    (their rows `expand_rows`, default all: the database places of the query's windows,
-    which the layout index needs too) are scored as queries too, and the final
-    distance is the weighted mean of the query's and theirs (weight 1 for the query,
-    sim**qe_alpha for a hit at distance d, sim = 1 - d**2 / 2).
+    each); `Ranking.query` says which decided. Database-side augmentation averages each
+    image's distance with those of its nearest neighbours in `neighbours` (weights
+    alpha-QE of their distance to it). Query expansion scores the best images' own
+    windows (their rows `expand_rows`, default all: the database places of the query's
+    windows, which the layout index needs too) as queries too, and the final distance is
+    the weighted mean of the query's and theirs (weight 1 for the query, sim**qe_alpha
+    for a hit at distance d, sim = 1 - d**2 / 2).
+
+    How many: with `qe` / `dba` > 0, that many (fixed). Otherwise, with `options.rerank`
+    (adaptive): the hits within `rerank_margin` of the best hit's distance (at most
+    ADAPTIVE_QE), and each image's stored neighbours within the margin of its nearest
+    one (None for `neighbours`: no augmentation): a small group of near copies is not
+    averaged with strangers, a large one is used whole.
     """
     if not queries:
         raise ValueError("rank_reranked needs at least one description of the query")
-    if options.dba and neighbours is None:
-        raise ValueError("dba > 0 needs the neighbours of the database images")
+    if options.dba:
+        dba, margin = options.dba, None
+    else:
+        dba, margin = (neighbours.k, options.rerank_margin) if options.rerank and neighbours is not None else (0, None)
+    if dba and neighbours is None:
+        raise ValueError("database-side augmentation needs the neighbours of the database images")
     # None: every image is scored. Else the candidates of every description (and their
     # neighbours), deep enough that re-ranking can lift images from below the top k.
     pool = None
@@ -207,19 +221,20 @@ def rank_reranked(queries: list[np.ndarray], view: View, options: SearchOptions,
     if uses_candidates(view, options):
         deeper = options.replace(k=max(options.k, RERANK_POOL))
         pool = _widened(np.unique(np.concatenate([
-            rank(q, view, deeper, expand_rows).ids for q in queries])), neighbours, options.dba)
-    scored = _augmented_distances(queries, view, pool, options, neighbours)
-    hits = top_k(scored.distances, scored.ids, options.qe) if options.qe else np.empty(0, np.int64)
+            rank(q, view, deeper, expand_rows).ids for q in queries])), neighbours, dba)
+    augment = _Augment(neighbours, dba, options.qe_alpha, margin)
+    scored = _augmented_distances(queries, view, pool, options, augment)
+    hits = _expansion_hits(scored, options)
     hit_distances = scored.distances[hits]
     expanded = [view.windows(int(i), expand_rows) for i in scored.ids[hits]]
     if expanded and deeper is not None:
         # The hits' own candidates are what lets expansion reach images the query missed.
         more = [rank(h, view, deeper, expand_rows).ids for h in expanded]
-        wider = _widened(np.unique(np.concatenate([pool, *more])), neighbours, options.dba)
+        wider = _widened(np.unique(np.concatenate([pool, *more])), neighbours, dba)
         if len(wider) > len(pool):
             pool = wider
-            scored = _augmented_distances(queries, view, pool, options, neighbours)
-    dist = _expanded_distances(scored, expanded, hit_distances, view, pool, options, neighbours)
+            scored = _augmented_distances(queries, view, pool, options, augment)
+    dist = _expanded_distances(scored, expanded, hit_distances, view, pool, options, augment)
     return _final(scored, dist, options.k)
 
 
@@ -230,14 +245,42 @@ def rank_expanded(queries: list[np.ndarray], view: View, options: SearchOptions,
     the query `hit_distances`): `rank_reranked`'s last step without database-side
     augmentation, every image scored exactly."""
     scored = nearest_description_distances(queries, view, None, _aggregate(options))
-    dist = _expanded_distances(scored, expanded, hit_distances, view, None, options, None)
+    no_augment = _Augment(None, 0, options.qe_alpha, None)
+    dist = _expanded_distances(scored, expanded, hit_distances, view, None, options, no_augment)
     return _final(scored, dist, options.k)
 
 
 def _final(scored: Ranking, dist: np.ndarray, k: int | None) -> Ranking:
     """The k nearest of `scored`'s images at their re-ranked distances `dist`."""
-    final = Ranking(scored.ids, dist, scored.query_patch, scored.db_patch, scored.query)
+    final = Ranking(scored.ids, dist, scored.query_patch, scored.db_patch, scored.query, "reranked")
     return final.take(top_k(dist, scored.ids, k))
+
+
+@dataclass(frozen=True)
+class _Augment:
+    """Database-side augmentation as asked: `k` neighbours (0: none), those within
+    `margin` of the image's nearest (None: all k)."""
+
+    neighbours: Neighbours | None
+    k: int
+    alpha: float
+    margin: float | None
+
+    def __call__(self, ids: np.ndarray, dist: np.ndarray) -> np.ndarray:
+        if not self.k or not len(ids):
+            return dist
+        return self.neighbours.augment(ids, dist, self.k, self.alpha, self.margin)
+
+
+def _expansion_hits(scored: Ranking, options: SearchOptions) -> np.ndarray:
+    """Positions of the hits whose windows expand the query: the `qe` best, or adaptively
+    those within `rerank_margin` of the best (at most ADAPTIVE_QE)."""
+    if options.qe:
+        return top_k(scored.distances, scored.ids, options.qe)
+    if not options.rerank or not len(scored.ids):
+        return np.empty(0, np.int64)
+    best = top_k(scored.distances, scored.ids, ADAPTIVE_QE)
+    return best[scored.distances[best] <= scored.distances[best[0]] + options.rerank_margin]
 
 
 def _widened(pool: np.ndarray, neighbours: Neighbours | None, dba: int) -> np.ndarray:
@@ -246,27 +289,24 @@ def _widened(pool: np.ndarray, neighbours: Neighbours | None, dba: int) -> np.nd
 
 
 def _expanded_distances(scored: Ranking, expanded: list[np.ndarray], hit_distances: np.ndarray, view: View,
-                        pool: np.ndarray | None, options: SearchOptions, neighbours: Neighbours | None) -> np.ndarray:
+                        pool: np.ndarray | None, options: SearchOptions, augment: _Augment) -> np.ndarray:
     """Query expansion: the weighted mean of each image's distance to the query (weight 1)
     and to each expanded hit's windows (weight sim**qe_alpha of the hit's distance)."""
     total, weight = scored.distances.astype(np.float64), 1.0
     for windows, w in zip(expanded, qe_weight(hit_distances, options.qe_alpha).tolist()):
         if w > 0:
-            hd = image_distances(windows, view, pool, _aggregate(options))[1]
-            if options.dba:
-                hd = neighbours.augment(scored.ids, hd, options.dba, options.qe_alpha)
+            hd = augment(scored.ids, image_distances(windows, view, pool, _aggregate(options))[1])
             total += w * hd
             weight += w
     return (total / weight).astype(np.float32)
 
 
 def _augmented_distances(queries: list[np.ndarray], view: View, pool: np.ndarray | None, options: SearchOptions,
-                         neighbours: Neighbours | None) -> Ranking:
-    """`nearest_description_distances`, each averaged with the image's `dba` nearest
-    neighbours' when database-side augmentation is asked for (unsorted, pool order)."""
+                         augment: _Augment) -> Ranking:
+    """`nearest_description_distances`, each averaged with the image's neighbours' when
+    database-side augmentation is asked for (unsorted, pool order)."""
     scored = nearest_description_distances(queries, view, pool, _aggregate(options))
-    if options.dba and len(scored.ids):
-        scored.distances = neighbours.augment(scored.ids, scored.distances, options.dba, options.qe_alpha)
+    scored.distances = augment(scored.ids, scored.distances)
     return scored
 
 

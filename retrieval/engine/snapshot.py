@@ -190,6 +190,10 @@ class View:
             thread.join()
         return total
 
+    def live_ids(self) -> np.ndarray:
+        """The sorted ids of the images of this generation (removed ones left out)."""
+        return self._sorted[~np.isin(self._sorted, self.dead)] if len(self.dead) else self._sorted.copy()
+
     def live_rows(self, segment: int) -> np.ndarray | None:
         """Image rows of a segment that are not removed; None when all are live."""
         if segment not in self._live_rows:

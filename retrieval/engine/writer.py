@@ -13,6 +13,8 @@ structures; removed images become tombstones. Bigger rewrites happen by the rule
   interrupted build the same whitening as an uninterrupted one), and re-fitted on growth
   until the sample is full; a re-fit re-whitens every stored image.
 - segments: tiered merging, and compaction of segments with many removed images.
+- neighbour lists: each image's nearest images (`neighbour_lists.py`), for re-ranking:
+  new images are searched, the lists they enter or removed images leave are updated.
 - FAISS: none up to `ann_min_images` images (the kernel scores them all); above, an IVF
   fast-scan PQ structure over windows chosen by size and, beside it, the layout index
   (one vector per image, `ann.layout_factory`), both trained on one sample and re-trained
@@ -23,6 +25,7 @@ descriptors missing from the store are an error that names the image and the fix
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +35,13 @@ import numpy as np
 
 from ..extraction.store import FeatureStore
 from .ann import VectorIndex, auto_factory, is_flat, layout_factory, training_size, window_ids
+from . import neighbour_lists
 from .manifest import Manifest
+from .neighbour_lists import NeighbourSettings
+from .neighbours import Neighbours
 from .policy import WritePolicy
 from .segments import DamagedFile, load_npy, open_segment, save_npy, write_segment
-from .snapshot import State, publish, read_state
+from .snapshot import State, View, publish, read_state
 from .whitening import PCAWhitening
 
 CHUNK_IMAGES = 512
@@ -57,7 +63,9 @@ class WriterInputs:
     counts their windows; `whiten_on`, when the whitening is learned on other images,
     describes those into the store on call and returns their digests (called only when
     a fit is due, so an index whose whitening is fitted never needs those files again);
-    `shared_whitening` is the file a shard loads instead of fitting its own."""
+    `shared_whitening` is the file a shard loads instead of fitting its own;
+    `neighbours` what the neighbour lists hold (None: not maintained; a stored file's
+    own k, set by `retrieval dba -k`, wins over `neighbours.k`)."""
 
     directory: Path
     manifest: Manifest
@@ -71,6 +79,7 @@ class WriterInputs:
     policy: WritePolicy = WritePolicy()
     shared_whitening: Path | None = None
     whiten_on: Callable[[], list[str]] | None = None
+    neighbours: NeighbourSettings | None = None
 
 
 def refresh(inputs: WriterInputs, *, progress: bool = False, retrain: bool = False) -> State:
@@ -96,6 +105,7 @@ class _Writer:
         if not len(live):
             state.segments, state.dead, state.ann, state.note = [], None, None, None
             publish(self.dir, state)
+            self._neighbours(state)
             return state
         whitening = self._whitening(state, len(live))
         self._keep_whole_segments(state, whitening.output_dim)
@@ -112,6 +122,7 @@ class _Writer:
             state.dead = {"file": name, "count": int(len(dead))}
         self._ann(state, live, new, whitening.output_dim)
         publish(self.dir, state)
+        self._neighbours(state)
         return state
 
     def _published(self) -> State:
@@ -203,6 +214,24 @@ class _Writer:
             state.segments = [s for i, s in enumerate(state.segments) if i not in picks]
             if len(ids):
                 state.segments.append(merged)
+
+    # -- neighbour lists ------------------------------------------------------------------
+    def _neighbours(self, state: State) -> None:
+        """Bring the neighbour lists up to the published state. They are written after it:
+        a reader meanwhile finds the new images without a list (scored unaugmented) and
+        the removed ones skipped, as `Neighbours.augment` does."""
+        settings = self.inputs.neighbours
+        if settings is None:
+            return
+        try:
+            old = Neighbours.load(self.dir)
+        except ValueError as err:
+            self._say(f"{err}; computing every image's neighbours again")
+            old = None
+        if old is not None and old.k != settings.k:
+            settings = dataclasses.replace(settings, k=old.k)
+        view = View(self.dir, state, self.patches, self.inputs.device)
+        neighbour_lists.update(view, old, settings, progress=self.progress).save(self.dir)
 
     # -- FAISS ----------------------------------------------------------------------------
     def _ann(self, state: State, live: np.ndarray, new: np.ndarray, dim: int) -> None:

@@ -1,0 +1,155 @@
+"""Keeping every image's nearest-image list current as images come and go.
+
+The writer calls `update` after each publish (`retrieval/engine/writer.py`);
+`retrieval dba` calls it with no previous lists (from scratch). Its cost follows the
+change, not the collection:
+
+- an image with no list yet (new), or whose list lost a removed image, is searched
+  against the collection (the index's query levels and image distance);
+- every other image keeps its list, merged with its distances to the new images. While
+  the kernel scores every image (exact mode) those are all its distances to the new
+  images, so the lists equal a from-scratch computation; with FAISS candidates only the
+  images a new image found near it (its `REVERSE_DEPTH` x k nearest) are updated, never
+  all pairs;
+- a re-fitted whitening, or another k, image distance or query levels, starts over.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from . import kernel
+from ..config import EXACT_LIMIT, SearchOptions
+from .neighbours import Neighbours
+from .search import image_distances, rank, uses_candidates
+from .snapshot import View
+
+# Exact mode scores this many images' windows in one kernel call.
+QUERY_BATCH = 256
+# A new image found by FAISS updates the lists of its REVERSE_DEPTH * k nearest images.
+REVERSE_DEPTH = 2
+
+
+@dataclass(frozen=True)
+class NeighbourSettings:
+    """What the lists hold: `k` nearest other images per image, by `aggregate` distance
+    from an image's windows at `query_levels` (its rows `rows`; None: all windows).
+    Above `exact_limit` images FAISS proposes the candidates (where the index has it)."""
+
+    k: int
+    query_levels: tuple[int, ...]
+    aggregate: str
+    rows: np.ndarray | None = None
+    exact_limit: int = EXACT_LIMIT
+
+    def meta(self, view: View) -> dict:
+        return {"k": self.k, "aggregate": self.aggregate, "query_levels": list(self.query_levels),
+                "whitening": (view.state.whitening or {}).get("file")}
+
+
+def update(view: View, old: Neighbours | None, settings: NeighbourSettings, *, progress: bool = False) -> Neighbours:
+    """The lists of every live image of `view`, reusing `old` (None: from scratch)."""
+    live = view.live_ids()
+    meta = {**settings.meta(view), "images": int(len(live)), "generation": view.state.generation}
+    k = settings.k
+    if old is not None and (not len(old.ids) or any(old.meta.get(key) != meta[key] for key in ("k", "aggregate", "query_levels", "whitening"))):
+        old = None
+    near = np.full((len(live), k), -1, np.int64)
+    dist = np.full((len(live), k), np.inf, np.float32)
+    kept = np.zeros(len(live), bool)
+    if old is not None:
+        pos, known = old.rows(live)
+        rows_nb = old.neighbours[pos]
+        intact = known & np.all((rows_nb < 0) | np.isin(rows_nb, live), axis=1)
+        near[intact], dist[intact] = rows_nb[intact], old.distances[pos[intact]]
+        kept = intact
+    fresh = live[~np.isin(live, old.ids)] if old is not None else live
+    redo = np.flatnonzero(~kept)
+    exact = not uses_candidates(view, SearchOptions(k=k + 1, exact_limit=settings.exact_limit))
+    if exact:
+        _exact_lists(view, live, redo, near, dist, settings, progress)
+        if len(fresh) and kept.any():
+            mine = np.flatnonzero(kept)
+            _merge(near, dist, mine, np.broadcast_to(fresh, (len(mine), len(fresh))),
+                   _exact_distances(view, live[mine], fresh, settings))
+    else:
+        proposed = _candidate_lists(view, live, redo, near, dist, settings, progress)
+        _reverse_merge(view, live, kept, fresh, proposed, near, dist, settings)
+    return Neighbours(live, near, dist, meta)
+
+
+def _exact_lists(view: View, live: np.ndarray, redo: np.ndarray, near: np.ndarray, dist: np.ndarray,
+                 settings: NeighbourSettings, progress: bool) -> None:
+    """Rows `redo` of the lists: their k nearest among every live image, scored by the kernel."""
+    for start in tqdm(range(0, len(redo), QUERY_BATCH), desc="neighbours", unit="batch",
+                      disable=not progress, leave=False):
+        batch = redo[start:start + QUERY_BATCH]
+        d = _exact_distances(view, live[batch], live, settings)
+        d[np.arange(len(batch)), batch] = np.inf  # not its own neighbour
+        near[batch], dist[batch] = -1, np.inf
+        _merge(near, dist, batch, np.broadcast_to(live, d.shape), d)
+
+
+def _exact_distances(view: View, queries: np.ndarray, targets: np.ndarray, settings: NeighbourSettings) -> np.ndarray:
+    """float32 [len(queries), len(targets)]: each query image's distance to each target image."""
+    out = np.empty((len(queries), len(targets)), np.float32)
+    segment, row = view.locate(targets)
+    for start in range(0, len(queries), QUERY_BATCH):
+        chunk = queries[start:start + QUERY_BATCH]
+        windows = [view.windows(int(i), settings.rows) for i in chunk.tolist()]
+        offsets = np.cumsum([0] + [len(w) for w in windows]).astype(np.int64)
+        stacked = np.concatenate(windows)
+        for s in np.unique(segment).tolist():
+            here = np.flatnonzero(segment == s)
+            out[start:start + len(chunk), here] = kernel.patch_distances_batch(
+                stacked, offsets, view.segments[s].vectors, view.offsets(s), row[here], settings.aggregate)
+    return out
+
+
+def _candidate_lists(view: View, live: np.ndarray, redo: np.ndarray, near: np.ndarray, dist: np.ndarray,
+                     settings: NeighbourSettings, progress: bool) -> dict[int, np.ndarray]:
+    """Rows `redo` of the lists from FAISS candidates scored exactly; returns, per image
+    searched, the ids of its REVERSE_DEPTH * k nearest (whose lists it may enter)."""
+    k = settings.k
+    options = SearchOptions(k=REVERSE_DEPTH * k + 1, aggregate=settings.aggregate, exact_limit=settings.exact_limit)
+    proposed = {}
+    for j in tqdm(redo.tolist(), desc="neighbours", unit="img", disable=not progress, leave=False):
+        image_id = int(live[j])
+        r = rank(view.windows(image_id, settings.rows), view, options, settings.rows)
+        other = r.ids != image_id
+        found, d = r.ids[other][:k], r.distances[other][:k]
+        near[j], dist[j] = -1, np.inf
+        near[j, :len(found)], dist[j, :len(found)] = found, d
+        proposed[image_id] = r.ids[other]
+    return proposed
+
+
+def _reverse_merge(view: View, live: np.ndarray, kept: np.ndarray, fresh: np.ndarray, proposed: dict[int, np.ndarray],
+                   near: np.ndarray, dist: np.ndarray, settings: NeighbourSettings) -> None:
+    """Merge each new image into the kept lists of the images it found near it."""
+    pairs = [(int(y), x) for x in fresh.tolist() for y in proposed.get(x, np.empty(0, np.int64)).tolist()]
+    if not pairs:
+        return
+    by_image: dict[int, list[int]] = {}
+    for y, x in pairs:
+        by_image.setdefault(y, []).append(x)
+    at = np.searchsorted(live, np.array(sorted(by_image), np.int64))
+    for j in at[kept[at]].tolist():
+        pool = np.unique(np.array(by_image[int(live[j])], np.int64))
+        ids, d, _, _ = image_distances(view.windows(int(live[j]), settings.rows), view, pool, settings.aggregate)
+        _merge(near, dist, np.array([j]), ids[None, :], d[None, :])
+
+
+def _merge(near: np.ndarray, dist: np.ndarray, rows: np.ndarray, ids: np.ndarray, d: np.ndarray) -> None:
+    """Rows `rows` of the lists become the k nearest of what they hold and the candidates
+    (`ids`, `d`: one row per list row, none already in the list), ties broken by image id
+    as `search.top_k` does; places left empty hold -1 at distance inf."""
+    k = near.shape[1]
+    all_ids = np.concatenate([near[rows], ids], axis=1)
+    all_d = np.where(all_ids < 0, np.inf, np.concatenate([dist[rows], d], axis=1)).astype(np.float32)
+    order = np.lexsort((all_ids, all_d), axis=-1)[:, :k]
+    best_ids, best_d = np.take_along_axis(all_ids, order, axis=1), np.take_along_axis(all_d, order, axis=1)
+    near[rows] = np.where(np.isfinite(best_d), best_ids, -1)
+    dist[rows] = best_d

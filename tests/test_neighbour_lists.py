@@ -1,0 +1,70 @@
+"""Neighbour lists kept by the writer: after add and remove they equal a from-scratch
+`retrieval dba`, in exact mode; with FAISS candidates a new image enters its near images' lists."""
+from __future__ import annotations
+
+import numpy as np
+
+from conftest import make_scene, run_cli
+from retrieval import ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchConfig
+from retrieval.engine.neighbours import Neighbours
+from retrieval.engine.policy import WritePolicy
+
+CONFIG = ExtractorConfig(backbone="resnet18", weights="none", input_spec=InputSpec(size=(64, 64)))
+SEARCH = SearchConfig(levels=(1, 2), pca_dim=16)
+
+
+def _scenes(root, seeds):
+    paths = []
+    for s in seeds:
+        path = root / f"s{s}.png"
+        make_scene(s).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def _lists(index) -> Neighbours:
+    found = Neighbours.load(index)
+    assert found is not None
+    return found
+
+
+def test_lists_after_add_and_remove_equal_a_from_scratch_dba(tmp_path):
+    first, more = _scenes(tmp_path, range(900, 908)), _scenes(tmp_path, range(950, 954))
+    index = tmp_path / "idx"
+    with Index.create(index, CONFIG, SEARCH, store=tmp_path / "s.sqlite", runtime=RuntimeConfig(batch_size=16)) as idx:
+        idx.add(first[:3], progress=False)
+        small = _lists(index)  # 3 images: 2 others each, the rest of the 10 places empty
+        assert small.k == 10 and (small.neighbours >= 0).sum(axis=1).tolist() == [2, 2, 2]
+        idx.add(first[3:] + more, progress=False)
+        gone = [idx.manifest.by_path(p).id for p in (first[1], more[0])]
+        assert np.isin(gone, _lists(index).neighbours).all()  # each is in other images' lists
+        idx.remove([first[1], more[0]])
+        assert idx.info()["neighbours"]["up_to_date"] is True
+        kept = _lists(index)
+        assert kept.meta["images"] == 10 and not np.isin(kept.neighbours, gone).any()
+    # The from-scratch computation through the command line, on the same index.
+    assert run_cli("dba", str(index), "-k", "10", "--json").returncode == 0
+    scratch = _lists(index)
+    assert scratch.ids.tolist() == kept.ids.tolist()
+    assert scratch.neighbours.tolist() == kept.neighbours.tolist()
+    assert np.array_equal(scratch.distances, kept.distances)
+    assert (scratch.neighbours >= 0).sum(axis=1).tolist() == [9] * 10
+
+
+def test_dba_k_is_kept_by_later_adds_and_a_new_image_enters_lists_through_candidates(tmp_path):
+    paths = _scenes(tmp_path, range(700, 716))
+    policy = WritePolicy(ann_min_images=4, layout_min_images=1000)
+    index = tmp_path / "idx"
+    with Index.create(index, CONFIG, SEARCH, store=tmp_path / "s.sqlite", runtime=RuntimeConfig(batch_size=16),
+                      index_type="IVF2,Flat", policy=policy) as idx:
+        idx.add(paths[:-1], progress=False)
+        idx.build_neighbours(3)
+        copy = tmp_path / "copy.png"
+        make_scene(700).save(copy)  # the same picture as paths[0]: each the other's nearest
+        idx.add([str(copy)], progress=False)
+        found = _lists(index)
+        first, new = idx.manifest.by_path(paths[0]).id, idx.manifest.by_path(str(copy.resolve())).id
+    assert found.k == 3 and found.meta["images"] == 16
+    pos, known = found.rows(np.array([first, new]))
+    assert known.all()
+    assert found.neighbours[pos[0], 0] == new and found.neighbours[pos[1], 0] == first
