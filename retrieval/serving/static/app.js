@@ -3,23 +3,7 @@
 // of the full upright image, so the thumbnails can be any size.
 "use strict";
 
-const COLOURS = 10;  // classes c0..c9 of style.css
-const $ = (id) => document.getElementById(id);
 let current = null;  // what is being searched: {file} or {id}, plus an optional crop box
-
-function pct(box, w, h) {
-  const [x0, y0, x1, y1] = box;
-  return `left:${100 * x0 / w}%;top:${100 * y0 / h}%;width:${100 * (x1 - x0) / w}%;height:${100 * (y1 - y0) / h}%`;
-}
-
-function el(tag, attrs = {}, children = []) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "text") node.textContent = v; else node.setAttribute(k, v);
-  }
-  for (const c of children) node.appendChild(c);
-  return node;
-}
 
 function status(text, error = false) {
   $("status").textContent = text;

@@ -3,23 +3,6 @@
 // matched pair of windows in its colour on both), from the server's thumbnails.
 "use strict";
 
-const COLOURS = 10;  // classes c0..c9 of style.css
-const $ = (id) => document.getElementById(id);
-
-function pct(box, w, h) {
-  const [x0, y0, x1, y1] = box;
-  return `left:${100 * x0 / w}%;top:${100 * y0 / h}%;width:${100 * (x1 - x0) / w}%;height:${100 * (y1 - y0) / h}%`;
-}
-
-function el(tag, attrs = {}, children = []) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "text") node.textContent = v; else node.setAttribute(k, v);
-  }
-  for (const c of children) node.appendChild(c);
-  return node;
-}
-
 function shot(image, boxes, caption, classes) {
   const frame = el("div", {class: "frame"}, [el("img", {src: `/api/images/${image.id}/thumb`, alt: image.path, loading: "lazy"})]);
   for (const [c, box] of boxes) frame.appendChild(el("div", {class: `box c${c}`, style: pct(box, image.width, image.height)}));
