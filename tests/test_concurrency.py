@@ -146,7 +146,7 @@ def test_batcher_gives_each_caller_its_own_result_also_beside_an_unreadable_quer
             assert [_key(f.result(timeout=120)) for f in futures] == alone
             assert list(batcher.batches) == [len(queries)]
         with SearchBatcher(idx, wait_s=60, max_batch=2) as batcher:
-            bad, good = batcher.submit(paths[1], SearchOptions(dba=2)), batcher.submit(paths[1], EXACT)
+            bad, good = batcher.submit(paths[1], SearchOptions(dba=50)), batcher.submit(paths[1], EXACT)
             with pytest.raises(IndexUsageError, match="retrieval dba"):
                 bad.result(timeout=120)
             assert _key(good.result(timeout=120)) == _key(idx.search([paths[1]], options=EXACT)[0])

@@ -198,7 +198,7 @@ def test_query_from_an_indexed_image(client, tiny):
     ({"box": "50,50,10,90"}, "0 <= x0 < x1"),
     ({"qe": "-1"}, "qe must be a whole number"),
     ({"query_rotations": "0,45"}, "query_rotations"),
-    ({"dba": "2"}, "retrieval dba"),
+    ({"dba": "50"}, "retrieval dba"),
 ])
 def test_bad_options_are_400_with_the_reason(client, tiny, fields, needle):
     r = _upload(client, tiny[1][0], **fields)
