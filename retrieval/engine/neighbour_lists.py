@@ -18,10 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
 
-from . import kernel
 from ..config import EXACT_LIMIT, SearchOptions
+from ..extraction.progress import Progress
+from . import kernel
 from .neighbours import Neighbours
 from .search import image_distances, rank, uses_candidates
 from .snapshot import View
@@ -83,13 +83,14 @@ def update(view: View, old: Neighbours | None, settings: NeighbourSettings, *, p
 def _exact_lists(view: View, live: np.ndarray, redo: np.ndarray, near: np.ndarray, dist: np.ndarray,
                  settings: NeighbourSettings, progress: bool) -> None:
     """Rows `redo` of the lists: their k nearest among every live image, scored by the kernel."""
-    for start in tqdm(range(0, len(redo), QUERY_BATCH), desc="neighbours", unit="batch",
-                      disable=not progress, leave=False):
-        batch = redo[start:start + QUERY_BATCH]
-        d = _exact_distances(view, live[batch], live, settings)
-        d[np.arange(len(batch)), batch] = np.inf  # not its own neighbour
-        near[batch], dist[batch] = -1, np.inf
-        _merge(near, dist, batch, np.broadcast_to(live, d.shape), d)
+    with Progress(len(redo), "neighbours", enabled=progress) as bar:
+        for start in range(0, len(redo), QUERY_BATCH):
+            batch = redo[start:start + QUERY_BATCH]
+            d = _exact_distances(view, live[batch], live, settings)
+            d[np.arange(len(batch)), batch] = np.inf  # not its own neighbour
+            near[batch], dist[batch] = -1, np.inf
+            _merge(near, dist, batch, np.broadcast_to(live, d.shape), d)
+            bar.update(len(batch))
 
 
 def _exact_distances(view: View, queries: np.ndarray, targets: np.ndarray, settings: NeighbourSettings) -> np.ndarray:
@@ -115,14 +116,16 @@ def _candidate_lists(view: View, live: np.ndarray, redo: np.ndarray, near: np.nd
     k = settings.k
     options = SearchOptions(k=REVERSE_DEPTH * k + 1, aggregate=settings.aggregate, exact_limit=settings.exact_limit)
     proposed = {}
-    for j in tqdm(redo.tolist(), desc="neighbours", unit="img", disable=not progress, leave=False):
-        image_id = int(live[j])
-        r = rank(view.windows(image_id, settings.rows), view, options, settings.rows)
-        other = r.ids != image_id
-        found, d = r.ids[other][:k], r.distances[other][:k]
-        near[j], dist[j] = -1, np.inf
-        near[j, :len(found)], dist[j, :len(found)] = found, d
-        proposed[image_id] = r.ids[other]
+    with Progress(len(redo), "neighbours", enabled=progress) as bar:
+        for j in redo.tolist():
+            image_id = int(live[j])
+            r = rank(view.windows(image_id, settings.rows), view, options, settings.rows)
+            other = r.ids != image_id
+            found, d = r.ids[other][:k], r.distances[other][:k]
+            near[j], dist[j] = -1, np.inf
+            near[j, :len(found)], dist[j, :len(found)] = found, d
+            proposed[image_id] = r.ids[other]
+            bar.update(1)
     return proposed
 
 
