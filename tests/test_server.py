@@ -199,6 +199,8 @@ def test_query_from_an_indexed_image(client, tiny):
     ({"qe": "-1"}, "qe must be a whole number"),
     ({"query_rotations": "0,45"}, "query_rotations"),
     ({"dba": "50"}, "retrieval dba"),
+    ({"rerank": "maybe"}, "rerank must be true or false"),
+    ({"rerank": "true", "rerank_margin": "-1"}, "rerank_margin"),
 ])
 def test_bad_options_are_400_with_the_reason(client, tiny, fields, needle):
     r = _upload(client, tiny[1][0], **fields)
@@ -377,3 +379,13 @@ def test_duplicates_route_returns_the_groups_with_their_windows(client, tiny):
     for bad in ({"max_distance": "abc"}, {"max_distance": "-1"}, {"min_size": "1"}, {"min_size": "x"}):
         r = client.get("/api/duplicates", params=bad)
         assert r.status_code == 400 and r.json()["detail"], (bad, r.text)
+
+
+def test_adaptive_reranking_fields(client, tiny):
+    """`rerank` / `rerank_margin` as `retrieval query --rerank --rerank-margin`: the image
+    itself stays first and every distance says it is re-ranked."""
+    _, paths, _ = tiny
+    plain = _upload(client, paths[0], rerank="false").json()["results"][0]["hits"]
+    reranked = _upload(client, paths[0], rerank="true", rerank_margin="0.5").json()["results"][0]["hits"]
+    assert {h["distance_kind"] for h in plain} == {"plain"} and {h["distance_kind"] for h in reranked} == {"reranked"}
+    assert plain[0]["path"] == reranked[0]["path"] == str(paths[0])

@@ -6,7 +6,8 @@ go to a private temporary file that is deleted as soon as the query is answered.
 
 Routes: `GET /` the page; `GET /api/info`; `POST /api/query` (multipart `image`, and
 optional `k`, `aggregate`, `query_levels`, `box` = "x0,y0,x1,y1" in pixels, `nprobe`, and
-the re-ranking fields `qe`, `dba`, `query_rotations` = "0,90,180,270", as `retrieval query`);
+the re-ranking fields `qe`, `dba`, `rerank` = true/false, `rerank_margin`, `query_rotations` =
+"0,90,180,270", as `retrieval query`);
 `POST /api/query/{id}` (same options, an indexed image as the query);
 `GET /api/lookup?path=` (the id of an indexed path); `GET /api/images/{id}` and
 `GET /api/images/{id}/thumb`. Who may call them (the Host check, the token and its
@@ -335,7 +336,7 @@ _CACHE = {"Cache-Control": "private, max-age=300"}
 
 def _options(k: str | None = None, aggregate: str | None = None, query_levels: str | None = None,
              qe: str | None = None, dba: str | None = None, query_rotations: str | None = None,
-             nprobe: str | None = None) -> SearchOptions:
+             nprobe: str | None = None, rerank: str | None = None, rerank_margin: str | None = None) -> SearchOptions:
     """The SearchOptions of the optional query fields (absent or empty: the default); a bad
     one is a 400 saying what is allowed: SearchOptions' verdict, and the server's own
     ceiling of MAX_K on k, qe and dba."""
@@ -345,6 +346,15 @@ def _options(k: str | None = None, aggregate: str | None = None, query_levels: s
             given[name] = _whole_number(name, value)
     if aggregate not in (None, ""):
         given["aggregate"] = aggregate
+    if rerank not in (None, ""):
+        if rerank.lower() not in _BOOLEANS:
+            raise HTTPException(400, f"rerank must be true or false (got {rerank!r})")
+        given["rerank"] = _BOOLEANS[rerank.lower()]
+    if rerank_margin not in (None, ""):
+        try:
+            given["rerank_margin"] = float(rerank_margin)
+        except ValueError:
+            raise HTTPException(400, f"rerank_margin must be a number >= 0 (got {rerank_margin!r})") from None
     for name, value, parse in (("query_levels", query_levels, levels_from_text),
                                ("query_rotations", query_rotations, rotations_from_text)):
         if value not in (None, ""):
@@ -363,6 +373,9 @@ def _options(k: str | None = None, aggregate: str | None = None, query_levels: s
     return options
 
 
+_BOOLEANS = {"true": True, "1": True, "on": True, "false": False, "0": False, "off": False}
+
+
 def _form_options(
     k: str | None = Form(None),
     aggregate: str | None = Form(None),
@@ -371,9 +384,11 @@ def _form_options(
     dba: str | None = Form(None),
     query_rotations: str | None = Form(None),
     nprobe: str | None = Form(None),
+    rerank: str | None = Form(None),
+    rerank_margin: str | None = Form(None),
 ) -> SearchOptions:
     """The query routes' optional form fields as one SearchOptions (a FastAPI dependency)."""
-    return _options(k, aggregate, query_levels, qe, dba, query_rotations, nprobe)
+    return _options(k, aggregate, query_levels, qe, dba, query_rotations, nprobe, rerank, rerank_margin)
 
 
 def _whole_number(name: str, text: str) -> int:
