@@ -39,6 +39,8 @@ DEFAULT_AGGREGATE = "mean-min"
 DEVICES = ("auto", "cpu", "cuda")
 LEVELS = (1, 2, 3, 4)
 ROTATIONS = (0, 90, 180, 270)  # query rotations, degrees counter-clockwise (lossless turns)
+# query_rotations="auto": pick the one turn from the level-1 window alone (docs/reranking.md)
+AUTO_ROTATION = "auto"
 # Up to this many images a query scores every image with the kernel (exact, and measured
 # faster than FAISS candidates: benchmarks/results/scale.md); above, candidates.
 EXACT_LIMIT = 2_000
@@ -321,7 +323,10 @@ class SearchOptions:
     image are averaged in (fixed counts); with both 0, `rerank` re-ranks adaptively: the
     hits, and each image's stored neighbours, within `rerank_margin` of the nearest
     (False with both 0: the plain ranking). `query_rotations` (distinct, from 0, 90, 180, 270) describes
-    the query at each rotation; None describes it as it is (and hits carry no rotation).
+    the query at each rotation; None describes it as it is (and hits carry no rotation);
+    "auto" describes only the query's level-1 window at each of the four turns, keeps the
+    turn whose window is nearest to an indexed image, and describes and searches at that
+    turn alone (as if it had been the one rotation asked).
 
     A value out of range is a SearchOptionError (a ConfigError) naming the field and
     what it may be. None for `nprobe` or `layout_k` means the default, which the value
@@ -340,7 +345,7 @@ class SearchOptions:
     dba: int = 0
     rerank: bool = False
     rerank_margin: float = RERANK_MARGIN
-    query_rotations: tuple[int, ...] | None = None
+    query_rotations: tuple[int, ...] | str | None = None
 
     def __post_init__(self) -> None:
         put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen
@@ -373,12 +378,13 @@ class SearchOptions:
                 raise SearchOptionError("query_levels", "a non-empty list of levels from 1,2,3,4", levels)
             # Sorted: the query's windows then lie in the order of the database image's.
             put("query_levels", tuple(sorted({int(v) for v in levels})))
-        if self.query_rotations is not None:
+        if self.query_rotations is not None and self.query_rotations != AUTO_ROTATION:
             try:
                 put("query_rotations", check_rotations(self.query_rotations))
             except ConfigError:
                 raise SearchOptionError(
-                    "query_rotations", "a non-empty list of distinct values from 0,90,180,270", self.query_rotations
+                    "query_rotations", 'a non-empty list of distinct values from 0,90,180,270, or "auto"',
+                    self.query_rotations
                 ) from None
 
     @property
@@ -388,8 +394,9 @@ class SearchOptions:
 
     @property
     def rotations(self) -> tuple[int, ...]:
-        """The rotations the query is described at ((0,): as it is)."""
-        return self.query_rotations or (0,)
+        """The rotations every query is described at in full ((0,): as it is; with
+        "auto" each query's own turn is chosen first, see engine/query.py)."""
+        return (0,) if self.query_rotations in (None, AUTO_ROTATION) else self.query_rotations
 
     def for_index(self, config: "SearchConfig") -> "SearchOptions":
         """These options with the index's query levels and aggregate where they are None."""
@@ -437,9 +444,12 @@ def check_rotations(rotations) -> tuple[int, ...]:
     return out
 
 
-def rotations_from_text(text: str) -> tuple[int, ...]:
-    """`0,90` -> (0, 90); ConfigError unless distinct values from 0,90,180,270."""
+def rotations_from_text(text: str) -> tuple[int, ...] | str:
+    """`0,90` -> (0, 90), `auto` -> "auto"; ConfigError unless distinct values from
+    0,90,180,270 or auto."""
+    if text.strip().lower() == AUTO_ROTATION:
+        return AUTO_ROTATION
     try:
         return check_rotations([t for t in text.split(",") if t.strip()])
     except ConfigError:
-        raise ConfigError(f"rotations are distinct values from 0,90,180,270 (got {text!r})") from None
+        raise ConfigError(f"rotations are distinct values from 0,90,180,270, or auto (got {text!r})") from None

@@ -171,6 +171,27 @@ def test_rotations_with_a_crop_map_boxes_into_the_original_pixels(qe_chain, tmp_
     assert crop[0] - 0.1 <= x0 < x1 <= crop[2] + 0.1 and crop[1] - 0.1 <= y0 < y1 <= crop[3] + 0.1
 
 
+def test_auto_rotation_picks_the_turn_that_undoes_the_query_s(qe_chain, tmp_path):
+    index, _, names = qe_chain
+    sources = [p for p, n in names.items() if n in ("D2", "D3")]
+    cases = []
+    for source, (turn, undo) in zip(sources * 2, [(Image.Transpose.ROTATE_90, 270), (Image.Transpose.ROTATE_180, 180),
+                                                   (Image.Transpose.ROTATE_270, 90), (None, 0)]):
+        query = tmp_path / f"{undo}-{len(cases)}.png"
+        (Image.open(source) if turn is None else Image.open(source).transpose(turn)).save(query)
+        cases.append((str(query), source, undo))
+    with Index.open(index) as idx:
+        auto = idx.search([q for q, _, _ in cases], k=3, query_rotations="auto")
+        for (query, source, undo), result in zip(cases, auto):
+            assert [h.rotation for h in result.hits] == [undo] * 3
+            assert result.hits[0].path == source
+            explicit = idx.search([query], k=3, query_rotations=(undo,))[0].hits
+            assert [h.to_dict() for h in result.hits] == [h.to_dict() for h in explicit]
+        with pytest.raises(IndexUsageError):
+            idx.search([cases[0][0]], k=2, query_rotations="sometimes")
+    assert SearchOptions(query_rotations="auto").rotations == (0,)
+
+
 def test_bad_options_are_usage_errors(qe_chain):
     index, query, _ = qe_chain
     with Index.open(index) as idx:

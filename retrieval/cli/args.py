@@ -20,7 +20,7 @@ def parse_levels(text: str) -> tuple[int, ...]:
 
 
 def parse_rotations(text: str) -> tuple[int, ...]:
-    """argparse type: `0,90` -> (0, 90)."""
+    """argparse type: `0,90` -> (0, 90), `auto` -> "auto"."""
     try:
         return rotations_from_text(text)
     except ConfigError as err:
@@ -163,10 +163,11 @@ def add_rerank_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dba", type=_non_negative, default=0, metavar="K",
                    help="database-side augmentation: average each image's distance with its K nearest "
                    "neighbours' (kept current by add/remove; default 0 = off)")
-    g.add_argument("--query-rotations", type=parse_rotations, default=None, metavar="R,...",
+    g.add_argument("--query-rotations", type=parse_rotations, default=None, metavar="R,...|auto",
                    help="describe the query turned by each of these angles (degrees counter-clockwise, "
                    "from 0,90,180,270) and keep each image's smallest distance; hits say which rotation "
-                   "decided (default: the query as it is)")
+                   "decided. 'auto': try the four turns on the query's level-1 window only, then "
+                   "describe and search at the turn nearest to the index (default: the query as it is)")
 
 
 def _non_negative(text: str) -> int:

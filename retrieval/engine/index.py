@@ -511,7 +511,9 @@ class Index:
         `distance` is that average. `query_rotations` (degrees counter-clockwise, from
         0, 90, 180, 270) describes the query at each rotation and keeps an image's smallest
         distance; each hit then says which rotation decided (`Hit.rotation`), its
-        `query_box` in the unrotated query's pixels.
+        `query_box` in the unrotated query's pixels. `query_rotations="auto"` picks one
+        turn per query from its level-1 window at the four turns and searches at that
+        turn only (the hits of that one rotation asked explicitly).
         """
         options = self.search_options(k, options, keywords)
         view = self.view()
@@ -520,7 +522,7 @@ class Index:
         neighbours = self.neighbours(options.dba or 1) if wants else None
         expand_rows = self._rows_at(options.query_levels)
 
-        def rank_here(described: list[list[np.ndarray]]) -> list:
+        def rank_here(described: list[list[np.ndarray]], options: SearchOptions) -> list:
             rankings = self._rank(view, described, options, expand_rows=expand_rows, neighbours=neighbours)
             entries = self.manifest.get_many(np.unique(np.concatenate([r.ids for r in rankings])).tolist())
             return [(r, {i: entries[i] for i in r.ids.tolist() if i in entries}) for r in rankings]

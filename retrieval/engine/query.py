@@ -4,7 +4,8 @@ whiten them, have them ranked, and turn each ranking into hits.
 The two differ only in where ranking runs (one view here, or every shard and a merge),
 which `answer_queries` takes as a function. Everything else is done once, here: the
 search options are built and checked (`search_options`), every distinct query item is
-described at every asked rotation, and hits are assembled (images removed since the
+described at every asked rotation (with "auto", at the one turn its level-1 window
+picks: `choose_turns`), and hits are assembled (images removed since the
 searched generation dropped, boxes in pixels of each image, rotations, crop offsets).
 There is one `QueryResult` per query given, in the order given: an unreadable query
 gets one with no hits and its reason in `error`.
@@ -16,7 +17,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from ..config import SearchOptions
+from ..config import AUTO_ROTATION, ROTATIONS, SearchOptions
 from ..extraction.extractor import Extractor, Skipped
 from ..extraction.features import Crop, ImageFeatures, describe
 from ..extraction.patches import level_names, level_regions, pixel_boxes, unrotate_boxes
@@ -26,9 +27,9 @@ from .search import Ranking
 
 QueryItem = tuple[str, "Crop | None"]  # (path, crop box in pixels or None)
 # Ranks the described queries (per query: its whitened descriptions, one per rotation)
-# and returns per query its ranking and the manifest entries of the ranked images that
-# still exist; any other ranked image is dropped from the hits.
-RankAll = Callable[[list[list[np.ndarray]]], list[tuple[Ranking, dict[int, Entry]]]]
+# with the given options and returns per query its ranking and the manifest entries of
+# the ranked images that still exist; any other ranked image is dropped from the hits.
+RankAll = Callable[[list[list[np.ndarray]], SearchOptions], list[tuple[Ranking, dict[int, Entry]]]]
 
 
 @dataclass
@@ -123,12 +124,15 @@ def answer_queries(front: QueryFront, whitening, queries: Sequence[str | tuple[s
     if whitening is None:
         return [QueryResult(path, []) for path, _ in items]
     distinct = list(dict.fromkeys(items))
-    described, failed = _describe(front, distinct, options, progress)
+    if options.query_rotations == AUTO_ROTATION:
+        turns, failed = choose_turns(front, whitening, distinct, options, rank_all, progress)
+    else:
+        turns, failed = {item: options.rotations for item in distinct}, {}
+    described, unread = _describe(front, turns, options.query_levels, progress)
+    failed = {**unread, **failed}
     ready = [item for item in distinct if item in described]
-    names = level_names(options.query_levels)
-    vectors = [[whitening.transform(np.concatenate([f.descriptors[n] for n in names])) for f in described[item]]
-               for item in ready]
-    ranked = rank_all(vectors) if ready else []
+    vectors = [_whitened(whitening, described[item], options.query_levels) for item in ready]
+    ranked = rank_all(vectors, options) if ready else []
     db_layout = np.concatenate([level_regions(lv).boxes for lv in front.search_config.levels])
     q_layout = np.concatenate([level_regions(lv).boxes for lv in options.query_levels])
     answered = {
@@ -141,13 +145,35 @@ def answer_queries(front: QueryFront, whitening, queries: Sequence[str | tuple[s
     return [answered[item] if item in answered else QueryResult(item[0], [], errors[item]) for item in items]
 
 
-def _describe(front: QueryFront, items: list[QueryItem], options: SearchOptions, progress: bool):
-    """Per item, its descriptions at each of the options' rotations (in that order), for
+def choose_turns(front: QueryFront, whitening, items: list[QueryItem], options: SearchOptions,
+                 rank_all: RankAll, progress: bool) -> tuple[dict[QueryItem, tuple[int]], dict[str, str]]:
+    """Per item, the one turn (of 0, 90, 180, 270) its level-1 window is nearest to an
+    indexed image at: four single-window descriptions and one level-1 search through the
+    same ranking path, in place of four full descriptions. Also the reason per unreadable
+    path. Nothing indexed near (no hit): the query as it is."""
+    probed, failed = _describe(front, {item: ROTATIONS for item in items}, (1,), progress)
+    ready = [item for item in items if item in probed]
+    probe = options.replace(query_levels=(1,), k=1, qe=0, dba=0, rerank=False, layout_k=0,
+                            query_rotations=ROTATIONS)
+    ranked = rank_all([_whitened(whitening, probed[item], (1,)) for item in ready], probe) if ready else []
+    turns = {}
+    for item, (ranking, _) in zip(ready, ranked):
+        won = int(ranking.query[0]) if ranking.query is not None and len(ranking.ids) else 0
+        turns[item] = (ROTATIONS[won],)
+    return turns, failed
+
+
+def _whitened(whitening, views: list[ImageFeatures], levels) -> list[np.ndarray]:
+    names = level_names(levels)
+    return [whitening.transform(np.concatenate([f.descriptors[n] for n in names])) for f in views]
+
+
+def _describe(front: QueryFront, turns: dict[QueryItem, tuple[int, ...]], levels, progress: bool):
+    """Per item, its descriptions at `levels` at each of its rotations (in that order), for
     the items every rotation of which could be described; and the reason per unreadable path."""
-    rotations = options.rotations
     feats = describe(
-        [(path, crop, r) for path, crop in items for r in rotations],
-        front.extractor, front.store, level_names(options.query_levels), progress=progress, desc="query",
+        [(path, crop, r) for (path, crop), rotations in turns.items() for r in rotations],
+        front.extractor, front.store, level_names(levels), progress=progress, desc="query",
         keep=None,  # a store on a read-only or full disk still answers; the query is just not kept
     )
     views: dict[QueryItem, dict[int, ImageFeatures]] = {}
@@ -157,7 +183,7 @@ def _describe(front: QueryFront, items: list[QueryItem], options: SearchOptions,
             failed.setdefault(f.path, f.reason)
         else:
             views.setdefault((f.path, f.crop), {})[f.rotation] = f
-    described = {item: [v[r] for r in rotations] for item, v in views.items() if len(v) == len(rotations)}
+    described = {item: [v[r] for r in turns[item]] for item, v in views.items() if len(v) == len(turns[item])}
     return described, failed
 
 
@@ -166,7 +192,8 @@ def assemble_hits(ranking: Ranking, entries: dict[int, Entry], views: list[Image
     """The hits of one ranking: images absent from `entries` (removed after the searched
     generation was published) dropped; the deciding windows as boxes in pixels of the
     query as given (turned back from the deciding rotation `views[j]`, moved by the crop
-    offset) and of the database image; the rotation when the options asked for rotations."""
+    offset) and of the database image; the rotation when the options asked for rotations
+    (or "auto")."""
     which = ranking.query if ranking.query is not None else np.zeros(len(ranking.ids), np.int32)
     keep = np.array([i in entries for i in ranking.ids.tolist()], dtype=bool)
     ids, dist, qp, dp, which = (ranking.ids[keep], ranking.distances[keep], ranking.query_patch[keep],
@@ -180,9 +207,9 @@ def assemble_hits(ranking: Ranking, entries: dict[int, Entry], views: list[Image
     if crop is not None:
         qboxes += np.array([crop[0], crop[1], crop[0], crop[1]])
     dboxes = db_layout[dp] * sizes
-    rotations = options.query_rotations
+    turned = options.query_rotations is not None
     return [
-        Hit(pos + 1, entries[i].path, d, qb, dbb, i, rotations[w] if rotations is not None else None,
+        Hit(pos + 1, entries[i].path, d, qb, dbb, i, views[w].rotation if turned else None,
             ranking.distance_kind)
         for pos, (i, d, qb, dbb, w) in enumerate(zip(
             ids.tolist(), dist.tolist(), np.round(qboxes, 1).tolist(), np.round(dboxes, 1).tolist(), which.tolist(),

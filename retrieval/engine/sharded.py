@@ -351,7 +351,7 @@ class ShardedIndex:
                 out.append((merge_rankings([r for r, _ in parts], k), entries))
             return out
 
-        def rank_on_shards(described: list[list[np.ndarray]]) -> list:
+        def rank_on_shards(described: list[list[np.ndarray]], options: SearchOptions) -> list:
             if not options.qe:
                 return merged(self._each("search", described, options), options.k)
             nearest = merged(self._each("search", described, options.replace(k=options.qe, qe=0)), options.qe)
