@@ -65,6 +65,7 @@ from retrieval.cli.args import (  # noqa: E402
 )
 from retrieval.config import (  # noqa: E402
     AGGREGATES,
+    AUTO_ROTATION,
     PATCH_MODES,
     POOLS,
     QE_ALPHA,
@@ -206,7 +207,7 @@ def _rerank_value(text: str) -> tuple[bool, float]:
 def combinations(args: argparse.Namespace) -> list[dict]:
     """The rows to run: dicts with levels, query_levels, aggregate, pca_dim, patch_mode,
     whiten_on, qe, dba, query_rotations, layer (a --layer or --onnx-output name) and pool."""
-    rotations = tuple(args.query_rotations) if args.query_rotations else None
+    rotations = args.query_rotations if args.query_rotations in (None, AUTO_ROTATION) else tuple(args.query_rotations)
     layer = args.onnx_output if args.onnx else args.layer
     if not args.sweep:
         return [{
@@ -495,7 +496,8 @@ def run_rows(args, dataset: Dataset, rows: list[dict], store: str, index_base: P
                     "dba": row["dba"],
                     "rerank": row["rerank"],
                     "rerank_margin": row["rerank_margin"],
-                    "query_rotations": list(row["query_rotations"] or [0]),
+                    "query_rotations": (row["query_rotations"] if row["query_rotations"] == AUTO_ROTATION
+                                        else list(row["query_rotations"] or [0])),
                     "rotate_queries": args.rotate_queries or 0,
                 }
                 result = {
@@ -578,7 +580,8 @@ def command_line(args, row: dict) -> str:
     if row["dba"]:
         parts += ["--dba", str(row["dba"])]
     if row["query_rotations"]:
-        parts += ["--query-rotations", ",".join(map(str, row["query_rotations"]))]
+        rot = row["query_rotations"]
+        parts += ["--query-rotations", rot if rot == AUTO_ROTATION else ",".join(map(str, rot))]
     parts += ["--rerank", "--rerank-margin", f"{row['rerank_margin']:g}"] if row["rerank"] else ["--no-rerank"]
     if args.rotate_queries:
         parts += ["--rotate-queries", str(args.rotate_queries)]
@@ -619,7 +622,9 @@ def _rerank_cell(c: dict) -> str:
     parts = [f"{name}{c[name]}" for name in ("qe", "dba") if c.get(name)]
     if c.get("rerank"):
         parts.append(f"adaptive{c['rerank_margin']:g}")
-    if c.get("query_rotations", [0]) != [0]:
+    if c.get("query_rotations", [0]) == AUTO_ROTATION:
+        parts.append("rot-auto")
+    elif c.get("query_rotations", [0]) != [0]:
         parts.append("rot" + "/".join(map(str, c["query_rotations"])))
     if c.get("rotate_queries"):
         parts.append(f"(q@{c['rotate_queries']})")

@@ -12,6 +12,7 @@ from PIL import Image
 from conftest import SELF_DISTANCE, make_scene, run_cli
 from retrieval import ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchConfig, SearchOptions
 from retrieval.extraction.features import describe
+from retrieval.cli.args import parse_rotations
 from retrieval.engine.index import IndexUsageError
 from retrieval.extraction.patches import level_names, unrotate_boxes
 from retrieval.engine.search import rank
@@ -190,6 +191,7 @@ def test_auto_rotation_picks_the_turn_that_undoes_the_query_s(qe_chain, tmp_path
         with pytest.raises(IndexUsageError):
             idx.search([cases[0][0]], k=2, query_rotations="sometimes")
     assert SearchOptions(query_rotations="auto").rotations == (0,)
+    assert parse_rotations("auto") == "auto"  # the CLI flag and the serve field parse it so
 
 
 def test_bad_options_are_usage_errors(qe_chain):

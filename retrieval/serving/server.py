@@ -7,7 +7,7 @@ go to a private temporary file that is deleted as soon as the query is answered.
 Routes: `GET /` the page; `GET /api/info`; `POST /api/query` (multipart `image`, and
 optional `k`, `aggregate`, `query_levels`, `box` = "x0,y0,x1,y1" in pixels, `nprobe`, and
 the re-ranking fields `qe`, `dba`, `rerank` = true/false, `rerank_margin`, `query_rotations` =
-"0,90,180,270", as `retrieval query`);
+"0,90,180,270" or "auto", as `retrieval query`);
 `POST /api/query/{id}` (same options, an indexed image as the query);
 `GET /api/lookup?path=` (the id of an indexed path); `GET /api/images/{id}` and
 `GET /api/images/{id}/thumb`. Who may call them (the Host check, the token and its
