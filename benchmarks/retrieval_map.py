@@ -328,8 +328,6 @@ def rotated_queries(dataset: Dataset, degrees: int, folder: Path) -> list:
     """`_queries` with every query image turned by `degrees` counter-clockwise: lossless PNG
     copies in `folder` (kept, so re-runs find the same content in the feature store), and
     crop boxes turned with their image."""
-    from PIL import Image
-
     from retrieval.extraction.extractor import _TRANSPOSE
     from retrieval.extraction.images import load_rgb
     from retrieval.extraction.patches import unrotate_boxes
