@@ -260,6 +260,11 @@ def test_rotations_over_shards_give_the_unsharded_hits(sharded_pair):
             assert _top(got) == _top(want)
             assert [[h.rotation for h in r.hits] for r in got] == [[h.rotation for h in r.hits] for r in want]
             assert {h.rotation for r in got for h in r.hits} > {0}
+        # "auto" picks each query's turn through the shards' merged level-1 search.
+        want = idx.search(queries[:6], k=3, query_rotations="auto")
+        got = shards.search(queries[:6], k=3, query_rotations="auto")
+        assert _top(got) == _top(want)
+        assert [[h.rotation for h in r.hits] for r in got] == [[h.rotation for h in r.hits] for r in want]
 
 
 def test_query_expansion_over_shards_gives_the_unsharded_hits(sharded_pair):
