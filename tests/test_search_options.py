@@ -54,9 +54,9 @@ def ivf_index(tmp_path_factory):
     ("aggregate", "max", "one of min, mean-min"),
     ("query_levels", (1, 7), "a non-empty list of levels from 1,2,3,4"),
     ("query_levels", (), "a non-empty list of levels from 1,2,3,4"),
-    ("query_rotations", (0, 45), "a non-empty list of distinct values from 0,90,180,270"),
-    ("query_rotations", (90, 90), "a non-empty list of distinct values from 0,90,180,270"),
-    ("query_rotations", (), "a non-empty list of distinct values from 0,90,180,270"),
+    ("query_rotations", (0, 45), 'a non-empty list of distinct values from 0,90,180,270, or "auto"'),
+    ("query_rotations", (90, 90), 'a non-empty list of distinct values from 0,90,180,270, or "auto"'),
+    ("query_rotations", (), 'a non-empty list of distinct values from 0,90,180,270, or "auto"'),
 ])
 def test_each_field_is_checked_in_the_constructor(field, value, allowed):
     with pytest.raises(SearchOptionError) as caught:
