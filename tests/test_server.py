@@ -119,6 +119,10 @@ def test_upload_with_query_expansion_and_rotations(client, tiny):
     hits = r.json()["results"][0]["hits"]
     assert hits[0]["path"] == str(paths[2]) and hits[0]["rotation"] == 0
     assert all(SPEC_HIT | {"id", "rotation"} <= set(h) for h in hits)
+    auto = _upload(client, paths[2], k=3, query_rotations="auto")
+    assert auto.status_code == 200, auto.text
+    assert [h["rotation"] for h in auto.json()["results"][0]["hits"]] == [0] * 3  # an upright query stays upright
+    assert _upload(client, paths[2], query_rotations="sometimes").status_code == 400
 
 
 def test_concurrent_uploads_are_answered_together_with_the_hits_of_sequential_ones(tmp_path):
