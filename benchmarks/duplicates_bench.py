@@ -22,7 +22,8 @@ threshold and swept. Per run: pairwise precision, recall and F1 (the engine's pa
 those inside a group; imagededup's the pairs it reports), the share of true groups
 recovered whole (some group, or connected component of imagededup's pairs, holds
 exactly the true group), seconds (the engine: grouping from the stored neighbour
-lists, and once the neighbour lists themselves; describing the images is not counted),
+lists, and `add`, which keeps the neighbour lists current; describing the images is
+not counted when the store holds them),
 and on copies the recall per variant: the share of sources found with that copy (the
 engine: in one group; imagededup: the pair reported).
 """
@@ -270,7 +271,7 @@ def main() -> int:
 
 def print_set(name: str, entry: dict) -> None:
     e = entry["engine"]
-    print(f"\n## {name}: {entry['images']} images (neighbour lists {e['neighbours_s']} s)")
+    print(f"\n## {name}: {entry['images']} images (add, neighbour lists included: {e['add_s']} s; lists read: {e['neighbours_s']} s)")
     print("| method | threshold | precision | recall | F1 | whole groups | seconds |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     row = "| {} | {} | {precision:.3f} | {recall:.3f} | {f1:.3f} | {whole:.3f} | {} |"
