@@ -7,9 +7,10 @@
 
 Sets:
   copies  `--sources` real images (hymenoptera, drawn with a fixed seed) each with seven
-          generated copies (half size, JPEG quality 30, centre 80 % crop, 5 degree
-          rotation, brightness x1.4, a text overlay, mirrored), plus `--distractors`
-          other images of the same folders, alone; truth: a source and its copies.
+          generated copies (half size, JPEG quality 30, centre crops of 80 % of the
+          side and of 50 % of the area, 5 degree rotation, brightness x1.4, a text
+          overlay, mirrored), plus `--distractors` other images of the same folders,
+          alone; truth: a source and its copies.
   views   the first `--ukbench` UKBench images: groups of four views of one object.
 
 Each set is indexed through `Index` (the feature store `--store` keeps the descriptors,
@@ -20,8 +21,11 @@ imagededup (benchmarks/imagededup_peer.py) hashes the same files, at its default
 threshold and swept. Per run: pairwise precision, recall and F1 (the engine's pairs are
 those inside a group; imagededup's the pairs it reports), the share of true groups
 recovered whole (some group, or connected component of imagededup's pairs, holds
-exactly the true group), and seconds (the engine: grouping from the stored neighbour
-lists, and once the neighbour lists themselves; describing the images is not counted).
+exactly the true group), seconds (the engine: grouping from the stored neighbour
+lists, and `add`, which keeps the neighbour lists current; describing the images is
+not counted when the store holds them),
+and on copies the recall per variant: the share of sources found with that copy (the
+engine: in one group; imagededup: the pair reported).
 """
 from __future__ import annotations
 
@@ -48,15 +52,17 @@ from retrieval.engine import duplicates as grouping  # noqa: E402
 from retrieval.engine.index import Index  # noqa: E402
 
 MAX_SOURCES, MAX_DISTRACTORS = 40, 60
-COPIES = ("half-size", "jpeg-q30", "crop-80", "rotate-5", "brighter", "text", "mirror")
+COPIES = ("half-size", "jpeg-q30", "crop-80", "crop-50", "rotate-5", "brighter", "text", "mirror")
+# A centre crop keeping this share of the side: 0.5 ** 0.5 keeps half the area.
+CROP_SIDE = {"crop-80": 0.8, "crop-50": 0.5 ** 0.5}
 
 
 def make_copy(img: Image.Image, kind: str) -> Image.Image:
     w, h = img.size
     if kind == "half-size":
         return img.resize((max(w // 2, 1), max(h // 2, 1)), Image.Resampling.BILINEAR)
-    if kind == "crop-80":
-        dx, dy = int(w * 0.1), int(h * 0.1)
+    if kind in CROP_SIDE:
+        dx, dy = round(w * (1 - CROP_SIDE[kind]) / 2), round(h * (1 - CROP_SIDE[kind]) / 2)
         return img.crop((dx, dy, w - dx, h - dy))
     if kind == "rotate-5":
         return img.rotate(5, resample=Image.Resampling.BILINEAR)
@@ -72,8 +78,9 @@ def make_copy(img: Image.Image, kind: str) -> Image.Image:
     return img  # jpeg-q30: the change is the encoding
 
 
-def copies_set(data: Path, work: Path, sources: int, distractors: int, seed: int) -> tuple[list[str], list[int]]:
-    """The images of the copies set and each one's true group (sources and their copies
+def copies_set(data: Path, work: Path, sources: int, distractors: int, seed: int) -> tuple[list[str], list[int], list[str]]:
+    """The images of the copies set, each one's true group and its kind ("source" or a
+    COPIES entry; sources and their copies
     share their source's number; distractors have numbers of their own)."""
     pool = sorted(str(p) for p in (data / "hymenoptera").rglob("*.jpg"))
     if sources > MAX_SOURCES or distractors > MAX_DISTRACTORS or len(pool) < MAX_SOURCES + MAX_DISTRACTORS:
@@ -84,10 +91,11 @@ def copies_set(data: Path, work: Path, sources: int, distractors: int, seed: int
     picked = drawn[:sources] + drawn[MAX_SOURCES:MAX_SOURCES + distractors]
     out = work / "copies"
     out.mkdir(parents=True, exist_ok=True)
-    paths, labels = [], []
+    paths, labels, kinds = [], [], []
     for g, src in enumerate(picked):
         paths.append(src)
         labels.append(g)
+        kinds.append("source")
         if g >= sources:
             continue
         img = Image.open(src).convert("RGB")
@@ -97,7 +105,8 @@ def copies_set(data: Path, work: Path, sources: int, distractors: int, seed: int
                 make_copy(img, kind).save(target, quality=30 if kind == "jpeg-q30" else 90)
             paths.append(str(target))
             labels.append(g)
-    return paths, labels
+            kinds.append(kind)
+    return paths, labels, kinds
 
 
 def views_set(data: Path, n: int) -> tuple[list[str], list[int]]:
@@ -122,6 +131,17 @@ def scores(labels: list[int], pairs: set[tuple[int, int]], groups: list[list[int
             "whole": round(whole, 4), "pairs": len(pairs)}
 
 
+def variant_recall(labels: list[int], kinds: list[str], pairs: set[tuple[int, int]]) -> dict[str, float]:
+    """Per copy kind, the share of sources whose copy of that kind `pairs` joins to them."""
+    source = {labels[i]: i for i, k in enumerate(kinds) if k == "source"}
+    found: dict[str, list[bool]] = {}
+    for i, kind in enumerate(kinds):
+        if kind != "source":
+            s = source[labels[i]]
+            found.setdefault(kind, []).append((min(i, s), max(i, s)) in pairs)
+    return {kind: round(sum(v) / len(v), 4) for kind, v in found.items()}
+
+
 def group_pairs(groups: list[list[int]]) -> set[tuple[int, int]]:
     return {(min(a, b), max(a, b)) for g in groups for x, a in enumerate(g) for b in g[x + 1:]}
 
@@ -143,7 +163,7 @@ def components(n: int, pairs) -> list[list[int]]:
     return [v for v in out.values() if len(v) > 1]
 
 
-def run_engine(name: str, paths: list[str], labels: list[int], args) -> dict:
+def run_engine(name: str, paths: list[str], labels: list[int], kinds: list[str] | None, args) -> dict:
     index_dir = Path(args.work) / f"index-{name}"
     idx = Index.create(index_dir, extractor_config_from_args(args), search_config_from_args(args), store=args.store)
     with idx:
@@ -164,8 +184,10 @@ def run_engine(name: str, paths: list[str], labels: list[int], args) -> dict:
             found = idx.duplicates(max_distance=max_distance)
             seconds = time.perf_counter() - start
             groups = [[at[m.id] for m in g] for g in found.groups]
+            pairs = group_pairs(groups)
             return {"max_distance": round(found.max_distance, 4), "seconds": round(seconds, 3),
-                    "groups": len(groups), **scores(labels, group_pairs(groups), groups)}
+                    "groups": len(groups), **scores(labels, pairs, groups),
+                    **({"by_variant": variant_recall(labels, kinds, pairs)} if kinds else {})}
 
         default = measured(None)
         sweep = [measured(d) for d in args.sweep]
@@ -185,7 +207,7 @@ def run_engine(name: str, paths: list[str], labels: list[int], args) -> dict:
                           "different_group_q05_25_50_75_95": quantiles(d[~same])}}
 
 
-def run_peer(name: str, paths: list[str], labels: list[int], args) -> dict:
+def run_peer(name: str, paths: list[str], labels: list[int], kinds: list[str] | None, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         listing, out = Path(tmp) / "images.txt", Path(tmp) / "out.json"
         listing.write_text("\n".join(paths) + "\n")
@@ -203,7 +225,8 @@ def run_peer(name: str, paths: list[str], labels: list[int], args) -> dict:
             pairs = {tuple(p) for p in run["pairs"]}
             groups = components(len(paths), pairs)
             runs.append({"threshold": run["threshold"], "seconds": round(data["encode_s"] + run["seconds"], 2),
-                         "default": run["threshold"] == peer["default_threshold"], **scores(labels, pairs, groups)})
+                         "default": run["threshold"] == peer["default_threshold"], **scores(labels, pairs, groups),
+                         **({"by_variant": variant_recall(labels, kinds, pairs)} if kinds else {})})
         result[method] = runs
     return result
 
@@ -230,14 +253,14 @@ def main() -> int:
     results = {"machine": f"{platform.node()} {os.cpu_count()} CPUs", "load_before": os.getloadavg(), "sets": {}}
     for name in args.sets.split(","):
         if name == "copies":
-            paths, labels = copies_set(args.data, args.work, args.sources, args.distractors, args.seed)
+            paths, labels, kinds = copies_set(args.data, args.work, args.sources, args.distractors, args.seed)
         elif name == "views":
-            paths, labels = views_set(args.data, args.ukbench)
+            (paths, labels), kinds = views_set(args.data, args.ukbench), None
         else:
             parser.error(f"--sets: unknown set {name!r} (copies, views)")
-        entry = {"images": len(paths), "engine": run_engine(name, paths, labels, args)}
+        entry = {"images": len(paths), "engine": run_engine(name, paths, labels, kinds, args)}
         if not args.no_peer:
-            entry["imagededup"] = run_peer(name, paths, labels, args)
+            entry["imagededup"] = run_peer(name, paths, labels, kinds, args)
         results["sets"][name] = entry
         print_set(name, entry)
     results["load_after"] = os.getloadavg()
@@ -248,7 +271,7 @@ def main() -> int:
 
 def print_set(name: str, entry: dict) -> None:
     e = entry["engine"]
-    print(f"\n## {name}: {entry['images']} images (neighbour lists {e['neighbours_s']} s)")
+    print(f"\n## {name}: {entry['images']} images (add, neighbour lists included: {e['add_s']} s; lists read: {e['neighbours_s']} s)")
     print("| method | threshold | precision | recall | F1 | whole groups | seconds |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     row = "| {} | {} | {precision:.3f} | {recall:.3f} | {f1:.3f} | {whole:.3f} | {} |"
@@ -263,8 +286,29 @@ def print_set(name: str, entry: dict) -> None:
             continue
         for r in runs:
             print(row.format(f"imagededup {method}" + (" (default)" if r["default"] else ""), r["threshold"], r["seconds"], **r))
+    if "by_variant" in e["default"]:
+        print_variants(entry)
     print("distances of stored pairs, same group (q05 q25 q50 q75 q95):", e["distances"]["same_group_q05_25_50_75_95"])
     print("distances of stored pairs, different groups:", e["distances"]["different_group_q05_25_50_75_95"])
+
+
+def print_variants(entry: dict) -> None:
+    """Recall per copy kind: the engine at its default, each hash at its default and at
+    the threshold of its best F1."""
+    e = entry["engine"]["default"]
+    kinds = list(e["by_variant"])
+    rows = [(f"retrieval duplicates ({e['max_distance']})", e["by_variant"])]
+    for method, runs in entry.get("imagededup", {}).items():
+        if method == "error":
+            continue
+        default = next(r for r in runs if r["default"])
+        best = max(runs, key=lambda r: r["f1"])
+        rows.append((f"imagededup {method} ({default['threshold']}, default)", default["by_variant"]))
+        rows.append((f"imagededup {method} ({best['threshold']}, best F1)", best["by_variant"]))
+    print("\n| method (threshold) | " + " | ".join(kinds) + " |")
+    print("| --- |" + " --- |" * len(kinds))
+    for label, recall in rows:
+        print(f"| {label} | " + " | ".join(f"{recall[k]:.2f}" for k in kinds) + " |")
 
 
 if __name__ == "__main__":

@@ -23,10 +23,10 @@ from ..config import EXACT_LIMIT, SearchOptions
 from ..extraction.progress import Progress
 from . import kernel
 from .neighbours import Neighbours
-from .search import image_distances, rank, uses_candidates
+from .search import image_distances, rank_many, uses_candidates
 from .snapshot import View
 
-# Exact mode scores this many images' windows in one kernel call.
+# This many images' windows go to one kernel call (exact) or one FAISS search (candidates).
 QUERY_BATCH = 256
 # A new image found by FAISS updates the lists of its REVERSE_DEPTH * k nearest images.
 REVERSE_DEPTH = 2
@@ -117,15 +117,18 @@ def _candidate_lists(view: View, live: np.ndarray, redo: np.ndarray, near: np.nd
     options = SearchOptions(k=REVERSE_DEPTH * k + 1, aggregate=settings.aggregate, exact_limit=settings.exact_limit)
     proposed = {}
     with Progress(len(redo), "neighbours", enabled=progress) as bar:
-        for j in redo.tolist():
-            image_id = int(live[j])
-            r = rank(view.windows(image_id, settings.rows), view, options, settings.rows)
-            other = r.ids != image_id
-            found, d = r.ids[other][:k], r.distances[other][:k]
-            near[j], dist[j] = -1, np.inf
-            near[j, :len(found)], dist[j, :len(found)] = found, d
-            proposed[image_id] = r.ids[other]
-            bar.update(1)
+        for start in range(0, len(redo), QUERY_BATCH):
+            batch = redo[start:start + QUERY_BATCH].tolist()
+            # One FAISS search for the whole batch's windows, not one per image.
+            rankings = rank_many([view.windows(int(live[j]), settings.rows) for j in batch], view, options, settings.rows)
+            for j, r in zip(batch, rankings):
+                image_id = int(live[j])
+                other = r.ids != image_id
+                found, d = r.ids[other][:k], r.distances[other][:k]
+                near[j], dist[j] = -1, np.inf
+                near[j, :len(found)], dist[j, :len(found)] = found, d
+                proposed[image_id] = r.ids[other]
+            bar.update(len(batch))
     return proposed
 
 
