@@ -46,7 +46,7 @@ from . import duplicates as grouping
 from . import neighbour_lists
 from .duplicates import Duplicates
 from .neighbour_lists import NeighbourSettings
-from .neighbours import Neighbours
+from .neighbours import ASKED, Neighbours
 from .pause import pause_hook
 from .policy import WritePolicy
 from .query import K_NOT_GIVEN, QueryResult, answer_queries, search_options
@@ -584,6 +584,7 @@ class Index:
         with self._writing():
             self._publish(progress=False)
             found = neighbour_lists.update(self.view(), None, self._neighbour_settings(k), progress=progress)
+            found.meta[ASKED] = True  # kept current by every later add and remove, at any size
             found.save(self.path)
         return found.meta
 

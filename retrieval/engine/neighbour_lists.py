@@ -49,6 +49,13 @@ class NeighbourSettings:
                 "whitening": (view.state.whitening or {}).get("file")}
 
 
+def is_exact(view: View, settings: NeighbourSettings) -> bool:
+    """Whether the lists of `view` are computed exactly (every pair, by the kernel in
+    batches: cheap) rather than from FAISS candidates (one search per image: measured
+    23-49 ms per image at 10,000 images, benchmarks/results/duplicates.md)."""
+    return not uses_candidates(view, SearchOptions(k=settings.k + 1, exact_limit=settings.exact_limit))
+
+
 def update(view: View, old: Neighbours | None, settings: NeighbourSettings, *, progress: bool = False) -> Neighbours:
     """The lists of every live image of `view`, reusing `old` (None: from scratch)."""
     live = view.live_ids()
@@ -67,7 +74,7 @@ def update(view: View, old: Neighbours | None, settings: NeighbourSettings, *, p
         kept = intact
     fresh = live[~np.isin(live, old.ids)] if old is not None else live
     redo = np.flatnonzero(~kept)
-    exact = not uses_candidates(view, SearchOptions(k=k + 1, exact_limit=settings.exact_limit))
+    exact = is_exact(view, settings)
     if exact:
         _exact_lists(view, live, redo, near, dist, settings, progress)
         if len(fresh) and kept.any():

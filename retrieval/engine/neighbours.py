@@ -20,6 +20,9 @@ import numpy as np
 from ..fileio import replacing
 
 FILE = "neighbours.npz"
+# Meta key: the lists were asked for (`retrieval dba`, `duplicates`), so the writer keeps
+# them current even above the exact limit, where each image costs a candidate search.
+ASKED = "asked"
 
 
 @dataclass
@@ -71,6 +74,11 @@ class Neighbours:
         with replacing(Path(directory) / FILE, suffix=".tmp.npz") as tmp:
             np.savez(tmp, ids=self.ids, neighbours=self.neighbours, distances=self.distances,
                      meta=np.array(json.dumps(self.meta)))
+
+    @staticmethod
+    def remove(directory: Path) -> None:
+        """Delete the stored lists (none stored: nothing to do)."""
+        (Path(directory) / FILE).unlink(missing_ok=True)
 
     @classmethod
     def load(cls, directory: Path) -> "Neighbours | None":

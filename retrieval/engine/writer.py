@@ -38,7 +38,7 @@ from .ann import VectorIndex, auto_factory, is_flat, layout_factory, training_si
 from . import neighbour_lists
 from .manifest import Manifest
 from .neighbour_lists import NeighbourSettings
-from .neighbours import Neighbours
+from .neighbours import ASKED, Neighbours
 from .policy import WritePolicy
 from .segments import DamagedFile, load_npy, open_segment, save_npy, write_segment
 from .snapshot import State, View, publish, read_state
@@ -231,7 +231,17 @@ class _Writer:
         if old is not None and old.k != settings.k:
             settings = dataclasses.replace(settings, k=old.k)
         view = View(self.dir, state, self.patches, self.inputs.device)
-        neighbour_lists.update(view, old, settings, progress=self.progress).save(self.dir)
+        asked = old is not None and bool(old.meta.get(ASKED))
+        if not asked and not neighbour_lists.is_exact(view, settings):
+            # Above the exact limit a list costs one candidate search per image (several
+            # times the rest of a build), so they are kept only once asked for (`retrieval
+            # dba`, `duplicates`); lists left from the collection's smaller days would go stale.
+            Neighbours.remove(self.dir)
+            return
+        found = neighbour_lists.update(view, old, settings, progress=self.progress)
+        if asked:
+            found.meta[ASKED] = True
+        found.save(self.dir)
 
     # -- FAISS ----------------------------------------------------------------------------
     def _ann(self, state: State, live: np.ndarray, new: np.ndarray, dim: int) -> None:
