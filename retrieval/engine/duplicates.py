@@ -22,9 +22,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ..extraction.patches import level_regions
+from ..extraction.patches import level_regions, pixel_boxes
 from .manifest import Entry
 from .neighbours import Neighbours
+from .search import image_distances
 from .snapshot import View
 
 # Neighbours per image the groups are found from: a group holds at most K + 1 images
@@ -136,17 +137,11 @@ def leader_groups(a: np.ndarray, b: np.ndarray, d: np.ndarray, max_distance: flo
     return groups
 
 
-def matched_windows(first: np.ndarray, other: np.ndarray) -> tuple[int, int]:
-    """Rows of the closest pair of windows of two images (unit window vectors [P, d])."""
-    sim = first @ other.T
-    i, j = np.unravel_index(int(np.argmax(sim)), sim.shape)
-    return int(i), int(j)
-
-
 def matched_boxes(view: View, levels: Sequence[int], first: Entry, other: Entry) -> tuple[list[float], list[float]]:
     """The closest pair of windows of two indexed images (all their database windows), as
-    pixel boxes (x0, y0, x1, y1) of each: what the groups page draws."""
-    i, j = matched_windows(view.windows(first.id), view.windows(other.id))
+    pixel boxes (x0, y0, x1, y1) of each: what the groups page draws. The kernel's `min`
+    distance decides the pair, as it decides a hit's boxes."""
+    _, _, qp, dp = image_distances(view.windows(first.id), view, np.array([other.id], np.int64), "min")
     layout = np.concatenate([level_regions(lv).boxes for lv in levels])
-    box = lambda row, e: np.round(layout[row] * [e.width, e.height, e.width, e.height], 1).tolist()
-    return box(i, first), box(j, other)
+    return (np.round(pixel_boxes(layout[qp[0]], first.width, first.height), 1).tolist(),
+            np.round(pixel_boxes(layout[dp[0]], other.width, other.height), 1).tolist())

@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -62,8 +62,15 @@ from .whitening import PCAWhitening
 # while a publish that rewrites the FAISS file (1 GB at a million images) happens only
 # O(log N) times in a build.
 CHECKPOINT_IMAGES = 20_000
-_WRITER_RUNS = "it is rebuilt from the feature store as soon as the running writer finishes"
 CHECKPOINT_FRACTION = 4
+
+
+class _Unrefreshed(NamedTuple):
+    """Why the derived files could not be brought up to the manifest: `busy` when a writer
+    runs (it publishes soon), else the directory cannot be written (read-only, full)."""
+
+    why: str
+    busy: bool = False
 
 
 class IndexUsageError(RuntimeError):
@@ -422,8 +429,8 @@ class Index:
             if state is None:
                 if self.manifest.count() == 0:
                     return View(self.path, State(), self.patches_per_image, self.runtime.device)
-                if why is not None and not why.startswith(_WRITER_RUNS):
-                    raise IndexUsageError(f"{self.path} has nothing published yet: {why}")
+                if why is not None and not why.busy:
+                    raise IndexUsageError(f"{self.path} has nothing published yet: {why.why}")
                 raise IndexUsageError(
                     f"{self.path} has nothing published yet: its first build is still running "
                     "(or was killed: re-run the same `retrieval build` to finish it)"
@@ -444,28 +451,29 @@ class Index:
                 raise self._damaged(err, why) from None
         raise IndexUsageError(f"{self.path}: no consistent published state after 3 tries; is something deleting its files?")
 
-    def _damaged(self, err: DamagedFile, why: str) -> IndexUsageError:
-        return IndexUsageError(f"{err}; {why}")
+    def _damaged(self, err: DamagedFile, why: _Unrefreshed) -> IndexUsageError:
+        return IndexUsageError(f"{err}; {why.why}")
 
-    def _try_refresh(self) -> str | None:
+    def _try_refresh(self) -> _Unrefreshed | None:
         """Bring the derived files up to the manifest (rebuilding any missing or damaged one);
         None when done, else why not: a writer is running, or the directory is read-only
         or full. Readers then answer from what is published; nothing is written."""
         if not writable(self.path):
-            return (f"{self.path} is on a read-only file system, so derived files cannot be rebuilt here: "
-                    f"run `retrieval add {self.path} ...` where it can be written (the feature store "
-                    "keeps the descriptors: nothing is extracted again)")
+            return _Unrefreshed(f"{self.path} is on a read-only file system, so derived files cannot be rebuilt "
+                                f"here: run `retrieval add {self.path} ...` where it can be written (the feature "
+                                "store keeps the descriptors: nothing is extracted again)")
         try:
             with self._writing():
                 self._publish(progress=False)
             return None
         except IndexBusy:
-            return (f"{_WRITER_RUNS} (or by the next `retrieval add {self.path} ...`)")
+            return _Unrefreshed("it is rebuilt from the feature store as soon as the running writer finishes "
+                                f"(or by the next `retrieval add {self.path} ...`)", busy=True)
         except OSError as err:
             message = storage_message(err)
             if message is None:
                 raise
-            return f"derived files cannot be rebuilt ({message})"
+            return _Unrefreshed(f"derived files cannot be rebuilt ({message})")
 
     def warm(self, wait: bool = False) -> int:
         """Prepare for a stream of queries, as a server does once at start: load the
