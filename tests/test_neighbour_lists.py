@@ -2,10 +2,14 @@
 `retrieval dba`, in exact mode; with FAISS candidates a new image enters its near images' lists."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
 
 from conftest import make_scene, run_cli
 from retrieval import ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchConfig
+from retrieval.engine.index import IndexUsageError
 from retrieval.engine.neighbours import Neighbours
 from retrieval.engine.policy import WritePolicy
 
@@ -70,3 +74,40 @@ def test_dba_k_is_kept_by_later_adds_and_a_new_image_enters_lists_through_candid
     pos, known = found.rows(np.array([first, new]))
     assert known.all()
     assert found.neighbours[pos[0], 0] == new and found.neighbours[pos[1], 0] == first
+
+
+# -- an index without lists: adaptive re-ranking by query expansion alone, saying so ------------
+def test_an_old_index_without_lists_reranks_by_expansion_alone_until_the_next_add(tmp_path):
+    paths = _scenes(tmp_path, range(800, 806))
+    index = tmp_path / "idx"
+    with Index.create(index, CONFIG, SEARCH, store=tmp_path / "s.sqlite", runtime=RuntimeConfig(batch_size=16)) as idx:
+        idx.add(paths[:5], progress=False)
+    (index / "neighbours.npz").unlink()  # as an index built before the writer kept lists
+    with Index.open(index) as idx:
+        info = idx.info()
+        assert info["neighbours"] is None and info["reranking"]["augmentation"] is False
+        result = idx.search([paths[0]], k=3, rerank=True)[0]
+        assert result.note.startswith("re-ranked by query expansion only") and f"retrieval dba {index}" in result.note
+        assert result.hits[0].path == paths[0] and {h.distance_kind for h in result.hits} == {"reranked"}
+        assert idx.search([paths[0]], k=3, rerank=False)[0].note is None
+        with pytest.raises(IndexUsageError, match="retrieval dba"):  # a fixed count asked for: refused
+            idx.search([paths[0]], k=3, dba=2)
+        idx.add(paths[5:], progress=False)  # the writer computes every list at the next add
+        assert idx.info()["neighbours"]["up_to_date"] is True
+        assert idx.info()["reranking"] == {"augmentation": True, "note": None}
+        assert idx.search([paths[0]], k=3, rerank=True)[0].note is None
+
+
+def test_above_the_exact_limit_without_lists_the_query_says_how_it_was_reranked(tmp_path):
+    paths = _scenes(tmp_path, range(600, 606))
+    index = tmp_path / "idx"
+    with Index.create(index, CONFIG, SEARCH, store=tmp_path / "s.sqlite", runtime=RuntimeConfig(batch_size=16),
+                      index_type="IVF2,Flat", policy=WritePolicy(ann_min_images=4, layout_min_images=1000)) as idx:
+        idx.add(paths, progress=False)
+        assert idx.info()["neighbours"] is None  # not asked for: the writer keeps none
+    out = run_cli("query", str(index), paths[1], "-k", "2", "--json", "--quiet", "--rerank")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)["results"][0]
+    assert "query expansion only" in result["note"] and result["hits"][0]["path"] == paths[1]
+    out = run_cli("query", str(index), paths[1], "-k", "2", "--quiet", "--rerank")
+    assert out.returncode == 0 and f"note: re-ranked by query expansion only: {index}" in out.stderr

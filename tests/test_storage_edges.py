@@ -72,12 +72,14 @@ def test_read_only_index_and_store_answer_and_never_say_damaged(tmp_path):
     stale = disk / "stale"  # a second index whose state.json is gone: nothing published
     assert run_cli("build", str(stale), str(images / "img0.jpg"), *TINY_FLAGS, env=env).returncode == 0
     (stale / "state.json").unlink()
+    (idx / "neighbours.npz").unlink()  # and no neighbour lists: adaptive re-ranking does without
     out = tmp_path / "out"
     out.mkdir()
     got = _in_namespace(
         [f"mount --bind {disk} {disk}", f"mount -o remount,ro,bind {disk}"],
         {"info": _cli("info", str(idx), "--json"),
          "query": _cli("query", str(idx), str(images / "img1.jpg"), "-k", "2", "--json", "--quiet"),
+         "rerank": _cli("query", str(idx), str(images / "img1.jpg"), "-k", "2", "--json", "--quiet", "--rerank"),
          "add": _cli("add", str(idx), str(images), "--quiet"),
          "stale": _cli("query", str(stale), str(images / "img1.jpg"), "--quiet")},
         out, env)
@@ -86,6 +88,9 @@ def test_read_only_index_and_store_answer_and_never_say_damaged(tmp_path):
     assert got["query"]["rc"] == 0, got["query"]["stderr"]
     hits = json.loads(got["query"]["stdout"])["results"][0]["hits"]
     assert hits[0]["path"] == str(images / "img1.jpg")
+    assert got["rerank"]["rc"] == 0, got["rerank"]["stderr"]
+    reranked = json.loads(got["rerank"]["stdout"])["results"][0]
+    assert "query expansion only" in reranked["note"] and reranked["hits"][0]["path"] == hits[0]["path"]
     assert got["add"]["rc"] == 1 and f"read-only file system: {idx / '.lock'}" in got["add"]["stderr"]
     # Nothing published and nothing can be written: says read-only and what to do.
     assert got["stale"]["rc"] == 2 and "read-only file system" in got["stale"]["stderr"]

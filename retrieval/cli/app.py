@@ -329,6 +329,8 @@ def _query(args) -> int:
     results = [r for r in results if r.error is None]
     for item in skipped:
         print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
+    for note in dict.fromkeys(r.note for r in results if r.note is not None):
+        print(f"note: {note}", file=sys.stderr)
     if args.html:
         from ..serving.report import write_report
 

@@ -46,7 +46,7 @@ from . import duplicates as grouping
 from . import neighbour_lists
 from .duplicates import Duplicates
 from .neighbour_lists import NeighbourSettings
-from .neighbours import ASKED, Neighbours
+from .neighbours import ASKED, Neighbours, augmentation_note
 from .pause import pause_hook
 from .policy import WritePolicy
 from .query import K_NOT_GIVEN, QueryResult, answer_queries, search_options
@@ -527,7 +527,7 @@ class Index:
         view = self.view()
         whitening = view.whitening if view.images else None
         wants = whitening is not None and (options.dba or options.rerank)
-        neighbours = self.neighbours(options.dba or 1) if wants else None
+        neighbours, note = self._rerank_neighbours(options, view) if wants else (None, None)
         expand_rows = self._rows_at(options.query_levels)
 
         def rank_here(described: list[list[np.ndarray]], options: SearchOptions) -> list:
@@ -535,7 +535,11 @@ class Index:
             entries = self.manifest.get_many(np.unique(np.concatenate([r.ids for r in rankings])).tolist())
             return [(r, {i: entries[i] for i in r.ids.tolist() if i in entries}) for r in rankings]
 
-        return answer_queries(self, whitening, queries, options, rank_here, progress=progress, skipped=skipped)
+        results = answer_queries(self, whitening, queries, options, rank_here, progress=progress, skipped=skipped)
+        for result in results:
+            if result.error is None:
+                result.note = note
+        return results
 
     def search_options(self, k=K_NOT_GIVEN, options: SearchOptions | None = None, keywords: dict | None = None) -> SearchOptions:
         """The options of a `search` call (see there), with this index's query levels and
@@ -582,6 +586,18 @@ class Index:
                 "(or query with --no-rerank)"
             )
         return found
+
+    def _rerank_neighbours(self, options: SearchOptions, view: View) -> tuple[Neighbours | None, str | None]:
+        """The neighbour lists a re-ranked search averages with, and why they fall short
+        (`neighbours.augmentation_note`). A fixed `--dba K` needs K per image and fails
+        without them (IndexUsageError); adaptive re-ranking does without, and says so."""
+        if options.dba:
+            return self.neighbours(options.dba), None
+        try:
+            found = Neighbours.load(self.path)
+        except ValueError as err:
+            return None, augmentation_note(None, self.path, view.state.generation, str(err))
+        return found, augmentation_note(found, self.path, view.state.generation)
 
     def build_neighbours(self, k: int, *, progress: bool = False) -> dict:
         """Compute every image's k nearest other images from scratch, with the index's

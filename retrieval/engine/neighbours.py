@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import EXACT_LIMIT
 from ..fileio import replacing
 
 FILE = "neighbours.npz"
@@ -95,6 +96,28 @@ class Neighbours:
         if out.neighbours.shape != (len(out.ids), out.neighbours.shape[1]) or out.distances.shape != out.neighbours.shape:
             raise ValueError(f"{path}: malformed; recompute it with `retrieval dba`")
         return out
+
+
+def augmentation_note(found: "Neighbours | None", directory: Path, generation: int,
+                      error: str | None = None) -> str | None:
+    """Why adaptive re-ranking of the index at `directory` (published `generation`) cannot
+    average every image with its neighbours; None when the lists are current.
+
+    The rule (docs/reranking.md): with no lists (`found` None; `error` when the file is
+    unreadable) a search re-ranks by query expansion alone; with lists of an earlier
+    generation the images added since are scored without their neighbours. Either way the
+    answer says so rather than fail: the lists are a derived file the next `add`,
+    `remove` or `retrieval dba` writes."""
+    fix = f"`retrieval dba {directory}` computes them"
+    if error is not None:
+        return f"re-ranked by query expansion only: {error}"
+    if found is None:
+        return (f"re-ranked by query expansion only: {directory} has no neighbour lists (the writer keeps "
+                f"them up to {EXACT_LIMIT} images from the next add or remove on, above that once asked for); {fix}")
+    if found.meta.get("generation") != generation:
+        return (f"the neighbour lists of {directory} are from an earlier state: images added since are re-ranked "
+                f"without their neighbours until the writer brings the lists up to date; {fix} again")
+    return None
 
 
 def qe_weight(dist: np.ndarray, alpha: float) -> np.ndarray:

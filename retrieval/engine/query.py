@@ -68,11 +68,15 @@ class QueryResult:
     query: str
     hits: list[Hit]
     error: str | None = None
+    # How the ranking fell short of what was asked, e.g. re-ranked without neighbour lists.
+    note: str | None = None
 
     def to_dict(self) -> dict:
         out = {"query": self.query, "hits": [h.to_dict() for h in self.hits]}
         if self.error is not None:
             out["error"] = self.error
+        if self.note is not None:
+            out["note"] = self.note
         return out
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..config import EXACT_LIMIT
 from . import kernel
 from .ann import faiss_device, gpu_capable, is_flat
-from .neighbours import Neighbours
+from .neighbours import Neighbours, augmentation_note
 from .policy import WritePolicy
 from .segments import DamagedFile
 from .snapshot import State, read_state
@@ -29,6 +29,7 @@ def index_info(directory: Path, *, images: int, generation: int, patches: int, e
             whitening = PCAWhitening.load(directory / state.whitening["file"])
         except ValueError:
             whitening = None
+    neighbours, reranking = _neighbours(directory, state)
     return {
         "images": images,
         "patches": images * patches,
@@ -47,7 +48,8 @@ def index_info(directory: Path, *, images: int, generation: int, patches: int, e
             "refit": policy.refit_rule(state.whitening),
         },
         "policy": policy.summary(),
-        "neighbours": _neighbours(directory, state),
+        "neighbours": neighbours,
+        "reranking": reranking,
         # Fast-scan codes have no GPU implementation: such a structure searches on the CPU.
         "faiss_device": faiss_device(device) if state.ann is None or gpu_capable(state.ann["factory"]) else "cpu",
         "native_kernel": kernel.summary(),
@@ -57,15 +59,19 @@ def index_info(directory: Path, *, images: int, generation: int, patches: int, e
     }
 
 
-def _neighbours(directory: Path, state: State) -> dict | None:
-    """What `retrieval dba` stored (None: nothing), and whether images came or went since."""
+def _neighbours(directory: Path, state: State) -> tuple[dict | None, dict]:
+    """What `retrieval dba` or the writer stored (None: nothing), and whether images came
+    or went since; and what adaptive re-ranking can do with it (`augmentation_note`)."""
     try:
         found = Neighbours.load(directory)
     except ValueError as err:
-        return {"error": str(err)}
+        note = augmentation_note(None, directory, state.generation, str(err))
+        return {"error": str(err)}, {"augmentation": False, "note": note}
+    note = augmentation_note(found, directory, state.generation)
+    reranking = {"augmentation": found is not None, "note": note}
     if found is None:
-        return None
-    return {**found.meta, "up_to_date": found.meta.get("generation") == state.generation}
+        return None, reranking
+    return {**found.meta, "up_to_date": found.meta.get("generation") == state.generation}, reranking
 
 
 def _structure(state: State, user: str | None, policy: WritePolicy) -> dict:

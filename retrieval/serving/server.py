@@ -438,7 +438,7 @@ def _hits_json(idx, result) -> dict:
         entry = idx.entry(hit.id)
         hits.append({**hit.to_dict(), "id": hit.id,
                      "width": entry.width if entry else None, "height": entry.height if entry else None})
-    return {"query": result.query, "hits": hits}
+    return {"query": result.query, "hits": hits, **({"note": result.note} if result.note is not None else {})}
 
 
 def is_loopback(host: str) -> bool:
