@@ -45,8 +45,8 @@ AUTO_ROTATION = "auto"
 # faster than FAISS candidates: benchmarks/results/scale.md); above, candidates.
 EXACT_LIMIT = 2_000
 # Adaptive re-ranking uses the hits and neighbours within this distance of the nearest
-# (chosen leave-one-set-out: benchmarks/results/reranking.md).
-RERANK_MARGIN = 0.2
+# (chosen leave-one-set-out among 0.02-0.3: benchmarks/results/reranking.md).
+RERANK_MARGIN = 0.15
 NEIGHBOURS_K = 10  # each image's nearest images kept by the writer, for re-ranking (`retrieval dba -k` changes it)
 QE_ALPHA = 3.0  # the exponent of alpha-QE (Radenovic et al.): near hits weigh much more than far ones
 NPROBE = 16  # IVF lists per query window: recall 0.955 against 0.85 for 8 on hard data (benchmarks/results/scale.md)
