@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Query-time cost of the re-ranking and rotation options (benchmarks/results/reranking.md).
 
-    python benchmarks/rerank_cost.py INDEX_DIR QUERY_ROOT [--every 5] [--repeats 3]
+    python benchmarks/rerank_cost.py INDEX_DIR QUERY_ROOT [--every 5] [--repeats 3] [--margins 0.2]
 
 Times `Index.search([query], k=4, **setting)` for each setting, one query at a time, on
 every `--every`-th image of QUERY_ROOT (descriptors should already be in the index's
@@ -38,8 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=5, help="use every N-th query image (default 5)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved runs per setting (default 3)")
     p.add_argument("--rotations", action="store_true", help="also time four query rotations, plain and adaptive")
+    p.add_argument("--margins", metavar="M,...", default="",
+                   help="also time --rerank at these margins (e.g. 0.2 beside the default)")
     args = p.parse_args(argv)
-    settings = SETTINGS + (ROTATED if args.rotations else [])
+    margins = [{"rerank": True, "rerank_margin": float(m)} for m in args.margins.split(",") if m]
+    settings = SETTINGS + margins + (ROTATED if args.rotations else [])
     queries = expand_inputs([args.queries])[:: max(1, args.every)]
     with Index.open(args.index) as idx:
         idx.search(queries[:5], k=4)  # load the network, the view and the neighbours first
