@@ -327,8 +327,12 @@ class _Pending:
             return out
         if mode == "pyramid":
             _, where = pyramid_plan(self.job.regions)
-            for rs, slots in zip(self.job.regions, where):
-                out[rs.name] = pyramid_pool(rs, slots, self.outputs, how)
+            # This runs while the network's threads hold the cores: BLAS threads would spin
+            # against them (a 29-window pooling product took 25-50 ms with two threads and
+            # 2-6 ms with one on the 2 loaded cores; benchmarks/results/describe.md).
+            with one_blas_thread():
+                for rs, slots in zip(self.job.regions, where):
+                    out[rs.name] = pyramid_pool(rs, slots, self.outputs, how)
             return out
         whole = self.outputs[0]
         mirror = self.outputs[1] if len(self.outputs) > 1 else None
@@ -531,13 +535,9 @@ def _area_pool_many(fmap: np.ndarray, boxes: np.ndarray, how: str) -> np.ndarray
     c, h, w = fmap.shape
     weights = _window_weights(h, w, tuple(tuple(float(v) for v in box) for box in boxes))
     flat = fmap.reshape(c, h * w).astype(np.float32, copy=False)
-    if how != "avg":
-        flat = np.clip(flat, 1e-6, None) ** GEM_P
-    # Run while the network's threads hold the cores: BLAS threads would spin against them
-    # (a 29-window product took 25-50 ms with two threads, 2-6 ms with one, on 2 loaded cores).
-    with one_blas_thread():
-        pooled = (flat @ weights).T
-    return pooled if how == "avg" else pooled ** (1.0 / GEM_P)
+    if how == "avg":
+        return (flat @ weights).T
+    return ((np.clip(flat, 1e-6, None) ** GEM_P) @ weights).T ** (1.0 / GEM_P)
 
 
 def _area_pool(fmap: np.ndarray, box, how: str) -> np.ndarray:
