@@ -13,8 +13,9 @@ from PIL import Image
 
 from retrieval import ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchConfig
 from retrieval.config import PATCH_MODES, PYRAMID_RATIO
+from retrieval.extraction import extractor as extractor_module
 from retrieval.extraction.extractor import (
-    Extracted, Extractor, Job, _area_pool, _cell_weights, _prepare, pyramid_plan, pyramid_scales_of,
+    Extracted, Extractor, Job, _area_pool, _cell_weights, _Pending, _prepare, pyramid_plan, pyramid_scales_of,
 )
 from retrieval.extraction.images import load_rgb
 from retrieval.extraction.patches import jitter_regions, level_boxes, level_regions
@@ -154,6 +155,27 @@ def test_extractor_pools_each_window_from_its_scale(tmp_path):
     # (the store keeps level sets apart, and a resumed build extracts only what is missing).
     (alone,) = ex.extract([Job(str(path), (level_regions(4),))], progress=False)
     np.testing.assert_allclose(alone.descriptors["level4"], out.descriptors["level4"], rtol=1e-4, atol=1e-6)
+
+
+def test_pyramid_pooling_runs_on_one_blas_thread(monkeypatch):
+    """The pooling runs while the network's threads hold the cores; OpenBLAS's own threads
+    would spin against them (benchmarks/results/describe.md, third session)."""
+    from threadpoolctl import threadpool_info
+
+    seen = []
+    real = extractor_module._area_pool_many
+
+    def spy(fmap, boxes, how):
+        seen.append({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+        return real(fmap, boxes, how)
+
+    monkeypatch.setattr(extractor_module, "_area_pool_many", spy)
+    state = _Pending(Job("a.jpg", LEVELS), (64, 48), 2)
+    rng = np.random.default_rng(0)
+    state.outputs = [rng.random((8, 2, 2), dtype=np.float32), rng.random((8, 4, 4), dtype=np.float32)]
+    out = state.assemble("pyramid", "avg")
+    assert {k: v.shape for k, v in out.items()} == {"level1": (1, 8), "level2": (4, 8), "level3": (9, 8), "level4": (16, 8)}
+    assert len(seen) == 7 and all(threads == {1} for threads in seen)  # level 1 once, levels 2-4 from both maps
 
 
 def test_a_fixed_size_or_vector_network_is_refused():
