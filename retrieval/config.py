@@ -25,10 +25,10 @@ POOLS = ("avg", "max", "gem")
 PATCH_MODES = ("crop", "roi", "pyramid")
 # pyramid mode: the whole image is fed twice, resized (squashed, as crop squashes each
 # window) to the network's input size and to a larger square; windows covering at least
-# PYRAMID_WHOLE of the image side (level 1) are pooled from the first, all others from the
-# second. The larger side is --roi-size when given, else PYRAMID_RATIO times the network's
-# (448 px for a 224 network: the most accurate of 384, 448 and 560 on UKBench and Paris,
-# benchmarks/results/describe.md).
+# PYRAMID_WHOLE of the image side (level 1) are pooled from the first, all others from both,
+# the two poolings averaged. The larger side is --roi-size when given, else PYRAMID_RATIO
+# times the network's (448 px for a 224 network: the most accurate of 384, 448 and 560 on
+# UKBench and Paris, benchmarks/results/describe.md).
 PYRAMID_RATIO = 2.0
 PYRAMID_WHOLE = 0.9
 MAP_SIZE_MODES = ("roi", "pyramid")  # the modes that --roi-size applies to
@@ -218,8 +218,10 @@ class ExtractorConfig:
             # Absent unless it matters, so keys made before the option existed stay valid.
             ident.pop("roi_size")
         if self.patch_mode == "pyramid":
-            # The default larger size and the split are part of what a pyramid descriptor is.
-            ident["pyramid"] = [round(PYRAMID_RATIO, 6), PYRAMID_WHOLE]
+            # The default larger size, the split and the averaging of the smaller windows
+            # over both maps are part of what a pyramid descriptor is (descriptors pooled
+            # from the larger map alone, before the averaging, are keyed apart).
+            ident["pyramid"] = [round(PYRAMID_RATIO, 6), PYRAMID_WHOLE, "mean-of-maps"]
         if self.onnx:
             ident["onnx"] = file_digest(self.onnx)
             for k in ("backbone", "weights", "layer"):

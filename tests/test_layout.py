@@ -116,8 +116,9 @@ def test_sub_packages_by_role():
         assert f"retrieval.{role}" in graph, f"retrieval/{role}/ is missing"
     flat = sorted(m for m in graph if m.count(".") == 1 and m.startswith("retrieval."))
     # Only what every role shares stays at the top: configuration values, file writing,
-    # SQLite connections per thread, Ray.
-    assert set(flat) <= {"retrieval.config", "retrieval.fileio", "retrieval.connections", "retrieval.cluster", *(
+    # SQLite connections per thread, Ray, the BLAS thread limit (extraction and engine).
+    assert set(flat) <= {"retrieval.config", "retrieval.fileio", "retrieval.connections", "retrieval.cluster",
+                         "retrieval.blas", *(
         f"retrieval.{r}" for r in ("extraction", "engine", "serving", "evaluation", "cli"))}, flat
 
 

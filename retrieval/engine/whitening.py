@@ -13,14 +13,13 @@ and one d x d matrix, whatever the sample.
 from __future__ import annotations
 
 import contextlib
-import functools
 import zipfile
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-from threadpoolctl import ThreadpoolController
 
+from ..blas import one_blas_thread
 from ..fileio import replacing
 
 # Below this many windows per input dimension nothing is estimated: the whitening is the
@@ -126,7 +125,7 @@ class PCAWhitening:
         x = l2_normalize(x)
         if self.projection_ is None:
             return x
-        with _one_blas_thread() if len(x) <= SINGLE_THREAD_ROWS else contextlib.nullcontext():
+        with one_blas_thread() if len(x) <= SINGLE_THREAD_ROWS else contextlib.nullcontext():
             return (x - self.mean_) @ self.projection_
 
     def transform(self, x: np.ndarray) -> np.ndarray:
@@ -203,11 +202,3 @@ def oas_shrinkage(eigval: np.ndarray, n: int) -> float:
     den = (n + 1) * (alpha - mu * mu / d)
     return 1.0 if den == 0 else float(min((alpha + mu * mu) / den, 1.0))
 
-
-@functools.lru_cache(maxsize=1)
-def _blas() -> ThreadpoolController:
-    return ThreadpoolController()  # inspects the loaded libraries once (about 15 ms)
-
-
-def _one_blas_thread():
-    return _blas().limit(limits=1, user_api="blas")
