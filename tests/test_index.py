@@ -94,10 +94,13 @@ def test_whiten_on_another_set_and_ivf_index(tmp_path, image_dir):
         hits = idx.search(paths[:1], k=2)[0].hits
     assert info["index_type"] == "IVF2,Flat" and info["images"] == 6
     assert hits[0].path == paths[0]
+    # Issue 23 row 19: learned on other images, the shrinkage is estimated from them.
+    assert info["whitening"]["rule"] == "ledoit-wolf-images"
     # The whitening was fit on the other set, not on the database.
     with _create(tmp_path / "idx2", tmp_path / "s.sqlite") as own:
         own.add(paths, progress=False)
         assert not np.allclose(own.whitening.mean_, Index.open(tmp_path / "idx").whitening.mean_)
+        assert own.info()["whitening"]["rule"] == "auto"
 
 
 def test_an_open_index_sees_images_added_by_another_handle(tmp_path, image_dir):

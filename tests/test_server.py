@@ -334,6 +334,53 @@ def test_upload_above_the_pixel_cap_is_413_before_decoding(tiny, private_tmp, mo
     assert decoded == [] and list(private_tmp.iterdir()) == []
 
 
+def _peak_decodes(tiny, monkeypatch, uploads: int) -> int:
+    """The most uploads decoded at once while `uploads` are sent together. Each decode
+    holds its slot until one more than the limit is decoding (which never happens while
+    the limit holds) or a second has passed, so that every upload that can pile in does."""
+    import threading
+
+    import retrieval.serving.server as server
+
+    state = {"inside": 0, "peak": 0}
+    turn = threading.Condition()
+    shrink = server._shrink
+
+    def counted(*args):
+        with turn:
+            state["inside"] += 1
+            state["peak"] = max(state["peak"], state["inside"])
+            turn.notify_all()
+            turn.wait_for(lambda: state["inside"] > server.DECODES_AT_ONCE, timeout=1.0)
+        try:
+            return shrink(*args)
+        finally:
+            with turn:
+                state["inside"] -= 1
+
+    monkeypatch.setattr(server, "_shrink", counted)
+    _, paths, _ = tiny
+    answers = [None] * uploads
+    with TestClient(create_app(tiny[0]), base_url=BASE) as c:
+        threads = [threading.Thread(target=lambda i=i: answers.__setitem__(i, _upload(c, paths[i % len(paths)])))
+                   for i in range(uploads)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert [a.status_code for a in answers] == [200] * uploads
+    return state["peak"]
+
+
+def test_uploads_are_decoded_at_most_two_at_once(tiny, monkeypatch):
+    """Issue 23 row 7: six uploads sent together are decoded two at a time (the decode
+    slots), never more, whatever the server's thread pool would allow."""
+    import retrieval.serving.server as server
+
+    assert server.DECODES_AT_ONCE == 2
+    assert _peak_decodes(tiny, monkeypatch, 6) == 2
+
+
 def test_large_upload_is_queried_decoded_smaller_with_boxes_in_its_own_pixels(client, tiny, private_tmp, monkeypatch):
     """An upload above UPLOAD_SIDE is decoded at a reduced scale (here 160 px wide at a side
     of 50: the JPEG's DCT scale 1/2, as 1/4 would be under 50); its hits are still found and its boxes are given in the pixels

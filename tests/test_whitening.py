@@ -84,3 +84,32 @@ def test_shrinkage_estimated_from_the_data_is_sklearns(n, d):
     assert PCAWhitening(16).fit(x).shrinkage_ == pytest.approx(min(1, 4 * d / n))
     with pytest.raises(ValueError, match="ledoit-wolf"):
         PCAWhitening(16, shrinkage="median").fit(x)
+
+
+def test_ledoit_wolf_with_images_as_the_sample_size(tmp_path):
+    """Issue 23 row 19: an image's windows are not independent samples, so
+    "ledoit-wolf-images" rescales Ledoit-Wolf's estimate (which falls as 1/n) from n
+    windows to n / windows_per_image images; with one window per image it is Ledoit-Wolf."""
+    x = _data(n=600, d=40, seed=3)
+    lw = PCAWhitening(16, shrinkage="ledoit-wolf").fit(x).shrinkage_
+    assert PCAWhitening(16, shrinkage="ledoit-wolf-images").fit(x).shrinkage_ == pytest.approx(lw)
+    per_image = PCAWhitening(16, shrinkage="ledoit-wolf-images").fit_chunks([x[:300], x[300:]], windows_per_image=6)
+    assert per_image.shrinkage_ == pytest.approx(min(1.0, 6 * lw)) and per_image.shrinkage_ > lw
+    with pytest.raises(ValueError, match="whole images of 7"):
+        PCAWhitening(16).fit_chunks([x[:300]], windows_per_image=7)
+
+
+def test_the_rule_is_saved_and_files_from_before_read_as_auto(tmp_path):
+    """The whitening file says which rule fitted it; one saved before the rule was stored
+    was fitted by "auto", and still reads (and transforms) as it did."""
+    x = _data()
+    w = PCAWhitening(12, shrinkage="ledoit-wolf-images").fit(x)
+    w.save(tmp_path / "w.npz")
+    assert PCAWhitening.load(tmp_path / "w.npz").summary()["rule"] == "ledoit-wolf-images"
+    old = PCAWhitening(12).fit(x)
+    old.save(tmp_path / "old.npz")
+    with np.load(tmp_path / "old.npz") as data:
+        np.savez(tmp_path / "before.npz", **{k: data[k] for k in data.files if k != "rule"})
+    before = PCAWhitening.load(tmp_path / "before.npz")
+    assert before.summary() == old.summary() and before.summary()["rule"] == "auto"
+    np.testing.assert_array_equal(before.transform(x), old.transform(x))

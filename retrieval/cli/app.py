@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "without it the shards are searched in threads")
     _common(p)
 
-    p = sub.add_parser("dba", help="recompute every image's nearest neighbours from scratch (add/remove keep them current)")
+    p = sub.add_parser("dba", help="recompute every image's nearest neighbours from scratch (add/remove keep them current; "
+                       "on a sharded directory, across all its shards)")
     p.add_argument("index", metavar="INDEX_DIR", help=_INDEX_HELP)
     p.add_argument("-k", type=int, default=10,
                    help="neighbours kept per image (default 10; `query --dba K` uses up to this many); "
@@ -346,12 +347,12 @@ def _query(args) -> int:
 
 
 def _dba(args) -> int:
-    from ..engine.index import Index
+    from ..engine.sharded import open_index
 
     if args.k < 1:
         raise ConfigError("-k must be >= 1")
     start = time.perf_counter()
-    with Index.open(args.index) as idx:
+    with open_index(args.index) as idx:
         meta = idx.build_neighbours(args.k, progress=not args.quiet)
     meta["seconds"] = round(time.perf_counter() - start, 3)
     print(json.dumps(meta) if args.json else

@@ -21,11 +21,13 @@ aggregate resolved for the index (`SearchOptions.for_index`; None means mean-min
   alpha-QE weights, so a window-set distance needs no averaged descriptor.
 - `rank_query`: whichever of the two the options ask for; `rank_queries` for many
   queries at once.
+- `rerank_scored`: `rank_reranked` on distances found elsewhere (every shard).
 - `merge_rankings`: the k nearest over several rankings (rotations, shards).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -208,12 +210,8 @@ def rank_reranked(queries: list[np.ndarray], view: View, options: SearchOptions,
     """
     if not queries:
         raise ValueError("rank_reranked needs at least one description of the query")
-    if options.dba:
-        dba, margin = options.dba, None
-    else:
-        dba, margin = (neighbours.k, options.rerank_margin) if options.rerank and neighbours is not None else (0, None)
-    if dba and neighbours is None:
-        raise ValueError("database-side augmentation needs the neighbours of the database images")
+    augment = _augmentation(options, neighbours)
+    dba = augment.k
     # None: every image is scored. Else the candidates of every description (and their
     # neighbours), deep enough that re-ranking can lift images from below the top k.
     pool = None
@@ -222,7 +220,6 @@ def rank_reranked(queries: list[np.ndarray], view: View, options: SearchOptions,
         deeper = options.replace(k=max(options.k, RERANK_POOL))
         pool = _widened(np.unique(np.concatenate([
             rank(q, view, deeper, expand_rows).ids for q in queries])), neighbours, dba)
-    augment = _Augment(neighbours, dba, options.qe_alpha, margin)
     scored = _augmented_distances(queries, view, pool, options, augment)
     hits = _expansion_hits(scored, options)
     hit_distances = scored.distances[hits]
@@ -234,7 +231,24 @@ def rank_reranked(queries: list[np.ndarray], view: View, options: SearchOptions,
         if len(wider) > len(pool):
             pool = wider
             scored = _augmented_distances(queries, view, pool, options, augment)
-    dist = _expanded_distances(scored, expanded, hit_distances, view, pool, options, augment)
+    dist = _expanded_distances(scored, expanded, hit_distances, _distances_in(view, pool, options), options, augment)
+    return _final(scored, dist, options.k)
+
+
+def rerank_scored(scored: Ranking, options: SearchOptions, neighbours: Neighbours | None,
+                  windows_of: Callable[[np.ndarray], list[np.ndarray]],
+                  distances_to: Callable[[list[np.ndarray]], list[np.ndarray]]) -> Ranking:
+    """`rank_reranked` on distances found elsewhere (e.g. over every shard): `scored`
+    holds the images of the final pool (unsorted) at their distance to the query,
+    `windows_of(ids)` gives images' windows (the expansion rows) and
+    `distances_to(window_sets)` the pool's distances (in `scored` order) to each window
+    set. The pool is not widened by the expanded hits' own candidates, so beyond exact
+    mode it can miss images `rank_reranked` reaches."""
+    augment = _augmentation(options, neighbours)
+    scored.distances = augment(scored.ids, scored.distances)
+    hits = _expansion_hits(scored, options)
+    expanded = windows_of(scored.ids[hits])
+    dist = _expanded_distances(scored, expanded, scored.distances[hits], distances_to, options, augment)
     return _final(scored, dist, options.k)
 
 
@@ -246,7 +260,8 @@ def rank_expanded(queries: list[np.ndarray], view: View, options: SearchOptions,
     augmentation, every image scored exactly."""
     scored = nearest_description_distances(queries, view, None, _aggregate(options))
     no_augment = _Augment(None, 0, options.qe_alpha, None)
-    dist = _expanded_distances(scored, expanded, hit_distances, view, None, options, no_augment)
+    dist = _expanded_distances(scored, expanded, hit_distances, _distances_in(view, None, options), options,
+                               no_augment)
     return _final(scored, dist, options.k)
 
 
@@ -272,6 +287,18 @@ class _Augment:
         return self.neighbours.augment(ids, dist, self.k, self.alpha, self.margin)
 
 
+def _augmentation(options: SearchOptions, neighbours: Neighbours | None) -> _Augment:
+    """Database-side augmentation as `options` ask: `dba` neighbours (fixed), or with
+    adaptive `rerank` the stored ones within the margin; none without neighbours."""
+    if options.dba:
+        if neighbours is None:
+            raise ValueError("database-side augmentation needs the neighbours of the database images")
+        return _Augment(neighbours, options.dba, options.qe_alpha, None)
+    if options.rerank and neighbours is not None:
+        return _Augment(neighbours, neighbours.k, options.qe_alpha, options.rerank_margin)
+    return _Augment(neighbours, 0, options.qe_alpha, None)
+
+
 def _expansion_hits(scored: Ranking, options: SearchOptions) -> np.ndarray:
     """Positions of the hits whose windows expand the query: the `qe` best, or adaptively
     those within `rerank_margin` of the best (at most ADAPTIVE_QE)."""
@@ -288,16 +315,23 @@ def _widened(pool: np.ndarray, neighbours: Neighbours | None, dba: int) -> np.nd
     return neighbours.widen(pool, dba) if dba else pool
 
 
-def _expanded_distances(scored: Ranking, expanded: list[np.ndarray], hit_distances: np.ndarray, view: View,
-                        pool: np.ndarray | None, options: SearchOptions, augment: _Augment) -> np.ndarray:
+def _distances_in(view: View, pool: np.ndarray | None, options: SearchOptions):
+    """`distances_to` of `_expanded_distances` for the pool of one view."""
+    return lambda window_sets: [image_distances(w, view, pool, _aggregate(options))[1] for w in window_sets]
+
+
+def _expanded_distances(scored: Ranking, expanded: list[np.ndarray], hit_distances: np.ndarray,
+                        distances_to: Callable[[list[np.ndarray]], list[np.ndarray]], options: SearchOptions,
+                        augment: _Augment) -> np.ndarray:
     """Query expansion: the weighted mean of each image's distance to the query (weight 1)
-    and to each expanded hit's windows (weight sim**qe_alpha of the hit's distance)."""
+    and to each expanded hit's windows (weight sim**qe_alpha of the hit's distance);
+    `distances_to` gives the distances of `scored`'s images to window sets."""
     total, weight = scored.distances.astype(np.float64), 1.0
-    for windows, w in zip(expanded, qe_weight(hit_distances, options.qe_alpha).tolist()):
-        if w > 0:
-            hd = augment(scored.ids, image_distances(windows, view, pool, _aggregate(options))[1])
-            total += w * hd
-            weight += w
+    weights = qe_weight(hit_distances, options.qe_alpha).tolist()
+    used = [(windows, w) for windows, w in zip(expanded, weights) if w > 0]
+    for hd, (_, w) in zip(distances_to([windows for windows, _ in used]), used):
+        total += w * augment(scored.ids, hd)
+        weight += w
     return (total / weight).astype(np.float32)
 
 

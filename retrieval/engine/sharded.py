@@ -33,14 +33,19 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..config import RuntimeConfig, SearchOptions
+from ..config import DEFAULT_AGGREGATE, RuntimeConfig, SearchOptions
 from ..extraction.features import Crop
+from ..extraction.progress import Progress
 from ..fileio import write_text
 from .index import Index, IndexUsageError
 from .manifest import Entry, Manifest
 from .meta import write_meta
 from .query import K_NOT_GIVEN, QueryResult, answer_queries
-from .search import Ranking, merge_rankings, rank_descriptions, rank_expanded
+from . import neighbour_lists, sharded_dba
+from .neighbour_lists import NeighbourSettings
+from .neighbours import ASKED, Neighbours
+from .search import (Ranking, image_distances, merge_rankings, nearest_description_distances, rank_descriptions,
+                     rank_expanded, rerank_scored)
 from .segments import write_segment
 from .snapshot import State, View, publish
 from .whitening import PCAWhitening
@@ -183,6 +188,41 @@ class _ShardSearcher:
     def by_path(self, path: str) -> Entry | None:
         return self.index.by_path(path)
 
+    def entries(self, image_ids: list[int]) -> dict[int, Entry]:
+        """The manifest entries of those of `image_ids` this shard holds."""
+        return self.index.manifest.get_many(image_ids)
+
+    # -- database-side augmentation (retrieval/engine/sharded_dba.py) ---------------------
+    def live_ids(self) -> np.ndarray:
+        return self.index.view().live_ids()
+
+    def nearest(self, window_sets: list[np.ndarray], settings: NeighbourSettings) -> list[Ranking]:
+        return sharded_dba.nearest(self.index.view(), window_sets, settings)
+
+    def neighbours(self) -> Neighbours | None:
+        return Neighbours.load(self.index.path)
+
+    def save_neighbours(self, lists: Neighbours, settings: NeighbourSettings) -> None:
+        """Store lists of this shard's images (their meta completed with what they hold)."""
+        view = self.index.view()
+        lists.meta.update({**settings.meta(view), "generation": view.state.generation, ASKED: True})
+        with self.index._writing():
+            lists.save(self.index.path)
+
+    def rerank_pool(self, descriptions: list[np.ndarray], options: SearchOptions) -> np.ndarray | None:
+        return sharded_dba.rerank_pool(self.index.view(), descriptions, options,
+                                       self.index._rows_at(options.query_levels))
+
+    def scored(self, descriptions: list[np.ndarray], pool: np.ndarray | None, aggregate: str) -> Ranking:
+        """This shard's images of `pool` (None: all; other shards' ids are skipped) at their
+        distance to the query's nearest description (view order, unsorted)."""
+        return nearest_description_distances(descriptions, self.index.view(), pool, aggregate)
+
+    def distances(self, window_sets: list[np.ndarray], pool: np.ndarray | None, aggregate: str) -> list[np.ndarray]:
+        """The same images at their distance to each window set, in `scored` order."""
+        view = self.index.view()
+        return [image_distances(w, view, pool, aggregate)[1] for w in window_sets]
+
     def warm(self, wait: bool) -> int:
         return self.index.warm(wait)
 
@@ -268,12 +308,24 @@ class ShardedIndex:
 
     def _each(self, method: str, *args) -> list:
         """Call `method` on every shard in parallel; results in shard order."""
+        return self._each_own(method, [args] * len(self.paths))
+
+    def _each_own(self, method: str, args: list[tuple]) -> list:
+        """Call `method` on every shard in parallel, shard i with `args[i]`; results in shard order."""
         if self._actors:
             import ray
 
-            return ray.get([getattr(a, method).remote(*args) for a in self._actors])
-        futures = [pool.submit(getattr(s, method), *args) for pool, s in zip(self._pools, self._local)]
+            return ray.get([getattr(a, method).remote(*a_args) for a, a_args in zip(self._actors, args)])
+        futures = [pool.submit(getattr(s, method), *s_args) for pool, s, s_args in zip(self._pools, self._local, args)]
         return [f.result() for f in futures]
+
+    def _on(self, shard: int, method: str, *args):
+        """Call `method` on one shard."""
+        if self._actors:
+            import ray
+
+            return ray.get(getattr(self._actors[shard], method).remote(*args))
+        return self._pools[shard].submit(getattr(self._local[shard], method), *args).result()
 
     def _check_whitening(self) -> PCAWhitening | None:
         """The one whitening of every shard; IndexUsageError if a shard uses another."""
@@ -336,11 +388,11 @@ class ShardedIndex:
         over them, as one index does. Query expansion finds the `qe` nearest images over
         every shard first, then each shard scores all its images exactly against the query
         and their windows (the unsharded index's hits when it too searches exactly).
-        Database-side augmentation needs every image's neighbours' distances, across
-        shards, and is not offered over shards yet: asking for it is an IndexUsageError."""
+        Database-side augmentation (`dba`, adaptive `rerank`) uses the lists `retrieval dba`
+        computed across every shard (`build_neighbours`): the driver re-ranks on the
+        distances every shard gives it (`sharded_dba.py`; the unsharded hits in exact mode)."""
         options = self._front.search_options(k, options, keywords)
-        if options.dba:
-            raise IndexUsageError("--dba: not available on a sharded index yet; query the unsplit index for it")
+        neighbours = self.neighbours(options.dba or 1) if options.dba or options.rerank else None
 
         def merged(per_shard: list, k: int | None) -> list:
             """Per query, the k nearest over the shards' rankings, and their entries."""
@@ -352,6 +404,8 @@ class ShardedIndex:
             return out
 
         def rank_on_shards(described: list[list[np.ndarray]], options: SearchOptions) -> list:
+            if neighbours is not None and (options.dba or options.rerank):
+                return [self._rank_augmented(d, options, neighbours) for d in described]
             if not options.qe:
                 return merged(self._each("search", described, options), options.k)
             nearest = merged(self._each("search", described, options.replace(k=options.qe, qe=0)), options.qe)
@@ -363,6 +417,78 @@ class ShardedIndex:
 
         return answer_queries(self._front, self.whitening, queries, options, rank_on_shards,
                               progress=progress, skipped=skipped)
+
+    def _rank_augmented(self, descriptions: list[np.ndarray], options: SearchOptions,
+                        neighbours: Neighbours) -> tuple[Ranking, dict[int, Entry]]:
+        """One query re-ranked with database-side augmentation (and expansion) over every
+        shard: each shard's pool widened by the neighbours of its images, scored where the
+        images are, re-ranked here (`search.rerank_scored`)."""
+        pools = self._each("rerank_pool", descriptions, options)
+        found = [p for p in pools if p is not None]
+        widened = neighbours.widen(np.unique(np.concatenate(found)), options.dba or neighbours.k) if found else None
+        # A shard scoring every image needs no pool; the others get the widened one (each
+        # skips the ids it does not hold).
+        parts = [None if p is None else widened for p in pools]
+        aggregate = options.aggregate or DEFAULT_AGGREGATE
+        scored = sharded_dba.concatenate(self._each_own("scored", [(descriptions, p, aggregate) for p in parts]))
+        rows = self._front._rows_at(options.query_levels)
+
+        def windows_of(ids: np.ndarray) -> list[np.ndarray]:
+            held = {i: w for shard in self._each("windows", ids.tolist(), rows) for i, w in shard.items()}
+            return [held[i] for i in ids.tolist()]
+
+        def distances_to(window_sets: list[np.ndarray]) -> list[np.ndarray]:
+            per_shard = self._each_own("distances", [(window_sets, p, aggregate) for p in parts])
+            return [np.concatenate([shard[j] for shard in per_shard]) for j in range(len(window_sets))]
+
+        ranking = rerank_scored(scored, options, neighbours, windows_of, distances_to)
+        wanted = ranking.ids.tolist()
+        return ranking, {i: e for shard in self._each("entries", wanted) for i, e in shard.items()}
+
+    def _span(self) -> list:
+        """The id range [first, last] of each shard's images: what lists across them name."""
+        return [[int(ids[0]), int(ids[-1])] if len(ids) else None for ids in self._each("live_ids")]
+
+    def _where(self) -> str:
+        return str(self.path) if self.path is not None else " ".join(map(str, self.paths))
+
+    def neighbours(self, k: int) -> Neighbours:
+        """Every shard's neighbour lists as one, each holding at least k images of any
+        shard (IndexUsageError, saying to run `retrieval dba`, when there are none, they
+        were computed by a shard alone, or hold fewer)."""
+        try:
+            return sharded_dba.lists_across(self._each("neighbours"), self._span(), k, self._where())
+        except ValueError as err:
+            raise IndexUsageError(str(err)) from None
+
+    def build_neighbours(self, k: int, *, progress: bool = False) -> dict:
+        """Compute every image's k nearest images over all shards (`retrieval dba
+        SHARDED_DIR`) and store each shard's part in that shard; returns what `info`
+        reports. Each shard's images' windows are ranked against every shard in batches."""
+        if k < 1:
+            raise IndexUsageError("-k must be >= 1")
+        settings = self._front._neighbour_settings(k)
+        live = self._each("live_ids")
+        span = self._span()
+        total = int(sum(len(ids) for ids in live))
+        lists = []
+        with Progress(total, "neighbours", enabled=progress) as bar:
+            for shard, ids in enumerate(live):
+                near = np.full((len(ids), k), -1, np.int64)
+                dist = np.full((len(ids), k), np.inf, np.float32)
+                for start in range(0, len(ids), neighbour_lists.QUERY_BATCH):
+                    batch = ids[start:start + neighbour_lists.QUERY_BATCH]
+                    held = self._on(shard, "windows", batch.tolist(), settings.rows)
+                    found = self._each("nearest", [held[i] for i in batch.tolist()], settings)
+                    near[start:start + len(batch)], dist[start:start + len(batch)] = \
+                        sharded_dba.merge_lists(batch, found, k)
+                    bar.update(len(batch))
+                lists.append(Neighbours(ids, near, dist, {"images": total, sharded_dba.ACROSS: span}))
+        # Stored once every list is known: an interrupted run leaves the old lists whole.
+        for shard, found in enumerate(lists):
+            self._on(shard, "save_neighbours", found, settings)
+        return {"k": k, "aggregate": settings.aggregate, "query_levels": list(settings.query_levels),
+                "images": total, "shards": len(live)}
 
     def info(self) -> dict:
         """Counts and configuration as `Index.info()` gives them, totals over the shards,

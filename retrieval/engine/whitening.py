@@ -7,7 +7,9 @@ collection's objects apart (paris6k-mini, one window per image, 250 images: mAP 
 whitened against 82 without). So the eigenvalues are shrunk towards their mean by a
 factor that falls as the sample grows (`shrinkage="auto"`, measured in
 benchmarks/results/whitening.md), and a sample too small to estimate anything is not whitened at
-all. The covariance is accumulated chunk by chunk, so a fit needs memory for one chunk
+all. Learned on other images (`--whiten-on`), that factor shrank a whitening of 1,000
+images far more than the data asked, so there the factor is estimated from the data
+(Ledoit-Wolf, the images counted as the samples). The covariance is accumulated chunk by chunk, so a fit needs memory for one chunk
 and one d x d matrix, whatever the sample.
 """
 from __future__ import annotations
@@ -26,6 +28,15 @@ from ..fileio import replacing
 # identity (L2 only). Above, shrinkage = min(1, SHRINK_SCALE * d / n) (benchmarks/results/whitening.md).
 MIN_WINDOWS_PER_DIM = 0.05
 SHRINK_SCALE = 4.0
+# The named shrinkage rules (PCAWhitening's docstring).
+RULES = ("auto", "ledoit-wolf", "ledoit-wolf-images", "oas")
+# The rule a whitening is fitted by, by what it is learned on: Ledoit-Wolf (with images as
+# the sample size) on other images, where the covariance is an honest sample of what
+# descriptors vary in; on the database itself it shrinks too little and whitens away the
+# directions that tell the collection's objects apart, so "auto" (benchmarks/results/whitening.md).
+RULE_BY_SOURCE = {"database": "auto", "whiten_on": "ledoit-wolf-images"}
+# Whitening files from before the rule was stored were all fitted by this one.
+RULE_BEFORE_RECORDED = "auto"
 # Up to this many rows (a query's windows) the projection runs on one BLAS thread: waking
 # the others cost more than the product (benchmarks/results/scale.md: 67 ms against 2 ms for a
 # 30 x 1280 query on 2 busy cores); the writer's chunks of thousands of rows use them all.
@@ -42,14 +53,16 @@ class PCAWhitening:
     """Shrunk PCA-whitening learned on L2-normalized descriptors (scikit-learn style).
 
     `dim=0` disables whitening (transform is then L2 only). `shrinkage` in [0, 1] blends
-    each eigenvalue with their mean (1 = PCA rotation without whitening), or "auto" to
-    choose it from the sample size, or "ledoit-wolf" / "oas" to estimate it from the
-    data (as sklearn.covariance does, from the streamed sums). "auto" stays the default:
-    the estimators won 5 mAP on rParis6k-mini with a whitening learned on UKBench but
-    dropped 20 UKBench images whitened on themselves from N-S 4.00 to 3.45
-    (benchmarks/results/whitening.md). After `fit`: `dim_` (output dimension),
-    `n_samples_` (windows fitted on), `shrinkage_` (the value used), `fitted_` (False
-    when the sample was too small and the transform is the identity).
+    each eigenvalue with their mean (1 = PCA rotation without whitening), or a rule:
+    "auto" chooses it from the sample size, min(1, 4 d / n); "ledoit-wolf" / "oas"
+    estimate it from the data (as sklearn.covariance does, from the streamed sums);
+    "ledoit-wolf-images" is Ledoit-Wolf's estimate with the number of images, not of
+    windows, as the sample size (an image's windows are not independent samples). The
+    writer picks the rule by what the whitening is learned on (`RULE_BY_SOURCE`): no rule
+    won on every case measured (benchmarks/results/whitening.md). After `fit`: `dim_`
+    (output dimension), `n_samples_` (windows fitted on), `shrinkage_` (the value used),
+    `fitted_` (False when the sample was too small and the transform is the identity).
+    The rule is saved with the file, so `summary` says which one fitted it.
     """
 
     def __init__(self, dim: int = 256, shrinkage: float | str = "auto") -> None:
@@ -59,29 +72,21 @@ class PCAWhitening:
     def fit(self, x: np.ndarray) -> "PCAWhitening":
         return self.fit_chunks([x])
 
-    def fit_chunks(self, chunks: Iterable[np.ndarray]) -> "PCAWhitening":
-        """Fit on the concatenation of `chunks` ([n_i, d] raw descriptors), streamed."""
-        n, total, gram = 0, None, None
-        # For the fourth moment Ledoit-Wolf needs: sums of a = |x|^2, a^2 and a x.
-        sum_a = sum_a2 = 0.0
-        sum_ax = None
+    def fit_chunks(self, chunks: Iterable[np.ndarray], windows_per_image: int = 1) -> "PCAWhitening":
+        """Fit on the concatenation of `chunks` ([n_i, d] raw descriptors), streamed. Each
+        chunk holds whole images of `windows_per_image` consecutive windows; the rules that
+        count images ("*-images", "*-means") need it."""
+        windows = _Moments()
         for chunk in chunks:
             x = l2_normalize(chunk).astype(np.float64)
             if not len(x):
                 continue
-            if gram is None:
-                total, gram = np.zeros(x.shape[1]), np.zeros((x.shape[1], x.shape[1]))
-                sum_ax = np.zeros(x.shape[1])
-            a = np.einsum("ij,ij->i", x, x)
-            n += len(x)
-            total += x.sum(axis=0)
-            gram += x.T @ x
-            sum_a += a.sum()
-            sum_a2 += a @ a
-            sum_ax += a @ x
-        if gram is None:
+            if len(x) % windows_per_image:
+                raise ValueError(f"a chunk of {len(x)} windows is not whole images of {windows_per_image}")
+            windows.add(x)
+        if windows.gram is None:
             raise ValueError("PCA-whitening needs descriptors to fit on, got none")
-        d = gram.shape[0]
+        n, d = windows.n, windows.gram.shape[0]
         self.input_dim_, self.n_samples_ = d, n
         self.mean_ = self.projection_ = None
         self.shrinkage_, self.explained_ = 1.0, 1.0
@@ -89,25 +94,11 @@ class PCAWhitening:
         if not self.fitted_:
             self.dim_ = d
             return self
-        mean = total / n
-        cov = (gram - n * np.outer(mean, mean)) / (n - 1)
+        mean, cov = windows.mean, windows.covariance
         eigval, eigvec = np.linalg.eigh(cov)
         order = np.argsort(eigval)[::-1]
         eigval, eigvec = np.maximum(eigval[order], 0.0), eigvec[:, order]
-        if self.shrinkage == "auto":
-            a = min(1.0, SHRINK_SCALE * d / n)
-        elif self.shrinkage == "ledoit-wolf":
-            # sum_i |x_i - mean|^4, expanded in the streamed sums (b_i = x_i . mean, c = |mean|^2)
-            c = mean @ mean
-            fourth = (sum_a2 + 4 * mean @ gram @ mean + n * c * c - 4 * sum_ax @ mean
-                      + 2 * c * sum_a - 4 * n * c * c)
-            a = ledoit_wolf_shrinkage(eigval * (n - 1) / n, n, fourth)
-        elif self.shrinkage == "oas":
-            a = oas_shrinkage(eigval * (n - 1) / n, n)
-        else:
-            a = float(self.shrinkage) if isinstance(self.shrinkage, (int, float)) else float("nan")
-            if not 0.0 <= a <= 1.0:
-                raise ValueError(f"shrinkage must be in [0, 1], 'auto', 'ledoit-wolf' or 'oas', got {self.shrinkage!r}")
+        a = self._shrinkage(eigval, windows, n // windows_per_image)
         shrunk = (1.0 - a) * eigval + a * max(eigval.mean(), 1e-12)
         self.dim_ = int(min(self.dim, d))
         self.shrinkage_ = a
@@ -115,6 +106,26 @@ class PCAWhitening:
         self.projection_ = (eigvec[:, : self.dim_] / np.sqrt(shrunk[: self.dim_])).astype(np.float32)
         self.explained_ = float(eigval[: self.dim_].sum() / max(eigval.sum(), 1e-12))
         return self
+
+    def _shrinkage(self, eigval: np.ndarray, windows: "_Moments", images: int) -> float:
+        """The shrinkage `self.shrinkage` names, for the windows' covariance eigenvalues
+        `eigval` (descending), their moments, and the number of images they come from."""
+        n, d = windows.n, len(eigval)
+        rule = self.shrinkage
+        if rule == "auto":
+            return min(1.0, SHRINK_SCALE * d / n)
+        if rule == "ledoit-wolf":
+            return ledoit_wolf_shrinkage(eigval * (n - 1) / n, n, windows.fourth())
+        if rule == "oas":
+            return oas_shrinkage(eigval * (n - 1) / n, n)
+        if rule == "ledoit-wolf-images":
+            # Ledoit-Wolf's estimate falls as 1/n; an image's windows are not independent
+            # samples, so n is the number of images.
+            return min(1.0, ledoit_wolf_shrinkage(eigval * (n - 1) / n, n, windows.fourth()) * n / images)
+        a = float(rule) if isinstance(rule, (int, float)) else float("nan")
+        if not 0.0 <= a <= 1.0:
+            raise ValueError(f"shrinkage must be in [0, 1], {', '.join(map(repr, RULES))}, got {rule!r}")
+        return a
 
     @property
     def output_dim(self) -> int:
@@ -144,6 +155,7 @@ class PCAWhitening:
             "fitted": self.fitted_,
             "windows": self.n_samples_,
             "shrinkage": round(self.shrinkage_, 4),
+            "rule": str(self.shrinkage),
             "explained_variance": round(self.explained_, 4),
         }
 
@@ -154,6 +166,7 @@ class PCAWhitening:
             "dim": np.array(self.dim), "dim_": np.array(self.dim_), "input_dim": np.array(self.input_dim_),
             "n_samples": np.array(self.n_samples_), "shrinkage": np.array(self.shrinkage_),
             "explained": np.array(self.explained_), "fitted": np.array(self.fitted_),
+            "rule": np.array(str(self.shrinkage)),
         }
         if self.projection_ is not None:
             arrays.update(mean=self.mean_, projection=self.projection_)
@@ -165,7 +178,7 @@ class PCAWhitening:
         """Read a saved whitening; ValueError naming the file if it is damaged."""
         try:
             with np.load(path, allow_pickle=False) as data:
-                obj = cls(int(data["dim"]))
+                obj = cls(int(data["dim"]), str(data["rule"]) if "rule" in data else RULE_BEFORE_RECORDED)
                 obj.dim_ = int(data["dim_"])
                 obj.input_dim_ = int(data["input_dim"])
                 obj.n_samples_ = int(data["n_samples"])
@@ -179,6 +192,45 @@ class PCAWhitening:
         if obj.projection_ is not None and obj.projection_.shape != (obj.input_dim_, obj.dim_):
             raise ValueError(f"{path} is damaged: projection shape {obj.projection_.shape}")
         return obj
+
+
+class _Moments:
+    """Streamed sums of rows x: count, sum, x^T x, and for Ledoit-Wolf's fourth moment the
+    sums of a = |x|^2, a^2 and a x (the rows themselves are never held)."""
+
+    def __init__(self) -> None:
+        self.n, self.total, self.gram = 0, None, None
+        self.sum_a = self.sum_a2 = 0.0
+        self.sum_ax = None
+
+    def add(self, x: np.ndarray) -> None:
+        if self.gram is None:
+            d = x.shape[1]
+            self.total, self.gram, self.sum_ax = np.zeros(d), np.zeros((d, d)), np.zeros(d)
+        a = np.einsum("ij,ij->i", x, x)
+        self.n += len(x)
+        self.total += x.sum(axis=0)
+        self.gram += x.T @ x
+        self.sum_a += a.sum()
+        self.sum_a2 += a @ a
+        self.sum_ax += a @ x
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / self.n
+
+    @property
+    def covariance(self) -> np.ndarray:
+        """The unbiased covariance (n - 1 in the denominator)."""
+        mean = self.mean
+        return (self.gram - self.n * np.outer(mean, mean)) / (self.n - 1)
+
+    def fourth(self) -> float:
+        """sum_i |x_i - mean|^4, expanded in the streamed sums (c = |mean|^2)."""
+        mean, n = self.mean, self.n
+        c = mean @ mean
+        return float(self.sum_a2 + 4 * mean @ self.gram @ mean + n * c * c - 4 * self.sum_ax @ mean
+                     + 2 * c * self.sum_a - 4 * n * c * c)
 
 
 def ledoit_wolf_shrinkage(eigval: np.ndarray, n: int, fourth: float) -> float:

@@ -42,7 +42,7 @@ from .neighbours import ASKED, Neighbours
 from .policy import WritePolicy
 from .segments import DamagedFile, load_npy, open_segment, save_npy, write_segment
 from .snapshot import State, View, publish, read_state
-from .whitening import PCAWhitening
+from .whitening import RULE_BY_SOURCE, PCAWhitening
 
 CHUNK_IMAGES = 512
 
@@ -173,7 +173,8 @@ class _Writer:
         else:
             digests = self.inputs.manifest.smallest_digests(sample)
             source = "database"
-        whitening = PCAWhitening(self.inputs.pca_dim).fit_chunks(self._raw_chunks(digests))
+        whitening = PCAWhitening(self.inputs.pca_dim, RULE_BY_SOURCE[source]).fit_chunks(
+            self._raw_chunks(digests), self.inputs.patches)
         return whitening, {"images": images, "sample_images": len(digests), "source": source}
 
     # -- segments -------------------------------------------------------------------------
