@@ -30,6 +30,13 @@ from .snapshot import View
 QUERY_BATCH = 256
 # A new image found by FAISS updates the lists of its REVERSE_DEPTH * k nearest images.
 REVERSE_DEPTH = 2
+# A list's candidates: each window's LIST_PER_PATCH nearest windows and the layout index's
+# LIST_LAYOUT_K nearest images, not a search's max(4k, 64) and 128. The kernel scored
+# pools of ~2,000 images per image (83 % of the lists' time at 10,000 images); these find
+# the same near neighbours (all exact neighbours within 1.15 at 10,000; identical lists
+# at 100,000, hard generator) at 4-11x less time (benchmarks/results/duplicates.md).
+LIST_PER_PATCH = 8
+LIST_LAYOUT_K = 32
 
 
 @dataclass(frozen=True)
@@ -121,7 +128,8 @@ def _candidate_lists(view: View, live: np.ndarray, redo: np.ndarray, near: np.nd
     """Rows `redo` of the lists from FAISS candidates scored exactly; returns, per image
     searched, the ids of its REVERSE_DEPTH * k nearest (whose lists it may enter)."""
     k = settings.k
-    options = SearchOptions(k=REVERSE_DEPTH * k + 1, aggregate=settings.aggregate, exact_limit=settings.exact_limit)
+    options = SearchOptions(k=REVERSE_DEPTH * k + 1, aggregate=settings.aggregate, exact_limit=settings.exact_limit,
+                            per_patch=LIST_PER_PATCH, layout_k=LIST_LAYOUT_K)
     proposed = {}
     with Progress(len(redo), "neighbours", enabled=progress) as bar:
         for start in range(0, len(redo), QUERY_BATCH):
