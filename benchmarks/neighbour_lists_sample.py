@@ -11,6 +11,9 @@ CPU (the process's, OpenMP and FAISS threads included), with the lists it found 
 for comparing two checkouts (`compare A.npz B.npz`). The public API computes every
 image's list or none; a sample is what makes the code before a change measurable here.
 
+`kernel`: the scoring of the lists' pools alone, one `image_distances` (one kernel call)
+per image against one `pool_distances` (one call per segment for all), alternating.
+
 `agree`: the lists found with other candidate settings (`per_patch:nprobe:layout_k`)
 against exact kernel scoring of every image, on a random sample: overlap of the k-lists,
 of their first 3, recall of the exact neighbours within 1.15 (duplicate range), and the
@@ -34,7 +37,7 @@ import numpy as np  # noqa: E402
 from retrieval import Index  # noqa: E402
 from retrieval.config import NEIGHBOURS_K, SearchOptions  # noqa: E402
 from retrieval.engine import neighbour_lists as nl  # noqa: E402
-from retrieval.engine.search import rank_many  # noqa: E402
+from retrieval.engine import search  # noqa: E402
 
 
 def _open(index_dir: Path):
@@ -67,6 +70,30 @@ def compare(a: Path, b: Path) -> dict:
             "mean_distance_per_rank": [np.round(x["dist"].mean(0), 4).tolist(), np.round(y["dist"].mean(0), 4).tolist()]}
 
 
+def kernel_calls(args) -> list[dict]:
+    idx, view, settings = _open(args.index)
+    live = view.live_ids()
+    queries = [view.windows(int(live[j]), settings.rows) for j in range(args.sample)]
+    options = SearchOptions(k=nl.REVERSE_DEPTH * settings.k + 1, aggregate=settings.aggregate,
+                            exact_limit=settings.exact_limit, per_patch=nl.LIST_PER_PATCH, layout_k=nl.LIST_LAYOUT_K)
+    pools = search.candidate_pools(queries, view, options, settings.rows)
+    ways = {"per image": lambda: [search.image_distances(q, view, p, settings.aggregate) for q, p in zip(queries, pools)],
+            "per segment": lambda: search.pool_distances(queries, view, pools, settings.aggregate)}
+    rows, answers = [], {}
+    for rep in range(args.repeat):
+        for name, way in ways.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            answers[name] = way()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            rows.append({"calls": name, "repeat": rep, "mean_pool": round(float(np.mean([len(p) for p in pools])), 1),
+                         "ms_per_image": round(1000 * wall / args.sample, 2), "cpu_ms_per_image": round(1000 * cpu / args.sample, 2),
+                         "load": round(os.getloadavg()[0], 1)})
+            print(json.dumps(rows[-1]), flush=True)
+    same = all(np.array_equal(a, b) for x, y in zip(*answers.values()) for a, b in zip(x, y))
+    print(json.dumps({"identical": same}))
+    return rows
+
+
 def agree(args) -> list[dict]:
     idx, view, settings = _open(args.index)
     k, live = settings.k, view.live_ids()
@@ -84,7 +111,7 @@ def agree(args) -> list[dict]:
                                 per_patch=per_patch, nprobe=nprobe, layout_k=layout_k)
         wall = time.perf_counter()
         found = [r for a in range(0, len(queries), nl.QUERY_BATCH)
-                 for r in rank_many(queries[a:a + nl.QUERY_BATCH], view, options, settings.rows)]
+                 for r in search.rank_many(queries[a:a + nl.QUERY_BATCH], view, options, settings.rows)]
         wall = time.perf_counter() - wall
         lists = [(r.ids[r.ids != live[j]][:k], r.distances[r.ids != live[j]][:k]) for j, r in zip(pick, found)]
         rows.append({"per_patch": per_patch, "nprobe": nprobe, "layout_k": layout_k,
@@ -111,6 +138,10 @@ def main() -> int:
     c = sub.add_parser("compare", help="two saved samples of lists, e.g. two checkouts'")
     c.add_argument("a", type=Path)
     c.add_argument("b", type=Path)
+    k = sub.add_parser("kernel", help="the lists' pools scored per image against per segment")
+    k.add_argument("index", type=Path)
+    k.add_argument("--sample", type=int, default=256)
+    k.add_argument("--repeat", type=int, default=2)
     a = sub.add_parser("agree", help="candidate settings against exact lists")
     a.add_argument("index", type=Path)
     a.add_argument("--sample", type=int, default=256)
@@ -119,6 +150,8 @@ def main() -> int:
     args = p.parse_args()
     if args.cmd == "time":
         print(json.dumps(time_lists(args)))
+    elif args.cmd == "kernel":
+        kernel_calls(args)
     elif args.cmd == "compare":
         print(json.dumps(compare(args.a, args.b)))
     else:
