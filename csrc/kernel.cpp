@@ -125,177 +125,329 @@ void check_i64_vector(const py::array& a, const char* name) {
     require(is_c_contig(a), std::string(name) + " must be C-contiguous");
 }
 
-// Returns (dist[nQ, m] float32, query_patch[nQ, m] int32, db_patch[nQ, m] int32).
-py::tuple distances(const py::object& query_o, const py::object& qoff_o, const py::object& db_o,
-                    const py::object& offsets_o, const py::object& candidates_o,
-                    const std::string& aggregate, int threads, bool want_pairs) {
-    py::array query = as_array(query_o, "query"), qoff = as_array(qoff_o, "query_offsets");
-    py::array db = as_array(db_o, "db"), offsets = as_array(offsets_o, "offsets");
+// The validated query side of a call: patches [nq_total, d] float32, split by query_offsets.
+struct Queries {
+    py::array query, qoff;
+    const float* data;
+    const int64_t* qo;
+    int64_t nq_total, d, nQ;
+};
 
+Queries check_queries(const py::object& query_o, const py::object& qoff_o) {
+    Queries Q;
+    Q.query = as_array(query_o, "query");
+    Q.qoff = as_array(qoff_o, "query_offsets");
+    const py::array& query = Q.query;
     require(query.dtype().kind() == 'f' && query.itemsize() == 4, "query must have dtype float32");
     require(query.ndim() == 2, "query must be 2-D [n_patches, d]");
     require(is_c_contig(query), "query must be C-contiguous");
-    const bool f16 = db.dtype().kind() == 'f' && db.itemsize() == 2;
-    require(f16 || (db.dtype().kind() == 'f' && db.itemsize() == 4),
+    Q.nq_total = query.shape(0);
+    Q.d = query.shape(1);
+    require(Q.d >= 1, "query must have at least one dimension (d >= 1)");
+    require(Q.nq_total >= 1, "query must have at least one patch");
+    require(Q.nq_total < INT32_MAX, "too many query patches");
+    check_i64_vector(Q.qoff, "query_offsets");
+    Q.nQ = Q.qoff.shape(0) - 1;
+    require(Q.nQ >= 1, "query_offsets must have at least 2 entries");
+    Q.qo = static_cast<const int64_t*>(Q.qoff.data());
+    require(Q.qo[0] == 0, "query_offsets[0] must be 0");
+    require(Q.qo[Q.nQ] == Q.nq_total,
+            "query_offsets[-1] must equal the number of query patches (" +
+                std::to_string(Q.nq_total) + ")");
+    for (int64_t q = 0; q < Q.nQ; ++q)
+        require(Q.qo[q + 1] > Q.qo[q], "query_offsets must be strictly increasing (every query "
+                                       "needs at least one patch)");
+    Q.data = static_cast<const float*>(query.data());
+    return Q;
+}
+
+// The validated database side: rows [n_rows, d] float32 or float16, split by offsets.
+struct Database {
+    py::array db, offsets;
+    const int64_t* off;
+    int64_t n_images;
+    bool f16;
+};
+
+Database check_db(const py::object& db_o, const py::object& offsets_o, int64_t d) {
+    Database D;
+    D.db = as_array(db_o, "db");
+    D.offsets = as_array(offsets_o, "offsets");
+    const py::array& db = D.db;
+    D.f16 = db.dtype().kind() == 'f' && db.itemsize() == 2;
+    require(D.f16 || (db.dtype().kind() == 'f' && db.itemsize() == 4),
             "db must have dtype float32 or float16");
     require(db.ndim() == 2, "db must be 2-D [n_patches, d]");
     require(is_c_contig(db), "db must be C-contiguous");
-    const int64_t nq_total = query.shape(0), d = query.shape(1);
-    const int64_t n_rows = db.shape(0);
-    require(d >= 1, "query must have at least one dimension (d >= 1)");
     require(db.shape(1) == d, "db dimension " + std::to_string(db.shape(1)) +
                                   " does not match query dimension " + std::to_string(d));
-    require(nq_total >= 1, "query must have at least one patch");
-    require(nq_total < INT32_MAX, "too many query patches");
+    const int64_t n_rows = db.shape(0);
+    check_i64_vector(D.offsets, "offsets");
+    D.n_images = D.offsets.shape(0) - 1;
+    require(D.n_images >= 0, "offsets must have at least 1 entry (n_images + 1)");
+    D.off = static_cast<const int64_t*>(D.offsets.data());
+    require(D.off[0] >= 0, "offsets[0] must be >= 0");
+    for (int64_t i = 0; i < D.n_images; ++i)
+        require(D.off[i + 1] >= D.off[i], "offsets must be non-decreasing");
+    require(D.off[D.n_images] <= n_rows, "offsets[-1] (" + std::to_string(D.off[D.n_images]) +
+                                             ") exceeds the number of db rows (" +
+                                             std::to_string(n_rows) + ")");
+    return D;
+}
 
-    check_i64_vector(qoff, "query_offsets");
-    const int64_t nQ = qoff.shape(0) - 1;
-    require(nQ >= 1, "query_offsets must have at least 2 entries");
-    const int64_t* qo = static_cast<const int64_t*>(qoff.data());
-    require(qo[0] == 0, "query_offsets[0] must be 0");
-    require(qo[nQ] == nq_total,
-            "query_offsets[-1] must equal the number of query patches (" +
-                std::to_string(nq_total) + ")");
-    for (int64_t q = 0; q < nQ; ++q)
-        require(qo[q + 1] > qo[q], "query_offsets must be strictly increasing (every query "
-                                   "needs at least one patch)");
+void check_candidates(const int64_t* cand, int64_t m, int64_t n_images, const char* name) {
+    for (int64_t p = 0; p < m; ++p)
+        require(cand[p] >= 0 && cand[p] < n_images,
+                std::string(name) + "[" + std::to_string(p) + "] = " + std::to_string(cand[p]) +
+                    " is out of range [0, " + std::to_string(n_images) + ")");
+}
 
-    check_i64_vector(offsets, "offsets");
-    const int64_t n_images = offsets.shape(0) - 1;
-    require(n_images >= 0, "offsets must have at least 1 entry (n_images + 1)");
-    const int64_t* off = static_cast<const int64_t*>(offsets.data());
-    require(off[0] >= 0, "offsets[0] must be >= 0");
-    for (int64_t i = 0; i < n_images; ++i)
-        require(off[i + 1] >= off[i], "offsets must be non-decreasing");
-    require(off[n_images] <= n_rows, "offsets[-1] (" + std::to_string(off[n_images]) +
-                                         ") exceeds the number of db rows (" +
-                                         std::to_string(n_rows) + ")");
+int check_aggregate(const std::string& aggregate) {
+    if (aggregate == "min") return AGG_MIN;
+    if (aggregate == "mean-min") return AGG_MEAN_MIN;
+    throw std::invalid_argument("aggregate must be 'min' or 'mean-min', got '" + aggregate + "'");
+}
 
+// Pack queries transposed, block by block: qpack[b][k][lane] for the n_blocks blocks of
+// the nq patches at `src`.
+void pack_queries(const float* src, int64_t nq, int64_t d, int blk, float* qpack) {
+    const int64_t n_blocks = (nq + blk - 1) / blk;
+    for (int64_t b = 0; b < n_blocks; ++b)
+        for (int64_t l = 0; l < blk && b * blk + l < nq; ++l) {
+            const float* row = src + (b * blk + l) * d;
+            float* dst = qpack + b * d * blk + l;
+            for (int64_t k = 0; k < d; ++k) dst[k * blk] = row[k];
+        }
+}
+
+// Chunk limits: ~128 KiB of float32 db rows per chunk (stays in L2 while every query
+// block is applied), and a bounded per-image scratch for queries of nq_pad lanes.
+int64_t chunk_rows_target(int64_t d) {
+    return std::max<int64_t>(16, std::min<int64_t>(512, 32768 / d));
+}
+int64_t chunk_images(int64_t d, int64_t nq_pad) {
+    return std::max<int64_t>(4, std::min<int64_t>(chunk_rows_target(d), 65536 / nq_pad));
+}
+
+// Appends the chunks of consecutive candidate images of positions [0, m) of `cand`
+// (nullptr: identity); returns the most rows in one of them.
+int64_t add_chunks(const int64_t* cand, int64_t m, const int64_t* off, int64_t max_imgs,
+                   int64_t max_rows_target, std::vector<Chunk>& chunks) {
+    int64_t max_rows = 0;
+    Chunk cur{0, 0, 0, 0};
+    bool open = false;
+    for (int64_t p = 0; p < m; ++p) {
+        const int64_t img = cand ? cand[p] : p;
+        const int64_t r0 = off[img], r1 = off[img + 1];
+        const bool extend = open && r0 == cur.row1 && (cur.p1 - cur.p0) < max_imgs &&
+                            (r1 - cur.row0) <= max_rows_target && (!cand || img == cand[p - 1] + 1);
+        if (extend) {
+            cur.p1 = p + 1;
+            cur.row1 = r1;
+        } else {
+            if (open) {
+                chunks.push_back(cur);
+                max_rows = std::max(max_rows, cur.row1 - cur.row0);
+            }
+            cur = Chunk{p, p + 1, r0, r1};
+            open = true;
+        }
+    }
+    if (open) {
+        chunks.push_back(cur);
+        max_rows = std::max(max_rows, cur.row1 - cur.row0);
+    }
+    return max_rows;
+}
+
+// Waking a thread team costs more than it saves on small problems, and far more on a busy
+// machine: each thread gets at least ~4M multiply-adds.
+int team_size(int nt, int64_t items, int64_t madds) {
+    const int64_t by_work = std::max<int64_t>(1, madds / (int64_t(1) << 22));
+    return (int)std::max<int64_t>(1, std::min<int64_t>({(int64_t)nt, items, by_work}));
+}
+
+// One work item: chunk `chunk` of problem `problem`.
+struct Item {
+    int64_t problem, chunk;
+};
+
+// Runs every item on `nthreads` threads, each with its own scratch (GIL released by caller).
+void run_items(const std::vector<Problem>& problems, const std::vector<Chunk>& chunks,
+               const std::vector<Item>& items, int nthreads, bool f16, int64_t d,
+               int64_t max_rows, int64_t max_imgs, int64_t nq_pad, int blk) {
+    const size_t xsz = f16 ? (size_t)(max_rows * d) : 0;
+    const size_t csz = (size_t)(std::max<int64_t>(max_rows, 1) * blk);
+    const size_t bsz = (size_t)(max_imgs * nq_pad);
+    std::vector<float> scratch((size_t)nthreads * (xsz + csz + 2 * bsz));
+    auto process = g_ops->process_chunk;
+    const int64_t n_items = (int64_t)items.size();
+#pragma omp parallel num_threads(nthreads)
+    {
+        float* base = scratch.data() + (size_t)omp_get_thread_num() * (xsz + csz + 2 * bsz);
+        Work w{base, base + xsz, base + xsz + csz, base + xsz + csz + bsz};
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t i = 0; i < n_items; ++i)
+            process(problems[items[i].problem], chunks[items[i].chunk], w);
+    }
+}
+
+Problem base_problem(const Database& D, int64_t d, int agg) {
+    Problem P{};
+    P.db32 = D.f16 ? nullptr : static_cast<const float*>(D.db.data());
+    P.db16 = D.f16 ? static_cast<const uint16_t*>(D.db.data()) : nullptr;
+    P.d = d;
+    P.offsets = D.off;
+    P.aggregate = agg;
+    return P;
+}
+
+// Returns (dist[nQ, m] float32, query_patch[nQ, m] int32, db_patch[nQ, m] int32): every
+// query against the same candidates.
+py::tuple distances(const py::object& query_o, const py::object& qoff_o, const py::object& db_o,
+                    const py::object& offsets_o, const py::object& candidates_o,
+                    const std::string& aggregate, int threads, bool want_pairs) {
+    const Queries Q = check_queries(query_o, qoff_o);
+    const Database D = check_db(db_o, offsets_o, Q.d);
+    const int64_t d = Q.d;
     const int64_t* cand = nullptr;
-    int64_t m = n_images;
+    int64_t m = D.n_images;
     py::array cand_arr;
     if (!candidates_o.is_none()) {
         cand_arr = as_array(candidates_o, "candidates");
         check_i64_vector(cand_arr, "candidates");
         cand = static_cast<const int64_t*>(cand_arr.data());
         m = cand_arr.shape(0);
-        for (int64_t p = 0; p < m; ++p)
-            require(cand[p] >= 0 && cand[p] < n_images,
-                    "candidates[" + std::to_string(p) + "] = " + std::to_string(cand[p]) +
-                        " is out of range [0, " + std::to_string(n_images) + ")");
+        check_candidates(cand, m, D.n_images, "candidates");
     }
-    int agg;
-    if (aggregate == "min")
-        agg = AGG_MIN;
-    else if (aggregate == "mean-min")
-        agg = AGG_MEAN_MIN;
-    else
-        throw std::invalid_argument("aggregate must be 'min' or 'mean-min', got '" + aggregate +
-                                    "'");
+    const int agg = check_aggregate(aggregate);
     const int nt = resolve_threads(threads);
-
-    const IsaOps& ops = *g_ops;
-    const int blk = ops.blk;
-    const int64_t n_blocks = (nq_total + blk - 1) / blk;
+    const int blk = g_ops->blk;
+    const int64_t n_blocks = (Q.nq_total + blk - 1) / blk;
     const int64_t nq_pad = n_blocks * blk;
 
-    py::array_t<float> dist({nQ, m});
+    py::array_t<float> dist({Q.nQ, m});
     py::array_t<int32_t> qi, dj;
     if (want_pairs) {
-        qi = py::array_t<int32_t>({nQ, m});
-        dj = py::array_t<int32_t>({nQ, m});
+        qi = py::array_t<int32_t>({Q.nQ, m});
+        dj = py::array_t<int32_t>({Q.nQ, m});
     }
-
-    Problem P;
-    P.db32 = f16 ? nullptr : static_cast<const float*>(db.data());
-    P.db16 = f16 ? static_cast<const uint16_t*>(db.data()) : nullptr;
-    P.d = d;
-    P.offsets = off;
+    Problem P = base_problem(D, d, agg);
     P.cand = cand;
     P.m = m;
-    P.nq_total = nq_total;
+    P.query = Q.data;
+    P.nq_total = Q.nq_total;
     P.n_blocks = n_blocks;
-    P.qoff = qo;
-    P.nQ = nQ;
-    P.aggregate = agg;
+    P.qoff = Q.qo;
+    P.nQ = Q.nQ;
     P.out_dist = dist.mutable_data();
     P.out_qi = want_pairs ? qi.mutable_data() : nullptr;
     P.out_dj = want_pairs ? dj.mutable_data() : nullptr;
-    const float* qdata = static_cast<const float*>(query.data());
-    P.query = qdata;
-
     {
         py::gil_scoped_release nogil;
-
-        // Pack queries transposed, block by block: qpack[b][k][lane].
         std::vector<float> qpack((size_t)(n_blocks * d * blk), 0.0f);
-        for (int64_t b = 0; b < n_blocks; ++b)
-            for (int64_t l = 0; l < blk && b * blk + l < nq_total; ++l) {
-                const float* src = qdata + (b * blk + l) * d;
-                float* dst = qpack.data() + b * d * blk + l;
-                for (int64_t k = 0; k < d; ++k) dst[k * blk] = src[k];
-            }
+        pack_queries(Q.data, Q.nq_total, d, blk, qpack.data());
         P.qpack = qpack.data();
-
-        // Chunks of consecutive candidate images: ~128 KiB of float32 db rows each (stays in
-        // L2 while every query block is applied), and a bounded per-image scratch.
-        const int64_t max_rows_target = std::max<int64_t>(16, std::min<int64_t>(512, 32768 / d));
-        const int64_t max_imgs =
-            std::max<int64_t>(4, std::min<int64_t>(max_rows_target, 65536 / nq_pad));
+        const int64_t max_imgs = chunk_images(d, nq_pad);
         std::vector<Chunk> chunks;
         chunks.reserve((size_t)(m / 4 + 16));
-        int64_t max_rows = 0;
-        {
-            Chunk cur{0, 0, 0, 0};
-            bool open = false;
-            for (int64_t p = 0; p < m; ++p) {
-                const int64_t img = cand ? cand[p] : p;
-                const int64_t r0 = off[img], r1 = off[img + 1];
-                const bool extend = open && r0 == cur.row1 && (cur.p1 - cur.p0) < max_imgs &&
-                                    (r1 - cur.row0) <= max_rows_target &&
-                                    (!cand || img == cand[p - 1] + 1);
-                if (extend) {
-                    cur.p1 = p + 1;
-                    cur.row1 = r1;
-                } else {
-                    if (open) {
-                        chunks.push_back(cur);
-                        max_rows = std::max(max_rows, cur.row1 - cur.row0);
-                    }
-                    cur = Chunk{p, p + 1, r0, r1};
-                    open = true;
-                }
-            }
-            if (open) {
-                chunks.push_back(cur);
-                max_rows = std::max(max_rows, cur.row1 - cur.row0);
-            }
-        }
-
-        const int64_t n_chunks = (int64_t)chunks.size();
+        const int64_t max_rows = add_chunks(cand, m, D.off, max_imgs, chunk_rows_target(d), chunks);
         int64_t rows = 0;
-        for (const Chunk& c : chunks) rows += c.row1 - c.row0;
-        // Waking a thread team costs more than it saves on small problems, and far more on
-        // a busy machine: give each thread at least ~4M multiply-adds.
-        const int64_t by_work = std::max<int64_t>(1, rows * nq_pad * d / (int64_t(1) << 22));
-        const int nthreads = (int)std::max<int64_t>(1, std::min<int64_t>({(int64_t)nt, n_chunks, by_work}));
-        const size_t xsz = f16 ? (size_t)(max_rows * d) : 0;
-        const size_t csz = (size_t)(std::max<int64_t>(max_rows, 1) * blk);
-        const size_t bsz = (size_t)(max_imgs * nq_pad);
-        std::vector<float> scratch((size_t)nthreads * (xsz + csz + 2 * bsz));
-        const Chunk* ch = chunks.data();
-        auto process = ops.process_chunk;
-
-#pragma omp parallel num_threads(nthreads)
-        {
-            float* base = scratch.data() + (size_t)omp_get_thread_num() * (xsz + csz + 2 * bsz);
-            Work w{base, base + xsz, base + xsz + csz, base + xsz + csz + bsz};
-#pragma omp for schedule(dynamic, 4)
-            for (int64_t c = 0; c < n_chunks; ++c) process(P, ch[c], w);
+        std::vector<Item> items(chunks.size());
+        for (size_t c = 0; c < chunks.size(); ++c) {
+            rows += chunks[c].row1 - chunks[c].row0;
+            items[c] = Item{0, (int64_t)c};
         }
+        const int nthreads = team_size(nt, (int64_t)chunks.size(), rows * nq_pad * d);
+        run_items({P}, chunks, items, nthreads, D.f16, d, max_rows, max_imgs, nq_pad, blk);
     }
     if (want_pairs) return py::make_tuple(dist, qi, dj);
     return py::make_tuple(dist, py::none(), py::none());
+}
+
+// Returns (dist[total] float32, query_patch[total] int32, db_patch[total] int32): query q
+// against ITS OWN candidates candidates[candidate_offsets[q]:candidate_offsets[q+1]], its
+// results at the same positions. One thread team over every (query, chunk) pair, so a
+// batch of small pools keeps every thread busy where one call per query would not.
+py::tuple distances_each(const py::object& query_o, const py::object& qoff_o,
+                         const py::object& db_o, const py::object& offsets_o,
+                         const py::object& candidates_o, const py::object& coff_o,
+                         const std::string& aggregate, int threads) {
+    const Queries Q = check_queries(query_o, qoff_o);
+    const Database D = check_db(db_o, offsets_o, Q.d);
+    const int64_t d = Q.d;
+    py::array cand_arr = as_array(candidates_o, "candidates");
+    check_i64_vector(cand_arr, "candidates");
+    const int64_t* cand = static_cast<const int64_t*>(cand_arr.data());
+    const int64_t total = cand_arr.shape(0);
+    check_candidates(cand, total, D.n_images, "candidates");
+    py::array coff_arr = as_array(coff_o, "candidate_offsets");
+    check_i64_vector(coff_arr, "candidate_offsets");
+    require(coff_arr.shape(0) == Q.nQ + 1,
+            "candidate_offsets must have one entry more than there are queries (" +
+                std::to_string(Q.nQ + 1) + "), got " + std::to_string(coff_arr.shape(0)));
+    const int64_t* co = static_cast<const int64_t*>(coff_arr.data());
+    require(co[0] == 0, "candidate_offsets[0] must be 0");
+    require(co[Q.nQ] == total, "candidate_offsets[-1] must equal len(candidates) (" +
+                                   std::to_string(total) + ")");
+    for (int64_t q = 0; q < Q.nQ; ++q)
+        require(co[q + 1] >= co[q], "candidate_offsets must be non-decreasing");
+    const int agg = check_aggregate(aggregate);
+    const int nt = resolve_threads(threads);
+    const int blk = g_ops->blk;
+
+    py::array_t<float> dist(total);
+    py::array_t<int32_t> qi(total), dj(total);
+    float* out_dist = dist.mutable_data();
+    int32_t* out_qi = qi.mutable_data();
+    int32_t* out_dj = dj.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        // Each query is its own one-query problem: its packed blocks, its candidates, its
+        // slice of the output; its local query offsets are {0, nq}.
+        std::vector<int64_t> block0((size_t)Q.nQ + 1, 0), local((size_t)(2 * Q.nQ), 0);
+        int64_t max_nq_pad = 0;
+        for (int64_t q = 0; q < Q.nQ; ++q) {
+            const int64_t nb = (Q.qo[q + 1] - Q.qo[q] + blk - 1) / blk;
+            block0[q + 1] = block0[q] + nb;
+            local[2 * q + 1] = Q.qo[q + 1] - Q.qo[q];
+            max_nq_pad = std::max(max_nq_pad, nb * blk);
+        }
+        std::vector<float> qpack((size_t)(block0[Q.nQ] * d * blk), 0.0f);
+        const int64_t max_imgs = chunk_images(d, max_nq_pad);
+        const int64_t rows_target = chunk_rows_target(d);
+        std::vector<Problem> problems((size_t)Q.nQ, base_problem(D, d, agg));
+        std::vector<Chunk> chunks;
+        std::vector<Item> items;
+        chunks.reserve((size_t)(total / 4 + 16));
+        items.reserve((size_t)(total / 4 + 16));
+        int64_t max_rows = 0, madds = 0;
+        for (int64_t q = 0; q < Q.nQ; ++q) {
+            Problem& P = problems[q];
+            const int64_t nq = Q.qo[q + 1] - Q.qo[q];
+            P.query = Q.data + Q.qo[q] * d;
+            P.qpack = qpack.data() + block0[q] * d * blk;
+            pack_queries(P.query, nq, d, blk, qpack.data() + block0[q] * d * blk);
+            P.nq_total = nq;
+            P.n_blocks = block0[q + 1] - block0[q];
+            P.qoff = local.data() + 2 * q;
+            P.nQ = 1;
+            P.cand = cand + co[q];
+            P.m = co[q + 1] - co[q];
+            P.out_dist = out_dist + co[q];
+            P.out_qi = out_qi + co[q];
+            P.out_dj = out_dj + co[q];
+            const size_t first = chunks.size();
+            max_rows = std::max(max_rows, add_chunks(P.cand, P.m, D.off, max_imgs, rows_target, chunks));
+            for (size_t c = first; c < chunks.size(); ++c) {
+                items.push_back(Item{q, (int64_t)c});
+                madds += (chunks[c].row1 - chunks[c].row0) * P.n_blocks * blk * d;
+            }
+        }
+        const int nthreads = team_size(nt, (int64_t)items.size(), madds);
+        run_items(problems, chunks, items, nthreads, D.f16, d, max_rows, max_imgs, max_nq_pad, blk);
+    }
+    return py::make_tuple(dist, qi, dj);
 }
 
 // Streaming read of a float32 array with `threads` threads; returns the sum.
@@ -347,6 +499,11 @@ PYBIND11_MODULE(_kernel, m) {
           py::arg("offsets"), py::arg("candidates") = py::none(), py::arg("aggregate") = "min",
           py::arg("threads") = 0, py::arg("want_pairs") = true,
           "-> (dist float32[nQ, m], query_patch int32[nQ, m] | None, db_patch int32[nQ, m] | None)");
+    m.def("distances_each", &rk::distances_each, py::arg("query"), py::arg("query_offsets"),
+          py::arg("db"), py::arg("offsets"), py::arg("candidates"), py::arg("candidate_offsets"),
+          py::arg("aggregate") = "min", py::arg("threads") = 0,
+          "-> (dist float32[total], query_patch int32[total], db_patch int32[total]): query q "
+          "against candidates[candidate_offsets[q]:candidate_offsets[q+1]]");
     m.def("describe", &rk::describe);
     m.def("isa", []() { return std::string(rk::g_ops->name); });
     m.def("set_isa", &rk::set_isa, py::arg("isa"),

@@ -146,6 +146,13 @@ def test_auto_structure_above_the_exact_limit(tmp_path):
         idx.remove(paths[:2])
         hits = idx.search(paths[:2], k=5, exact_limit=40, nprobe=16, per_patch=300)
         assert all(h.path not in paths[:2] for r in hits for h in r.hits)
+        # Many queries at once (one kernel call per segment, each over its own pool, some
+        # pools naming removed images) answer exactly as each alone.
+        narrow = dict(k=5, exact_limit=40, nprobe=2, per_patch=3)
+        together = idx.search(paths[:12], **narrow)
+        alone = [idx.search([p], **narrow)[0] for p in paths[:12]]
+        assert [[(h.id, h.distance) for h in r.hits] for r in together] == \
+            [[(h.id, h.distance) for h in r.hits] for r in alone]
 
 
 def test_layout_index_proposes_whole_images(tmp_path):

@@ -126,6 +126,52 @@ def test_batch(isa, aggregate):
 
 
 @pytest.mark.parametrize("aggregate", ["min", "mean-min"])
+@pytest.mark.parametrize("half", [False, True])
+def test_each_query_its_own_candidates(isa, aggregate, half):
+    """patch_distances_each gives every query exactly what patch_distances gives it alone
+    with its own candidates: same distances and deciding pairs, bit for bit."""
+    rng = np.random.default_rng(7)
+    d = 96
+    db, offsets = make_db(rng, d, n_images=120)
+    db = db.astype(np.float16) if half else db
+    sizes = [30, 1, 37, 5, 30]  # 37 > one AVX2 query block
+    qs = [unit(rng, n, d) for n in sizes]
+    qoff = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    pools = [np.sort(rng.choice(120, 40, replace=False)),  # scattered
+             np.arange(10, 60),                             # one consecutive run
+             np.zeros(0, np.int64),                         # no candidates
+             np.array([119, 0, 3, 3, 64]),                  # unsorted, a repeat
+             np.arange(120)]                                # every image
+    cand = np.concatenate(pools).astype(np.int64)
+    coff = np.concatenate([[0], np.cumsum([len(p) for p in pools])]).astype(np.int64)
+    for threads in (1, 2):
+        dist, qi, dj = K.patch_distances_each(np.concatenate(qs), qoff, db, offsets, cand, coff,
+                                              aggregate, threads)
+        assert dist.shape == qi.shape == dj.shape == (len(cand),)
+        for k, (q, pool) in enumerate(zip(qs, pools)):
+            alone = K.patch_distances(q, db, offsets, pool.astype(np.int64), aggregate)
+            for got, want in zip((dist, qi, dj), alone):
+                np.testing.assert_array_equal(got[coff[k]:coff[k + 1]], want)
+        want, _ = reference(qs[0], db.astype(np.float32), offsets, pools[0], aggregate)
+        assert_close(dist[:coff[1]], want)
+
+
+def test_each_rejects_bad_candidate_offsets():
+    rng = np.random.default_rng(8)
+    db, offsets = make_db(rng, 16, n_images=5)
+    q = unit(rng, 4, 16)
+    qoff = np.array([0, 2, 4])
+    cand = np.array([0, 1, 4])
+    for coff in ([0, 3], [0, 1, 2], [1, 2, 3], [0, 4, 3]):  # count, end, start, order
+        with pytest.raises(ValueError, match="candidate_offsets"):
+            K.patch_distances_each(q, qoff, db, offsets, cand, np.array(coff), "min")
+    with pytest.raises(ValueError, match="out of range"):
+        K.patch_distances_each(q, qoff, db, offsets, np.array([0, 5]), np.array([0, 1, 2]), "min")
+    with pytest.raises(ValueError, match="candidates must be given"):
+        K.patch_distances_each(q, qoff, db, offsets, None, np.array([0, 0, 0]), "min")
+
+
+@pytest.mark.parametrize("aggregate", ["min", "mean-min"])
 def test_float16_db(isa, aggregate):
     rng = np.random.default_rng(3)
     for d in (17, 256):

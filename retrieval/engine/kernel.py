@@ -31,7 +31,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
         "(or `python setup.py build_ext --inplace`); there is no pure-Python fallback."
     ) from exc
 
-__all__ = ["patch_distances", "patch_distances_batch", "summary"]
+__all__ = ["patch_distances", "patch_distances_batch", "patch_distances_each", "summary"]
 
 _AGGREGATES = ("min", "mean-min")
 
@@ -136,6 +136,34 @@ def patch_distances_batch(queries: np.ndarray, query_offsets: np.ndarray, db: np
     dist, _, _ = _kernel.distances(queries, query_offsets, db, offsets, candidates, aggregate,
                                    threads, False)
     return dist
+
+
+def patch_distances_each(queries: np.ndarray, query_offsets: np.ndarray, db: np.ndarray,
+                         offsets: np.ndarray, candidates: np.ndarray, candidate_offsets: np.ndarray,
+                         aggregate: str = "min", threads: int = 0
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Many multi-patch queries, each against its own candidate images, in one call.
+
+    Query q (rows ``query_offsets[q]:query_offsets[q+1]`` of ``queries``, as in
+    :func:`patch_distances_batch`) is scored against the images
+    ``candidates[candidate_offsets[q]:candidate_offsets[q+1]]`` only (``candidate_offsets``
+    int64 ``[nQ + 1]``, non-decreasing, from 0 to ``len(candidates)``). One thread team
+    works through every (query, run of consecutive candidates) pair, so many small pools
+    keep every thread busy; each query's results are exactly what :func:`patch_distances`
+    gives it with its own candidates. Other arguments as in :func:`patch_distances`.
+
+    Returns:
+        ``(dist float32[len(candidates)], query_patch int32[...], db_patch int32[...])``,
+        query q's at positions ``candidate_offsets[q]:candidate_offsets[q+1]``.
+    """
+    queries = _query(queries, "queries")
+    query_offsets = _index(query_offsets, "query_offsets")
+    candidate_offsets = _index(candidate_offsets, "candidate_offsets")
+    db, offsets, candidates, threads = _common(db, offsets, candidates, aggregate, threads)
+    if candidates is None:
+        raise ValueError("candidates must be given (int64 image indices, one run per query)")
+    return _kernel.distances_each(queries, query_offsets, db, offsets, candidates, candidate_offsets,
+                                  aggregate, threads)
 
 
 def summary() -> str:

@@ -23,13 +23,20 @@ from ..config import EXACT_LIMIT, SearchOptions
 from ..extraction.progress import Progress
 from . import kernel
 from .neighbours import Neighbours
-from .search import image_distances, rank_many, uses_candidates
+from .search import pool_distances, rank_many, uses_candidates
 from .snapshot import View
 
 # This many images' windows go to one kernel call (exact) or one FAISS search (candidates).
 QUERY_BATCH = 256
 # A new image found by FAISS updates the lists of its REVERSE_DEPTH * k nearest images.
 REVERSE_DEPTH = 2
+# A list's candidates: each window's LIST_PER_PATCH nearest windows and the layout index's
+# LIST_LAYOUT_K nearest images, not a search's max(4k, 64) and 128. The kernel scored
+# pools of ~2,000 images per image (83 % of the lists' time at 10,000 images); these find
+# the same near neighbours (all exact neighbours within 1.15 at 10,000; identical lists
+# at 100,000, hard generator) at 4-11x less time (benchmarks/results/duplicates.md).
+LIST_PER_PATCH = 8
+LIST_LAYOUT_K = 32
 
 
 @dataclass(frozen=True)
@@ -51,8 +58,8 @@ class NeighbourSettings:
 
 def is_exact(view: View, settings: NeighbourSettings) -> bool:
     """Whether the lists of `view` are computed exactly (every pair, by the kernel in
-    batches: cheap) rather than from FAISS candidates (one search per image: measured
-    23-49 ms per image at 10,000 images, benchmarks/results/duplicates.md)."""
+    batches: cheap) rather than from FAISS candidates (a candidate search per image,
+    benchmarks/results/duplicates.md)."""
     return not uses_candidates(view, SearchOptions(k=settings.k + 1, exact_limit=settings.exact_limit))
 
 
@@ -121,7 +128,8 @@ def _candidate_lists(view: View, live: np.ndarray, redo: np.ndarray, near: np.nd
     """Rows `redo` of the lists from FAISS candidates scored exactly; returns, per image
     searched, the ids of its REVERSE_DEPTH * k nearest (whose lists it may enter)."""
     k = settings.k
-    options = SearchOptions(k=REVERSE_DEPTH * k + 1, aggregate=settings.aggregate, exact_limit=settings.exact_limit)
+    options = SearchOptions(k=REVERSE_DEPTH * k + 1, aggregate=settings.aggregate, exact_limit=settings.exact_limit,
+                            per_patch=LIST_PER_PATCH, layout_k=LIST_LAYOUT_K)
     proposed = {}
     with Progress(len(redo), "neighbours", enabled=progress) as bar:
         for start in range(0, len(redo), QUERY_BATCH):
@@ -149,10 +157,14 @@ def _reverse_merge(view: View, live: np.ndarray, kept: np.ndarray, fresh: np.nda
     for y, x in pairs:
         by_image.setdefault(y, []).append(x)
     at = np.searchsorted(live, np.array(sorted(by_image), np.int64))
-    for j in at[kept[at]].tolist():
-        pool = np.unique(np.array(by_image[int(live[j])], np.int64))
-        ids, d, _, _ = image_distances(view.windows(int(live[j]), settings.rows), view, pool, settings.aggregate)
-        _merge(near, dist, np.array([j]), ids[None, :], d[None, :])
+    targets = at[kept[at]]
+    for start in range(0, len(targets), QUERY_BATCH):
+        batch = targets[start:start + QUERY_BATCH].tolist()
+        pools = [np.unique(np.array(by_image[int(live[j])], np.int64)) for j in batch]
+        scored = pool_distances([view.windows(int(live[j]), settings.rows) for j in batch], view, pools,
+                                settings.aggregate)
+        for j, (ids, d, _, _) in zip(batch, scored):
+            _merge(near, dist, np.array([j]), ids[None, :], d[None, :])
 
 
 def _merge(near: np.ndarray, dist: np.ndarray, rows: np.ndarray, ids: np.ndarray, d: np.ndarray) -> None:

@@ -83,13 +83,38 @@ def rank_many(queries: list[np.ndarray], view: View, options: SearchOptions = Se
     """`rank` of each query description, their FAISS candidates found in one batch
     search (FAISS spreads a batch over its threads; one window set at a time leaves
     them idle). Each ranking is the one `rank` gives the description alone."""
-    pools = (candidate_pools(queries, view, options, layout_rows) if uses_candidates(view, options)
-             else [None] * len(queries))
-    out = []
-    for query, pool in zip(queries, pools):
-        ids, dist, qp, dp = image_distances(query, view, pool, _aggregate(options))
-        out.append(Ranking(ids, dist, qp, dp).take(top_k(dist, ids, options.k)))
-    return out
+    if uses_candidates(view, options):
+        scored = pool_distances(queries, view, candidate_pools(queries, view, options, layout_rows),
+                                _aggregate(options))
+    else:
+        scored = [image_distances(query, view, None, _aggregate(options)) for query in queries]
+    return [Ranking(ids, dist, qp, dp).take(top_k(dist, ids, options.k)) for ids, dist, qp, dp in scored]
+
+
+def pool_distances(queries: list[np.ndarray], view: View, pools: list[np.ndarray], aggregate: str) -> list[tuple]:
+    """`image_distances` of each query description over its own pool (sorted unique ids),
+    all of them in one kernel call per segment: one call per query left one of the two
+    cores idle on the pools of a few hundred images that candidates give."""
+    located = [view.locate(pool) for pool in pools]  # drops what this view does not hold
+    owner = np.repeat(np.arange(len(queries)), [len(s) for s, _ in located])
+    segment = np.concatenate([s for s, _ in located])
+    row = np.concatenate([r for _, r in located])
+    order = np.lexsort((row, segment, owner))  # per query: by segment, then row (view order)
+    owner, segment, row = owner[order], segment[order], row[order]
+    ids = np.empty(len(row), np.int64)
+    dist = np.empty(len(row), np.float32)
+    qp, dp = np.empty(len(row), np.int32), np.empty(len(row), np.int32)
+    stacked = np.concatenate(queries)
+    query_offsets = np.cumsum([0] + [len(q) for q in queries]).astype(np.int64)
+    for s in np.unique(segment).tolist():
+        here = np.flatnonzero(segment == s)
+        runs = np.searchsorted(owner[here], np.arange(len(queries) + 1)).astype(np.int64)
+        seg = view.segments[s]
+        dist[here], qp[here], dp[here] = kernel.patch_distances_each(
+            stacked, query_offsets, seg.vectors, view.offsets(s), row[here], runs, aggregate)
+        ids[here] = seg.ids[row[here]]
+    bounds = np.searchsorted(owner, np.arange(len(queries) + 1)).tolist()
+    return [(ids[a:b], dist[a:b], qp[a:b], dp[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def candidate_images(query: np.ndarray, view: View, options: SearchOptions,
