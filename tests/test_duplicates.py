@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import ImageEnhance
 
-from conftest import make_scene, run_cli
+from conftest import SELF_DISTANCE, make_scene, run_cli
 from retrieval import ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchConfig
 from retrieval.engine import duplicates as grouping
 from retrieval.engine.duplicates import leader_groups
@@ -148,3 +148,22 @@ def test_cli_json_as_in_the_spec_and_the_html_page(copies, tmp_path):
     assert text.count('class="query group"') == len(data["groups"]) and "data:image/jpeg;base64," in text
     bad = run_cli("duplicates", str(index), "--min-size", "1")
     assert bad.returncode == 2 and "--min-size" in bad.stderr
+
+
+def test_a_copy_under_a_new_name_is_a_second_image_that_duplicates_finds(tmp_path):
+    """Issue 23 row 17: the index knows a byte-identical copy by its path, so it is added
+    (both paths can be asked for), and `duplicates` groups it with its original."""
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"s{i}.png")
+        make_scene(i).save(paths[-1])
+    copy = tmp_path / "renamed-copy-of-s1.png"
+    copy.write_bytes(paths[1].read_bytes())
+    with Index.create(tmp_path / "idx", CONFIG, SEARCH, store=tmp_path / "s.sqlite") as idx:
+        report = idx.add([str(p) for p in (*paths, copy)], progress=False)
+        assert (report.added, report.images) == (7, 7)
+        # Only an exact copy is this near (float16 rounding: SELF_DISTANCE), whatever the
+        # tiny random network makes of the other scenes.
+        found = idx.duplicates(max_distance=SELF_DISTANCE)
+    groups = [sorted(m.path for m in g) for g in found.groups]
+    assert groups == [sorted([str(paths[1]), str(copy)])], groups
