@@ -237,27 +237,34 @@ def rank_reranked(queries: list[np.ndarray], view: View, options: SearchOptions,
         raise ValueError("rank_reranked needs at least one description of the query")
     augment = _augmentation(options, neighbours)
     dba = augment.k
-    # None: every image is scored. Else the candidates of every description (and their
-    # neighbours), deep enough that re-ranking can lift images from below the top k.
-    pool = None
-    deeper = None
-    if uses_candidates(view, options):
-        deeper = options.replace(k=max(options.k, RERANK_POOL))
-        pool = _widened(np.unique(np.concatenate([
-            rank(q, view, deeper, expand_rows).ids for q in queries])), neighbours, dba)
+    pool = rerank_pool(queries, view, options, expand_rows)
+    if pool is not None:
+        pool = _widened(pool, neighbours, dba)
     scored = _augmented_distances(queries, view, pool, options, augment)
     hits = _expansion_hits(scored, options)
     hit_distances = scored.distances[hits]
     expanded = [view.windows(int(i), expand_rows) for i in scored.ids[hits]]
-    if expanded and deeper is not None:
+    if expanded and pool is not None:
         # The hits' own candidates are what lets expansion reach images the query missed.
-        more = [rank(h, view, deeper, expand_rows).ids for h in expanded]
-        wider = _widened(np.unique(np.concatenate([pool, *more])), neighbours, dba)
+        more = rerank_pool(expanded, view, options, expand_rows)
+        wider = _widened(np.unique(np.concatenate([pool, more])), neighbours, dba)
         if len(wider) > len(pool):
             pool = wider
             scored = _augmented_distances(queries, view, pool, options, augment)
     dist = _expanded_distances(scored, expanded, hit_distances, _distances_in(view, pool, options), options, augment)
     return _final(scored, dist, options.k)
+
+
+def rerank_pool(descriptions: list[np.ndarray], view: View, options: SearchOptions,
+                rows: np.ndarray | None) -> np.ndarray | None:
+    """The images re-ranking scores for a query described several ways, before widening
+    with their neighbours: None (every image) where the kernel scores every image, else
+    each description's RERANK_POOL nearest (at least k), deep enough that re-ranking can
+    lift images from below the top k."""
+    if not uses_candidates(view, options):
+        return None
+    deeper = options.replace(k=max(options.k, RERANK_POOL))
+    return np.unique(np.concatenate([r.ids for r in rank_many(descriptions, view, deeper, rows)]))
 
 
 def rerank_scored(scored: Ranking, options: SearchOptions, neighbours: Neighbours | None,

@@ -45,7 +45,7 @@ from . import neighbour_lists, sharded_dba
 from .neighbour_lists import NeighbourSettings
 from .neighbours import ASKED, Neighbours
 from .search import (Ranking, image_distances, merge_rankings, nearest_description_distances, rank_descriptions,
-                     rank_expanded, rerank_scored)
+                     rank_expanded, rerank_pool, rerank_scored)
 from .segments import write_segment
 from .snapshot import State, View, publish
 from .whitening import PCAWhitening
@@ -210,8 +210,7 @@ class _ShardSearcher:
             lists.save(self.index.path)
 
     def rerank_pool(self, descriptions: list[np.ndarray], options: SearchOptions) -> np.ndarray | None:
-        return sharded_dba.rerank_pool(self.index.view(), descriptions, options,
-                                       self.index._rows_at(options.query_levels))
+        return rerank_pool(descriptions, self.index.view(), options, self.index._rows_at(options.query_levels))
 
     def scored(self, descriptions: list[np.ndarray], pool: np.ndarray | None, aggregate: str) -> Ranking:
         """This shard's images of `pool` (None: all; other shards' ids are skipped) at their

@@ -10,7 +10,7 @@ computed on its own (its writer does at `split`) are never taken for them.
   shard (`nearest`: the kernel over every image up to the exact limit, FAISS candidates
   above) and `merge_lists` keeps the k nearest over the shards, the image itself left
   out: the unsharded index's lists when every shard searches exactly.
-- Ranking: per query each shard proposes its pool (`rerank_pool`; None: every image, in
+- Ranking: per query each shard proposes its pool (`search.rerank_pool`; None: every image, in
   exact mode), the driver widens it with the neighbours of its images, every shard scores
   its part of it and `search.rerank_scored` augments and expands
   on the merged distances: the unsharded index's hits in exact mode.
@@ -22,7 +22,7 @@ import numpy as np
 from ..config import SearchOptions
 from .neighbour_lists import NeighbourSettings
 from .neighbours import Neighbours
-from .search import RERANK_POOL, Ranking, merge_rankings, rank, rank_many, uses_candidates
+from .search import Ranking, merge_rankings, rank_many
 from .snapshot import View
 
 # Meta key of lists that span shards: the shards' id ranges, as shards.json has them.
@@ -65,16 +65,6 @@ def lists_across(shards: list[Neighbours | None], span: list, k: int, where: str
     return Neighbours(np.concatenate([n.ids for n in shards]),
                       np.concatenate([n.neighbours[:, :k_all] for n in shards]),
                       np.concatenate([n.distances[:, :k_all] for n in shards]), shards[0].meta)
-
-
-def rerank_pool(view: View, descriptions: list[np.ndarray], options: SearchOptions,
-                rows: np.ndarray | None) -> np.ndarray | None:
-    """The images of this shard re-ranking scores for a query (None: every image), as
-    `search.rank_reranked` chooses them before widening."""
-    if not uses_candidates(view, options):
-        return None
-    deeper = options.replace(k=max(options.k, RERANK_POOL))
-    return np.unique(np.concatenate([rank(q, view, deeper, rows).ids for q in descriptions]))
 
 
 def concatenate(parts: list[Ranking]) -> Ranking:
