@@ -46,7 +46,7 @@ from . import duplicates as grouping
 from . import neighbour_lists
 from .duplicates import Duplicates
 from .neighbour_lists import NeighbourSettings
-from .neighbours import ASKED, Neighbours, augmentation_note
+from .neighbours import ASKED, Neighbours, lists_for_reranking
 from .pause import pause_hook
 from .policy import WritePolicy
 from .query import K_NOT_GIVEN, QueryResult, answer_queries, search_options
@@ -589,15 +589,12 @@ class Index:
 
     def _rerank_neighbours(self, options: SearchOptions, view: View) -> tuple[Neighbours | None, str | None]:
         """The neighbour lists a re-ranked search averages with, and why they fall short
-        (`neighbours.augmentation_note`). A fixed `--dba K` needs K per image and fails
+        (`neighbours.lists_for_reranking`). A fixed `--dba K` needs K per image and fails
         without them (IndexUsageError); adaptive re-ranking does without, and says so."""
         if options.dba:
             return self.neighbours(options.dba), None
-        try:
-            found = Neighbours.load(self.path)
-        except ValueError as err:
-            return None, augmentation_note(None, self.path, view.state.generation, str(err))
-        return found, augmentation_note(found, self.path, view.state.generation)
+        found, note, _ = lists_for_reranking(self.path, view.state.generation)
+        return found, note
 
     def build_neighbours(self, k: int, *, progress: bool = False) -> dict:
         """Compute every image's k nearest other images from scratch, with the index's

@@ -98,26 +98,30 @@ class Neighbours:
         return out
 
 
-def augmentation_note(found: "Neighbours | None", directory: Path, generation: int,
-                      error: str | None = None) -> str | None:
-    """Why adaptive re-ranking of the index at `directory` (published `generation`) cannot
-    average every image with its neighbours; None when the lists are current.
+def lists_for_reranking(directory: Path, generation: int) -> tuple["Neighbours | None", str | None, str | None]:
+    """(lists, note, error): the stored lists of the index at `directory` (None when there
+    are none or they cannot be read, `error` then saying why), and why adaptive
+    re-ranking of its published `generation` cannot average every image with its
+    neighbours (None when the lists are current).
 
-    The rule (docs/reranking.md): with no lists (`found` None; `error` when the file is
-    unreadable) a search re-ranks by query expansion alone; with lists of an earlier
-    generation the images added since are scored without their neighbours. Either way the
-    answer says so rather than fail: the lists are a derived file the next `add`,
-    `remove` or `retrieval dba` writes."""
+    The rule (docs/reranking.md): with no lists a search re-ranks by query expansion
+    alone; with lists of an earlier generation the images added since are scored without
+    their neighbours. Either way the answer says so rather than fail: the lists are a
+    derived file the next `add`, `remove` or `retrieval dba` writes."""
     fix = f"`retrieval dba {directory}` computes them"
-    if error is not None:
-        return f"re-ranked by query expansion only: {error}"
+    try:
+        found = Neighbours.load(directory)
+    except ValueError as err:
+        return None, f"re-ranked by query expansion only: {err}", str(err)
     if found is None:
-        return (f"re-ranked by query expansion only: {directory} has no neighbour lists (the writer keeps "
-                f"them up to {EXACT_LIMIT} images from the next add or remove on, above that once asked for); {fix}")
+        return None, (f"re-ranked by query expansion only: {directory} has no neighbour lists (the writer keeps "
+                      f"them up to {EXACT_LIMIT} images from the next add or remove on, above that once asked for); "
+                      f"{fix}"), None
     if found.meta.get("generation") != generation:
-        return (f"the neighbour lists of {directory} are from an earlier state: images added since are re-ranked "
-                f"without their neighbours until the writer brings the lists up to date; {fix} again")
-    return None
+        return found, (f"the neighbour lists of {directory} are from an earlier state: images added since are "
+                       f"re-ranked without their neighbours until the writer brings the lists up to date; {fix} "
+                       f"again"), None
+    return found, None, None
 
 
 def qe_weight(dist: np.ndarray, alpha: float) -> np.ndarray:

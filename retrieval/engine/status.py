@@ -8,7 +8,7 @@ from pathlib import Path
 from ..config import EXACT_LIMIT
 from . import kernel
 from .ann import faiss_device, gpu_capable, is_flat
-from .neighbours import Neighbours, augmentation_note
+from .neighbours import lists_for_reranking
 from .policy import WritePolicy
 from .segments import DamagedFile
 from .snapshot import State, read_state
@@ -61,13 +61,10 @@ def index_info(directory: Path, *, images: int, generation: int, patches: int, e
 
 def _neighbours(directory: Path, state: State) -> tuple[dict | None, dict]:
     """What `retrieval dba` or the writer stored (None: nothing), and whether images came
-    or went since; and what adaptive re-ranking can do with it (`augmentation_note`)."""
-    try:
-        found = Neighbours.load(directory)
-    except ValueError as err:
-        note = augmentation_note(None, directory, state.generation, str(err))
-        return {"error": str(err)}, {"augmentation": False, "note": note}
-    note = augmentation_note(found, directory, state.generation)
+    or went since; and what adaptive re-ranking can do with it (`lists_for_reranking`)."""
+    found, note, error = lists_for_reranking(directory, state.generation)
+    if error is not None:
+        return {"error": error}, {"augmentation": False, "note": note}
     reranking = {"augmentation": found is not None, "note": note}
     if found is None:
         return None, reranking

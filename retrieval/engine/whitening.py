@@ -75,7 +75,7 @@ class PCAWhitening:
     def fit_chunks(self, chunks: Iterable[np.ndarray], windows_per_image: int = 1) -> "PCAWhitening":
         """Fit on the concatenation of `chunks` ([n_i, d] raw descriptors), streamed. Each
         chunk holds whole images of `windows_per_image` consecutive windows; the rules that
-        count images ("*-images", "*-means") need it."""
+        count images ("ledoit-wolf-images") need it."""
         windows = _Moments()
         for chunk in chunks:
             x = l2_normalize(chunk).astype(np.float64)
