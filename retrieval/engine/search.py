@@ -21,13 +21,14 @@ aggregate resolved for the index (`SearchOptions.for_index`; None means mean-min
   alpha-QE weights, so a window-set distance needs no averaged descriptor.
 - `rank_query`: whichever of the two the options ask for; `rank_queries` for many
   queries at once.
-- `rerank_scored`: `rank_reranked` on distances found elsewhere (every shard).
+- `plan_expansion` / `finish_reranking`: `rank_reranked` in two steps on distances
+  found elsewhere (every shard): the first says whose windows expand the query, the
+  caller scores the pool against them, the second combines.
 - `merge_rankings`: the k nearest over several rankings (rotations, shards).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -235,24 +236,26 @@ def rank_reranked(queries: list[np.ndarray], view: View, options: SearchOptions,
     """
     if not queries:
         raise ValueError("rank_reranked needs at least one description of the query")
-    augment = _augmentation(options, neighbours)
-    dba = augment.k
+    dba = _augmentation(options, neighbours).k
+
+    def scored_in(pool: np.ndarray | None) -> Ranking:
+        return augment_scored(nearest_description_distances(queries, view, pool, _aggregate(options)), options,
+                              neighbours)
+
     pool = rerank_pool(queries, view, options, expand_rows)
     if pool is not None:
         pool = _widened(pool, neighbours, dba)
-    scored = _augmented_distances(queries, view, pool, options, augment)
-    hits = _expansion_hits(scored, options)
-    hit_distances = scored.distances[hits]
-    expanded = [view.windows(int(i), expand_rows) for i in scored.ids[hits]]
+    plan = plan_expansion(scored_in(pool), options)
+    expanded = [view.windows(int(i), expand_rows) for i in plan.hits]
     if expanded and pool is not None:
         # The hits' own candidates are what lets expansion reach images the query missed.
         more = rerank_pool(expanded, view, options, expand_rows)
         wider = _widened(np.unique(np.concatenate([pool, more])), neighbours, dba)
         if len(wider) > len(pool):
             pool = wider
-            scored = _augmented_distances(queries, view, pool, options, augment)
-    dist = _expanded_distances(scored, expanded, hit_distances, _distances_in(view, pool, options), options, augment)
-    return _final(scored, dist, options.k)
+            plan = replace(plan, scored=scored_in(pool))
+    return finish_reranking(plan.scored, plan.weights, _pool_distances_to(expanded, view, pool, options), options,
+                            neighbours)
 
 
 def rerank_pool(descriptions: list[np.ndarray], view: View, options: SearchOptions,
@@ -267,21 +270,48 @@ def rerank_pool(descriptions: list[np.ndarray], view: View, options: SearchOptio
     return np.unique(np.concatenate([r.ids for r in rank_many(descriptions, view, deeper, rows)]))
 
 
-def rerank_scored(scored: Ranking, options: SearchOptions, neighbours: Neighbours | None,
-                  windows_of: Callable[[np.ndarray], list[np.ndarray]],
-                  distances_to: Callable[[list[np.ndarray]], list[np.ndarray]]) -> Ranking:
-    """`rank_reranked` on distances found elsewhere (e.g. over every shard): `scored`
-    holds the images of the final pool (unsorted) at their distance to the query,
-    `windows_of(ids)` gives images' windows (the expansion rows) and
-    `distances_to(window_sets)` the pool's distances (in `scored` order) to each window
-    set. The pool is not widened by the expanded hits' own candidates, so beyond exact
-    mode it can miss images `rank_reranked` reaches."""
-    augment = _augmentation(options, neighbours)
-    scored.distances = augment(scored.ids, scored.distances)
+@dataclass(frozen=True)
+class Expansion:
+    """Re-ranking's first step: the pool's images at their (augmented) distance to the
+    query, and the hits whose windows expand the query with their alpha-QE weights
+    (only hits of weight > 0: the others would add nothing)."""
+
+    scored: Ranking  # unsorted, pool order
+    hits: np.ndarray  # int64 image ids
+    weights: np.ndarray  # float64, one per hit
+
+
+def plan_expansion(scored: Ranking, options: SearchOptions) -> Expansion:
+    """Re-ranking's first step on `scored`, the pool's images at their distance to the
+    query, already augmented as the options ask (`augment_scored`), unsorted."""
     hits = _expansion_hits(scored, options)
-    expanded = windows_of(scored.ids[hits])
-    dist = _expanded_distances(scored, expanded, scored.distances[hits], distances_to, options, augment)
-    return _final(scored, dist, options.k)
+    weights = qe_weight(scored.distances[hits], options.qe_alpha)
+    used = weights > 0
+    return Expansion(scored, scored.ids[hits][used], weights[used])
+
+
+def augment_scored(scored: Ranking, options: SearchOptions, neighbours: Neighbours | None) -> Ranking:
+    """`scored` with each image's distance averaged with its neighbours' as the options
+    ask (database-side augmentation; unchanged without it)."""
+    augment = _augmentation(options, neighbours)
+    return replace(scored, distances=augment(scored.ids, scored.distances))
+
+
+def finish_reranking(scored: Ranking, weights: np.ndarray, hit_distances: list[np.ndarray], options: SearchOptions,
+                     neighbours: Neighbours | None) -> Ranking:
+    """Re-ranking's second step: the k nearest of `scored`'s images (a plan's) at the
+    weighted mean of their distance to the query (weight 1) and to each expansion hit's
+    windows (`hit_distances[j]`: their distances, in `scored` order, to hit j's windows;
+    weight `weights[j]`), each augmented as the options ask.
+
+    Over shards the pool is not widened by the expanded hits' own candidates, so beyond
+    exact mode it can miss images `rank_reranked` reaches."""
+    augment = _augmentation(options, neighbours)
+    total, weight = scored.distances.astype(np.float64), 1.0
+    for d, w in zip(hit_distances, weights.tolist()):
+        total += w * augment(scored.ids, d)
+        weight += w
+    return _final(scored, (total / weight).astype(np.float32), options.k)
 
 
 def rank_expanded(queries: list[np.ndarray], view: View, options: SearchOptions, expanded: list[np.ndarray],
@@ -291,10 +321,11 @@ def rank_expanded(queries: list[np.ndarray], view: View, options: SearchOptions,
     the query `hit_distances`): `rank_reranked`'s last step without database-side
     augmentation, every image scored exactly."""
     scored = nearest_description_distances(queries, view, None, _aggregate(options))
-    no_augment = _Augment(None, 0, options.qe_alpha, None)
-    dist = _expanded_distances(scored, expanded, hit_distances, _distances_in(view, None, options), options,
-                               no_augment)
-    return _final(scored, dist, options.k)
+    weights = qe_weight(hit_distances, options.qe_alpha)
+    used = weights > 0
+    windows = [w for w, u in zip(expanded, used.tolist()) if u]
+    # No neighbours: expansion alone, as over shards without lists.
+    return finish_reranking(scored, weights[used], _pool_distances_to(windows, view, None, options), options, None)
 
 
 def _final(scored: Ranking, dist: np.ndarray, k: int | None) -> Ranking:
@@ -347,33 +378,10 @@ def _widened(pool: np.ndarray, neighbours: Neighbours | None, dba: int) -> np.nd
     return neighbours.widen(pool, dba) if dba else pool
 
 
-def _distances_in(view: View, pool: np.ndarray | None, options: SearchOptions):
-    """`distances_to` of `_expanded_distances` for the pool of one view."""
-    return lambda window_sets: [image_distances(w, view, pool, _aggregate(options))[1] for w in window_sets]
-
-
-def _expanded_distances(scored: Ranking, expanded: list[np.ndarray], hit_distances: np.ndarray,
-                        distances_to: Callable[[list[np.ndarray]], list[np.ndarray]], options: SearchOptions,
-                        augment: _Augment) -> np.ndarray:
-    """Query expansion: the weighted mean of each image's distance to the query (weight 1)
-    and to each expanded hit's windows (weight sim**qe_alpha of the hit's distance);
-    `distances_to` gives the distances of `scored`'s images to window sets."""
-    total, weight = scored.distances.astype(np.float64), 1.0
-    weights = qe_weight(hit_distances, options.qe_alpha).tolist()
-    used = [(windows, w) for windows, w in zip(expanded, weights) if w > 0]
-    for hd, (_, w) in zip(distances_to([windows for windows, _ in used]), used):
-        total += w * augment(scored.ids, hd)
-        weight += w
-    return (total / weight).astype(np.float32)
-
-
-def _augmented_distances(queries: list[np.ndarray], view: View, pool: np.ndarray | None, options: SearchOptions,
-                         augment: _Augment) -> Ranking:
-    """`nearest_description_distances`, each averaged with the image's neighbours' when
-    database-side augmentation is asked for (unsorted, pool order)."""
-    scored = nearest_description_distances(queries, view, pool, _aggregate(options))
-    scored.distances = augment(scored.ids, scored.distances)
-    return scored
+def _pool_distances_to(window_sets: list[np.ndarray], view: View, pool: np.ndarray | None,
+                       options: SearchOptions) -> list[np.ndarray]:
+    """The pool's images' distances (view order, as `image_distances` gives them) to each window set."""
+    return [image_distances(w, view, pool, _aggregate(options))[1] for w in window_sets]
 
 
 def nearest_description_distances(queries: list[np.ndarray], view: View, pool: np.ndarray | None,

@@ -44,8 +44,8 @@ from .query import K_NOT_GIVEN, QueryResult, answer_queries
 from . import neighbour_lists, sharded_dba
 from .neighbour_lists import NeighbourSettings
 from .neighbours import ASKED, Neighbours
-from .search import (Ranking, image_distances, merge_rankings, nearest_description_distances, rank_descriptions,
-                     rank_expanded, rerank_pool, rerank_scored)
+from .search import (Ranking, augment_scored, finish_reranking, image_distances, merge_rankings,
+                     nearest_description_distances, plan_expansion, rank_descriptions, rank_expanded, rerank_pool)
 from .segments import write_segment
 from .snapshot import State, View, publish
 from .whitening import PCAWhitening
@@ -421,7 +421,8 @@ class ShardedIndex:
                         neighbours: Neighbours) -> tuple[Ranking, dict[int, Entry]]:
         """One query re-ranked with database-side augmentation (and expansion) over every
         shard: each shard's pool widened by the neighbours of its images, scored where the
-        images are, re-ranked here (`search.rerank_scored`)."""
+        images are, re-ranked here (`search.plan_expansion`, then
+        `search.finish_reranking` on the distances every shard gives)."""
         pools = self._each("rerank_pool", descriptions, options)
         found = [p for p in pools if p is not None]
         widened = neighbours.widen(np.unique(np.concatenate(found)), options.dba or neighbours.k) if found else None
@@ -430,17 +431,13 @@ class ShardedIndex:
         parts = [None if p is None else widened for p in pools]
         aggregate = options.aggregate or DEFAULT_AGGREGATE
         scored = sharded_dba.concatenate(self._each_own("scored", [(descriptions, p, aggregate) for p in parts]))
+        plan = plan_expansion(augment_scored(scored, options, neighbours), options)
         rows = self._front._rows_at(options.query_levels)
-
-        def windows_of(ids: np.ndarray) -> list[np.ndarray]:
-            held = {i: w for shard in self._each("windows", ids.tolist(), rows) for i, w in shard.items()}
-            return [held[i] for i in ids.tolist()]
-
-        def distances_to(window_sets: list[np.ndarray]) -> list[np.ndarray]:
-            per_shard = self._each_own("distances", [(window_sets, p, aggregate) for p in parts])
-            return [np.concatenate([shard[j] for shard in per_shard]) for j in range(len(window_sets))]
-
-        ranking = rerank_scored(scored, options, neighbours, windows_of, distances_to)
+        held = {i: w for shard in self._each("windows", plan.hits.tolist(), rows) for i, w in shard.items()}
+        windows = [held[i] for i in plan.hits.tolist()]
+        per_shard = self._each_own("distances", [(windows, p, aggregate) for p in parts])
+        hit_distances = [np.concatenate([shard[j] for shard in per_shard]) for j in range(len(windows))]
+        ranking = finish_reranking(plan.scored, plan.weights, hit_distances, options, neighbours)
         wanted = ranking.ids.tolist()
         return ranking, {i: e for shard in self._each("entries", wanted) for i, e in shard.items()}
 

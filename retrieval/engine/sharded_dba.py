@@ -12,8 +12,8 @@ computed on its own (its writer does at `split`) are never taken for them.
   out: the unsharded index's lists when every shard searches exactly.
 - Ranking: per query each shard proposes its pool (`search.rerank_pool`; None: every image, in
   exact mode), the driver widens it with the neighbours of its images, every shard scores
-  its part of it and `search.rerank_scored` augments and expands
-  on the merged distances: the unsharded index's hits in exact mode.
+  its part of it, and the driver augments and expands on the merged distances
+  (`search.plan_expansion`, `search.finish_reranking`): the unsharded index's hits in exact mode.
 """
 from __future__ import annotations
 
