@@ -33,11 +33,12 @@ REVERSE_DEPTH = 2
 # A list's candidates: each window's LIST_PER_PATCH nearest windows, searched in
 # LIST_NPROBE IVF lists, and the layout index's LIST_LAYOUT_K nearest images, not a
 # search's max(4k, 64), 16 and 128: a list is computed for every image of the collection,
-# so its cost is the first `retrieval duplicates`' cost. These keep every true group mate
-# of the exact lists on real photos above the exact limit (UKBench views, crops and other
-# copies) and the exact lists of the synthetic scale sets, at about a third of the cost
-# of 8 / 16 / 32 (benchmarks/results/duplicates.md). The layout index is what finds the
-# hard set's near-duplicates: fewer than 32 of its images lose some.
+# so its cost is the first `retrieval duplicates`' cost. These keep every pair within the
+# default max distance of the exact lists on real photos above the exact limit (UKBench
+# views, crops and other copies; the few mates they miss lie among strangers) and the
+# exact lists' first 3 on the synthetic scale sets, at 0.6 of the CPU of 8 / 16 / 32
+# (100,000 images in 6:51, benchmarks/results/duplicates.md). The layout index is what
+# finds the hard set's near-duplicates: fewer than 32 of its images lose some.
 LIST_PER_PATCH = 4
 LIST_NPROBE = 8
 LIST_LAYOUT_K = 32
