@@ -17,7 +17,8 @@ per image against one `pool_distances` (one call per segment for all), alternati
 `agree`: the lists found with other candidate settings (`per_patch:nprobe:layout_k`)
 against exact kernel scoring of every image, on a random sample: overlap of the k-lists,
 of their first 3, recall of the exact neighbours within 1.15 (duplicate range), and the
-median k-th distance (the default `--max-distance` follows it).
+median k-th distance (the default `--max-distance` follows it); with `--truth-by-name`
+on real photos (`list_candidates_real.py`), the share of the true group mates kept.
 """
 from __future__ import annotations
 
@@ -38,10 +39,12 @@ from retrieval import Index  # noqa: E402
 from retrieval.config import NEIGHBOURS_K, SearchOptions  # noqa: E402
 from retrieval.engine import neighbour_lists as nl  # noqa: E402
 from retrieval.engine import search  # noqa: E402
+from retrieval.engine.policy import WritePolicy  # noqa: E402
 
 
-def _open(index_dir: Path):
-    idx = Index.open(index_dir)
+def _open(index_dir: Path, exact_limit: int | None = None):
+    """The index (built with FAISS above `exact_limit` images, if given), its view and list settings."""
+    idx = Index.open(index_dir, policy=None if exact_limit is None else WritePolicy(ann_min_images=exact_limit))
     return idx, idx.view(), idx._neighbour_settings(NEIGHBOURS_K)
 
 
@@ -74,9 +77,7 @@ def kernel_calls(args) -> list[dict]:
     idx, view, settings = _open(args.index)
     live = view.live_ids()
     queries = [view.windows(int(live[j]), settings.rows) for j in range(args.sample)]
-    options = SearchOptions(k=nl.REVERSE_DEPTH * settings.k + 1, aggregate=settings.aggregate,
-                            exact_limit=settings.exact_limit, per_patch=nl.LIST_PER_PATCH, layout_k=nl.LIST_LAYOUT_K)
-    pools = search.candidate_pools(queries, view, options, settings.rows)
+    pools = search.candidate_pools(queries, view, nl.list_options(settings), settings.rows)
     ways = {"per image": lambda: [search.image_distances(q, view, p, settings.aggregate) for q, p in zip(queries, pools)],
             "per segment": lambda: search.pool_distances(queries, view, pools, settings.aggregate)}
     rows, answers = [], {}
@@ -95,14 +96,15 @@ def kernel_calls(args) -> list[dict]:
 
 
 def agree(args) -> list[dict]:
-    idx, view, settings = _open(args.index)
+    idx, view, settings = _open(args.index, args.exact_limit)
     k, live = settings.k, view.live_ids()
-    pick = np.sort(np.random.default_rng(0).choice(len(live), args.sample, replace=False))
+    pick = np.sort(np.random.default_rng(0).choice(len(live), min(args.sample, len(live)), replace=False))
     d = nl._exact_distances(view, live[pick], live, settings)
     d[np.arange(len(pick)), pick] = np.inf
     order = np.lexsort((np.broadcast_to(live, d.shape), d), axis=-1)[:, :k]
     exact_ids, exact_d = live[order], np.take_along_axis(d, order, 1)
     near_exact = [set(e[dd <= 1.15]) for e, dd in zip(exact_ids, exact_d)]
+    mates = _true_mates(idx, live[pick], exact_ids) if args.truth_by_name else None
     queries = [view.windows(int(live[j]), settings.rows) for j in pick]
     rows = []
     for spec in args.settings.split(","):
@@ -121,11 +123,24 @@ def agree(args) -> list[dict]:
                      "near_recall": round(sum(len(set(g) & n) for (g, _), n in zip(lists, near_exact))
                                           / max(1, sum(map(len, near_exact))), 4),
                      "near_pairs": sum(map(len, near_exact)),
+                     **({} if mates is None else
+                        {"mates_kept": round(sum(len(set(g) & m) for (g, _), m in zip(lists, mates))
+                                             / max(1, sum(map(len, mates))), 4), "mates": sum(map(len, mates))}),
                      "median_kth": round(float(np.median([dd[-1] for _, dd in lists])), 4),
                      "exact_median_kth": round(float(np.median(exact_d[:, -1])), 4),
                      "load": round(os.getloadavg()[0], 1)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def _true_mates(idx, queries: np.ndarray, exact_ids: np.ndarray) -> list[set]:
+    """Per query image, the images of its exact list in its true group (by file name,
+    `list_candidates_real.name_group`)."""
+    from list_candidates_real import name_group
+
+    entries = idx.manifest.get_many(np.unique(np.concatenate([queries, exact_ids.ravel()])).tolist())
+    group = {i: name_group(e.path) for i, e in entries.items()}
+    return [{j for j in row if group[j] == group[q]} for q, row in zip(queries.tolist(), exact_ids.tolist())]
 
 
 def main() -> int:
@@ -147,6 +162,10 @@ def main() -> int:
     a.add_argument("--sample", type=int, default=256)
     a.add_argument("--settings", default="84:16:128,8:16:32",
                    help="comma-separated per_patch:nprobe:layout_k")
+    a.add_argument("--exact-limit", type=int, help="the index was built with FAISS above this many images "
+                   "(benchmarks/list_candidates_real.py's small limit)")
+    a.add_argument("--truth-by-name", action="store_true",
+                   help="also the share of the true group mates of the exact lists kept (UKBench / copies-set names)")
     args = p.parse_args()
     if args.cmd == "time":
         print(json.dumps(time_lists(args)))

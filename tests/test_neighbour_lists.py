@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from conftest import make_scene, run_cli
+from conftest import SHARED, make_scene, needs_shared, run_cli
 from retrieval import ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchConfig
 from retrieval.engine.index import IndexUsageError
+from retrieval.engine.neighbour_lists import LIST_NPROBE
 from retrieval.engine.neighbours import Neighbours
 from retrieval.engine.policy import WritePolicy
 
@@ -111,3 +114,63 @@ def test_above_the_exact_limit_without_lists_the_query_says_how_it_was_reranked(
     assert "query expansion only" in result["note"] and result["hits"][0]["path"] == paths[1]
     out = run_cli("query", str(index), paths[1], "-k", "2", "--quiet", "--rerank")
     assert out.returncode == 0 and f"note: re-ranked by query expansion only: {index}" in out.stderr
+
+
+# -- the lists' candidate settings on real photos ------------------------------------------------
+# A copy of a real photo sits within this of it with the tests' random-init network.
+NEAR_COPY = 0.75
+
+
+def _edited_copies(photos: list[Path], root: Path) -> dict[str, str]:
+    """Three copies of each photo (half size, JPEG quality 30, centre crop of 80 % of the
+    area): {copy path: its source's path}. (The random-init network puts brightened
+    copies as far as strangers, so they say nothing about the candidates.)"""
+    source_of = {}
+    for n, photo in enumerate(photos):
+        img = Image.open(photo).convert("RGB")
+        w, h = img.size
+        dx, dy = int(w * (1 - 0.8 ** 0.5) / 2), int(h * (1 - 0.8 ** 0.5) / 2)
+        copies = {"half": img.resize((w // 2, h // 2)), "q30": img, "crop": img.crop((dx, dy, w - dx, h - dy))}
+        for kind, copy in copies.items():
+            path = root.resolve() / f"p{n:02d}-{kind}.jpg"
+            copy.save(path, quality=30 if kind == "q30" else 90)
+            source_of[str(path)] = str(photo)
+    return source_of
+
+
+@needs_shared("data", "hymenoptera", "val")
+def test_above_the_exact_limit_the_lists_find_every_copy_of_real_photos_as_exact_lists_do(tmp_path):
+    photos = [p.resolve() for p in sorted((SHARED / "data" / "hymenoptera" / "val").rglob("*.jpg"))[::5][:30]]
+    source_of = _edited_copies(photos, tmp_path)
+    paths = [str(p) for p in photos] + list(source_of)
+    store = tmp_path / "s.sqlite"
+    runtime = RuntimeConfig(batch_size=16)
+    # The same images twice: lists scored over every pair (below the exact limit), and
+    # lists from the window index with the lists' candidate settings: LIST_PER_PATCH
+    # windows per window from LIST_NPROBE of 15 IVF lists (as many as 600 windows train
+    # well); no layout index, so the window index alone must find them.
+    with Index.create(tmp_path / "exact", CONFIG, SEARCH, store=store, runtime=runtime) as idx:
+        idx.add(paths, progress=False)
+        exact = _lists_by_path(idx)
+    policy = WritePolicy(ann_min_images=4, layout_min_images=10**6)
+    with Index.create(tmp_path / "candidates", CONFIG, SEARCH, store=store, runtime=runtime, index_type="IVF15,Flat",
+                      policy=policy) as idx:
+        idx.add(paths, progress=False)
+        assert idx.info()["structure"]["search"] == "candidates" and LIST_NPROBE < 15
+        idx.build_neighbours(10)
+        found = _lists_by_path(idx)
+    for copy, source in source_of.items():
+        assert exact[copy].get(source, np.inf) <= NEAR_COPY  # the data is sound: every copy near its source
+        # A pair is grouped from either image's list (duplicates.pair_distances); the
+        # window-set distance is asymmetric, and a crop's windows find the photo's first.
+        assert source in found[copy] or copy in found[source], (copy, found[copy])
+        d = found[copy].get(source, found[source].get(copy))
+        assert d in (exact[copy].get(source), exact[source].get(copy))  # scored exactly, as the exact lists do
+
+
+def _lists_by_path(idx) -> dict[str, dict[str, float]]:
+    """Each image's list as {path: distance}."""
+    lists = idx.current_neighbours(10)
+    entries = idx.manifest.get_many([int(i) for i in lists.ids])
+    return {entries[int(i)].path: {entries[int(j)].path: float(d) for j, d in zip(row, dist) if j >= 0}
+            for i, row, dist in zip(lists.ids, lists.neighbours, lists.distances)}

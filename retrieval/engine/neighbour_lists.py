@@ -30,12 +30,17 @@ from .snapshot import View
 QUERY_BATCH = 256
 # A new image found by FAISS updates the lists of its REVERSE_DEPTH * k nearest images.
 REVERSE_DEPTH = 2
-# A list's candidates: each window's LIST_PER_PATCH nearest windows and the layout index's
-# LIST_LAYOUT_K nearest images, not a search's max(4k, 64) and 128. The kernel scored
-# pools of ~2,000 images per image (83 % of the lists' time at 10,000 images); these find
-# the same near neighbours (all exact neighbours within 1.15 at 10,000; identical lists
-# at 100,000, hard generator) at 4-11x less time (benchmarks/results/duplicates.md).
-LIST_PER_PATCH = 8
+# A list's candidates: each window's LIST_PER_PATCH nearest windows, searched in
+# LIST_NPROBE IVF lists, and the layout index's LIST_LAYOUT_K nearest images, not a
+# search's max(4k, 64), 16 and 128: a list is computed for every image of the collection,
+# so its cost is the first `retrieval duplicates`' cost. These keep every pair within the
+# default max distance of the exact lists on real photos above the exact limit (UKBench
+# views, crops and other copies; the few mates they miss lie among strangers) and the
+# exact lists' first 3 on the synthetic scale sets, at 0.6 of the CPU of 8 / 16 / 32
+# (100,000 images in 6:51, benchmarks/results/duplicates.md). The layout index is what
+# finds the hard set's near-duplicates: fewer than 32 of its images lose some.
+LIST_PER_PATCH = 4
+LIST_NPROBE = 8
 LIST_LAYOUT_K = 32
 
 
@@ -123,13 +128,20 @@ def _exact_distances(view: View, queries: np.ndarray, targets: np.ndarray, setti
     return out
 
 
+def list_options(settings: NeighbourSettings) -> SearchOptions:
+    """The search that proposes and scores a list's candidates: REVERSE_DEPTH * k nearest
+    other images (its own image comes first), from the lists' candidate settings."""
+    return SearchOptions(k=REVERSE_DEPTH * settings.k + 1, aggregate=settings.aggregate,
+                         exact_limit=settings.exact_limit, per_patch=LIST_PER_PATCH, nprobe=LIST_NPROBE,
+                         layout_k=LIST_LAYOUT_K)
+
+
 def _candidate_lists(view: View, live: np.ndarray, redo: np.ndarray, near: np.ndarray, dist: np.ndarray,
                      settings: NeighbourSettings, progress: bool) -> dict[int, np.ndarray]:
     """Rows `redo` of the lists from FAISS candidates scored exactly; returns, per image
     searched, the ids of its REVERSE_DEPTH * k nearest (whose lists it may enter)."""
     k = settings.k
-    options = SearchOptions(k=REVERSE_DEPTH * k + 1, aggregate=settings.aggregate, exact_limit=settings.exact_limit,
-                            per_patch=LIST_PER_PATCH, layout_k=LIST_LAYOUT_K)
+    options = list_options(settings)
     proposed = {}
     with Progress(len(redo), "neighbours", enabled=progress) as bar:
         for start in range(0, len(redo), QUERY_BATCH):
@@ -150,6 +162,8 @@ def _candidate_lists(view: View, live: np.ndarray, redo: np.ndarray, near: np.nd
 def _reverse_merge(view: View, live: np.ndarray, kept: np.ndarray, fresh: np.ndarray, proposed: dict[int, np.ndarray],
                    near: np.ndarray, dist: np.ndarray, settings: NeighbourSettings) -> None:
     """Merge each new image into the kept lists of the images it found near it."""
+    if not kept.any():
+        return  # from scratch: every list was searched, none is waiting for new images
     pairs = [(int(y), x) for x in fresh.tolist() for y in proposed.get(x, np.empty(0, np.int64)).tolist()]
     if not pairs:
         return
