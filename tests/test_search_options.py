@@ -13,7 +13,8 @@ import pytest
 
 from conftest import make_scene, run_cli
 from retrieval import ExtractorConfig, Index, InputSpec, QueryResult, RuntimeConfig, SearchConfig, SearchOptions
-from retrieval.config import LAYOUT_K, NPROBE, ConfigError, SearchOptionError
+from retrieval.config import LAYOUT_K, NPROBE, PER_PATCH_MIN, ConfigError, SearchOptionError
+from retrieval.engine.ann import VectorIndex
 from retrieval.engine.index import IndexUsageError
 from retrieval.engine.search import candidate_images, rank
 from retrieval.extraction.features import describe
@@ -215,3 +216,23 @@ def test_sharded_search_aligns_results_and_takes_the_options_value(ivf_index, tm
     assert [r.error for r in got] == [None, "file not found", None] and got[1].hits == []
     top = lambda r: [(h.path, round(h.distance, 5), h.query_box, h.db_box) for h in r.hits]  # noqa: E731
     assert [top(r) for r in (got[0], got[2])] == [top(r) for r in want]
+
+
+@pytest.mark.parametrize("k, per_patch, asked", [(10, None, 40), (5, None, 32), (50, None, 200), (10, 7, 7)])
+def test_faiss_is_asked_for_the_default_or_given_windows_per_query_window(ivf_index, monkeypatch, k, per_patch, asked):
+    """Without per_patch, each query window asks FAISS for its max(4k, 32) nearest windows
+    (PER_PATCH_MIN, lowered from 64: benchmarks/results/concurrency.md); a given value wins."""
+    index, paths = ivf_index
+    asks: list[int] = []
+    original = VectorIndex.search
+
+    def recording(self, queries, n, nprobe=NPROBE):
+        if faiss.try_extract_index_ivf(self.index) is not None:  # the window index, not the layout's
+            asks.append(n)
+        return original(self, queries, n, nprobe)
+
+    monkeypatch.setattr(VectorIndex, "search", recording)
+    with Index.open(index) as idx:
+        idx.search(paths[:2], k=k, exact_limit=0, per_patch=per_patch)
+    assert asks == [asked]
+    assert PER_PATCH_MIN == 32

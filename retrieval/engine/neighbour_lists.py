@@ -31,7 +31,7 @@ QUERY_BATCH = 256
 # A new image found by FAISS updates the lists of its REVERSE_DEPTH * k nearest images.
 REVERSE_DEPTH = 2
 # A list's candidates: each window's LIST_PER_PATCH nearest windows and the layout index's
-# LIST_LAYOUT_K nearest images, not a search's max(4k, 64) and 128. The kernel scored
+# LIST_LAYOUT_K nearest images, not a search's per_patch and layout_k. The kernel scored
 # pools of ~2,000 images per image (83 % of the lists' time at 10,000 images); these find
 # the same near neighbours (all exact neighbours within 1.15 at 10,000; identical lists
 # at 100,000, hard generator) at 4-11x less time (benchmarks/results/duplicates.md).
