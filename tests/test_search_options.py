@@ -3,15 +3,17 @@ through the Python API, the command line and the server; FAISS parameters per ca
 searching one index with different nprobe); one result per query, in input order."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import threading
+from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
 
-from conftest import make_scene, run_cli
+from conftest import ROOT, make_scene, run_cli
 from retrieval import ExtractorConfig, Index, InputSpec, QueryResult, RuntimeConfig, SearchConfig, SearchOptions
 from retrieval.config import LAYOUT_K, NPROBE, PER_PATCH_MIN, ConfigError, SearchOptionError
 from retrieval.engine.ann import VectorIndex
@@ -236,3 +238,22 @@ def test_faiss_is_asked_for_the_default_or_given_windows_per_query_window(ivf_in
         idx.search(paths[:2], k=k, exact_limit=0, per_patch=per_patch)
     assert asks == [asked]
     assert PER_PATCH_MIN == 32
+
+
+def test_query_profile_reports_each_settings_pool_stages_and_recall(ivf_index, tmp_path):
+    """benchmarks/query_profile.py on the IVF index: every window asked for (8 of 8 lists,
+    60 windows each) scores all 12 images and finds the exact top 3; one list and one
+    window per query window scores fewer; the engine's functions are unwrapped after."""
+    index, paths = ivf_index
+    spec = importlib.util.spec_from_file_location("query_profile", ROOT / "benchmarks" / "query_profile.py")
+    profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile)
+    out = tmp_path / "profile.json"
+    searched = VectorIndex.search
+    assert profile.main([str(index), str(Path(paths[0]).parent), "-k", "3", "--groups", "4",
+                         "--grid", "8:60:0,1:1:0", "--json", str(out)]) == 0
+    wide, narrow = json.loads(out.read_text())["rows"]
+    assert (wide["pool_mean"], wide["recall@3"], wide["per_patch"]) == (12, 1.0, 60)
+    assert narrow["pool_mean"] < 12 and 0 <= narrow["recall@3"] <= 1 and 0 <= wide["N-S"] <= 4
+    assert set(wide["stages_ms"]) == set(profile.STAGES) and wide["stages_ms"]["kernel"] > 0
+    assert VectorIndex.search is searched
