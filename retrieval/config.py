@@ -51,9 +51,10 @@ NEIGHBOURS_K = 10  # each image's nearest images kept by the writer, for re-rank
 QE_ALPHA = 3.0  # the exponent of alpha-QE (Radenovic et al.): near hits weigh much more than far ones
 NPROBE = 16  # IVF lists per query window: recall 0.955 against 0.85 for 8 on hard data (benchmarks/results/scale.md)
 LAYOUT_K = 128  # candidates from the layout index (benchmarks/results/scale.md)
-# Default per_patch is max(4k, PER_PATCH_MIN): 40 at k = 10, where 64 scored twice the
-# pool (the kernel's time) for recall@10 0.995 against 0.987 on UKBench and 1.0 against
-# 1.0 on 100,000 hard images (benchmarks/results/concurrency.md, "Smaller pools").
+# Default per_patch is max(4k, PER_PATCH_MIN): 40 at k = 10, where 64 had the kernel score
+# 1.5x the pool (2,017 against 1,310 images at 100,000 hard images, recall@10 1.0 both)
+# for recall@10 0.995 against 0.987 on UKBench; 32 is the smallest depth keeping both
+# >= 0.98 (benchmarks/results/concurrency.md, "Smaller pools").
 PER_PATCH_MIN = 32
 
 
