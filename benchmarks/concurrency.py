@@ -16,9 +16,10 @@ through them all), after `Index.warm(wait=True)` as `retrieval serve` does:
   an `Index` could be shared; run it with PYTHONPATH at an older checkout to measure that
   code: the script puts its own checkout last on sys.path).
 
-Reports queries/s and p50 / p95 / p99 latency per mode and client count, whether every
-answer equals the sequential one (ids and distances), and recall@10 of the sequential
-answers against exact scoring of every image on `--recall-queries` of the queries.
+Reports queries/s, p50 / p95 / p99 latency and this process's CPU time per answer, per
+mode and client count; whether every answer equals the sequential one (ids and
+distances); and recall@10 of the sequential answers against exact scoring of every image
+on `--recall-queries` of the queries.
 """
 from __future__ import annotations
 
@@ -96,12 +97,12 @@ def run_mode(mode: str, index_dir: Path, queries: list[str], clients: int, secon
         ready.wait()
     except threading.BrokenBarrierError:
         pass
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     time.sleep(seconds if not errors else 0)
     stop.set()
     for t in threads:
         t.join()
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     if batcher is not None:
         batches = list(batcher.batches)
         batcher.close()
@@ -110,7 +111,11 @@ def run_mode(mode: str, index_dir: Path, queries: list[str], clients: int, secon
     times = [x for per in latencies for x in per]
     ms = lambda q: round(1000 * float(np.percentile(times, q)), 1) if times else None  # noqa: E731
     row = {"mode": mode, "clients": clients, "queries": len(times), "qps": round(len(times) / elapsed, 1),
-           "p50_ms": ms(50), "p95_ms": ms(95), "p99_ms": ms(99), "differ_from_sequential": sum(differ),
+           "p50_ms": ms(50), "p95_ms": ms(95), "p99_ms": ms(99),
+           # CPU of this process per answer: what bounds throughput on the cores, and less
+           # sensitive than queries/s to other jobs taking turns on them.
+           "cpu_ms_per_query": round(1000 * cpu / len(times), 1) if times else None,
+           "differ_from_sequential": sum(differ),
            "errors": errors[:3]}
     if batcher is not None:
         row["mean_batch"] = round(float(np.mean(batches)), 2) if batches else None

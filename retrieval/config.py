@@ -51,6 +51,11 @@ NEIGHBOURS_K = 10  # each image's nearest images kept by the writer, for re-rank
 QE_ALPHA = 3.0  # the exponent of alpha-QE (Radenovic et al.): near hits weigh much more than far ones
 NPROBE = 16  # IVF lists per query window: recall 0.955 against 0.85 for 8 on hard data (benchmarks/results/scale.md)
 LAYOUT_K = 128  # candidates from the layout index (benchmarks/results/scale.md)
+# Default per_patch is max(4k, PER_PATCH_MIN): 40 at k = 10, where 64 had the kernel score
+# 1.5x the pool (2,017 against 1,310 images at 100,000 hard images, recall@10 1.0 both)
+# for recall@10 0.995 against 0.987 on UKBench; 32 is the smallest depth keeping both
+# >= 0.98 (benchmarks/results/concurrency.md, "Smaller pools").
+PER_PATCH_MIN = 32
 
 
 class ConfigError(ValueError):
@@ -318,7 +323,7 @@ class SearchOptions:
     `k` hits per query (None: every image). `query_levels` and `aggregate` override the
     index's (None: the index's own, see `for_index`). Up to `exact_limit` images every
     image is scored exactly; above, FAISS proposes candidates: the images owning the
-    `per_patch` nearest windows of each query window (None: max(4k, 64)), searching
+    `per_patch` nearest windows of each query window (None: max(4k, 32)), searching
     `nprobe` IVF lists, and the `layout_k` images nearest to the query's windows laid end
     to end (0 leaves the layout index out). Re-ranking: `qe` best images' windows become
     queries too (alpha-QE weights, exponent `qe_alpha`), `dba` nearest neighbours of each

@@ -17,6 +17,7 @@ SEARCH = SearchConfig(levels=(1, 2), pca_dim=16)
 # Exact scoring of every image, and FAISS candidates (IVF, exact_limit 0) re-ranked.
 EXACT = SearchOptions(k=5)
 FAISS = SearchOptions(k=5, exact_limit=0, nprobe=2, per_patch=3)
+DEFAULT_POOLS = SearchOptions(k=5, exact_limit=0)  # FAISS candidates with the default pool settings
 
 
 def _scenes(folder, seeds) -> list[str]:
@@ -45,11 +46,13 @@ def _key(result):
 
 def test_eight_threads_get_exactly_the_sequential_answers(shared):
     """8 threads x 50 searches on one Index opened in the main thread (half straight,
-    half through a SearchBatcher; exact and FAISS options) return the sequential results."""
+    half through a SearchBatcher; exact, narrow FAISS and default FAISS options) return
+    the sequential results."""
     root, paths = shared
+    mix = (EXACT, FAISS, DEFAULT_POOLS)
     with Index.open(root / "idx") as idx:
-        plan = [(paths[(t * 7 + i) % len(paths)], (EXACT, FAISS)[(t + i) % 2]) for t in range(8) for i in range(50)]
-        expected = {(q, o): _key(idx.search([q], options=o)[0]) for q in paths for o in (EXACT, FAISS)}
+        plan = [(paths[(t * 7 + i) % len(paths)], mix[(t + i) % 3]) for t in range(8) for i in range(50)]
+        expected = {(q, o): _key(idx.search([q], options=o)[0]) for q in paths for o in mix}
         # The two options answer differently, so a mix-up between callers would show.
         assert any(expected[(q, EXACT)] != expected[(q, FAISS)] for q in paths)
         got: dict[int, list] = {t: [] for t in range(8)}

@@ -3,17 +3,20 @@ through the Python API, the command line and the server; FAISS parameters per ca
 searching one index with different nprobe); one result per query, in input order."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import threading
+from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
 
-from conftest import make_scene, run_cli
+from conftest import ROOT, make_scene, run_cli
 from retrieval import ExtractorConfig, Index, InputSpec, QueryResult, RuntimeConfig, SearchConfig, SearchOptions
-from retrieval.config import LAYOUT_K, NPROBE, ConfigError, SearchOptionError
+from retrieval.config import LAYOUT_K, NPROBE, PER_PATCH_MIN, ConfigError, SearchOptionError
+from retrieval.engine.ann import VectorIndex
 from retrieval.engine.index import IndexUsageError
 from retrieval.engine.search import candidate_images, rank
 from retrieval.extraction.features import describe
@@ -215,3 +218,42 @@ def test_sharded_search_aligns_results_and_takes_the_options_value(ivf_index, tm
     assert [r.error for r in got] == [None, "file not found", None] and got[1].hits == []
     top = lambda r: [(h.path, round(h.distance, 5), h.query_box, h.db_box) for h in r.hits]  # noqa: E731
     assert [top(r) for r in (got[0], got[2])] == [top(r) for r in want]
+
+
+@pytest.mark.parametrize("k, per_patch, asked", [(10, None, 40), (5, None, 32), (50, None, 200), (10, 7, 7)])
+def test_faiss_is_asked_for_the_default_or_given_windows_per_query_window(ivf_index, monkeypatch, k, per_patch, asked):
+    """Without per_patch, each query window asks FAISS for its max(4k, 32) nearest windows
+    (PER_PATCH_MIN, lowered from 64: benchmarks/results/concurrency.md); a given value wins."""
+    index, paths = ivf_index
+    asks: list[int] = []
+    original = VectorIndex.search
+
+    def recording(self, queries, n, nprobe=NPROBE):
+        if faiss.try_extract_index_ivf(self.index) is not None:  # the window index, not the layout's
+            asks.append(n)
+        return original(self, queries, n, nprobe)
+
+    monkeypatch.setattr(VectorIndex, "search", recording)
+    with Index.open(index) as idx:
+        idx.search(paths[:2], k=k, exact_limit=0, per_patch=per_patch)
+    assert asks == [asked]
+    assert PER_PATCH_MIN == 32
+
+
+def test_query_profile_reports_each_settings_pool_stages_and_recall(ivf_index, tmp_path):
+    """benchmarks/query_profile.py on the IVF index: every window asked for (8 of 8 lists,
+    60 windows each) scores all 12 images and finds the exact top 3; one list and one
+    window per query window scores fewer; the engine's functions are unwrapped after."""
+    index, paths = ivf_index
+    spec = importlib.util.spec_from_file_location("query_profile", ROOT / "benchmarks" / "query_profile.py")
+    profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile)
+    out = tmp_path / "profile.json"
+    searched = VectorIndex.search
+    assert profile.main([str(index), str(Path(paths[0]).parent), "-k", "3", "--groups", "4",
+                         "--grid", "8:60:0,1:1:0", "--json", str(out)]) == 0
+    wide, narrow = json.loads(out.read_text())["rows"]
+    assert (wide["pool_mean"], wide["recall@3"], wide["per_patch"]) == (12, 1.0, 60)
+    assert narrow["pool_mean"] < 12 and 0 <= narrow["recall@3"] <= 1 and 0 <= wide["N-S"] <= 4
+    assert set(wide["stages_ms"]) == set(profile.STAGES) and wide["stages_ms"]["kernel"] > 0
+    assert VectorIndex.search is searched

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default {EXACT_LIMIT})")
     p.add_argument("--nprobe", type=int, metavar="N", help="IVF lists searched per query window (default 16)")
     p.add_argument("--per-patch", type=int, metavar="N",
-                   help="nearest database windows per query window that nominate candidates (default max(4k, 64))")
+                   help="nearest database windows per query window that nominate candidates (default max(4k, 32))")
     p.add_argument("--layout-k", type=int, metavar="N",
                    help="candidates from the layout index (whole images whose windows, laid end to end, are "
                    "nearest the query's; default 128, 0 = leave it out)")

@@ -32,7 +32,7 @@ QUERY_BATCH = 256
 REVERSE_DEPTH = 2
 # A list's candidates: each window's LIST_PER_PATCH nearest windows, searched in
 # LIST_NPROBE IVF lists, and the layout index's LIST_LAYOUT_K nearest images, not a
-# search's max(4k, 64), 16 and 128: a list is computed for every image of the collection,
+# search's max(4k, 32), 16 and 128: a list is computed for every image of the collection,
 # so its cost is the first `retrieval duplicates`' cost. These keep every pair within the
 # default max distance of the exact lists on real photos above the exact limit (UKBench
 # views, crops and other copies; the few mates they miss lie among strangers) and the

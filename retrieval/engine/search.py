@@ -34,7 +34,7 @@ import numpy as np
 
 from . import kernel
 from .ann import WINDOW_BITS
-from ..config import DEFAULT_AGGREGATE, SearchOptions
+from ..config import DEFAULT_AGGREGATE, PER_PATCH_MIN, SearchOptions
 from .neighbours import Neighbours, qe_weight
 from .snapshot import View
 
@@ -129,9 +129,8 @@ def candidate_pools(queries: list[np.ndarray], view: View, options: SearchOption
     """Per query description, the sorted ids of the images FAISS proposes: the owners of
     each query window's `per_patch` nearest windows, and the layout index's `layout_k`.
     All descriptions' windows go to FAISS in one search (and their layouts in another)."""
-    per_patch = options.per_patch or max(4 * options.k, 64)
     # nprobe goes with this call only: the FAISS structure is shared by every thread.
-    _, found = view.ann.search(np.concatenate(queries), per_patch, nprobe=options.nprobe)
+    _, found = view.ann.search(np.concatenate(queries), windows_per_window(options), nprobe=options.nprobe)
     bounds = np.cumsum([0] + [len(q) for q in queries])
     pools = [found[a:b][found[a:b] >= 0] >> WINDOW_BITS for a, b in zip(bounds[:-1], bounds[1:])]
     rows = np.arange(view.patches) if layout_rows is None else layout_rows
@@ -146,6 +145,12 @@ def candidate_pools(queries: list[np.ndarray], view: View, options: SearchOption
         for i, found_near in zip(laid_out, near):
             pools[i] = np.concatenate([pools[i], found_near[found_near >= 0]])
     return [np.unique(pool) for pool in pools]
+
+
+def windows_per_window(options: SearchOptions) -> int:
+    """How many nearest database windows each query window asks FAISS for: `per_patch`,
+    or by default max(4k, PER_PATCH_MIN) (`retrieval/config.py` says why)."""
+    return options.per_patch or max(4 * options.k, PER_PATCH_MIN)
 
 
 def top_k(dist: np.ndarray, ids: np.ndarray, k: int | None) -> np.ndarray:
