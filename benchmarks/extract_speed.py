@@ -90,7 +90,7 @@ def backends(args) -> dict[str, ExtractorConfig]:
 
 def with_mode(config: ExtractorConfig, mode: str) -> ExtractorConfig:
     """A patch mode of config.PATCH_MODES, `MODE@N` (that mode with --roi-size N), either
-    with `:POOL` (the region pooling, config.POOLS; default avg), e.g. `pyramid:gem`."""
+    with `:POOL` (the region pooling, config.POOLS; default the backend's), e.g. `pyramid:gem`."""
     mode, _, pool = mode.partition(":")
     patch_mode, _, size = mode.partition("@")
     if pool and pool not in rconfig.POOLS:
