@@ -89,9 +89,14 @@ def backends(args) -> dict[str, ExtractorConfig]:
 
 
 def with_mode(config: ExtractorConfig, mode: str) -> ExtractorConfig:
-    """A patch mode of config.PATCH_MODES, or `MODE@N` (that mode with --roi-size N)."""
+    """A patch mode of config.PATCH_MODES, `MODE@N` (that mode with --roi-size N), either
+    with `:POOL` (the region pooling, config.POOLS; default the backend's), e.g. `pyramid:gem`."""
+    mode, _, pool = mode.partition(":")
     patch_mode, _, size = mode.partition("@")
-    return dataclasses.replace(config, patch_mode=patch_mode, roi_size=int(size) if size else None)
+    if pool and pool not in rconfig.POOLS:
+        raise SystemExit(f"unknown pooling {pool!r} in mode {mode}:{pool}; choose from {', '.join(rconfig.POOLS)}")
+    return dataclasses.replace(config, patch_mode=patch_mode, roi_size=int(size) if size else None,
+                               pool=pool or config.pool)
 
 
 def product_run(config: ExtractorConfig, paths: list[str], levels, runtime: RuntimeConfig, work: Path) -> dict:
@@ -223,7 +228,8 @@ def main() -> int:
     ap.add_argument("--weights", default=str(SHARED / "weights"), help="folder of the ONNX files")
     ap.add_argument("--backends",
                     default="onnx-mobilenetv2-int8,onnx-squeezenet1.1-fp16,torch-mobilenet_v2,torch-resnet50")
-    ap.add_argument("--modes", default="all", help="all (config.PATCH_MODES), or a list of them and MODE@N (with --roi-size N)")
+    ap.add_argument("--modes", default="all",
+                    help="all (config.PATCH_MODES), or a list of them, MODE@N (with --roi-size N) and MODE:POOL (e.g. pyramid:gem)")
     ap.add_argument("--levels", default="1,2,3,4")
     ap.add_argument("--batch-size", type=int, default=RuntimeConfig().batch_size)
     ap.add_argument("--workers", type=int, default=RuntimeConfig().workers, help="decode threads")

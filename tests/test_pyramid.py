@@ -15,7 +15,8 @@ from retrieval import ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchCo
 from retrieval.config import PATCH_MODES, PYRAMID_RATIO
 from retrieval.extraction import extractor as extractor_module
 from retrieval.extraction.extractor import (
-    Extracted, Extractor, Job, _area_pool, _cell_weights, _Pending, _prepare, pyramid_plan, pyramid_scales_of,
+    Extracted, Extractor, Job, _area_pool, _area_pool_many, _cell_weights, _Pending, _pool, _prepare, pyramid_plan,
+    pyramid_scales_of,
 )
 from retrieval.extraction.images import load_rgb
 from retrieval.extraction.patches import jitter_regions, level_boxes, level_regions
@@ -123,6 +124,11 @@ def test_area_pooling_of_whole_cells_is_plain_pooling():
     np.testing.assert_allclose(_area_pool(fmap, box, "avg"), cells.mean(axis=1), rtol=1e-5)
     np.testing.assert_allclose(_area_pool(fmap, box, "max"), cells.max(axis=1), rtol=1e-6)
     np.testing.assert_allclose(_area_pool(fmap, box, "gem"), np.mean(cells ** 3, axis=1) ** (1 / 3), rtol=1e-5)
+    # The batched product and the whole-map pooling give the same GeM, negatives clipped.
+    signed = fmap - 0.5
+    expected = np.mean(np.clip(signed[:, 0:4, 2:5].reshape(5, -1), 1e-6, None) ** 3, axis=1) ** (1 / 3)
+    np.testing.assert_allclose(_area_pool_many(signed, np.array([box]), "gem")[0], expected, rtol=1e-5)
+    np.testing.assert_allclose(_pool(signed[:, 0:4, 2:5], "gem"), expected, rtol=1e-5)
     # A half-cell border weighs half.
     box = (0.5 / 6, 0.0, 2 / 6, 1 / 6)
     np.testing.assert_allclose(_area_pool(fmap, box, "avg"), (fmap[:, 0, 0] * 0.5 + fmap[:, 0, 1]) / 1.5, rtol=1e-5)

@@ -441,7 +441,19 @@ def _pool(feat: np.ndarray, how: str) -> np.ndarray:
         return flat.mean(axis=1)
     if how == "max":
         return flat.max(axis=1)
-    return np.mean(np.clip(flat, 1e-6, None) ** GEM_P, axis=1) ** (1.0 / GEM_P)
+    return _gem_root(np.mean(_gem_power(flat), axis=1))
+
+
+def _gem_power(x: np.ndarray) -> np.ndarray:
+    """GeM's first step, max(x, 1e-6) ** GEM_P, by multiplication for the default p = 3:
+    the generic power is the bulk of pyramid's GeM pooling (7x avg's cost with `**`)."""
+    x = np.maximum(x, np.float32(1e-6))
+    return x * x * x if GEM_P == 3.0 else x ** GEM_P
+
+
+def _gem_root(x: np.ndarray) -> np.ndarray:
+    """GeM's last step, x ** (1 / GEM_P)."""
+    return np.cbrt(x) if GEM_P == 3.0 else x ** (1.0 / GEM_P)
 
 
 def _roi_pool(fmap: np.ndarray, box, how: str) -> np.ndarray:
@@ -537,7 +549,7 @@ def _area_pool_many(fmap: np.ndarray, boxes: np.ndarray, how: str) -> np.ndarray
     flat = fmap.reshape(c, h * w).astype(np.float32, copy=False)
     if how == "avg":
         return (flat @ weights).T
-    return ((np.clip(flat, 1e-6, None) ** GEM_P) @ weights).T ** (1.0 / GEM_P)
+    return _gem_root((_gem_power(flat) @ weights).T)
 
 
 def _area_pool(fmap: np.ndarray, box, how: str) -> np.ndarray:
@@ -555,5 +567,4 @@ def _area_pool(fmap: np.ndarray, box, how: str) -> np.ndarray:
         return fmap[:, rows][:, :, cols].reshape(fmap.shape[0], -1).max(axis=1)
     if how == "avg":
         return np.einsum("chw,h,w->c", fmap, wy, wx, optimize=True).astype(np.float32)
-    powered = np.clip(fmap, 1e-6, None) ** GEM_P
-    return (np.einsum("chw,h,w->c", powered, wy, wx, optimize=True) ** (1.0 / GEM_P)).astype(np.float32)
+    return _gem_root(np.einsum("chw,h,w->c", _gem_power(fmap), wy, wx, optimize=True)).astype(np.float32)
