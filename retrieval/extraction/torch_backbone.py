@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .backbone import DEFAULT_SIZE, PROBE_EXTRA, Backbone, cpu_count
+from .backbone import DEFAULT_SIZE, PROBE_EXTRA, Backbone, cpu_count, input_affine
 from ..config import IMAGENET_MEAN, IMAGENET_STD, ConfigError, ExtractorConfig, InputSpec
 
 
@@ -439,7 +439,7 @@ class TorchBackbone(Backbone):
             except Exception:
                 dynamic = False
         self.dynamic_size = bool(dynamic)
-        a, b = self._affine()
+        a, b = input_affine(self.spec)
         self._a = torch.as_tensor(a, device=self.device).view(1, 3, 1, 1)
         self._b = torch.as_tensor(b, device=self.device).view(1, 3, 1, 1)
 
