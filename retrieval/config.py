@@ -44,6 +44,9 @@ AUTO_ROTATION = "auto"
 # Up to this many images a query scores every image with the kernel (exact, and measured
 # faster than FAISS candidates: benchmarks/results/scale.md); above, candidates.
 EXACT_LIMIT = 2_000
+# Most queries a SearchBatcher (and so `retrieval serve --max-batch`) answers in one search;
+# here rather than in engine/batcher.py so that the CLI's --help needs no engine import.
+MAX_BATCH = 32
 # Adaptive re-ranking uses the hits and neighbours within this distance of the nearest
 # (chosen leave-one-set-out among 0.02-0.3: benchmarks/results/reranking.md).
 RERANK_MARGIN = 0.15

@@ -179,6 +179,44 @@ def test_concurrent_uploads_are_answered_together_with_the_hits_of_sequential_on
                                [h[-1] for hits in sequential for h in hits], rtol=1e-3)
 
 
+def test_max_batch_1_answers_one_at_a_time_with_the_hits_of_the_default(client, tiny):
+    """`create_app(..., max_batch=1)`, the baseline of `retrieval serve --max-batch 1`: four
+    uploads sent at once are searched one per batch, and every upload gets exactly the hits
+    (ids, boxes, distances) the default server gives it."""
+    import threading
+
+    _, paths, _ = tiny
+
+    def hits(r):
+        assert r.status_code == 200, r.text
+        return r.json()["results"][0]["hits"]
+
+    default = [hits(_upload(client, p, k=4)) for p in paths[:4]]
+    with TestClient(create_app(tiny[0], max_upload_bytes=LIMIT, max_batch=1), base_url=BASE) as c:
+        batcher = c.app.state.worker.batcher
+        batcher.wait_s = 60  # a batch would wait for all four; max_batch 1 must not
+        out: dict[int, list] = {}
+        threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, hits(_upload(c, paths[i], k=4))))
+                   for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert sorted(out) == [0, 1, 2, 3]
+        assert list(batcher.batches) == [1, 1, 1, 1]
+    assert [out[i] for i in range(4)] == default
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_serve_refuses_max_batch_below_1_and_writes_nothing(tiny, value):
+    index = tiny[0]
+    before = {p: p.stat().st_mtime_ns for p in index.rglob("*")}
+    out = run_cli("serve", str(index), "--port", "0", "--max-batch", value)
+    assert out.returncode == 2
+    assert f"--max-batch must be a whole number >= 1 (got {value})" in out.stderr
+    assert {p: p.stat().st_mtime_ns for p in index.rglob("*")} == before
+
+
 def test_query_from_an_indexed_image(client, tiny):
     _, paths, _ = tiny
     ids = _ids(client, paths)

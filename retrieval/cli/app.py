@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from ..config import EXACT_LIMIT, ConfigError, RuntimeConfig
+from ..config import EXACT_LIMIT, MAX_BATCH, ConfigError, RuntimeConfig
 from ..fileio import storage_message
 from .args import (
     add_extractor_args,
@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="also answer requests whose Host header is NAME (repeatable); others than the "
                    "address served, localhost and loopback addresses get 400 (DNS rebinding defence)")
+    p.add_argument("--max-batch", type=int, default=MAX_BATCH, metavar="N",
+                   help="most concurrent queries answered together in one search (default "
+                   f"{MAX_BATCH}; 1 answers them one at a time, the server before request batching)")
     p.add_argument("--quiet", action="store_true", help="no access log (one line per request on stderr)")
     add_runtime_args(p)
     return parser
@@ -473,6 +476,9 @@ def _serve(args) -> int:
         raise ConfigError("--max-upload-mb must be > 0")
     if args.max_upload_mpx <= 0:
         raise ConfigError("--max-upload-mpx must be > 0")
+    if args.max_batch < 1:
+        raise ConfigError(f"--max-batch must be a whole number >= 1 (got {args.max_batch}); "
+                          "1 answers queries one at a time")
     try:
         from ..serving.server import serve
     except ImportError as err:
@@ -483,7 +489,7 @@ def _serve(args) -> int:
         raise ConfigError("--token must not be empty")
     serve(args.index, args.host, args.port, runtime=runtime_config_from_args(args),
           max_upload_bytes=int(args.max_upload_mb * 2**20), max_upload_pixels=int(args.max_upload_mpx * 1e6),
-          allow_hosts=tuple(args.allow_host),
+          allow_hosts=tuple(args.allow_host), max_batch=args.max_batch,
           token=token, quiet=args.quiet)
     return EXIT_OK
 

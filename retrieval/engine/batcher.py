@@ -20,11 +20,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
-from ..config import SearchOptions
+from ..config import MAX_BATCH, SearchOptions
 from .query import K_NOT_GIVEN, QueryResult, search_options
 
 WAIT_S = 0.002
-MAX_BATCH = 32
 BATCH_LOG = 1000  # batch sizes kept in `SearchBatcher.batches`
 
 

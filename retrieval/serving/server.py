@@ -35,7 +35,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from threadpoolctl import threadpool_limits
 
-from ..config import ConfigError, RuntimeConfig, SearchOptions, levels_from_text, rotations_from_text
+from ..config import MAX_BATCH, ConfigError, RuntimeConfig, SearchOptions, levels_from_text, rotations_from_text
 from ..engine.batcher import SearchBatcher
 from ..extraction.images import ImageError, load_rgb, upright_size
 from .guard import Guard, HostPolicy
@@ -123,17 +123,23 @@ class IndexWorker:
     An Index is safe to share between threads, so the routes call it from the server's
     thread pool. Queries arriving together (uploads or indexed images) are answered
     together: their images described in one network call, their candidates found in one
-    FAISS batch search, one batch at a time, each batch using every core.
+    FAISS batch search, one batch at a time, each batch using every core; at most
+    `max_batch` queries a batch (1: one query at a time, the server before the batcher).
     """
 
-    def __init__(self, index_dir: str | Path, runtime: RuntimeConfig | None = None) -> None:
+    def __init__(self, index_dir: str | Path, runtime: RuntimeConfig | None = None, *,
+                 max_batch: int = MAX_BATCH) -> None:
         # A query whitens a handful of vectors, too few for BLAS threads to pay for waking
         # up: on the shared 2-core machine they made a store-hit search ~4x slower (about
         # 34 ms against 8.5 ms; benchmarks/results/serve.md). The limit is process-wide,
         # which suits a server process; the network and the kernel keep their own threads.
         threadpool_limits(1, user_api="blas")
         self.index = self._open(index_dir, runtime)
-        self.batcher = SearchBatcher(self.index)
+        try:
+            self.batcher = SearchBatcher(self.index, max_batch=max_batch)
+        except BaseException:
+            self.index.close()
+            raise
 
     @staticmethod
     def _open(index_dir: str | Path, runtime: RuntimeConfig | None):
@@ -181,15 +187,17 @@ def create_app(
     allow_hosts: tuple[str, ...] = (),
     token: str | None = None,
     access_log: TextIO | None = None,
+    max_batch: int = MAX_BATCH,
 ) -> FastAPI:
     """The FastAPI app serving the index at `index_dir` (opened now, closed on shutdown).
 
     `host` is the address served and `allow_hosts` the other names a request's `Host`
     header may give; `token`, when given, is needed by every route but the page (see
-    guard.py); `access_log` receives one line per request.
-    Raises IndexUsageError when `index_dir` is not an index.
+    guard.py); `access_log` receives one line per request; `max_batch` is the most
+    concurrent queries answered in one search (1: one at a time).
+    Raises IndexUsageError when `index_dir` is not an index, ValueError when max_batch < 1.
     """
-    worker = IndexWorker(index_dir, runtime)
+    worker = IndexWorker(index_dir, runtime, max_batch=max_batch)
     decode_slots = asyncio.Semaphore(DECODES_AT_ONCE)
 
     @contextlib.asynccontextmanager
@@ -462,11 +470,12 @@ def serve(
     allow_hosts: tuple[str, ...] = (),
     token: str | None = None,
     quiet: bool = False,
+    max_batch: int = MAX_BATCH,
 ) -> None:
     """Serve `index_dir` until interrupted (Ctrl-C or SIGTERM). Port 0 picks a free port.
 
     The address actually listened on is printed on stderr once the index is loaded, then
-    one access-log line per request unless `quiet`.
+    one access-log line per request unless `quiet`. `max_batch`: as create_app's.
     """
     import uvicorn
 
@@ -481,7 +490,8 @@ def serve(
     try:
         app = create_app(index_dir, runtime=runtime, max_upload_bytes=max_upload_bytes,
                          max_upload_pixels=max_upload_pixels, host=host,
-                         allow_hosts=allow_hosts, token=token, access_log=None if quiet else sys.stderr)
+                         allow_hosts=allow_hosts, token=token, access_log=None if quiet else sys.stderr,
+                         max_batch=max_batch)
     except BaseException:
         sock.close()
         raise
