@@ -244,3 +244,31 @@ def test_candidate_search_gives_the_exact_answer_when_it_sees_everything(qe_chai
     for a, b in zip(exact, pooled):
         assert [(h.path, h.rotation) for h in a] == [(h.path, h.rotation) for h in b]
         assert np.allclose([h.distance for h in a], [h.distance for h in b], atol=1e-6)
+
+
+def test_reranking_asks_faiss_no_deeper_than_the_plain_search(qe_chain, tmp_path, monkeypatch):
+    """Re-ranking's pools (the query's, each expanding hit's) come from FAISS searches of
+    the plain search's depth in windows: per_patch growing with the pool's depth made the
+    kernel score ten times the plain search's images per description."""
+    from retrieval.engine import ann
+    from retrieval.engine.search import windows_per_window
+
+    index, query, _ = qe_chain
+    copy = tmp_path / "idx"
+    shutil.copytree(index, copy)
+    asked: list[int] = []
+    search = ann.VectorIndex.search
+
+    def spy(self, queries, k, nprobe=ann.NPROBE):
+        asked.append(k)
+        return search(self, queries, k, nprobe)
+
+    with Index.open(copy) as idx:
+        idx.build_neighbours(2)
+        idx.set_index_type("IVF1,Flat")
+        plain = idx.search([query], k=4, exact_limit=0)[0].hits
+        monkeypatch.setattr(ann.VectorIndex, "search", spy)
+        reranked = idx.search([query], k=4, exact_limit=0, qe=2, dba=2)[0].hits
+    assert reranked and plain and reranked[0].path == plain[0].path
+    depth = windows_per_window(SearchOptions(k=4))
+    assert len(asked) >= 2 and set(asked) == {depth}, asked
