@@ -233,6 +233,8 @@ def main() -> int:
     ap.add_argument("--levels", default="1,2,3,4")
     ap.add_argument("--batch-size", type=int, default=RuntimeConfig().batch_size)
     ap.add_argument("--workers", type=int, default=RuntimeConfig().workers, help="decode threads")
+    ap.add_argument("--device", default="cpu", choices=rconfig.DEVICES,
+                    help="where the network runs (cuda: the network-only limit is measured there too)")
     ap.add_argument("--sweep", action="store_true", help="also the bare extractor over --batch-sizes x --sweep-workers")
     ap.add_argument("--batch-sizes", default="8,32,64")
     ap.add_argument("--sweep-workers", default="1,2")
@@ -244,10 +246,10 @@ def main() -> int:
         ap.error(f"no images under {args.images}")
     levels = tuple(int(v) for v in args.levels.split(","))
     modes = list(rconfig.PATCH_MODES) if args.modes == "all" else args.modes.split(",")
-    runtime = RuntimeConfig("cpu", args.batch_size, args.workers)
+    runtime = RuntimeConfig(args.device, args.batch_size, args.workers)
     load_before = os.getloadavg()
     print(f"code: {ROOT} ({revision(ROOT)}); {len(paths)} images ({args.roi_limit} for roi), levels {args.levels}, batch {args.batch_size}, "
-          f"{args.workers} decode threads; load average {load_before[0]:.2f}", flush=True)
+          f"{args.workers} decode threads, device {args.device}; load average {load_before[0]:.2f}", flush=True)
     rows = []
     head = (f"{'backend':24s} {'mode':6s} {'images':>6s} {'img/s':>6s} {'limit':>6s} {'of lim':>6s} {'h/1M':>6s} "
             f"{'decode':>6s} {'cut':>6s} {'net':>7s} {'pool':>5s} {'commit':>6s} {'publish s':>9s} {'load':>5s}")
@@ -292,7 +294,7 @@ def main() -> int:
                         print(f"{name:24s} {mode:6s} batch {b:3d} workers {w}: {ips:7.2f} img/s (no store)", flush=True)
     result = {
         "code": str(ROOT), "revision": revision(ROOT), "images": args.limit, "roi_images": args.roi_limit, "levels": list(levels),
-        "batch_size": args.batch_size, "workers": args.workers, "rows": rows, "sweep": sweep,
+        "batch_size": args.batch_size, "workers": args.workers, "device": args.device, "rows": rows, "sweep": sweep,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "load_before": [round(v, 2) for v in load_before],
                     "load_after": [round(v, 2) for v in os.getloadavg()]},
