@@ -174,3 +174,32 @@ def _lists_by_path(idx) -> dict[str, dict[str, float]]:
     entries = idx.manifest.get_many([int(i) for i in lists.ids])
     return {entries[int(i)].path: {entries[int(j)].path: float(d) for j, d in zip(row, dist) if j >= 0}
             for i, row, dist in zip(lists.ids, lists.neighbours, lists.distances)}
+
+
+def test_searches_read_the_lists_once_per_version_of_the_file(tmp_path, monkeypatch):
+    """Re-ranked searches share one reading of the lists (20 ms a query at 100,000 images
+    when read for each) and read them again once the writer has replaced the file."""
+    from retrieval.engine import neighbours as neighbours_module
+
+    paths = _scenes(tmp_path, range(960, 968))
+    index = tmp_path / "idx"
+    reads: list[Path] = []
+    load = Neighbours.load
+
+    def counted(directory):
+        reads.append(Path(directory))
+        return load(directory)
+
+    with Index.create(index, CONFIG, SEARCH, store=tmp_path / "s.sqlite", runtime=RuntimeConfig(batch_size=16)) as idx:
+        idx.add(paths[:6], progress=False)
+        monkeypatch.setattr(neighbours_module.Neighbours, "load", staticmethod(counted))
+        first = [idx.search([p], k=3, rerank=True, dba=2)[0] for p in paths[:3]]
+        assert len(reads) == 1 and all(r.hits[0].path == p for r, p in zip(first, paths[:3]))
+        shared = neighbours_module.shared_lists(index)
+        with pytest.raises(ValueError):
+            shared.neighbours[0, 0] = -1  # every search sees the same lists: read-only
+        idx.add(paths[6:], progress=False)  # the writer replaces the file with lists of 8 images
+        before = len(reads)
+        for p in paths[6:]:
+            assert idx.search([p], k=1, rerank=True)[0].hits[0].path == p
+        assert len(reads) == before + 1 and neighbours_module.shared_lists(index).meta["images"] == 8

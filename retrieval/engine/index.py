@@ -46,7 +46,7 @@ from . import duplicates as grouping
 from . import neighbour_lists
 from .duplicates import Duplicates
 from .neighbour_lists import NeighbourSettings
-from .neighbours import ASKED, Neighbours, lists_for_reranking
+from .neighbours import ASKED, Neighbours, lists_for_reranking, shared_lists
 from .pause import pause_hook
 from .policy import WritePolicy
 from .query import K_NOT_GIVEN, QueryResult, answer_queries, search_options
@@ -526,7 +526,7 @@ class Index:
         options = self.search_options(k, options, keywords)
         view = self.view()
         whitening = view.whitening if view.images else None
-        wants = whitening is not None and (options.dba or options.rerank)
+        wants = whitening is not None and options.reranks
         neighbours, note = self._rerank_neighbours(options, view) if wants else (None, None)
         expand_rows = self._rows_at(options.query_levels)
 
@@ -575,7 +575,7 @@ class Index:
         """The stored nearest neighbours of the indexed images, holding at least k each
         (IndexUsageError, saying to run `retrieval dba`, when there are none or fewer)."""
         try:
-            found = Neighbours.load(self.path)
+            found = shared_lists(self.path)
         except ValueError as err:
             raise IndexUsageError(str(err)) from None
         if found is None or found.k < k:
@@ -588,12 +588,15 @@ class Index:
         return found
 
     def _rerank_neighbours(self, options: SearchOptions, view: View) -> tuple[Neighbours | None, str | None]:
-        """The neighbour lists a re-ranked search averages with, and why they fall short
+        """The neighbour lists a re-ranked search averages with (or, with query expansion
+        alone, takes the expanding hits' nearest from), and why they fall short
         (`neighbours.lists_for_reranking`). A fixed `--dba K` needs K per image and fails
         without them (IndexUsageError); adaptive re-ranking does without, and says so."""
         if options.dba:
             return self.neighbours(options.dba), None
         found, note, _ = lists_for_reranking(self.path, view.state.generation)
+        if not options.rerank:
+            return found, None  # query expansion alone: the lists only spare FAISS the hits' nearest
         return found, note
 
     def build_neighbours(self, k: int, *, progress: bool = False) -> dict:

@@ -258,8 +258,8 @@ def rank_reranked(queries: list[np.ndarray], view: View, options: SearchOptions,
     plan = plan_expansion(scored_in(pool), options)
     expanded = [view.windows(int(i), expand_rows) for i in plan.hits]
     if expanded and pool is not None:
-        # The hits' own candidates are what lets expansion reach images the query missed.
-        more = rerank_pool(expanded, view, options, expand_rows, depth=HIT_POOL)
+        # The hits' own nearest images are what lets expansion reach images the query missed.
+        more = _hits_nearest(plan.hits, expanded, view, options, expand_rows, neighbours)
         wider = _widened(np.unique(np.concatenate([pool, more])), neighbours, dba)
         if len(wider) > len(pool):
             pool = wider
@@ -284,6 +284,21 @@ def rerank_pool(descriptions: list[np.ndarray], view: View, options: SearchOptio
         return None
     deeper = options.replace(k=max(options.k, depth), per_patch=windows_per_window(options))
     return np.unique(np.concatenate([r.ids for r in rank_many(descriptions, view, deeper, rows)]))
+
+
+def _hits_nearest(hits: np.ndarray, expanded: list[np.ndarray], view: View, options: SearchOptions,
+                  rows: np.ndarray | None, neighbours: Neighbours | None) -> np.ndarray:
+    """The nearest images of the expanding hits (and the hits): a hit's stored neighbour
+    list where it has one, else its HIT_POOL nearest through FAISS and the kernel. With
+    current lists this asks FAISS and the kernel nothing for the hits: finding their
+    nearest took 40 % of a re-ranked query at 100,000 images, and the lists hold what it
+    finds (benchmarks/results/reranking.md)."""
+    listed = neighbours.rows(hits)[1] if neighbours is not None else np.zeros(len(hits), bool)
+    parts = [neighbours.widen(hits[listed], neighbours.k)] if listed.any() else []
+    unlisted = [windows for windows, known in zip(expanded, listed.tolist()) if not known]
+    if unlisted:
+        parts.append(rerank_pool(unlisted, view, options, rows, depth=HIT_POOL))
+    return np.unique(np.concatenate(parts))
 
 
 @dataclass(frozen=True)
@@ -397,7 +412,16 @@ def _widened(pool: np.ndarray, neighbours: Neighbours | None, dba: int) -> np.nd
 def _pool_distances_to(window_sets: list[np.ndarray], view: View, pool: np.ndarray | None,
                        options: SearchOptions) -> list[np.ndarray]:
     """The pool's images' distances (view order, as `image_distances` gives them) to each window set."""
-    return [image_distances(w, view, pool, _aggregate(options))[1] for w in window_sets]
+    return [d for _, d, _, _ in _distances_in(window_sets, view, pool, _aggregate(options))]
+
+
+def _distances_in(window_sets: list[np.ndarray], view: View, pool: np.ndarray | None, aggregate: str) -> list[tuple]:
+    """`image_distances` of each window set over one pool (None: every live image). With a
+    pool, all the sets go to the kernel in one call per segment (`pool_distances`): one
+    call per set kept a core idle while re-ranking scored the expanding hits' pools."""
+    if pool is None or not window_sets:
+        return [image_distances(w, view, pool, aggregate) for w in window_sets]
+    return pool_distances(window_sets, view, [pool] * len(window_sets), aggregate)
 
 
 def nearest_description_distances(queries: list[np.ndarray], view: View, pool: np.ndarray | None,
@@ -405,7 +429,7 @@ def nearest_description_distances(queries: list[np.ndarray], view: View, pool: n
     """Each image of the pool (None: every live image) at its distance to the nearest of
     several descriptions of a query, with the deciding windows and description (in view
     order, unsorted)."""
-    scored = [image_distances(q, view, pool, aggregate) for q in queries]
+    scored = _distances_in(queries, view, pool, aggregate)
     ids = scored[0][0]
     dist = np.stack([s[1] for s in scored])
     which = np.argmin(dist, axis=0).astype(np.int32)  # ties: the earliest description (rotation 0 first)
