@@ -18,19 +18,11 @@ import sys
 import time
 from pathlib import Path
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # also when loaded by path (tests)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from code_root import code_root  # noqa: E402
 
-def _code_root() -> Path:
-    """The tree whose `retrieval` is measured: --code DIR, else this script's checkout."""
-    for i, arg in enumerate(sys.argv):
-        if arg == "--code" and i + 1 < len(sys.argv):
-            return Path(sys.argv[i + 1]).resolve()
-        if arg.startswith("--code="):
-            return Path(arg.split("=", 1)[1]).resolve()
-    return Path(__file__).resolve().parents[1]
-
-
-ROOT = _code_root()
-sys.path.insert(0, str(ROOT))
+ROOT = code_root()
 
 from retrieval.engine.index import Index  # noqa: E402
 from retrieval.extraction.images import expand_inputs  # noqa: E402
