@@ -43,7 +43,7 @@ from .meta import write_meta
 from .query import K_NOT_GIVEN, QueryResult, answer_queries
 from . import neighbour_lists, sharded_dba
 from .neighbour_lists import NeighbourSettings
-from .neighbours import ASKED, Neighbours
+from .neighbours import ASKED, Neighbours, shared_lists
 from .search import (Ranking, augment_scored, finish_reranking, image_distances, merge_rankings,
                      nearest_description_distances, plan_expansion, rank_descriptions, rank_expanded, rerank_pool)
 from .segments import write_segment
@@ -200,7 +200,7 @@ class _ShardSearcher:
         return sharded_dba.nearest(self.index.view(), window_sets, settings)
 
     def neighbours(self) -> Neighbours | None:
-        return Neighbours.load(self.index.path)
+        return shared_lists(self.index.path)
 
     def save_neighbours(self, lists: Neighbours, settings: NeighbourSettings) -> None:
         """Store lists of this shard's images (their meta completed with what they hold)."""
