@@ -48,9 +48,9 @@ def _answer(result) -> list:
 
 
 def run_mode(mode: str, index_dir: Path, queries: list[str], clients: int, seconds: float, k: int,
-             expected: dict[str, list]) -> dict:
+             expected: dict[str, list], options: dict) -> dict:
     """`clients` closed-loop threads for `seconds`: throughput, latency percentiles and
-    how many answers differ from the sequential ones."""
+    how many answers differ from the sequential ones; `options`: search keywords beside k."""
     shared = Index.open(index_dir) if mode != "per-thread" else None
     batcher = None
     if mode == "batched":
@@ -70,9 +70,9 @@ def run_mode(mode: str, index_dir: Path, queries: list[str], clients: int, secon
         try:
             if own is not None:
                 own.warm(wait=True)
-                own.search(queries[:1], k=k)  # loads this thread's view and FAISS structure
-            ask = ((lambda q: batcher.search(q, k=k)) if batcher is not None else
-                   (lambda q: (own or shared).search([q], k=k)[0]))
+                own.search(queries[:1], k=k, **options)  # loads this thread's view and FAISS structure
+            ask = ((lambda q: batcher.search(q, k=k, **options)) if batcher is not None else
+                   (lambda q: (own or shared).search([q], k=k, **options)[0]))
             ready.wait()
             i = c
             while not stop.is_set():
@@ -135,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=20.0, help="closed-loop run per mode and client count")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--recall-queries", type=int, default=20, help="queries scored exactly for recall@k (0: skip)")
+    p.add_argument("--nprobe", type=int, help="IVF lists searched per query window (default: the index's)")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
+    options = {"nprobe": args.nprobe} if args.nprobe else {}
     modes = args.modes.split(",")
     if not set(modes) <= set(MODES):
         p.error(f"--modes takes {','.join(MODES)} (got {args.modes!r})")
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     queries = [str(q) for q in sorted(args.queries.iterdir())]
     with Index.open(args.index) as idx:
         idx.warm(wait=True)
-        sequential = {q: idx.search([q], k=args.k)[0] for q in queries}
+        sequential = {q: idx.search([q], k=args.k, **options)[0] for q in queries}
         recall = None
         if args.recall_queries:
             some = queries[:args.recall_queries]
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     for clients in counts:
         for mode in modes:
             before = _load()
-            row = run_mode(mode, args.index, queries, clients, args.seconds, args.k, expected)
+            row = run_mode(mode, args.index, queries, clients, args.seconds, args.k, expected, options)
             row["load_before"], row["load_after"] = before, _load()
             rows.append(row)
             print(json.dumps(row), flush=True)
