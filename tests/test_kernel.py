@@ -171,6 +171,25 @@ def test_each_rejects_bad_candidate_offsets():
         K.patch_distances_each(q, qoff, db, offsets, None, np.array([0, 0, 0]), "min")
 
 
+def test_the_checks_over_every_image_name_what_is_wrong():
+    """The loops that check each image's offsets, each candidate and each query's offsets
+    (built to throw only when a check fails) still name the bad value."""
+    rng = np.random.default_rng(9)
+    db, offsets = make_db(rng, 16, n_images=5)
+    q = unit(rng, 4, 16)
+    bad = offsets.copy()
+    bad[3] = bad[2] - 1
+    with pytest.raises(ValueError, match="^offsets must be non-decreasing$"):
+        K.patch_distances(q, db, bad)
+    with pytest.raises(ValueError, match=r"^candidates\[2\] = 7 is out of range \[0, 5\)$"):
+        K.patch_distances(q, db, offsets, np.array([0, 4, 7]))
+    with pytest.raises(ValueError, match="^query_offsets must be strictly increasing"):
+        K.patch_distances_batch(q, np.array([0, 2, 2, 4]), db, offsets)
+    with pytest.raises(ValueError, match="^candidate_offsets must be non-decreasing$"):
+        K.patch_distances_each(q, np.array([0, 1, 2, 4]), db, offsets, np.array([0, 1, 4]), np.array([0, 2, 1, 3]),
+                               "min")
+
+
 @pytest.mark.parametrize("aggregate", ["min", "mean-min"])
 def test_float16_db(isa, aggregate):
     rng = np.random.default_rng(3)
