@@ -4,11 +4,12 @@ the `SearchBatcher` gives each caller its own result."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
 from conftest import make_scene
-from retrieval import (ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchBatcher, SearchConfig,
+from retrieval import (ExtractorConfig, Index, InputSpec, QueryResult, RuntimeConfig, SearchBatcher, SearchConfig,
                        SearchOptions)
 from retrieval.engine.index import IndexUsageError
 
@@ -155,3 +156,35 @@ def test_batcher_gives_each_caller_its_own_result_also_beside_an_unreadable_quer
             assert _key(good.result(timeout=120)) == _key(idx.search([paths[1]], options=EXACT)[0])
         with pytest.raises(RuntimeError, match="closed"):
             batcher.submit(paths[1])
+
+
+class _SlowIndex:
+    """A stand-in index whose every search takes `seconds`: what the batcher sees."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def search(self, queries, *, options):
+        time.sleep(self.seconds)
+        return [QueryResult(query=str(q), hits=[]) for q in queries]
+
+
+def test_callers_of_an_answered_batch_join_the_queries_that_waited_during_it():
+    """Eight closed-loop callers, four of them starting while the first batch runs: the
+    next batch waits `wait_s` for the first four to ask again and takes all eight, where
+    answering the four that waited at once split the callers into two half batches for
+    good."""
+    batcher = SearchBatcher(_SlowIndex(0.3), wait_s=0.1, max_batch=8)
+
+    def client(start: float) -> None:
+        time.sleep(start)
+        for i in range(3):
+            batcher.search(f"q{i}.jpg")
+
+    threads = [threading.Thread(target=client, args=(0.0 if c < 4 else 0.15,)) for c in range(8)]
+    with batcher:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+    assert list(batcher.batches) == [4, 8, 8, 4]

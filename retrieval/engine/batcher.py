@@ -4,7 +4,7 @@ A service's request threads each ask one query of a shared `Index` (or `ShardedI
 Searched one by one, each pays its own FAISS search and kernel calls, and their OpenMP
 threads fight over the cores. `SearchBatcher` gathers the queries that arrive within
 `wait_s` of the oldest waiting one (at most `max_batch`), and those that arrive while a
-batch is being answered, and answers them with one `search` call per distinct
+batch is being answered or within `wait_s` after it, and answers them with one `search` call per distinct
 `SearchOptions`: their images are described in one extractor call (store hits need no
 network) and ranked with one FAISS batch search (`search.rank_many`). Each caller gets
 the result that `search` gives its query alone, an unreadable query included (a result
@@ -58,6 +58,7 @@ class SearchBatcher:
         self.index, self.wait_s, self.max_batch = index, wait_s, max_batch
         self.batches: collections.deque[int] = collections.deque(maxlen=BATCH_LOG)  # queries per batch
         self._pending: list[_Request] = []
+        self._answered = float("-inf")  # when the last batch was answered (monotonic)
         self._changed = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="retrieval-batcher", daemon=True)
@@ -89,7 +90,12 @@ class SearchBatcher:
                     self._changed.wait()
                 if not self._pending:
                     return  # closed, and every queued query answered
-                deadline = self._pending[0].arrived + self.wait_s
+                # Also wait for the callers of the batch just answered: a service's
+                # threads ask again at once, and without them the next batch holds only
+                # the queries that came during the last one. Clients then settle into two
+                # half batches taking turns, at 0.6-0.8x the full batches' throughput
+                # (benchmarks/results/concurrency.md, "The shortlist").
+                deadline = max(self._pending[0].arrived, self._answered) + self.wait_s
                 while len(self._pending) < self.max_batch and not self._closed:
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -97,6 +103,7 @@ class SearchBatcher:
                     self._changed.wait(left)
                 batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
             self._answer([r for r in batch if r.future.set_running_or_notify_cancel()])
+            self._answered = time.monotonic()
 
     def _answer(self, batch: list[_Request]) -> None:
         self.batches.append(len(batch))
