@@ -136,9 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--recall-queries", type=int, default=20, help="queries scored exactly for recall@k (0: skip)")
     p.add_argument("--nprobe", type=int, help="IVF lists searched per query window (default: the index's)")
+    p.add_argument("--shortlist", type=int,
+                   help="images the kernel scores of those the windows nominate (default: the library's; 0: all)")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
     options = {"nprobe": args.nprobe} if args.nprobe else {}
+    if args.shortlist is not None:
+        options["shortlist"] = args.shortlist
     modes = args.modes.split(",")
     if not set(modes) <= set(MODES):
         p.error(f"--modes takes {','.join(MODES)} (got {args.modes!r})")

@@ -3,12 +3,13 @@
 candidate setting, on a kept index (read only).
 
     python benchmarks/query_profile.py /tmp/scale/n100000/index /tmp/scale/n100000/queries \
-        --grid 16:64:128,8:16:128 --json out.json
+        --grid 16:64:128,8:16:128,16:0:128:0 --json out.json
     python benchmarks/query_profile.py /tmp/ukb/index ../shared/data/ukbench/full --groups 4 \
         --grid 16:64:128,8:16:128 --every 5
 
 Each query goes through `Index.search([q], k)` alone (one client), once per setting
-`NPROBE:PER_PATCH:LAYOUT_K` (PER_PATCH 0: the library's default). The
+`NPROBE:PER_PATCH:LAYOUT_K[:SHORTLIST]` (NPROBE or PER_PATCH 0, or no SHORTLIST: the
+library's default; SHORTLIST 0: every image the windows nominate). The
 stages are timed by wrapping the engine functions that run them, for the duration of
 the run only: the FAISS window search, the layout search (`VectorIndex.search` on each
 structure), locating the pool's images in the segments (`View.locate`) and the kernel
@@ -91,11 +92,12 @@ def _group_of(paths: list[str], size: int) -> dict[str, int]:
     return {os.path.realpath(p): i // size for i, p in enumerate(paths)}
 
 
-def profile(index: Index, queries: list[str], setting: tuple[int, int, int], k: int, exact: list,
+def profile(index: Index, queries: list[str], setting: tuple[int, ...], k: int, exact: list,
             groups: dict[str, int] | None) -> dict:
     """One setting over every query: latency, stages, pool size, recall@k, N-S."""
-    nprobe, per_patch, layout_k = setting
-    options = {"nprobe": nprobe, "per_patch": per_patch or None, "layout_k": layout_k, "exact_limit": 0}
+    nprobe, per_patch, layout_k, shortlist = (setting + (None,))[:4]
+    options = {"nprobe": nprobe or None, "per_patch": per_patch or None, "layout_k": layout_k, "shortlist": shortlist,
+               "exact_limit": 0}
     times, found, ns = [], [], []
     with StageClock() as clock:
         for q, e in zip(queries, exact):
@@ -109,8 +111,10 @@ def profile(index: Index, queries: list[str], setting: tuple[int, int, int], k: 
                 ns.append(sum(groups.get(os.path.realpath(h.path)) == g for h in hits[:size]))
     per_query = {s: 1000 * clock.seconds[s] / len(queries) for s in STAGES[:-1]}
     per_query["other"] = 1000 * sum(times) / len(queries) - sum(per_query.values())
-    used = search.windows_per_window(index.search_options(k, None, {"per_patch": per_patch or None}))
-    row = {"nprobe": nprobe, "per_patch": used, "layout_k": layout_k,
+    used = index.search_options(k, None, {"per_patch": per_patch or None, "shortlist": shortlist})
+    row = {"nprobe": nprobe or index.view().ann.default_nprobe, "per_patch": search.windows_per_window(used),
+           "layout_k": layout_k,
+           "shortlist": search.shortlist_size(used) or "all",
            f"recall@{k}": round(float(np.mean(found)), 4),
            "p50_ms": round(1000 * float(np.percentile(times, 50)), 2),
            "mean_ms": round(1000 * float(np.mean(times)), 2),
@@ -125,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("index", type=Path, help="a kept index")
     p.add_argument("queries", type=Path, help="folder of query images (their descriptors in the index's store)")
-    p.add_argument("--grid", default="16:0:128", metavar="NPROBE:PER_PATCH:LAYOUT_K,...",
-                   help="candidate settings (PER_PATCH 0: the library's default); default 16:0:128")
+    p.add_argument("--grid", default="0:0:128", metavar="NPROBE:PER_PATCH:LAYOUT_K[:SHORTLIST],...",
+                   help="candidate settings (NPROBE or PER_PATCH 0, or no SHORTLIST: the library's default; "
+                   "SHORTLIST 0: score every image the windows nominate); default 0:0:128")
     p.add_argument("--groups", type=int, default=0, help="queries are the indexed images, in groups of this many")
     p.add_argument("--every", type=int, default=1, help="use every n-th query file")
     p.add_argument("-k", type=int, default=10)
@@ -134,10 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         grid = [tuple(int(v) for v in item.split(":")) for item in args.grid.split(",") if item]
-        if any(len(g) != 3 or g[0] < 1 or min(g) < 0 for g in grid):
+        if any(len(g) not in (3, 4) or min(g) < 0 for g in grid):
             raise ValueError
     except ValueError:
-        p.error(f"--grid takes NPROBE:PER_PATCH:LAYOUT_K integers, NPROBE >= 1 (got {args.grid!r})")
+        p.error(f"--grid takes NPROBE:PER_PATCH:LAYOUT_K[:SHORTLIST] integers >= 0 (got {args.grid!r})")
     paths = [str(q) for q in sorted(args.queries.iterdir()) if q.is_file()]
     queries = paths[::args.every]
     groups = _group_of(paths, args.groups) if args.groups else None

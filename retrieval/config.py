@@ -52,13 +52,27 @@ MAX_BATCH = 32
 RERANK_MARGIN = 0.15
 NEIGHBOURS_K = 10  # each image's nearest images kept by the writer, for re-ranking (`retrieval dba -k` changes it)
 QE_ALPHA = 3.0  # the exponent of alpha-QE (Radenovic et al.): near hits weigh much more than far ones
-NPROBE = 16  # IVF lists per query window: recall 0.955 against 0.85 for 8 on hard data (benchmarks/results/scale.md)
+# IVF lists per query window: NPROBE (recall 0.955 against 0.85 for 8 on hard data at 10,000
+# images, benchmarks/results/scale.md) while NPROBE lists hold at most NPROBE_WINDOWS
+# windows; above, enough lists for NPROBE_WINDOWS, at least NPROBE_MIN. The lists grow
+# with the collection (about 15,000 windows each at 1,000,000 images), and 8 of them kept
+# recall@10 at 0.99 there for 40 % less FAISS time (benchmarks/results/concurrency.md,
+# "The shortlist").
+NPROBE = 16
+NPROBE_MIN = 8
+NPROBE_WINDOWS = 100_000
 LAYOUT_K = 128  # candidates from the layout index (benchmarks/results/scale.md)
 # Default per_patch is max(4k, PER_PATCH_MIN): 40 at k = 10, where 64 had the kernel score
 # 1.5x the pool (2,017 against 1,310 images at 100,000 hard images, recall@10 1.0 both)
 # for recall@10 0.995 against 0.987 on UKBench; 32 is the smallest depth keeping both
 # >= 0.98 (benchmarks/results/concurrency.md, "Smaller pools").
 PER_PATCH_MIN = 32
+# Of the images the window index nominates, the kernel scores the max(SHORTLIST_PER_K * k,
+# SHORTLIST_MIN) whose FAISS evidence is nearest (`engine/search.py`, `shortlist`); the
+# layout index's images are scored whatever their evidence. Chosen where recall@10 held
+# on UKBench and the hard sets (benchmarks/results/concurrency.md, "The shortlist").
+SHORTLIST_PER_K = 20
+SHORTLIST_MIN = 200
 
 
 class ConfigError(ValueError):
@@ -327,8 +341,13 @@ class SearchOptions:
     index's (None: the index's own, see `for_index`). Up to `exact_limit` images every
     image is scored exactly; above, FAISS proposes candidates: the images owning the
     `per_patch` nearest windows of each query window (None: max(4k, 32)), searching
-    `nprobe` IVF lists, and the `layout_k` images nearest to the query's windows laid end
-    to end (0 leaves the layout index out). Re-ranking: `qe` best images' windows become
+    `nprobe` IVF lists (None: 16, fewer once the lists are long, down to 8 at 1,000,000
+    images: `VectorIndex.default_nprobe`), and the `layout_k` images nearest to the query's windows laid end
+    to end (0 leaves the layout index out). Of the window index's images the kernel
+    scores the `shortlist` (None: max(20k, 200); 0: all of them) whose windows FAISS
+    found nearest, each query window counting its nearest window of the image (or, where
+    FAISS found none, the farthest it returned); the layout index's are all scored.
+    Re-ranking: `qe` best images' windows become
     queries too (alpha-QE weights, exponent `qe_alpha`), `dba` nearest neighbours of each
     image are averaged in (fixed counts); with both 0, `rerank` re-ranks adaptively: the
     hits, and each image's stored neighbours, within `rerank_margin` of the nearest
@@ -339,17 +358,18 @@ class SearchOptions:
     turn alone (as if it had been the one rotation asked).
 
     A value out of range is a SearchOptionError (a ConfigError) naming the field and
-    what it may be. None for `nprobe` or `layout_k` means the default, which the value
-    then holds.
+    what it may be. None for `layout_k` means the default, which the value then holds;
+    None for `nprobe` stays None (the structure's own default).
     """
 
     k: int | None = 10
     query_levels: tuple[int, ...] | None = None
     aggregate: str | None = None
     exact_limit: int = EXACT_LIMIT
-    nprobe: int = NPROBE
+    nprobe: int | None = None
     per_patch: int | None = None
     layout_k: int = LAYOUT_K
+    shortlist: int | None = None
     qe: int = 0
     qe_alpha: float = QE_ALPHA
     dba: int = 0
@@ -361,9 +381,10 @@ class SearchOptions:
         put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen
         put("k", _whole("k", self.k, 1, optional=True))
         put("exact_limit", _whole("exact_limit", self.exact_limit, 0))
-        put("nprobe", _whole("nprobe", NPROBE if self.nprobe is None else self.nprobe, 1))
+        put("nprobe", _whole("nprobe", self.nprobe, 1, optional=True))
         put("per_patch", _whole("per_patch", self.per_patch, 1, optional=True))
         put("layout_k", _whole("layout_k", LAYOUT_K if self.layout_k is None else self.layout_k, 0))
+        put("shortlist", _whole("shortlist", self.shortlist, 0, optional=True))
         put("qe", _whole("qe", self.qe, 0))
         put("dba", _whole("dba", self.dba, 0))
         alpha = self.qe_alpha

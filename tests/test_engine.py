@@ -177,6 +177,9 @@ def test_layout_index_proposes_whole_images(tmp_path):
         exact = idx.search(paths[:10], k=5)
         alone = idx.search(paths[:10], k=5, exact_limit=20, nprobe=1, per_patch=1, layout_k=40)
         assert _ranking(alone) == _ranking(exact)
+        # The shortlist trims the window index's images only: the layout's are all scored.
+        alone = idx.search(paths[:10], k=5, exact_limit=20, nprobe=1, per_patch=1, layout_k=40, shortlist=1)
+        assert _ranking(alone) == _ranking(exact)
         # A query at fewer levels than the database fills only its windows' places.
         coarse = idx.search(paths[:10], k=5, query_levels=(1,))
         alone = idx.search(paths[:10], k=5, query_levels=(1,), exact_limit=20, nprobe=1, per_patch=1, layout_k=40)

@@ -260,7 +260,7 @@ def test_reranking_asks_faiss_no_deeper_than_the_plain_search(qe_chain, tmp_path
     asked: list[int] = []
     search = ann.VectorIndex.search
 
-    def spy(self, queries, k, nprobe=ann.NPROBE):
+    def spy(self, queries, k, nprobe=None):
         asked.append(k)
         return search(self, queries, k, nprobe)
 

@@ -15,10 +15,11 @@ import pytest
 
 from conftest import ROOT, make_scene, run_cli
 from retrieval import ExtractorConfig, Index, InputSpec, QueryResult, RuntimeConfig, SearchConfig, SearchOptions
-from retrieval.config import LAYOUT_K, NPROBE, PER_PATCH_MIN, ConfigError, SearchOptionError
+from retrieval.config import LAYOUT_K, NPROBE, NPROBE_MIN, PER_PATCH_MIN, ConfigError, SearchOptionError
 from retrieval.engine.ann import VectorIndex
 from retrieval.engine.index import IndexUsageError
-from retrieval.engine.search import candidate_images, rank
+from retrieval.engine import search
+from retrieval.engine.search import candidate_images, rank, shortlisted
 from retrieval.extraction.features import describe
 from retrieval.extraction.patches import level_names
 
@@ -49,6 +50,7 @@ def ivf_index(tmp_path_factory):
     ("nprobe", 0, "a whole number >= 1"),
     ("per_patch", 0, "a whole number >= 1"),
     ("layout_k", -1, "a whole number >= 0"),
+    ("shortlist", -1, "a whole number >= 0"),
     ("exact_limit", -1, "a whole number >= 0"),
     ("qe", -1, "a whole number >= 0"),
     ("dba", -2, "a whole number >= 0"),
@@ -71,7 +73,8 @@ def test_each_field_is_checked_in_the_constructor(field, value, allowed):
 
 def test_defaults_are_held_and_values_normalised():
     options = SearchOptions(nprobe=None, layout_k=None, query_levels=[2, 1], query_rotations=[90, 0], qe_alpha=2)
-    assert (options.nprobe, options.layout_k, options.k) == (NPROBE, LAYOUT_K, 10)
+    # nprobe None stays None: the structure's own default (`VectorIndex.default_nprobe`)
+    assert (options.nprobe, options.layout_k, options.k) == (None, LAYOUT_K, 10)
     assert options.query_levels == (1, 2) and options.query_rotations == (90, 0) and options.qe_alpha == 2.0
     assert SearchOptions().rotations == (0,) and options.rotations == (90, 0)
     assert SearchOptions(k=None).k is None and SearchOptions(k=np.int64(3)).k == 3
@@ -228,7 +231,7 @@ def test_faiss_is_asked_for_the_default_or_given_windows_per_query_window(ivf_in
     asks: list[int] = []
     original = VectorIndex.search
 
-    def recording(self, queries, n, nprobe=NPROBE):
+    def recording(self, queries, n, nprobe=None):
         if faiss.try_extract_index_ivf(self.index) is not None:  # the window index, not the layout's
             asks.append(n)
         return original(self, queries, n, nprobe)
@@ -238,6 +241,93 @@ def test_faiss_is_asked_for_the_default_or_given_windows_per_query_window(ivf_in
         idx.search(paths[:2], k=k, exact_limit=0, per_patch=per_patch)
     assert asks == [asked]
     assert PER_PATCH_MIN == 32
+
+
+def test_the_shortlist_keeps_the_images_nearest_by_faiss_evidence():
+    """Three query windows, their two nearest windows each (ids: image * 64 + window). A
+    window that did not find an image counts at the farthest it found (its floor); the
+    estimate follows the image distance: the mean over windows, or the smallest."""
+    w = lambda image, window=0: image * 64 + window  # noqa: E731
+    found = np.array([[w(1), w(2)],     # window 0: image 1 at 0.98, image 2 at 0.60
+                      [w(3), w(2, 1)],  # window 1: image 3 at 0.90, image 2 at 0.80
+                      [w(2, 2), -1]])   # window 2: image 2 at 0.70, nothing more
+    sims = np.array([[0.98, 0.60], [0.90, 0.80], [0.70, -np.inf]], np.float32)
+    d = lambda s: np.sqrt(2 - 2 * s)  # noqa: E731
+    # floors: window 0 0.60, window 1 0.80, window 2 0.70
+    mean = {1: d(0.98) + d(0.80) + d(0.70), 2: d(0.60) + d(0.80) + d(0.70), 3: d(0.60) + d(0.90) + d(0.70)}
+    assert sorted(mean, key=mean.get) == [1, 3, 2]
+    assert shortlisted(sims, found, 2, "mean-min").tolist() == [1, 3]
+    assert shortlisted(sims, found, 1, "min").tolist() == [1]  # 0.98 is the single nearest pair
+    assert shortlisted(sims, found, 3, "mean-min").tolist() == [1, 2, 3]  # no more than kept: all, sorted
+    assert shortlisted(sims, found, None, "mean-min").tolist() == [1, 2, 3]
+    # A window that found nothing puts every image at the farthest (sim -1) for it.
+    nothing = np.full((1, 2), -1)
+    assert shortlisted(np.vstack([sims, [[-np.inf, -np.inf]]]), np.vstack([found, nothing]), 2, "mean-min").tolist() \
+        == [1, 3]
+
+
+@pytest.mark.parametrize("shortlist, scored", [(None, 12), (0, 12), (3, 3), (1, 1)])
+def test_the_kernel_scores_the_shortlist_of_the_nominated_images(ivf_index, monkeypatch, shortlist, scored):
+    """Every window asked for (8 of 8 lists, 60 windows) nominates all 12 images; the
+    kernel scores `shortlist` of them (default max(20k, 200): all 12; 0: all), and a
+    query that is an indexed image still finds itself first, at distance near 0."""
+    index, paths = ivf_index
+    pools: list[int] = []
+    original = search.pool_distances
+
+    def counted(queries, view, pool_list, aggregate):
+        pools.extend(len(p) for p in pool_list)
+        return original(queries, view, pool_list, aggregate)
+
+    monkeypatch.setattr(search, "pool_distances", counted)
+    with Index.open(index) as idx:
+        results = idx.search(paths[:4], k=3, exact_limit=0, nprobe=8, per_patch=60, shortlist=shortlist)
+    assert pools == [scored] * 4
+    # (near 0: the stored windows are float16)
+    assert [r.hits[0].path for r in results] == paths[:4] and all(r.hits[0].distance < 0.02 for r in results)
+
+
+def test_a_bad_shortlist_is_refused_by_the_command_line_naming_the_flag(ivf_index):
+    index, paths = ivf_index
+    out = run_cli("query", str(index), paths[0], "--shortlist", "-1", "--json", "--quiet")
+    assert out.returncode == 2 and "--shortlist must be a whole number >= 0 (got -1)" in out.stderr and out.stdout == ""
+    out = run_cli("query", str(index), paths[0], "--shortlist", "2", "--exact-limit", "0", "-k", "2", "--json", "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["results"][0]["hits"][0]["path"] == paths[0]
+
+
+@pytest.mark.parametrize("windows, lists, probes", [
+    (60, 8, NPROBE),                      # the test index: short lists
+    (3_060_000, 1024, NPROBE),            # 100,000 images: lists of 3,000 windows
+    (30_060_000, 2048, NPROBE_MIN),       # 1,000,000 images: lists of 15,000
+    (9_000_000, 1024, 12),                # between: enough lists for NPROBE_WINDOWS
+])
+def test_the_default_nprobe_follows_the_length_of_the_lists(windows, lists, probes):
+    """16 lists while 16 hold at most NPROBE_WINDOWS windows, then fewer, never below 8;
+    a structure without lists has none."""
+    ivf = VectorIndex(8, f"IVF{lists},Flat")
+    assert ivf.is_trained is False
+    ivf.index.ntotal = windows  # the list count and the windows are all the rule reads
+    assert ivf.default_nprobe == probes
+    assert VectorIndex(8, "HNSW8").default_nprobe is None
+
+
+def test_a_search_without_nprobe_probes_the_structure_default(ivf_index, monkeypatch):
+    """Index.search with no nprobe hands FAISS the structure's default; a given one wins."""
+    index, paths = ivf_index
+    seen: list[int] = []
+    original = faiss.SearchParametersIVF
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("nprobe"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(faiss, "SearchParametersIVF", recording)
+    with Index.open(index) as idx:
+        idx.search(paths[:1], k=3, exact_limit=0)
+        idx.search(paths[:1], k=3, exact_limit=0, nprobe=3)
+        default = idx.view().ann.default_nprobe
+    assert seen == [default, 3] and default == NPROBE
 
 
 def test_query_profile_reports_each_settings_pool_stages_and_recall(ivf_index, tmp_path):

@@ -75,12 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exact-limit", type=int, default=EXACT_LIMIT, metavar="N",
                    help="score every image exactly up to N images; above, FAISS proposes candidates "
                    f"(default {EXACT_LIMIT})")
-    p.add_argument("--nprobe", type=int, metavar="N", help="IVF lists searched per query window (default 16)")
+    p.add_argument("--nprobe", type=int, metavar="N",
+                   help="IVF lists searched per query window (default 16, fewer once the lists are long: 8 at "
+                   "1,000,000 images)")
     p.add_argument("--per-patch", type=int, metavar="N",
                    help="nearest database windows per query window that nominate candidates (default max(4k, 32))")
     p.add_argument("--layout-k", type=int, metavar="N",
                    help="candidates from the layout index (whole images whose windows, laid end to end, are "
                    "nearest the query's; default 128, 0 = leave it out)")
+    p.add_argument("--shortlist", type=int, metavar="N",
+                   help="of the images the nearest windows nominate, score the N whose windows FAISS found nearest "
+                   "(default max(20k, 200); 0 = score them all)")
     p.add_argument("--html", metavar="REPORT.html",
                    help="also write a self-contained page of every query's hits with the matched windows drawn")
     add_rerank_args(p)

@@ -137,6 +137,7 @@ def search_options_from_args(args: argparse.Namespace) -> SearchOptions:
         return SearchOptions(
             k=args.k, query_levels=args.query_levels, aggregate=args.aggregate, exact_limit=args.exact_limit,
             nprobe=args.nprobe, per_patch=args.per_patch, layout_k=args.layout_k,
+            shortlist=args.shortlist,
             qe=args.qe, qe_alpha=args.qe_alpha, dba=args.dba, query_rotations=args.query_rotations,
             rerank=args.rerank, rerank_margin=args.rerank_margin,
         )

@@ -502,7 +502,7 @@ class Index:
 
         How is one `SearchOptions` value: pass it as `options=`, or its fields as
         keywords (`k=10` by default; `query_levels`, `aggregate`, `exact_limit`, `nprobe`,
-        `per_patch`, `layout_k`, `qe`, `qe_alpha`, `dba`, `query_rotations`, documented
+        `per_patch`, `layout_k`, `shortlist`, `qe`, `qe_alpha`, `dba`, `query_rotations`, documented
         there), not both. A bad value is an IndexUsageError naming it.
 
         k=None returns every image. Up to `exact_limit` images every image is scored

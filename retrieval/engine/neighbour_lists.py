@@ -130,10 +130,11 @@ def _exact_distances(view: View, queries: np.ndarray, targets: np.ndarray, setti
 
 def list_options(settings: NeighbourSettings) -> SearchOptions:
     """The search that proposes and scores a list's candidates: REVERSE_DEPTH * k nearest
-    other images (its own image comes first), from the lists' candidate settings."""
+    other images (its own image comes first), from the lists' candidate settings, every
+    candidate scored (their small pools were validated without a shortlist)."""
     return SearchOptions(k=REVERSE_DEPTH * settings.k + 1, aggregate=settings.aggregate,
                          exact_limit=settings.exact_limit, per_patch=LIST_PER_PATCH, nprobe=LIST_NPROBE,
-                         layout_k=LIST_LAYOUT_K)
+                         layout_k=LIST_LAYOUT_K, shortlist=0)
 
 
 def _candidate_lists(view: View, live: np.ndarray, redo: np.ndarray, near: np.ndarray, dist: np.ndarray,
