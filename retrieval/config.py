@@ -342,12 +342,12 @@ class SearchOptions:
     image is scored exactly; above, FAISS proposes candidates: the images owning the
     `per_patch` nearest windows of each query window (None: max(4k, 32)), searching
     `nprobe` IVF lists (None: 16, fewer once the lists are long, down to 8 at 1,000,000
-    images: `VectorIndex.default_nprobe`), and the `layout_k` images nearest to the query's windows laid end
-    to end (0 leaves the layout index out). Of the window index's images the kernel
-    scores the `shortlist` (None: max(20k, 200); 0: all of them) whose windows FAISS
-    found nearest, each query window counting its nearest window of the image (or, where
-    FAISS found none, the farthest it returned); the layout index's are all scored.
-    Re-ranking: `qe` best images' windows become
+    images: `VectorIndex.default_nprobe`), and the `layout_k` images nearest to the
+    query's windows laid end to end (0 leaves the layout index out). Of the window
+    index's images the kernel scores the `shortlist` (None: max(20k, 200); 0: all of
+    them) whose windows FAISS found nearest, each query window counting its nearest
+    window of the image (or, where FAISS found none, the farthest it returned); the
+    layout index's are all scored. Re-ranking: `qe` best images' windows become
     queries too (alpha-QE weights, exponent `qe_alpha`), `dba` nearest neighbours of each
     image are averaged in (fixed counts); with both 0, `rerank` re-ranks adaptively: the
     hits, and each image's stored neighbours, within `rerank_margin` of the nearest

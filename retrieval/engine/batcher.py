@@ -4,12 +4,12 @@ A service's request threads each ask one query of a shared `Index` (or `ShardedI
 Searched one by one, each pays its own FAISS search and kernel calls, and their OpenMP
 threads fight over the cores. `SearchBatcher` gathers the queries that arrive within
 `wait_s` of the oldest waiting one (at most `max_batch`), and those that arrive while a
-batch is being answered or within `wait_s` after it, and answers them with one `search` call per distinct
-`SearchOptions`: their images are described in one extractor call (store hits need no
-network) and ranked with one FAISS batch search (`search.rank_many`). Each caller gets
-the result that `search` gives its query alone, an unreadable query included (a result
-with its `error`); an exception of `search` (a bad option for this index) goes to every
-caller of that options group.
+batch is being answered or within `wait_s` after it, and answers them with one `search`
+call per distinct `SearchOptions`: their images are described in one extractor call
+(store hits need no network) and ranked with one FAISS batch search
+(`search.rank_many`). Each caller gets the result that `search` gives its query alone,
+an unreadable query included (a result with its `error`); an exception of `search` (a
+bad option for this index) goes to every caller of that options group.
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ class SearchBatcher:
                 # Also wait for the callers of the batch just answered: a service's
                 # threads ask again at once, and without them the next batch holds only
                 # the queries that came during the last one. Clients then settle into two
-                # half batches taking turns, at 0.6-0.8x the full batches' throughput
+                # half batches taking turns, at about 0.8x the full batches' throughput
                 # (benchmarks/results/concurrency.md, "The shortlist").
                 deadline = max(self._pending[0].arrived, self._answered) + self.wait_s
                 while len(self._pending) < self.max_batch and not self._closed:
