@@ -312,6 +312,26 @@ def test_the_default_nprobe_follows_the_length_of_the_lists(windows, lists, prob
     assert VectorIndex(8, "HNSW8").default_nprobe is None
 
 
+def test_a_flat_fast_scan_structure_splits_its_scan_made_or_loaded(tmp_path):
+    """The layout index's kind of structure (flat fast-scan PQ) searches a batch with its
+    codes split between threads, also once read back from its file (FAISS does not keep
+    the setting there); its distances are the default implementation's."""
+    from retrieval.engine.ann import FAST_SCAN_SPLIT
+
+    x = np.random.default_rng(0).standard_normal((2000, 64)).astype(np.float32)
+    made = VectorIndex(64, "PQ16x4fs")
+    made.train(x)
+    made.add(x, np.arange(2000))
+    made.save(tmp_path / "pq.faiss")
+    loaded = VectorIndex.load(tmp_path / "pq.faiss", "PQ16x4fs")
+    inner = [faiss.downcast_index(v.index.index) for v in (made, loaded)]
+    assert [i.implem for i in inner] == [FAST_SCAN_SPLIT] * 2
+    split = loaded.search(x[:8], 10)
+    inner[1].implem = 0
+    default = loaded.search(x[:8], 10)
+    np.testing.assert_array_equal(split[0], default[0])  # ids may differ among equal distances
+
+
 def test_a_search_without_nprobe_probes_the_structure_default(ivf_index, monkeypatch):
     """Index.search with no nprobe hands FAISS the structure's default; a given one wins."""
     index, paths = ivf_index

@@ -52,6 +52,13 @@ LAYOUT_TRAIN_IMAGES = 1024  # the layout index's training sample (images)
 LAYOUT_MIN_IMAGES = 640  # below, no layout index: FAISS asks for 39 x 16 points to train 4-bit codebooks
 
 
+# A flat fast-scan structure (the layout index) searches a batch of queries with its codes
+# split between the threads (FAISS's `implem` 15); its default gave a batch of 8 to one
+# thread: 2.6-3.0 ms a query against 1.8-2.3 at 1,000,000 images, with the same distances
+# and ids (benchmarks/results/concurrency.md, "The shortlist").
+FAST_SCAN_SPLIT = 15
+
+
 class FactoryError(ValueError):
     """An `--index-type` string FAISS cannot build (usage error)."""
 
@@ -154,7 +161,7 @@ class VectorIndex:
             except RuntimeError as err:
                 raise FactoryError(f"--index-type {self.factory!r}: {err}") from None
             if faiss.try_extract_index_ivf(index) is None:
-                index = faiss.IndexIDMap2(index)  # graph and flat indexes keep no ids of their own
+                index = faiss.IndexIDMap2(_split_scans(index))  # graph and flat indexes keep no ids of their own
             self._cpu = index
         return self._cpu
 
@@ -272,6 +279,17 @@ class VectorIndex:
         except RuntimeError as err:
             reason = "missing" if not os.path.exists(path) else f"unreadable ({str(err).strip().splitlines()[-1]})"
             raise ValueError(f"{path}: {reason}") from None
+        if isinstance(cpu, faiss.IndexIDMap2):
+            _split_scans(cpu.index)  # not kept in the file
         obj = cls(cpu.d, factory, device)
         obj._cpu = cpu
         return obj
+
+
+def _split_scans(index: faiss.Index) -> faiss.Index:
+    """`index`, a flat fast-scan structure set to split a batch's scan between threads
+    (FAST_SCAN_SPLIT); any other structure as it is."""
+    inner = faiss.downcast_index(index)  # a view: `index` keeps owning the structure
+    if isinstance(inner, faiss.IndexFastScan):
+        inner.implem = FAST_SCAN_SPLIT
+    return index
