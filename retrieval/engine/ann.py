@@ -232,10 +232,7 @@ class VectorIndex:
         window's nearest windows in fewer of them: 16 lists at 10,000 to 100,000 images,
         8 at 1,000,000 (lists of 15,000 windows), where FAISS is most of a query."""
         ivf = faiss.try_extract_index_ivf(self.index)
-        if ivf is None:
-            return None
-        per_list = self.ntotal / max(1, ivf.nlist)
-        return int(min(NPROBE, max(NPROBE_MIN, math.ceil(NPROBE_WINDOWS / max(per_list, 1.0)))))
+        return None if ivf is None else _nprobe_for(ivf)
 
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Inner products and ids of the k nearest windows of each query row (-1 = none),
@@ -249,8 +246,10 @@ class VectorIndex:
         `SearchParametersIVF`."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = max(1, min(k, self.ntotal))
-        probes = self.default_nprobe if nprobe is None else nprobe
-        params = faiss.SearchParametersIVF(nprobe=int(probes)) if probes is not None else None
+        ivf = faiss.try_extract_index_ivf(self.index)
+        params = None
+        if ivf is not None:
+            params = faiss.SearchParametersIVF(nprobe=int(_nprobe_for(ivf) if nprobe is None else nprobe))
         return self._searcher().search(queries, k, params=params)
 
     def _searcher(self) -> faiss.Index:
@@ -284,6 +283,12 @@ class VectorIndex:
         obj = cls(cpu.d, factory, device)
         obj._cpu = cpu
         return obj
+
+
+def _nprobe_for(ivf: faiss.IndexIVF) -> int:
+    """`VectorIndex.default_nprobe` of an IVF structure."""
+    per_list = ivf.ntotal / max(1, ivf.nlist)
+    return int(min(NPROBE, max(NPROBE_MIN, math.ceil(NPROBE_WINDOWS / max(per_list, 1.0)))))
 
 
 def _split_scans(index: faiss.Index) -> faiss.Index:

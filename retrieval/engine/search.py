@@ -101,7 +101,13 @@ def pool_distances(queries: list[np.ndarray], view: View, pools: list[np.ndarray
     """`image_distances` of each query description over its own pool (sorted unique ids),
     all of them in one kernel call per segment: one call per query left one of the two
     cores idle on the pools of a few hundred images that candidates give."""
-    located = [view.locate(pool) for pool in pools]  # drops what this view does not hold
+    # Drops what this view does not hold; a pool shared by several window sets (re-ranking's
+    # expanding hits) is located once.
+    seen: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for pool in pools:
+        if id(pool) not in seen:
+            seen[id(pool)] = view.locate(pool)
+    located = [seen[id(pool)] for pool in pools]
     owner = np.repeat(np.arange(len(queries)), [len(s) for s, _ in located])
     segment = np.concatenate([s for s, _ in located])
     row = np.concatenate([r for _, r in located])
