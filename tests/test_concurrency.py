@@ -188,3 +188,17 @@ def test_callers_of_an_answered_batch_join_the_queries_that_waited_during_it():
         for t in threads:
             t.join(timeout=30)
     assert list(batcher.batches) == [4, 8, 8, 4]
+    # The first batch (nothing known yet) and the last (four callers gone) waited out
+    # wait_s; the full ones left as soon as all eight callers were in.
+    assert batcher.waited_out == 2
+
+
+def test_a_lone_caller_waits_for_nobody_after_its_first_query():
+    """One caller asking again and again: once a batch has shown that nobody else asks,
+    its queries are answered at once instead of each waiting `wait_s` for company that
+    never comes (the old batcher waited out all five)."""
+    with SearchBatcher(_SlowIndex(0.0), wait_s=0.2, max_batch=8) as batcher:
+        answers = [batcher.search(f"q{i}.jpg").query for i in range(5)]
+    assert answers == [f"q{i}.jpg" for i in range(5)]
+    assert list(batcher.batches) == [1] * 5
+    assert batcher.waited_out == 1  # the first query only

@@ -7,9 +7,12 @@ threads fight over the cores. `SearchBatcher` gathers the queries that arrive wi
 batch is being answered or within `wait_s` after it, and answers them with one `search`
 call per distinct `SearchOptions`: their images are described in one extractor call
 (store hits need no network) and ranked with one FAISS batch search
-(`search.rank_many`). Each caller gets the result that `search` gives its query alone,
-an unreadable query included (a result with its `error`); an exception of `search` (a
-bad option for this index) goes to every caller of that options group.
+(`search.rank_many`). A batch leaves before `wait_s` once the queries it expects are in:
+the last batch's callers and those that came during it (so a lone caller is answered at
+once; before the first batch it waits the full `wait_s`). Each caller gets the result
+that `search` gives its query alone, an unreadable query included (a result with its
+`error`); an exception of `search` (a bad option for this index) goes to every caller of
+that options group.
 """
 from __future__ import annotations
 
@@ -57,8 +60,12 @@ class SearchBatcher:
             raise ValueError(f"wait_s must be >= 0 and max_batch >= 1 (got {wait_s}, {max_batch})")
         self.index, self.wait_s, self.max_batch = index, wait_s, max_batch
         self.batches: collections.deque[int] = collections.deque(maxlen=BATCH_LOG)  # queries per batch
+        self.waited_out = 0  # batches that left at their deadline, short of the expected callers
         self._pending: list[_Request] = []
         self._answered = float("-inf")  # when the last batch was answered (monotonic)
+        # Queries expected in the next batch: the last batch's callers (who ask again at
+        # once in a closed loop) and those that came during it. Unknown at first.
+        self._expected = max_batch
         self._changed = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="retrieval-batcher", daemon=True)
@@ -94,16 +101,21 @@ class SearchBatcher:
                 # threads ask again at once, and without them the next batch holds only
                 # the queries that came during the last one. Clients then settle into two
                 # half batches taking turns, at about 0.8x the full batches' throughput
-                # (benchmarks/results/concurrency.md, "The shortlist").
+                # (benchmarks/results/concurrency.md, "The shortlist"). But no longer than
+                # until the expected callers are in: a lone caller paid wait_s on every
+                # query ("Expected callers" there).
                 deadline = max(self._pending[0].arrived, self._answered) + self.wait_s
-                while len(self._pending) < self.max_batch and not self._closed:
+                while len(self._pending) < self._expected and not self._closed:
                     left = deadline - time.monotonic()
                     if left <= 0:
+                        self.waited_out += 1
                         break
                     self._changed.wait(left)
                 batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
             self._answer([r for r in batch if r.future.set_running_or_notify_cancel()])
-            self._answered = time.monotonic()
+            with self._changed:
+                self._answered = time.monotonic()
+                self._expected = max(1, min(self.max_batch, len(batch) + len(self._pending)))
 
     def _answer(self, batch: list[_Request]) -> None:
         self.batches.append(len(batch))
