@@ -72,6 +72,10 @@ def backends(args) -> dict[str, ExtractorConfig]:
         # torchvision architectures, fp32, random init (no download here): speed only.
         "torch-mobilenet_v2": lambda: ExtractorConfig(backbone="mobilenet_v2", weights="none", layer="features"),
         "torch-resnet50": lambda: ExtractorConfig(backbone="resnet50", weights="none"),
+        # --precision bf16 (fast on a CPU with AVX512_BF16 / AMX, or a recent GPU)
+        "torch-mobilenet_v2-bf16": lambda: ExtractorConfig(backbone="mobilenet_v2", weights="none", layer="features",
+                                                           precision="bf16"),
+        "torch-resnet50-bf16": lambda: ExtractorConfig(backbone="resnet50", weights="none", precision="bf16"),
     }
     wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in wanted if b not in known]

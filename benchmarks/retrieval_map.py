@@ -557,6 +557,8 @@ def command_line(args, row: dict) -> str:
             parts += ["--layer", row["layer"]]
         if args.input_spec:
             parts += ["--input-spec", args.input_spec]
+        if args.precision != "fp32":
+            parts += ["--precision", args.precision]
     if row["pool"] != "avg":
         parts += ["--pool", row["pool"]]
     parts += ["--patch-mode", row["patch_mode"], "--levels", ",".join(map(str, row["levels"])),

@@ -23,6 +23,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 POOLS = ("avg", "max", "gem")
 PATCH_MODES = ("crop", "roi", "pyramid")
+# Arithmetic of a torch backbone's forward pass: bf16 autocast is 2.2x fp32 on a CPU with
+# native bf16 (AVX512_BF16 / AMX), at cosine 0.99999 to fp32's descriptors
+# (benchmarks/results/describe.md, "bf16").
+PRECISIONS = ("fp32", "bf16")
 # pyramid mode: the whole image is fed twice, resized (squashed, as crop squashes each
 # window) to the network's input size and to a larger square; windows covering at least
 # PYRAMID_WHOLE of the image side (level 1) are pooled from the first, all others from both,
@@ -196,8 +200,16 @@ class ExtractorConfig:
     pool: str = "avg"
     patch_mode: str = "crop"
     roi_size: int | None = None
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
+        if self.precision != "fp32" and self.onnx:
+            raise ConfigError(
+                f"--precision {self.precision} applies to torch backbones; an ONNX model runs at the "
+                "precision it was exported in (`retrieval export-onnx --int8` makes a faster one)"
+            )
         if self.roi_size is not None and self.roi_size < 32:
             raise ConfigError(f"--roi-size must be >= 32 pixels (got {self.roi_size})")
         if self.pool not in POOLS:
@@ -218,7 +230,7 @@ class ExtractorConfig:
         """The settings that apply to this extractor (for `retrieval info`): an ONNX model
         has no torchvision backbone, weights or layer, a torch one no ONNX fields."""
         data = self.to_dict()
-        drop = ("backbone", "weights", "layer") if self.onnx else ("onnx", "onnx_output")
+        drop = ("backbone", "weights", "layer", "precision") if self.onnx else ("onnx", "onnx_output")
         if self.patch_mode not in MAP_SIZE_MODES:
             drop += ("roi_size",)
         return {k: v for k, v in data.items() if k not in drop}
@@ -239,6 +251,8 @@ class ExtractorConfig:
         if self.roi_size is None or self.patch_mode not in MAP_SIZE_MODES:
             # Absent unless it matters, so keys made before the option existed stay valid.
             ident.pop("roi_size")
+        if self.precision == "fp32":
+            ident.pop("precision")  # likewise
         if self.patch_mode == "pyramid":
             # The default larger size, the split and the averaging of the smaller windows
             # over both maps are part of what a pyramid descriptor is (descriptors pooled

@@ -108,6 +108,58 @@ def test_random_init_is_deterministic_and_leaves_caller_rng_alone(r18):
     np.testing.assert_array_equal(again(x), r18(x))
 
 
+def test_bf16_precision_describes_close_to_fp32_and_is_stored_apart(tmp_path, monkeypatch):
+    """--precision bf16: the extractor's descriptors of real image files stay within cosine
+    0.999 of fp32's at every window; the store key differs (never mixed with fp32's), while
+    fp32 keeps the key of a configuration written before the option existed."""
+    import warnings
+
+    import retrieval.extraction.torch_backbone as tb
+    from conftest import make_scene
+    from retrieval.extraction.extractor import Extractor, Job
+    from retrieval.extraction.patches import level_regions
+
+    monkeypatch.setattr(tb, "native_bf16", lambda device="cpu": True)  # this test checks values, not speed
+    paths = []
+    for seed in range(3):
+        make_scene(seed).save(tmp_path / f"{seed}.jpg", quality=90)
+        paths.append(str(tmp_path / f"{seed}.jpg"))
+    regions = (level_regions(1), level_regions(2))
+    described = {}
+    for precision in ("fp32", "bf16"):
+        ex = Extractor(_r18(precision=precision))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # native bf16 (patched): no warning
+            out = list(ex.extract([Job(p, regions) for p in paths], progress=False))
+        described[precision] = np.concatenate([np.concatenate(list(o.descriptors.values())) for o in out])
+        assert ex.backbone.summary()["precision"] == precision
+    a, b = described["fp32"], described["bf16"]
+    assert not np.array_equal(a, b)  # bf16 did run
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert len(cosine) == 3 * 5 and cosine.min() >= 0.999
+    fp32, bf16 = _r18(), _r18(precision="bf16")
+    assert bf16.key() != fp32.key()
+    before_the_option = {k: v for k, v in fp32.to_dict().items() if k != "precision"}
+    assert ExtractorConfig.from_dict(before_the_option).key() == fp32.key()
+    assert ExtractorConfig.from_dict(bf16.to_dict()) == bf16
+
+
+def test_bf16_without_native_support_warns_and_onnx_or_export_refuse_it(tmp_path, monkeypatch):
+    import retrieval.extraction.torch_backbone as tb
+
+    monkeypatch.setattr(tb, "native_bf16", lambda device="cpu": False)
+    with pytest.warns(RuntimeWarning, match="no native bf16.*--precision fp32"):
+        bb = load_backbone(_r18(precision="bf16"), "cpu")
+    assert bb(_images(1, 64)).dtype == np.float32
+    with pytest.raises(ConfigError, match="applies to torch backbones"):
+        ExtractorConfig(onnx="model.onnx", precision="bf16")
+    with pytest.raises(ConfigError, match="fp32, bf16"):
+        ExtractorConfig(precision="fp16")
+    with pytest.raises(ConfigError, match="drop --precision bf16"):
+        export_onnx(_r18(precision="bf16"), str(tmp_path / "m.onnx"))
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_download_failure_is_explained(monkeypatch):
     import torchvision.models._api as api
 

@@ -57,6 +57,8 @@ def export_onnx(
     """
     if config.onnx:
         raise ConfigError("export-onnx exports a torch backbone; drop --onnx")
+    if config.precision != "fp32":
+        raise ConfigError(f"export-onnx writes a float32 model (--int8: int8); drop --precision {config.precision}")
     check_int8_args(int8, calibrate, calibrate_images, int8_format)
     log = log or (lambda _text: None)
     torch = _torch()

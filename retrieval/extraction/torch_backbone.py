@@ -293,6 +293,33 @@ def _sizes(size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
     return tuple(size), (size[0] + PROBE_EXTRA, size[1] + PROBE_EXTRA)
 
 
+def native_bf16(device: str = "cpu") -> bool:
+    """Whether `device` computes bf16 natively: a GPU that supports it, or a CPU with
+    AVX512_BF16 or AMX (read from /proc/cpuinfo; False where that is not readable)."""
+    if device.startswith("cuda"):
+        return bool(_torch().cuda.is_bf16_supported())
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _autocast_dtype(precision: str, device: str):
+    """The autocast dtype of `precision` (None for fp32). Without native bf16 the network
+    still runs, with the same descriptors (an index built in bf16 must be queried in bf16),
+    but an order of magnitude slower than fp32, so it says so."""
+    if precision == "fp32":
+        return None
+    if not native_bf16(device):
+        warnings.warn(
+            f"--precision bf16 on {device}: this {'GPU' if device.startswith('cuda') else 'CPU'} has no native "
+            "bf16 (AVX512_BF16 or AMX), so the network runs about 10x slower than fp32; build indexes "
+            "here with --precision fp32", RuntimeWarning, stacklevel=3)
+    return _torch().bfloat16
+
+
 def _probe(module, size, device, channels_last=False):
     torch = _torch()
     x = torch.zeros(1, 3, size[0], size[1], device=device)
@@ -412,6 +439,7 @@ class TorchBackbone(Backbone):
                     self.node = [n for n in names if _matches(layer, n)][-1]
                 module = _wrappers().Output(_extractor(model, {self.layer: "out"}))
         self.module = module.eval().to(self.device)
+        self.autocast = _autocast_dtype(config.precision, self.device)
         self.channels_last = self.device == "cpu"
         if self.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
@@ -457,7 +485,8 @@ class TorchBackbone(Backbone):
 
     def _forward(self, images: np.ndarray) -> np.ndarray:
         torch = _torch()
-        with torch.inference_mode():
+        device_type = "cuda" if self.device.startswith("cuda") else "cpu"
+        with torch.inference_mode(), torch.autocast(device_type, dtype=self.autocast, enabled=self.autocast is not None):
             out = self.module(self.to_input(images))
             return np.ascontiguousarray(out.float().cpu().numpy(), dtype=np.float32)
 
@@ -474,4 +503,5 @@ class TorchBackbone(Backbone):
             "output_kind": self.output_kind,
             "output_shape": list(self.output_shape),
             "input_spec": self.spec.to_dict(),
+            "precision": self.config.precision,
         }
