@@ -148,7 +148,7 @@ def test_bf16_without_native_support_warns_and_onnx_or_export_refuse_it(tmp_path
     import retrieval.extraction.torch_backbone as tb
 
     monkeypatch.setattr(tb, "native_bf16", lambda device="cpu": False)
-    with pytest.warns(RuntimeWarning, match="no native bf16.*--precision fp32"):
+    with pytest.warns(RuntimeWarning, match="no native bf16 here.*--precision fp32"):
         bb = load_backbone(_r18(precision="bf16"), "cpu")
     assert bb(_images(1, 64)).dtype == np.float32
     with pytest.raises(ConfigError, match="applies to torch backbones"):

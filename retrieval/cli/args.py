@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 
 from ..config import (
-    AGGREGATES, DEVICES, LEVELS, PATCH_MODES, POOLS, PRECISIONS, QE_ALPHA, RERANK_MARGIN, ConfigError, ExtractorConfig, InputSpec,
-    RuntimeConfig, SearchConfig, SearchOptionError, SearchOptions, levels_from_text, rotations_from_text,
+    AGGREGATES, DEVICES, LEVELS, PATCH_MODES, POOLS, PRECISIONS, QE_ALPHA, RERANK_MARGIN, ConfigError,
+    ExtractorConfig, InputSpec, RuntimeConfig, SearchConfig, SearchOptionError, SearchOptions, levels_from_text,
+    rotations_from_text,
 )
 
 

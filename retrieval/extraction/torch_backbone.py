@@ -313,10 +313,11 @@ def _autocast_dtype(precision: str, device: str):
     if precision == "fp32":
         return None
     if not native_bf16(device):
+        need = "compute capability 8.0 or later" if device.startswith("cuda") else "AVX512_BF16 or AMX"
         warnings.warn(
-            f"--precision bf16 on {device}: this {'GPU' if device.startswith('cuda') else 'CPU'} has no native "
-            "bf16 (AVX512_BF16 or AMX), so the network runs about 10x slower than fp32; build indexes "
-            "here with --precision fp32", RuntimeWarning, stacklevel=3)
+            f"--precision bf16 on {device}: no native bf16 here ({need}), so the network runs several times "
+            "slower than in fp32 (10x on an AVX2 CPU); build indexes here with --precision fp32",
+            RuntimeWarning, stacklevel=3)
     return _torch().bfloat16
 
 
@@ -486,7 +487,8 @@ class TorchBackbone(Backbone):
     def _forward(self, images: np.ndarray) -> np.ndarray:
         torch = _torch()
         device_type = "cuda" if self.device.startswith("cuda") else "cpu"
-        with torch.inference_mode(), torch.autocast(device_type, dtype=self.autocast, enabled=self.autocast is not None):
+        autocast = torch.autocast(device_type, dtype=self.autocast, enabled=self.autocast is not None)
+        with torch.inference_mode(), autocast:
             out = self.module(self.to_input(images))
             return np.ascontiguousarray(out.float().cpu().numpy(), dtype=np.float32)
 
