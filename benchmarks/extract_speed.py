@@ -72,11 +72,11 @@ def backends(args) -> dict[str, ExtractorConfig]:
         # torchvision architectures, fp32, random init (no download here): speed only.
         "torch-mobilenet_v2": lambda: ExtractorConfig(backbone="mobilenet_v2", weights="none", layer="features"),
         "torch-resnet50": lambda: ExtractorConfig(backbone="resnet50", weights="none"),
-        # --precision bf16 (fast on a CPU with AVX512_BF16 / AMX, or a recent GPU)
-        "torch-mobilenet_v2-bf16": lambda: ExtractorConfig(backbone="mobilenet_v2", weights="none", layer="features",
-                                                           precision="bf16"),
-        "torch-resnet50-bf16": lambda: ExtractorConfig(backbone="resnet50", weights="none", precision="bf16"),
     }
+    # TORCH-BACKEND-bf16: the same network with --precision bf16 (fast on a CPU with
+    # AVX512_BF16 / AMX, or a recent GPU).
+    for name in [n for n in known if n.startswith("torch-")]:
+        known[f"{name}-bf16"] = lambda fp32=known[name]: dataclasses.replace(fp32(), precision="bf16")
     wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in wanted if b not in known]
     if unknown:
