@@ -48,7 +48,9 @@ def main() -> int:
             start = time.perf_counter()
             results = idx.search(queries, k=args.k, **setting)
             seconds[name] = (time.perf_counter() - start) / len(queries)
-            lists[name] = [[[h.path, float(h.distance)] for h in r.hits] for r in results]
+            # The distance that orders the hits (re-ranked where re-ranking ran), as earlier runs stored it.
+            lists[name] = [[[h.path, float(h.distance if h.rerank_distance is None else h.rerank_distance)]
+                            for h in r.hits] for r in results]
     Path(args.json).write_text(json.dumps({"code": str(ROOT), "k": args.k, "lists": lists, "seconds": seconds}))
     other = json.loads(Path(args.against).read_text())["lists"] if args.against else None
     for name, got in lists.items():

@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 from retrieval.extraction.images import expand_inputs  # noqa: E402
-from retrieval.engine.index import Index  # noqa: E402
+from retrieval.engine.index import Index, IndexUsageError  # noqa: E402
 
 ROTATIONS = (0, 90, 180, 270)
 SETTINGS = [{"rerank": False}, {"rerank": True}, {"qe": 5}, {"dba": 5}, {"qe": 5, "dba": 5}]
@@ -46,6 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     queries = expand_inputs([args.queries])[:: max(1, args.every)]
     with Index.open(args.index) as idx:
         idx.search(queries[:5], k=4)  # load the network, the view and the neighbours first
+        usable = []
+        for setting in settings:
+            try:
+                idx.search(queries[:1], k=4, **setting)
+                usable.append(setting)
+            except IndexUsageError as err:  # e.g. --dba on an index whose lists were never asked for
+                print(f"{setting}: not timed: {err}")
+        settings = usable
         best = np.full((len(settings), len(queries)), np.inf)
         for _ in range(args.repeats):
             for i, setting in enumerate(settings):

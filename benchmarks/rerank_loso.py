@@ -19,12 +19,13 @@ from collections import defaultdict
 
 
 def setting(config: dict) -> str:
-    """A row's re-ranking setting as its flags."""
-    if config.get("qe") or config.get("dba"):
-        return " ".join(f"--{k} {config[k]}" for k in ("qe", "dba") if config.get(k))
-    if config.get("rerank"):
-        return f"--rerank --rerank-margin {config['rerank_margin']:g}"
-    return "--no-rerank"
+    """A row's re-ranking setting as its flags. Adaptive re-ranking with one of `qe` and
+    `dba` fixed adapts the other, so it is a setting of its own; with both fixed it
+    changes nothing."""
+    fixed = [f"--{k} {config[k]}" for k in ("qe", "dba") if config.get(k)]
+    if config.get("rerank") and len(fixed) < 2:
+        return " ".join(fixed + [f"--rerank --rerank-margin {config['rerank_margin']:g}"])
+    return " ".join(fixed) or "--no-rerank"
 
 
 def score(row: dict) -> float:
@@ -74,7 +75,7 @@ def main() -> None:
         others = [s for j, s in enumerate(sets) if j != i]
         mean = {k: sum(o[1][k] for o in others) / len(others) for k in common}
         chosen = max(sorted(common), key=lambda k: mean[k])
-        fixed = [k for k in common if k.startswith("--qe") or k.startswith("--dba")]
+        fixed = [k for k in common if "--rerank" not in k and k != "--no-rerank"]  # fixed counts only
         best_fixed = max(sorted(fixed), key=lambda k: scores[k]) if fixed else None
         print(f"| {name} | `{chosen}` | {mean[chosen]:.4f} | {describe(rows[chosen])} | "
               f"{describe(rows['--no-rerank']) if '--no-rerank' in rows else '-'} | "

@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             got = shards.search(paths, k=10, **setting)
             t_shards = time.perf_counter() - start
             same = [[h.id for h in r.hits] for r in got] == [[h.id for h in r.hits] for r in want]
-            gap = max(abs(a.distance - b.distance) for r, s in zip(got, want) for a, b in zip(r.hits, s.hits))
+            ranked = lambda h: h.distance if h.rerank_distance is None else h.rerank_distance  # noqa: E731
+            gap = max(abs(ranked(a) - ranked(b)) for r, s in zip(got, want) for a, b in zip(r.hits, s.hits))
             print(f"{setting}: {len(paths)} queries, same images {same}, largest distance gap {gap:.1e}; "
                   f"unsharded {1000 * t_whole / len(paths):.0f} ms/query, {args.shards} shards "
                   f"{1000 * t_shards / len(paths):.0f} ms/query (load {_load()})")

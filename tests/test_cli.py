@@ -41,7 +41,7 @@ def test_build_query_info_remove_json_contract(tmp_path, image_dir, store_env):
     assert result["query"] == str(image_dir / "img2.jpg")
     assert [h["rank"] for h in result["hits"]] == [1, 2, 3]
     top = result["hits"][0]
-    assert set(top) == {"rank", "path", "distance", "distance_kind", "query_box", "db_box"}
+    assert set(top) == {"rank", "path", "distance", "query_box", "db_box"}  # the SPEC's, and no more unasked
     assert top["path"] == str(image_dir / "img2.jpg") and top["distance"] < SELF_DISTANCE
     assert len(top["query_box"]) == 4 and all(0 <= v <= 160 for v in top["db_box"])
 

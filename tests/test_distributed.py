@@ -247,6 +247,13 @@ def test_three_shards_return_the_unsharded_top_k_in_threads(sharded_pair):
         assert shards.warm(wait=True) > 0  # each shard reads its vectors ahead
         for k in (1, 10, None):
             assert _top(shards.search(queries, k=k)) == _top(idx.search(queries, k=k))
+        # `split` carried the source's lists across the shards: adaptive re-ranking needs no
+        # `retrieval dba` first, and re-ranks as the source does.
+        reranked = shards.search(queries, k=3, rerank=True)
+        want = idx.search(queries, k=3, rerank=True)
+        assert [[h.id for h in r.hits] for r in reranked] == [[h.id for h in r.hits] for r in want]
+        got = [h.rerank_distance for r in reranked for h in r.hits]
+        assert None not in got and got == pytest.approx([h.rerank_distance for r in want for h in r.hits], abs=1e-5)
         assert len(shards.search(queries, k=None)[0].hits) == 34
 
 
@@ -288,8 +295,13 @@ def test_dba_over_shards_gives_the_unsharded_hits(sharded_pair, tmp_path):
 
     whole, sharded, queries = sharded_pair
     whole, sharded = shutil.copytree(whole, tmp_path / "idx"), shutil.copytree(sharded, tmp_path / "sh")
+    with Index.open(whole) as idx, ShardedIndex.open(sharded) as shards:
+        # `split` carried the unsharded index's current lists (k = 10) over to the shards.
+        assert _top(shards.search(queries, k=6, dba=3)) == _top(idx.search(queries, k=6, dba=3))
+    with Index.open(sharded / "shard-1") as one:
+        one.build_neighbours(4)  # lists of that shard's images among themselves
     with ShardedIndex.open(sharded) as shards, pytest.raises(IndexUsageError, match=f"retrieval dba {sharded}"):
-        shards.search(queries[:1], dba=3)  # the lists each shard keeps of itself do not count
+        shards.search(queries[:1], dba=3)  # the lists a shard keeps of itself do not count
     out = run_cli("dba", str(sharded), "-k", "4", "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["images"] == 34

@@ -71,14 +71,18 @@ def test_off_reproduces_the_plain_ranking_exactly(qe_chain):
             assert [h.id for h in hits] == plain.ids.tolist()
             assert [h.distance for h in hits] == plain.distances.tolist()
             assert all(h.rotation == (0 if kw.get("query_rotations") else None) for h in hits)
-            assert {h.distance_kind for h in hits} == {"plain"}
+            assert all(h.rerank_distance is None for h in hits)
         reranked = idx.search([query], k=None, rerank=True)[0].hits
-        assert {h.distance_kind for h in reranked} == {"reranked"}
+        # Ordered by the re-ranked distance; `distance` stays each image's plain one.
+        assert all(h.rerank_distance is not None for h in reranked)
+        assert [h.rerank_distance for h in reranked] == sorted(h.rerank_distance for h in reranked)
+        plain_of = dict(zip(plain.ids.tolist(), plain.distances.tolist()))
+        assert all(h.distance == plain_of[h.id] for h in reranked)
     out = run_cli("query", str(index), query, "-k", "20", "--json", "--quiet", "--no-rerank")
     assert out.returncode == 0, out.stderr
     hits = json.loads(out.stdout)["results"][0]["hits"]
     assert [h["distance"] for h in hits] == pytest.approx(plain.distances.tolist())
-    assert {h["distance_kind"] for h in hits} == {"plain"}
+    assert all("rerank_distance" not in h for h in hits)
 
 
 @pytest.mark.parametrize("margin", [0.0, 0.1, 0.5, 10.0])
@@ -87,7 +91,7 @@ def test_adaptive_reranking_keeps_an_exact_duplicate_first(qe_chain, margin):
     with Index.open(index) as idx:
         for path in names:  # every indexed image is its own exact duplicate
             hits = idx.search([path], k=3, rerank=True, rerank_margin=margin)[0].hits
-            assert hits[0].path == path and hits[0].distance_kind == "reranked"
+            assert hits[0].path == path and hits[0].rerank_distance is not None
 
 
 def test_adaptive_margin_chooses_how_many_hits_expand_the_query(qe_chain):
@@ -109,7 +113,7 @@ def test_query_expansion_reaches_the_far_end_of_a_chain(qe_chain):
     assert plain[0] == "B" and plain.index("C") > 1  # a distractor beats C without expansion
     assert expanded[:2] == ["B", "C"]
     assert [names[h.path] for h in hits] == expanded[:3]  # k cuts the same ranking
-    assert all(a.distance <= b.distance for a, b in zip(hits, hits[1:]))
+    assert all(a.rerank_distance <= b.rerank_distance for a, b in zip(hits, hits[1:]))
 
 
 def test_database_side_augmentation_lifts_the_neighbour_and_follows_add_and_remove(dba_chain, tmp_path):

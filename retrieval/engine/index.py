@@ -502,8 +502,8 @@ class Index:
 
         How is one `SearchOptions` value: pass it as `options=`, or its fields as
         keywords (`k=10` by default; `query_levels`, `aggregate`, `exact_limit`, `nprobe`,
-        `per_patch`, `layout_k`, `shortlist`, `qe`, `qe_alpha`, `dba`, `query_rotations`, documented
-        there), not both. A bad value is an IndexUsageError naming it.
+        `per_patch`, `layout_k`, `shortlist`, `qe`, `qe_alpha`, `dba`, `rerank`, `rerank_margin`,
+        `query_rotations`, documented there), not both. A bad value is an IndexUsageError naming it.
 
         k=None returns every image. Up to `exact_limit` images every image is scored
         exactly; above it FAISS proposes candidates and the kernel scores those exactly.
@@ -515,8 +515,9 @@ class Index:
         Re-ranking (off by default; `benchmarks/results/reranking.md`): `qe` > 0 also
         scores the windows of the `qe` best images as queries and averages the distances
         (alpha-QE weights, exponent `qe_alpha`); `dba` > 0 averages each image's distance
-        with its `dba` nearest neighbours' (computed by `build_neighbours`). Then a hit's
-        `distance` is that average. `query_rotations` (degrees counter-clockwise, from
+        with its `dba` nearest neighbours' (computed by `build_neighbours`). A re-ranked
+        search orders the hits by that average (`Hit.rerank_distance`); a hit's `distance`
+        stays its plain distance. `query_rotations` (degrees counter-clockwise, from
         0, 90, 180, 270) describes the query at each rotation and keeps an image's smallest
         distance; each hit then says which rotation decided (`Hit.rotation`), its
         `query_box` in the unrotated query's pixels. `query_rotations="auto"` picks one

@@ -35,7 +35,9 @@ RankAll = Callable[[list[list[np.ndarray]], SearchOptions], list[tuple[Ranking, 
 @dataclass
 class Hit:
     """One ranked image: its manifest `id`, path, distance and the deciding pair of windows
-    (and, with query rotations, the rotation of the query that decided)."""
+    (and, with query rotations, the rotation of the query that decided). `distance` is
+    always the plain image distance (the `--aggregate` of window distances); a re-ranked
+    search orders the hits by `rerank_distance` (docs/reranking.md), None otherwise."""
 
     rank: int
     path: str
@@ -44,17 +46,18 @@ class Hit:
     db_box: list[float]
     id: int = -1
     rotation: int | None = None  # set when the query was described at several rotations
-    distance_kind: str = "plain"  # "reranked": a weighted mean of window-set distances (docs/reranking.md)
+    rerank_distance: float | None = None
 
     def to_dict(self) -> dict:
         out = {
             "rank": self.rank,
             "path": self.path,
             "distance": self.distance,
-            "distance_kind": self.distance_kind,
             "query_box": self.query_box,
             "db_box": self.db_box,
         }
+        if self.rerank_distance is not None:
+            out["rerank_distance"] = self.rerank_distance
         if self.rotation is not None:
             out["rotation"] = self.rotation
         return out
@@ -200,8 +203,10 @@ def assemble_hits(ranking: Ranking, entries: dict[int, Entry], views: list[Image
     (or "auto")."""
     which = ranking.query if ranking.query is not None else np.zeros(len(ranking.ids), np.int32)
     keep = np.array([i in entries for i in ranking.ids.tolist()], dtype=bool)
-    ids, dist, qp, dp, which = (ranking.ids[keep], ranking.distances[keep], ranking.query_patch[keep],
-                                ranking.db_patch[keep], which[keep])
+    ids, qp, dp, which = ranking.ids[keep], ranking.query_patch[keep], ranking.db_patch[keep], which[keep]
+    plain = ranking.distances if ranking.plain is None else ranking.plain
+    dist = plain[keep].tolist()
+    reranked = ranking.distances[keep].tolist() if ranking.plain is not None else [None] * len(ids)
     sizes = np.array([[entries[i].width, entries[i].height] * 2 for i in ids.tolist()], np.float64).reshape(-1, 4)
     qboxes = np.zeros((len(ids), 4))
     for j, f in enumerate(views):
@@ -213,9 +218,8 @@ def assemble_hits(ranking: Ranking, entries: dict[int, Entry], views: list[Image
     dboxes = db_layout[dp] * sizes
     turned = options.query_rotations is not None
     return [
-        Hit(pos + 1, entries[i].path, d, qb, dbb, i, views[w].rotation if turned else None,
-            ranking.distance_kind)
-        for pos, (i, d, qb, dbb, w) in enumerate(zip(
-            ids.tolist(), dist.tolist(), np.round(qboxes, 1).tolist(), np.round(dboxes, 1).tolist(), which.tolist(),
+        Hit(pos + 1, entries[i].path, d, qb, dbb, i, views[w].rotation if turned else None, r)
+        for pos, (i, d, qb, dbb, w, r) in enumerate(zip(
+            ids.tolist(), dist, np.round(qboxes, 1).tolist(), np.round(dboxes, 1).tolist(), which.tolist(), reranked,
         ))
     ]

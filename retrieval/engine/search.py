@@ -58,13 +58,15 @@ class Ranking:
     query_patch: np.ndarray  # int32, window index within the query
     db_patch: np.ndarray  # int32, window index within the database image
     query: np.ndarray | None = None  # int32, which description of the query decided (None: the one)
-    distance_kind: str = "plain"  # "reranked": distances are re-ranked means, not one window-set distance
+    # Where `distances` are re-ranked (weighted means, docs/reranking.md): the same images'
+    # plain distances, which the windows above decided. None: `distances` are the plain ones.
+    plain: np.ndarray | None = None
 
     def take(self, positions: np.ndarray) -> "Ranking":
         """The images at `positions`, in that order."""
+        pick = lambda a: None if a is None else a[positions]  # noqa: E731
         return Ranking(self.ids[positions], self.distances[positions], self.query_patch[positions],
-                       self.db_patch[positions], None if self.query is None else self.query[positions],
-                       self.distance_kind)
+                       self.db_patch[positions], pick(self.query), pick(self.plain))
 
 
 def _aggregate(options: SearchOptions) -> str:
@@ -217,9 +219,11 @@ def merge_rankings(parts: list[Ranking], k: int | None) -> Ranking:
     dist = np.concatenate([p.distances for p in parts])
     part = np.concatenate([np.full(len(p.ids), i, np.int32) for i, p in enumerate(parts)])
     labelled = all(p.query is not None for p in parts)
+    reranked = all(p.plain is not None for p in parts)
     merged = Ranking(ids, dist, np.concatenate([p.query_patch for p in parts]),
                      np.concatenate([p.db_patch for p in parts]),
-                     np.concatenate([p.query for p in parts]) if labelled else None)
+                     np.concatenate([p.query for p in parts]) if labelled else None,
+                     np.concatenate([p.plain for p in parts]) if reranked else None)
     best = np.lexsort((part, dist, ids))
     best = best[np.r_[True, ids[best][1:] != ids[best][:-1]]] if len(best) else best
     return merged.take(best[top_k(dist[best], ids[best], k)])
@@ -364,7 +368,8 @@ def augment_scored(scored: Ranking, options: SearchOptions, neighbours: Neighbou
     """`scored` with each image's distance averaged with its neighbours' as the options
     ask (database-side augmentation; unchanged without it)."""
     augment = _augmentation(options, neighbours)
-    return replace(scored, distances=augment(scored.ids, scored.distances))
+    plain = scored.distances if scored.plain is None else scored.plain
+    return replace(scored, distances=augment(scored.ids, scored.distances), plain=plain)
 
 
 def finish_reranking(scored: Ranking, weights: np.ndarray, hit_distances: list[np.ndarray], options: SearchOptions,
@@ -399,8 +404,10 @@ def rank_expanded(queries: list[np.ndarray], view: View, options: SearchOptions,
 
 
 def _final(scored: Ranking, dist: np.ndarray, k: int | None) -> Ranking:
-    """The k nearest of `scored`'s images at their re-ranked distances `dist`."""
-    final = Ranking(scored.ids, dist, scored.query_patch, scored.db_patch, scored.query, "reranked")
+    """The k nearest of `scored`'s images at their re-ranked distances `dist`, each keeping
+    its plain distance."""
+    plain = scored.distances if scored.plain is None else scored.plain
+    final = Ranking(scored.ids, dist, scored.query_patch, scored.db_patch, scored.query, plain)
     return final.take(top_k(dist, scored.ids, k))
 
 

@@ -43,7 +43,7 @@ from .meta import write_meta
 from .query import K_NOT_GIVEN, QueryResult, answer_queries
 from . import neighbour_lists, sharded_dba
 from .neighbour_lists import NeighbourSettings
-from .neighbours import ASKED, Neighbours, shared_lists
+from .neighbours import ASKED, Neighbours, lists_for_reranking, shared_lists
 from .search import (Ranking, augment_scored, finish_reranking, image_distances, merge_rankings,
                      nearest_description_distances, plan_expansion, rank_descriptions, rank_expanded, rerank_pool)
 from .segments import write_segment
@@ -91,6 +91,8 @@ def split_index(source: str | Path, out: str | Path, shards: int, *, progress: b
         if len(live) < shards:
             raise IndexUsageError(f"{source} holds {len(live)} images: fewer than --shards {shards}")
         meta = {k: v for k, v in src.meta.items() if k != "whiten_on"}
+        lists, _, _ = lists_for_reranking(src.path, view.state.generation)
+        current = lists is not None and lists.meta.get("generation") == view.state.generation
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src.path / view.state.whitening["file"], out / SHARED_WHITENING)
         names, ranges = [], []
@@ -107,7 +109,10 @@ def split_index(source: str | Path, out: str | Path, shards: int, *, progress: b
     write_text(out / SHARDS, json.dumps({"format": FORMAT, "shards": names, "ids": ranges,
                                           "whitening": SHARED_WHITENING, "source": str(Path(source).resolve()),
                                           "images": int(len(live))}, indent=1))
-    return ShardedIndex.open(out)
+    opened = ShardedIndex.open(out)
+    if current:
+        opened.adopt_neighbours(lists)
+    return opened
 
 
 def _published_ids(view: View) -> np.ndarray:
@@ -389,7 +394,8 @@ class ShardedIndex:
         and their windows (the unsharded index's hits when it too searches exactly).
         Database-side augmentation (`dba`, adaptive `rerank`) uses the lists `retrieval dba`
         computed across every shard (`build_neighbours`): the driver re-ranks on the
-        distances every shard gives it (`sharded_dba.py`; the unsharded hits in exact mode)."""
+        distances every shard gives it (`sharded_dba.py`; the unsharded hits in exact mode).
+        `split_index` carries the unsplit index's current lists over."""
         options = self._front.search_options(k, options, keywords)
         neighbours = self.neighbours(options.dba or 1) if options.dba or options.rerank else None
 
@@ -481,10 +487,26 @@ class ShardedIndex:
                     bar.update(len(batch))
                 lists.append(Neighbours(ids, near, dist, {"images": total, sharded_dba.ACROSS: span}))
         # Stored once every list is known: an interrupted run leaves the old lists whole.
-        for shard, found in enumerate(lists):
-            self._on(shard, "save_neighbours", found, settings)
+        self._save_across(lists, settings)
         return {"k": k, "aggregate": settings.aggregate, "query_levels": list(settings.query_levels),
                 "images": total, "shards": len(live)}
+
+    def adopt_neighbours(self, lists: Neighbours) -> None:
+        """Store the current lists of the index these shards were split from, each shard
+        its images' rows, as lists across every shard: they are the lists `build_neighbours`
+        would compute (the same images and distances; a split index's shards never change),
+        so `--dba` and `--rerank` work on the shards as on the source. Nothing is stored
+        unless they name every image."""
+        live, span = self._each("live_ids"), self._span()
+        meta = {"images": int(sum(len(ids) for ids in live)), sharded_dba.ACROSS: span}
+        found = [lists.rows(ids) for ids in live]
+        if all(known.all() for _, known in found):
+            self._save_across([Neighbours(ids, lists.neighbours[rows], lists.distances[rows], dict(meta))
+                               for ids, (rows, _) in zip(live, found)], self._front._neighbour_settings(lists.k))
+
+    def _save_across(self, lists: list[Neighbours], settings: NeighbourSettings) -> None:
+        for shard, found in enumerate(lists):
+            self._on(shard, "save_neighbours", found, settings)
 
     def info(self) -> dict:
         """Counts and configuration as `Index.info()` gives them, totals over the shards,

@@ -118,7 +118,8 @@ def render_report(
             caption = (f"<b>#{hit.rank}</b> distance {hit.distance:.4f}"
                        f"<span class=name>{e(os.path.basename(hit.path))}</span>")
             parts.append(figure(
-                thumb(hit.path), caption, f"#{hit.rank}  distance {hit.distance:.4f}\n{hit.path}",
+                thumb(hit.path), caption, f"#{hit.rank}  distance {hit.distance:.4f}"
+                + ("" if hit.rerank_distance is None else f", re-ranked {hit.rerank_distance:.4f}") + f"\n{hit.path}",
                 [(i % COLOURS, hit.db_box)], classes=f"hit c{i % COLOURS}", swatch=i % COLOURS,
             ))
         if not result.hits:

@@ -91,7 +91,8 @@ function render(result, src) {
     ]);
     const caption = el("figcaption", {}, [el("span", {class: `swatch ${c}`}), el("b", {text: `#${hit.rank}`}),
       document.createTextNode(` distance ${hit.distance.toFixed(4)}`), el("span", {class: "name", text: hit.path.split("/").pop()})]);
-    const fig = el("figure", {class: `shot hit ${c}`, title: `#${hit.rank}  distance ${hit.distance.toFixed(4)}\n${hit.path}\nclick to search from this image`,
+    const reranked = hit.rerank_distance === undefined ? "" : `, re-ranked ${hit.rerank_distance.toFixed(4)}`;
+    const fig = el("figure", {class: `shot hit ${c}`, title: `#${hit.rank}  distance ${hit.distance.toFixed(4)}${reranked}\n${hit.path}\nclick to search from this image`,
       "data-id": hit.id, "data-path": hit.path, "data-rank": hit.rank}, [frame, caption]);
     fig.addEventListener("click", () => { current = {id: hit.id}; $("indexed").value = hit.path; search(); });
     fig.addEventListener("mouseenter", () => highlight(qframe, fig, hit.rank));
