@@ -83,6 +83,9 @@ def test_off_reproduces_the_plain_ranking_exactly(qe_chain):
     hits = json.loads(out.stdout)["results"][0]["hits"]
     assert [h["distance"] for h in hits] == pytest.approx(plain.distances.tolist())
     assert all("rerank_distance" not in h for h in hits)
+    out = run_cli("query", str(index), query, "-k", "3", "--quiet", "--rerank")
+    lines = out.stdout.splitlines()[1:]  # the query, then one line per hit: re-ranked distance first
+    assert out.returncode == 0 and len(lines) == 3 and all(" re-ranked, " in line for line in lines)
 
 
 @pytest.mark.parametrize("margin", [0.0, 0.1, 0.5, 10.0])

@@ -350,7 +350,9 @@ def _query(args) -> int:
         for r in results:
             print(r.query)
             for h in r.hits:
-                print(f"  {h.rank:3d}  {h.distance:.4f}  {h.path}")
+                # Re-ranked hits are ordered by their re-ranked distance: it comes first.
+                ranked = "" if h.rerank_distance is None else f"{h.rerank_distance:.4f} re-ranked, "
+                print(f"  {h.rank:3d}  {ranked}{h.distance:.4f}  {h.path}")
     return EXIT_SKIPPED if skipped else EXIT_OK
 
 
