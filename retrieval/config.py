@@ -51,9 +51,10 @@ EXACT_LIMIT = 2_000
 # Most queries a SearchBatcher (and so `retrieval serve --max-batch`) answers in one search;
 # here rather than in engine/batcher.py so that the CLI's --help needs no engine import.
 MAX_BATCH = 32
-# Adaptive re-ranking uses the hits and neighbours within this distance of the nearest
-# (chosen leave-one-set-out among 0.02-0.3: benchmarks/results/reranking.md).
-RERANK_MARGIN = 0.15
+# Adaptive re-ranking uses the hits and (mutual) neighbours within this distance of the
+# nearest: chosen leave-one-set-out among 0.1-0.3 in every fold (benchmarks/results/reranking.md,
+# "Mutual neighbours").
+RERANK_MARGIN = 0.2
 NEIGHBOURS_K = 10  # each image's nearest images kept by the writer, for re-ranking (`retrieval dba -k` changes it)
 QE_ALPHA = 3.0  # the exponent of alpha-QE (Radenovic et al.): near hits weigh much more than far ones
 # IVF lists per query window: NPROBE (recall 0.955 against 0.85 for 8 on hard data at 10,000

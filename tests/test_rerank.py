@@ -324,3 +324,21 @@ def test_expanding_hits_add_their_nearest_to_the_pool_and_are_scored_together(qe
     hits_over_the_pool = batched[-1]  # the last kernel call: every hit over the one final pool, together
     assert hits_over_the_pool[0] == 3 and hits_over_the_pool[2], batched
     assert [(h.path, h.distance) for h in reranked] == [(h.path, h.distance) for h in one_by_one]
+
+
+def test_adaptive_augmentation_averages_only_mutual_neighbours_within_the_margin():
+    """Image 1 keeps 2 and 3 within the margin, but 3 does not keep 1 among its own
+    neighbours: adaptive augmentation averages 1 with 2 alone (a stranger near a group of
+    copies seldom holds them among its nearest), a fixed count with both."""
+    from retrieval.engine.neighbours import qe_weight
+
+    lists = Neighbours(np.array([1, 2, 3, 4]), np.array([[2, 3], [1, 4], [4, 2], [3, 2]]),
+                       np.array([[0.5, 0.55], [0.5, 0.6], [0.3, 0.6], [0.3, 0.6]], np.float32), {})
+    ids, dist = np.array([1, 2, 3, 4]), np.array([0.9, 0.6, 0.2, 0.8], np.float32)
+    np.testing.assert_array_equal(lists.mutual(ids, lists.neighbours, 2),
+                                  [[True, False], [True, True], [True, False], [True, True]])
+    w = lambda d: float(qe_weight(d, 3.0))  # noqa: E731
+    adaptive = lists.augment(ids, dist, 2, 3.0, margin=0.1)
+    fixed = lists.augment(ids, dist, 2, 3.0)
+    assert adaptive[0] == pytest.approx((0.9 + w(0.5) * 0.6) / (1 + w(0.5)), rel=1e-6)
+    assert fixed[0] == pytest.approx((0.9 + w(0.5) * 0.6 + w(0.55) * 0.2) / (1 + w(0.5) + w(0.55)), rel=1e-6)
