@@ -492,7 +492,10 @@ def run_rows(args, dataset: Dataset, rows: list[dict], store: str, index_base: P
                     "qe": row["qe"],
                     "qe_alpha": args.qe_alpha,
                     "dba": row["dba"],
-                    "rerank": row["rerank"],
+                    # As searched: the index decides where the command line leaves it (None).
+                    "rerank": row["rerank"] if row["rerank"] is not None else bool(
+                        not row["qe"] and not row["dba"] and index.info()["reranking"]["by_default"]),
+                    "rerank_by_default": row["rerank"] is None,
                     "rerank_margin": row["rerank_margin"],
                     "query_rotations": (row["query_rotations"] if row["query_rotations"] == AUTO_ROTATION
                                         else list(row["query_rotations"] or [0])),
@@ -582,7 +585,8 @@ def command_line(args, row: dict) -> str:
     if row["query_rotations"]:
         rot = row["query_rotations"]
         parts += ["--query-rotations", rot if rot == AUTO_ROTATION else ",".join(map(str, rot))]
-    parts += ["--rerank", "--rerank-margin", f"{row['rerank_margin']:g}"] if row["rerank"] else ["--no-rerank"]
+    if row["rerank"] is not None:  # None: the default, which the index decides
+        parts += ["--rerank", "--rerank-margin", f"{row['rerank_margin']:g}"] if row["rerank"] else ["--no-rerank"]
     if args.rotate_queries:
         parts += ["--rotate-queries", str(args.rotate_queries)]
     return " ".join(_quote(p) for p in parts)
@@ -618,10 +622,13 @@ def format_row(r: dict) -> str:
 
 
 def _rerank_cell(c: dict) -> str:
-    """e.g. 'qe2 dba5 rot0/90 (q@90)': the query-time options of a row, '-' for none."""
+    """e.g. 'qe2 dba5 rot0/90 (q@90)': the query-time options of a row, '-' for none;
+    '(default)' where the index chose whether to re-rank."""
     parts = [f"{name}{c[name]}" for name in ("qe", "dba") if c.get(name)]
     if c.get("rerank"):
         parts.append(f"adaptive{c['rerank_margin']:g}")
+    if c.get("rerank_by_default"):
+        parts.append("(default)")
     if c.get("query_rotations", [0]) == AUTO_ROTATION:
         parts.append("rot-auto")
     elif c.get("query_rotations", [0]) != [0]:

@@ -55,6 +55,13 @@ MAX_BATCH = 32
 # nearest: chosen leave-one-set-out among 0.1-0.3 in every fold (benchmarks/results/reranking.md,
 # "Mutual neighbours").
 RERANK_MARGIN = 0.2
+# Adaptive re-ranking is on by default (`SearchOptions.rerank` None) for a whitened collection
+# of at most this many images whose neighbour lists are stored: the writer keeps the lists up to
+# EXACT_LIMIT on its own, a query there costs milliseconds more (benchmarks/results/reranking.md,
+# "On by default"), and every evaluation set is that size. Above, candidates make a
+# re-ranked query several times slower (13.7 against 112 ms at 1,000,000 images), so it is
+# asked for with `rerank=True` / --rerank.
+RERANK_AUTO_LIMIT = EXACT_LIMIT
 NEIGHBOURS_K = 10  # each image's nearest images kept by the writer, for re-ranking (`retrieval dba -k` changes it)
 QE_ALPHA = 3.0  # the exponent of alpha-QE (Radenovic et al.): near hits weigh much more than far ones
 # IVF lists per query window: NPROBE (recall 0.955 against 0.85 for 8 on hard data at 10,000
@@ -366,7 +373,10 @@ class SearchOptions:
     queries too (alpha-QE weights, exponent `qe_alpha`), `dba` nearest neighbours of each
     image are averaged in (fixed counts); with both 0, `rerank` re-ranks adaptively: the
     hits, and each image's stored neighbours, within `rerank_margin` of the nearest
-    (False with both 0: the plain ranking). `query_rotations` (distinct, from 0, 90, 180, 270) describes
+    (False with both 0: the plain ranking). `rerank` None, the default, decides per index
+    (`with_default_rerank`): adaptive re-ranking on a PCA-whitened index of at most
+    RERANK_AUTO_LIMIT images with stored neighbour lists where `qe` and `dba` are 0,
+    plain otherwise. `query_rotations` (distinct, from 0, 90, 180, 270) describes
     the query at each rotation; None describes it as it is (and hits carry no rotation);
     "auto" describes only the query's level-1 window at each of the four turns, keeps the
     turn whose window is nearest to an indexed image, and describes and searches at that
@@ -388,7 +398,7 @@ class SearchOptions:
     qe: int = 0
     qe_alpha: float = QE_ALPHA
     dba: int = 0
-    rerank: bool = False
+    rerank: bool | None = None
     rerank_margin: float = RERANK_MARGIN
     query_rotations: tuple[int, ...] | str | None = None
 
@@ -410,8 +420,8 @@ class SearchOptions:
         if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not margin >= 0:
             raise SearchOptionError("rerank_margin", "a number >= 0", margin)
         put("rerank_margin", float(margin))
-        if not isinstance(self.rerank, bool):
-            raise SearchOptionError("rerank", "true or false", self.rerank)
+        if self.rerank is not None and not isinstance(self.rerank, bool):
+            raise SearchOptionError("rerank", "true, false or None (by the index)", self.rerank)
         if self.aggregate is not None and self.aggregate not in AGGREGATES:
             raise SearchOptionError("aggregate", f"one of {', '.join(AGGREGATES)}", self.aggregate)
         if self.query_levels is not None:
@@ -435,8 +445,20 @@ class SearchOptions:
 
     @property
     def reranks(self) -> bool:
-        """Whether distances are re-ranked (fixed `qe`/`dba`, or adaptive `rerank`)."""
+        """Whether distances are re-ranked (fixed `qe`/`dba`, or adaptive `rerank`; a
+        `rerank` still None counts as off: `with_default_rerank` decides it first)."""
         return bool(self.qe or self.dba or self.rerank)
+
+    def with_default_rerank(self, images: int, lists: bool, whitened: bool) -> "SearchOptions":
+        """These options with `rerank` decided where it is None: adaptive re-ranking for a
+        collection of at most RERANK_AUTO_LIMIT `images` whose neighbour `lists` are
+        stored and whose descriptors are PCA-`whitened` (the margin is a distance between
+        whitened descriptors: unwhitened ones lie so close that it would take in most of
+        the collection), unless fixed `qe` / `dba` counts are asked; plain otherwise."""
+        if self.rerank is not None:
+            return self
+        fits = lists and whitened and images <= RERANK_AUTO_LIMIT
+        return self.replace(rerank=bool(fits and not self.qe and not self.dba))
 
     @property
     def rotations(self) -> tuple[int, ...]:

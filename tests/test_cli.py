@@ -41,9 +41,16 @@ def test_build_query_info_remove_json_contract(tmp_path, image_dir, store_env):
     assert result["query"] == str(image_dir / "img2.jpg")
     assert [h["rank"] for h in result["hits"]] == [1, 2, 3]
     top = result["hits"][0]
-    assert set(top) == {"rank", "path", "distance", "query_box", "db_box"}  # the SPEC's, and no more unasked
+    spec_keys = {"rank", "path", "distance", "query_box", "db_box"}
+    # Six whitened images with the lists the writer keeps: re-ranked by default, which
+    # adds the distance that orders the hits beside the SPEC's `distance`.
+    assert set(top) == spec_keys | {"rerank_distance"}
     assert top["path"] == str(image_dir / "img2.jpg") and top["distance"] < SELF_DISTANCE
     assert len(top["query_box"]) == 4 and all(0 <= v <= 160 for v in top["db_box"])
+    out = run_cli("query", idx, str(image_dir / "img2.jpg"), "-k", "3", "--json", "--no-rerank")
+    plain = json.loads(out.stdout)["results"][0]["hits"]
+    assert out.returncode == 0 and all(set(h) == spec_keys for h in plain)  # the SPEC's, and no more unasked
+    assert plain[0]["path"] == top["path"] and plain[0]["distance"] == top["distance"]
 
     out = run_cli("info", idx, "--json")
     info = json.loads(out.stdout)

@@ -15,10 +15,11 @@ from retrieval.engine.index import IndexUsageError
 
 CONFIG = ExtractorConfig(backbone="resnet18", weights="none", input_spec=InputSpec(size=(64, 64)))
 SEARCH = SearchConfig(levels=(1, 2), pca_dim=16)
-# Exact scoring of every image, and FAISS candidates (IVF, exact_limit 0) re-ranked.
+# Exact scoring of every image, re-ranked as by default (16 whitened images with lists), and
+# FAISS candidates (IVF, exact_limit 0) scored by the kernel, in the plain ranking.
 EXACT = SearchOptions(k=5)
-FAISS = SearchOptions(k=5, exact_limit=0, nprobe=2, per_patch=3)
-DEFAULT_POOLS = SearchOptions(k=5, exact_limit=0)  # FAISS candidates with the default pool settings
+FAISS = SearchOptions(k=5, exact_limit=0, nprobe=2, per_patch=3, rerank=False)
+DEFAULT_POOLS = SearchOptions(k=5, exact_limit=0, rerank=False)  # FAISS candidates with the default pool settings
 
 
 def _scenes(folder, seeds) -> list[str]:
@@ -42,7 +43,7 @@ def shared(tmp_path_factory):
 
 
 def _key(result):
-    return result.query, result.error, [(h.id, h.distance, h.query_box, h.db_box) for h in result.hits]
+    return result.query, result.error, [(h.id, h.distance, h.rerank_distance, h.query_box, h.db_box) for h in result.hits]
 
 
 def test_eight_threads_get_exactly_the_sequential_answers(shared):

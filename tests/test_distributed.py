@@ -254,6 +254,11 @@ def test_three_shards_return_the_unsharded_top_k_in_threads(sharded_pair):
         assert [[h.id for h in r.hits] for r in reranked] == [[h.id for h in r.hits] for r in want]
         got = [h.rerank_distance for r in reranked for h in r.hits]
         assert None not in got and got == pytest.approx([h.rerank_distance for r in want for h in r.hits], abs=1e-5)
+        # 34 whitened images with lists across the shards: re-ranked by default, as the source is.
+        assert shards.info()["reranking"]["by_default"] is True and idx.info()["reranking"]["by_default"] is True
+        default = shards.search(queries, k=3)
+        assert [[(h.id, h.rerank_distance) for h in r.hits] for r in default] == \
+            [[(h.id, h.rerank_distance) for h in r.hits] for r in reranked]
         assert len(shards.search(queries, k=None)[0].hits) == 34
 
 

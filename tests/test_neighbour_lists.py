@@ -81,24 +81,32 @@ def test_dba_k_is_kept_by_later_adds_and_a_new_image_enters_lists_through_candid
 
 # -- an index without lists: adaptive re-ranking by query expansion alone, saying so ------------
 def test_an_old_index_without_lists_reranks_by_expansion_alone_until_the_next_add(tmp_path):
-    paths = _scenes(tmp_path, range(800, 806))
+    paths = _scenes(tmp_path, range(800, 808))
     index = tmp_path / "idx"
     with Index.create(index, CONFIG, SEARCH, store=tmp_path / "s.sqlite", runtime=RuntimeConfig(batch_size=16)) as idx:
-        idx.add(paths[:5], progress=False)
+        idx.add(paths[:6], progress=False)
+        assert idx.info()["whitening"]["fitted"] is True  # 30 windows: whitened
     (index / "neighbours.npz").unlink()  # as an index built before the writer kept lists
     with Index.open(index) as idx:
         info = idx.info()
         assert info["neighbours"] is None and info["reranking"]["augmentation"] is False
+        # Without lists the default is the plain ranking (re-ranking by default needs them).
+        assert info["reranking"]["by_default"] is False
+        default = idx.search([paths[0]], k=3)[0]
+        assert default.note is None and all(h.rerank_distance is None for h in default.hits)
         result = idx.search([paths[0]], k=3, rerank=True)[0]
         assert result.note.startswith("re-ranked by query expansion only") and f"retrieval dba {index}" in result.note
         assert result.hits[0].path == paths[0] and all(h.rerank_distance is not None for h in result.hits)
         assert idx.search([paths[0]], k=3, rerank=False)[0].note is None
         with pytest.raises(IndexUsageError, match="retrieval dba"):  # a fixed count asked for: refused
             idx.search([paths[0]], k=3, dba=2)
-        idx.add(paths[5:], progress=False)  # the writer computes every list at the next add
+        idx.add(paths[6:], progress=False)  # the writer computes every list at the next add
         assert idx.info()["neighbours"]["up_to_date"] is True
-        assert idx.info()["reranking"] == {"augmentation": True, "note": None}
+        assert idx.info()["reranking"] == {"augmentation": True, "by_default": True, "note": None}
         assert idx.search([paths[0]], k=3, rerank=True)[0].note is None
+        default = idx.search([paths[0]], k=3)[0]  # now re-ranked by default, as asked above
+        assert [(h.id, h.rerank_distance) for h in default.hits] == \
+            [(h.id, h.rerank_distance) for h in idx.search([paths[0]], k=3, rerank=True)[0].hits]
 
 
 def test_above_the_exact_limit_without_lists_the_query_says_how_it_was_reranked(tmp_path):

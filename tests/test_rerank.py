@@ -88,6 +88,71 @@ def test_off_reproduces_the_plain_ranking_exactly(qe_chain):
     assert out.returncode == 0 and len(lines) == 3 and all(" re-ranked, " in line for line in lines)
 
 
+def _hits(result):
+    return [(h.id, h.distance, h.rerank_distance) for h in result.hits]
+
+
+def test_reranking_is_on_by_default_where_the_writer_keeps_lists(qe_chain, tmp_path, monkeypatch):
+    """Eight whitened images with the lists the writer keeps: the default search is the
+    adaptive one; fixed counts stay fixed; above RERANK_AUTO_LIMIT images, or without
+    lists, the default is the plain ranking. `info` and the CLI say the same."""
+    index, query, _ = qe_chain
+    with Index.open(index) as idx:
+        assert idx.info()["reranking"]["by_default"] is True
+        default = idx.search([query], k=None)[0]
+        assert default.hits[0].rerank_distance is not None
+        assert _hits(default) == _hits(idx.search([query], k=None, rerank=True)[0])
+        assert _hits(idx.search([query], k=None, qe=1)[0]) == _hits(idx.search([query], k=None, qe=1, rerank=False)[0])
+        plain = _hits(idx.search([query], k=None, rerank=False)[0])
+        monkeypatch.setattr("retrieval.config.RERANK_AUTO_LIMIT", 7)
+        monkeypatch.setattr("retrieval.engine.status.RERANK_AUTO_LIMIT", 7)
+        assert _hits(idx.search([query], k=None)[0]) == plain
+        assert idx.info()["reranking"]["by_default"] is False
+        monkeypatch.undo()
+    out = run_cli("query", str(index), query, "-k", "3", "--json", "--quiet")
+    assert out.returncode == 0 and all("rerank_distance" in h for h in json.loads(out.stdout)["results"][0]["hits"])
+    # The same collection without its lists (as an index written before the writer kept them).
+    bare = tmp_path / "bare"
+    shutil.copytree(index, bare)
+    (bare / "neighbours.npz").unlink()
+    with Index.open(bare) as idx:
+        assert idx.info()["reranking"]["by_default"] is False
+        assert _hits(idx.search([query], k=None)[0]) == plain
+
+
+def test_the_default_is_decided_from_the_collection():
+    default = SearchOptions()
+    assert default.rerank is None and not default.reranks  # undecided counts as off
+    decide = default.with_default_rerank
+    assert decide(2000, True, True).rerank is True
+    assert decide(2001, True, True).rerank is False
+    assert decide(10, False, True).rerank is False and decide(10, True, False).rerank is False
+    assert SearchOptions(qe=5).with_default_rerank(10, True, True).rerank is False  # a fixed count asked
+    assert SearchOptions(rerank=False).with_default_rerank(10, True, True).rerank is False
+    assert SearchOptions(rerank=True).with_default_rerank(10 ** 6, False, False).rerank is True
+
+
+@pytest.mark.parametrize("options", [{}, {"rerank": True, "rerank_margin": 0.5}, {"qe": 3}, {"dba": 3},
+                                     {"qe": 3, "dba": 3}])
+def test_no_reranking_moves_a_query_s_exact_duplicate_from_first_place(tmp_path_factory, options):
+    """Random weights make every window alike, so re-ranking averages each image with all
+    the others; without the rule that an exact duplicate keeps its plain distance, 2 of
+    these 8 images lost first place to a neighbour (3.7 % of UKBench's self-queries did)."""
+    root = tmp_path_factory.mktemp("alike")
+    paths = []
+    for i in range(8):
+        paths.append(str(root / f"s{i}.jpg"))
+        make_scene(100 + i).save(paths[-1], quality=90)
+    with Index.create(root / "idx", CONFIG, SEARCH, store=root / "s.sqlite", runtime=RuntimeConfig(batch_size=8)) as idx:
+        idx.add(paths, progress=False)
+        results = idx.search(paths, k=3, **options)
+    for path, result in zip(paths, results):
+        top = result.hits[0]
+        assert top.path == path and top.distance < SELF_DISTANCE
+        assert top.rerank_distance == top.distance  # its plain distance: nothing is nearer than itself
+        assert all(h.rerank_distance > SELF_DISTANCE for h in result.hits[1:])
+
+
 @pytest.mark.parametrize("margin", [0.0, 0.1, 0.5, 10.0])
 def test_adaptive_reranking_keeps_an_exact_duplicate_first(qe_chain, margin):
     index, _, names = qe_chain
@@ -110,7 +175,7 @@ def test_adaptive_margin_chooses_how_many_hits_expand_the_query(qe_chain):
 def test_query_expansion_reaches_the_far_end_of_a_chain(qe_chain):
     index, query, names = qe_chain
     with Index.open(index) as idx:
-        plain = _order(idx, query, names)
+        plain = _order(idx, query, names, rerank=False)
         expanded = _order(idx, query, names, qe=1)
         hits = idx.search([query], k=3, qe=1)[0].hits
     assert plain[0] == "B" and plain.index("C") > 1  # a distractor beats C without expansion
@@ -126,7 +191,7 @@ def test_database_side_augmentation_lifts_the_neighbour_and_follows_add_and_remo
         meta = idx.build_neighbours(2)
         assert meta["k"] == 2 and meta["images"] == 8
         assert idx.info()["neighbours"]["up_to_date"] is True
-        plain = _order(idx, query, names)
+        plain = _order(idx, query, names, rerank=False)
         augmented = _order(idx, query, names, dba=1, qe_alpha=1)
         with pytest.raises(IndexUsageError, match="--dba 3"):
             idx.search([query], k=3, dba=3)

@@ -122,7 +122,11 @@ def test_rerank_and_rotation_options_in_a_sweep(ukbench_root, tmp_path):
     assert all(r["value"] > 2.0 for r in rows), [(r["command"], r["value"]) for r in rows]
     full = next(r for r in rows if r["config"]["qe"] == 2 and r["config"]["dba"] == 2
                 and r["config"]["query_rotations"] == [0, 90])
-    assert "--qe 2 --dba 2 --query-rotations 0,90 --no-rerank --rotate-queries 90" in full["command"]
+    # No --rerank flag: the default, which fixed counts make the plain ranking re-ranked by
+    # them alone; without counts the index re-ranks (whitened, lists kept by the writer).
+    assert "--qe 2 --dba 2 --query-rotations 0,90 --rotate-queries 90" in full["command"]
+    assert full["config"]["rerank"] is False and full["config"]["rerank_by_default"] is True
+    assert all(r["config"]["rerank"] is True for r in rows if not r["config"]["qe"] and not r["config"]["dba"])
     assert full["timing"]["dba_neighbours_seconds"] is None  # dba 2 reads the lists the writer kept (10 per image)
     # the turned copies are lossless PNGs beside the indexes, made once
     assert len(list((tmp_path / "idx" / "queries-rot90").glob("*.png"))) == 4 * GROUPS

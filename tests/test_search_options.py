@@ -238,7 +238,7 @@ def test_faiss_is_asked_for_the_default_or_given_windows_per_query_window(ivf_in
 
     monkeypatch.setattr(VectorIndex, "search", recording)
     with Index.open(index) as idx:
-        idx.search(paths[:2], k=k, exact_limit=0, per_patch=per_patch)
+        idx.search(paths[:2], k=k, exact_limit=0, per_patch=per_patch, rerank=False)
     assert asks == [asked]
     assert PER_PATCH_MIN == 32
 
@@ -281,7 +281,7 @@ def test_the_kernel_scores_the_shortlist_of_the_nominated_images(ivf_index, monk
 
     monkeypatch.setattr(search, "pool_distances", counted)
     with Index.open(index) as idx:
-        results = idx.search(paths[:4], k=3, exact_limit=0, nprobe=8, per_patch=60, shortlist=shortlist)
+        results = idx.search(paths[:4], k=3, exact_limit=0, nprobe=8, per_patch=60, shortlist=shortlist, rerank=False)
     assert pools == [scored] * 4
     # (near 0: the stored windows are float16)
     assert [r.hits[0].path for r in results] == paths[:4] and all(r.hits[0].distance < 0.02 for r in results)

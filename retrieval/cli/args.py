@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from ..config import (
-    AGGREGATES, DEVICES, LEVELS, PATCH_MODES, POOLS, PRECISIONS, QE_ALPHA, RERANK_MARGIN, ConfigError,
-    ExtractorConfig, InputSpec, RuntimeConfig, SearchConfig, SearchOptionError, SearchOptions, levels_from_text,
+    AGGREGATES, DEVICES, LEVELS, PATCH_MODES, POOLS, PRECISIONS, QE_ALPHA, RERANK_AUTO_LIMIT, RERANK_MARGIN,
+    ConfigError, ExtractorConfig, InputSpec, RuntimeConfig, SearchConfig, SearchOptionError, SearchOptions, levels_from_text,
     rotations_from_text,
 )
 
@@ -159,11 +159,13 @@ def search_options_from_args(args: argparse.Namespace) -> SearchOptions:
 def add_rerank_args(p: argparse.ArgumentParser) -> None:
     """The re-ranking and rotation flags of `retrieval query` and benchmarks/retrieval_map.py."""
     g = p.add_argument_group("re-ranking (docs/reranking.md)")
-    default = SearchOptions()
-    g.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=default.rerank,
+    # None leaves it to the index (SearchOptions.with_default_rerank).
+    g.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=None,
                    help="adaptive re-ranking where --qe/--dba give no count: query expansion by the hits, and "
                    "augmentation by each image's kept neighbours, within --rerank-margin of the nearest; "
-                   f"--no-rerank gives the plain ranking (default {'on' if default.rerank else 'off'})")
+                   "--no-rerank gives the plain ranking (default: on for an index of at most "
+                   f"{RERANK_AUTO_LIMIT} images with neighbour lists, which the writer keeps at that size; "
+                   "off above, where it costs several times a plain query)")
     g.add_argument("--rerank-margin", type=float, default=RERANK_MARGIN, metavar="M",
                    help=f"adaptive re-ranking: distance margin over the nearest hit or neighbour (default {RERANK_MARGIN:g})")
     g.add_argument("--qe", type=_non_negative, default=0, metavar="K",

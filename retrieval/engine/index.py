@@ -30,7 +30,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from ..config import NEIGHBOURS_K, ConfigError, ExtractorConfig, RuntimeConfig, SearchConfig, SearchOptions, file_digest
+from ..config import NEIGHBOURS_K, RERANK_AUTO_LIMIT, ConfigError, ExtractorConfig, RuntimeConfig, SearchConfig, SearchOptions, file_digest
 from ..extraction.extractor import Extractor, Skipped
 from ..extraction.factory import make_extractor
 from ..extraction.features import Crop, ImageFeatures, describe
@@ -512,9 +512,13 @@ class Index:
         in `QueryResult.error`; it is also appended to `skipped` as {"path", "reason"}
         when a list is given.
 
-        Re-ranking (off by default; `benchmarks/results/reranking.md`): `qe` > 0 also
-        scores the windows of the `qe` best images as queries and averages the distances
-        (alpha-QE weights, exponent `qe_alpha`); `dba` > 0 averages each image's distance
+        Re-ranking (`benchmarks/results/reranking.md`): `rerank` None, the default, re-ranks
+        adaptively a PCA-whitened index of at most RERANK_AUTO_LIMIT (2,000) images whose
+        neighbour lists are stored (the writer keeps them at that size) and gives the plain ranking
+        above; `rerank=False` always gives the plain ranking, `rerank=True` always
+        re-ranks (`SearchOptions`). `qe` > 0 also scores the windows of the `qe` best
+        images as queries and averages the distances (alpha-QE weights, exponent
+        `qe_alpha`); `dba` > 0 averages each image's distance
         with its `dba` nearest neighbours' (computed by `build_neighbours`). A re-ranked
         search orders the hits by that average (`Hit.rerank_distance`); a hit's `distance`
         stays its plain distance. `query_rotations` (degrees counter-clockwise, from
@@ -527,6 +531,10 @@ class Index:
         options = self.search_options(k, options, keywords)
         view = self.view()
         whitening = view.whitening if view.images else None
+        if options.rerank is None:
+            whitened = whitening is not None and whitening.fitted_
+            lists = whitened and view.images <= RERANK_AUTO_LIMIT and self._has_lists(view)
+            options = options.with_default_rerank(view.images, lists, whitened)
         wants = whitening is not None and options.reranks
         neighbours, note = self._rerank_neighbours(options, view) if wants else (None, None)
         expand_rows = self._rows_at(options.query_levels)
@@ -587,6 +595,11 @@ class Index:
                 "(or query with --no-rerank)"
             )
         return found
+
+    def _has_lists(self, view: View) -> bool:
+        """Whether neighbour lists of `view`'s index are stored and readable (of this
+        generation or an earlier one): what turns re-ranking on by default."""
+        return lists_for_reranking(self.path, view.state.generation)[0] is not None
 
     def _rerank_neighbours(self, options: SearchOptions, view: View) -> tuple[Neighbours | None, str | None]:
         """The neighbour lists a re-ranked search averages with (or, with query expansion

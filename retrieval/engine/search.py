@@ -47,6 +47,12 @@ RERANK_POOL = 100
 HIT_POOL = 20
 # Adaptive query expansion uses at most this many hits (those within the margin of the best).
 ADAPTIVE_QE = 10
+# A plain distance at most this says the image is the query itself (its exact duplicate):
+# the same photo described again lies within 0.006 (fp16 storage), the nearest other photo
+# 0.33 away at least on UKBench and 0.45 on the edited copies (benchmarks/results/reranking.md,
+# "The query's own image"). Re-ranking averages such an image with its neighbours and 3.7 %
+# of UKBench's queries lost first place to them, so it keeps its plain distance there.
+EXACT_DUPLICATE = 0.05
 
 
 @dataclass
@@ -405,8 +411,11 @@ def rank_expanded(queries: list[np.ndarray], view: View, options: SearchOptions,
 
 def _final(scored: Ranking, dist: np.ndarray, k: int | None) -> Ranking:
     """The k nearest of `scored`'s images at their re-ranked distances `dist`, each keeping
-    its plain distance."""
+    its plain distance. The query's exact duplicates (plain distance <= EXACT_DUPLICATE)
+    keep their plain distance, and no other image is re-ranked nearer than that bound: no
+    neighbour's evidence makes another image nearer than the query itself."""
     plain = scored.distances if scored.plain is None else scored.plain
+    dist = np.where(plain <= EXACT_DUPLICATE, plain, np.maximum(dist, EXACT_DUPLICATE)).astype(np.float32)
     final = Ranking(scored.ids, dist, scored.query_patch, scored.db_patch, scored.query, plain)
     return final.take(top_k(dist, scored.ids, k))
 

@@ -33,7 +33,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..config import DEFAULT_AGGREGATE, RuntimeConfig, SearchOptions
+from ..config import DEFAULT_AGGREGATE, RERANK_AUTO_LIMIT, RuntimeConfig, SearchOptions
 from ..extraction.features import Crop
 from ..extraction.progress import Progress
 from ..fileio import write_text
@@ -200,6 +200,9 @@ class _ShardSearcher:
     # -- database-side augmentation (retrieval/engine/sharded_dba.py) ---------------------
     def live_ids(self) -> np.ndarray:
         return self.index.view().live_ids()
+
+    def images(self) -> int:
+        return self.index.view().images
 
     def nearest(self, window_sets: list[np.ndarray], settings: NeighbourSettings) -> list[Ranking]:
         return sharded_dba.nearest(self.index.view(), window_sets, settings)
@@ -395,8 +398,14 @@ class ShardedIndex:
         Database-side augmentation (`dba`, adaptive `rerank`) uses the lists `retrieval dba`
         computed across every shard (`build_neighbours`): the driver re-ranks on the
         distances every shard gives it (`sharded_dba.py`; the unsharded hits in exact mode).
-        `split_index` carries the unsplit index's current lists over."""
+        `rerank` None re-ranks as on one index: adaptively when the shards hold at most
+        RERANK_AUTO_LIMIT whitened images in all and lists across them. `split_index` carries the
+        unsplit index's current lists over."""
         options = self._front.search_options(k, options, keywords)
+        if options.rerank is None:
+            images, whitened = sum(self._each("images")), self.whitening is not None and self.whitening.fitted_
+            lists = whitened and images <= RERANK_AUTO_LIMIT and not options.qe and not options.dba and self._has_lists()
+            options = options.with_default_rerank(images, lists, whitened)
         neighbours = self.neighbours(options.dba or 1) if options.dba or options.rerank else None
 
         def merged(per_shard: list, k: int | None) -> list:
@@ -526,7 +535,18 @@ class ShardedIndex:
             "served_by": f"Ray actors (--ray {self.ray})" if self._actors else "threads",
             "path": str(self.path or self.paths[0].parent),
         })
+        whitened = self.whitening is not None and self.whitening.fitted_
+        by_default = whitened and info["images"] <= RERANK_AUTO_LIMIT and self._has_lists()
+        info["reranking"] = {**info["reranking"], "by_default": by_default}
         return info
+
+    def _has_lists(self) -> bool:
+        """Whether lists across every shard are stored: what `search` re-ranks with by default."""
+        try:
+            self.neighbours(1)
+        except IndexUsageError:
+            return False
+        return True
 
     def close(self) -> None:
         """Close every shard (and end its actor)."""

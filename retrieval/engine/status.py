@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import EXACT_LIMIT
+from ..config import EXACT_LIMIT, RERANK_AUTO_LIMIT
 from . import kernel
 from .ann import faiss_device, gpu_capable, is_flat
 from .neighbours import lists_for_reranking
@@ -29,7 +29,7 @@ def index_info(directory: Path, *, images: int, generation: int, patches: int, e
             whitening = PCAWhitening.load(directory / state.whitening["file"])
         except ValueError:
             whitening = None
-    neighbours, reranking = _neighbours(directory, state)
+    neighbours, reranking = _neighbours(directory, state, images, whitening is not None and whitening.fitted_)
     return {
         "images": images,
         "patches": images * patches,
@@ -59,13 +59,15 @@ def index_info(directory: Path, *, images: int, generation: int, patches: int, e
     }
 
 
-def _neighbours(directory: Path, state: State) -> tuple[dict | None, dict]:
+def _neighbours(directory: Path, state: State, images: int, whitened: bool) -> tuple[dict | None, dict]:
     """What `retrieval dba` or the writer stored (None: nothing), and whether images came
-    or went since; and what adaptive re-ranking can do with it (`lists_for_reranking`)."""
+    or went since; what adaptive re-ranking can do with it (`lists_for_reranking`), and
+    whether a query re-ranks by default (`SearchOptions.with_default_rerank`)."""
     found, note, error = lists_for_reranking(directory, state.generation)
     if error is not None:
-        return {"error": error}, {"augmentation": False, "note": note}
-    reranking = {"augmentation": found is not None, "note": note}
+        return {"error": error}, {"augmentation": False, "by_default": False, "note": note}
+    by_default = found is not None and whitened and images <= RERANK_AUTO_LIMIT
+    reranking = {"augmentation": found is not None, "by_default": by_default, "note": note}
     if found is None:
         return None, reranking
     return {**found.meta, "up_to_date": found.meta.get("generation") == state.generation}, reranking
