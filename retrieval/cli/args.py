@@ -163,9 +163,10 @@ def add_rerank_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=None,
                    help="adaptive re-ranking where --qe/--dba give no count: query expansion by the hits, and "
                    "augmentation by each image's kept neighbours, within --rerank-margin of the nearest; "
-                   "--no-rerank gives the plain ranking (default: on for an index of at most "
-                   f"{RERANK_AUTO_LIMIT} images with neighbour lists, which the writer keeps at that size; "
-                   "off above, where it costs several times a plain query)")
+                   "--no-rerank gives the plain ranking (default: on for a PCA-whitened index of at most "
+                   f"{RERANK_AUTO_LIMIT} images with neighbour lists, which the writer keeps at that size, "
+                   "unless --qe/--dba give a count; off above, where it costs several times a plain query; "
+                   "`retrieval info` says which)")
     g.add_argument("--rerank-margin", type=float, default=RERANK_MARGIN, metavar="M",
                    help=f"adaptive re-ranking: distance margin over the nearest hit or neighbour (default {RERANK_MARGIN:g})")
     g.add_argument("--qe", type=_non_negative, default=0, metavar="K",
