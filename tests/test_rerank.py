@@ -391,19 +391,22 @@ def test_expanding_hits_add_their_nearest_to_the_pool_and_are_scored_together(qe
     assert [(h.path, h.distance) for h in reranked] == [(h.path, h.distance) for h in one_by_one]
 
 
-def test_adaptive_augmentation_averages_only_mutual_neighbours_within_the_margin():
-    """Image 1 keeps 2 and 3 within the margin, but 3 does not keep 1 among its own
-    neighbours: adaptive augmentation averages 1 with 2 alone (a stranger near a group of
-    copies seldom holds them among its nearest), a fixed count with both."""
-    from retrieval.engine.neighbours import qe_weight
+def test_reranking_averages_each_image_with_its_five_nearest_kept_neighbours(tmp_path):
+    """`rerank` fills in the counts not given: expansion by the hits within the margin,
+    augmentation by RERANK_DBA (5) kept neighbours, or fewer where fewer are kept."""
+    from retrieval.config import RERANK_DBA
+    from retrieval.engine.search import augmentation_depth
 
-    lists = Neighbours(np.array([1, 2, 3, 4]), np.array([[2, 3], [1, 4], [4, 2], [3, 2]]),
-                       np.array([[0.5, 0.55], [0.5, 0.6], [0.3, 0.6], [0.3, 0.6]], np.float32), {})
-    ids, dist = np.array([1, 2, 3, 4]), np.array([0.9, 0.6, 0.2, 0.8], np.float32)
-    np.testing.assert_array_equal(lists.mutual(ids, lists.neighbours, 2),
-                                  [[True, False], [True, True], [True, False], [True, True]])
-    w = lambda d: float(qe_weight(d, 3.0))  # noqa: E731
-    adaptive = lists.augment(ids, dist, 2, 3.0, margin=0.1)
-    fixed = lists.augment(ids, dist, 2, 3.0)
-    assert adaptive[0] == pytest.approx((0.9 + w(0.5) * 0.6) / (1 + w(0.5)), rel=1e-6)
-    assert fixed[0] == pytest.approx((0.9 + w(0.5) * 0.6 + w(0.55) * 0.2) / (1 + w(0.5) + w(0.55)), rel=1e-6)
+    lists = Neighbours(np.arange(4), np.zeros((4, 10), np.int64), np.zeros((4, 10), np.float32), {})
+    assert RERANK_DBA == 5 and augmentation_depth(SearchOptions(rerank=True), lists) == 5
+    short = Neighbours(np.arange(4), np.zeros((4, 3), np.int64), np.zeros((4, 3), np.float32), {})
+    assert augmentation_depth(SearchOptions(rerank=True), short) == 3  # `retrieval dba -k 3` kept 3
+    assert augmentation_depth(SearchOptions(rerank=True, dba=2), lists) == 2  # a count given wins
+    assert augmentation_depth(SearchOptions(rerank=False), lists) == 0
+    assert augmentation_depth(SearchOptions(rerank=True), None) == 0  # no lists: expansion alone
+    index, query, _ = _chain(tmp_path, 600)
+    with Index.open(index) as idx:
+        assert idx.info()["neighbours"]["k"] == 10  # kept by the writer
+        reranked = idx.search([query], k=None, rerank=True)[0].hits
+        same = idx.search([query], k=None, rerank=True, dba=5)[0].hits
+    assert [(h.id, h.rerank_distance) for h in reranked] == [(h.id, h.rerank_distance) for h in same]

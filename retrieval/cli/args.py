@@ -6,9 +6,9 @@ import argparse
 from pathlib import Path
 
 from ..config import (
-    AGGREGATES, DEVICES, LEVELS, PATCH_MODES, POOLS, PRECISIONS, QE_ALPHA, RERANK_AUTO_LIMIT, RERANK_MARGIN,
-    ConfigError, ExtractorConfig, InputSpec, RuntimeConfig, SearchConfig, SearchOptionError, SearchOptions, levels_from_text,
-    rotations_from_text,
+    AGGREGATES, DEVICES, LEVELS, PATCH_MODES, POOLS, PRECISIONS, QE_ALPHA, RERANK_AUTO_LIMIT, RERANK_DBA,
+    RERANK_MARGIN, ConfigError, ExtractorConfig, InputSpec, RuntimeConfig, SearchConfig, SearchOptionError,
+    SearchOptions, levels_from_text, rotations_from_text,
 )
 
 
@@ -161,14 +161,15 @@ def add_rerank_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("re-ranking (docs/reranking.md)")
     # None leaves it to the index (SearchOptions.with_default_rerank).
     g.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=None,
-                   help="adaptive re-ranking where --qe/--dba give no count: query expansion by the hits, and "
-                   "augmentation by each image's kept neighbours, within --rerank-margin of the nearest; "
-                   "--no-rerank gives the plain ranking (default: on for a PCA-whitened index of at most "
-                   f"{RERANK_AUTO_LIMIT} images with neighbour lists, which the writer keeps at that size, "
-                   "unless --qe/--dba give a count; off above, where it costs several times a plain query; "
-                   "`retrieval info` says which)")
+                   help="re-ranking with the neighbours, for what --qe/--dba give no count: query expansion by "
+                   f"the hits within --rerank-margin of the nearest, and augmentation by each image's {RERANK_DBA} "
+                   "nearest kept neighbours; --no-rerank gives the plain ranking (default: on for a PCA-whitened "
+                   f"index of at most {RERANK_AUTO_LIMIT} images with neighbour lists, which the writer keeps at "
+                   "that size, unless --qe/--dba give a count; off above, where it costs several times a plain "
+                   "query; `retrieval info` says which)")
     g.add_argument("--rerank-margin", type=float, default=RERANK_MARGIN, metavar="M",
-                   help=f"adaptive re-ranking: distance margin over the nearest hit or neighbour (default {RERANK_MARGIN:g})")
+                   help="re-ranking: the hits within this distance of the nearest expand the query "
+                   f"(default {RERANK_MARGIN:g})")
     g.add_argument("--qe", type=_non_negative, default=0, metavar="K",
                    help="query expansion: also score the windows of the K best images as queries and "
                    "average the distances with alpha-QE weights (default 0 = off)")

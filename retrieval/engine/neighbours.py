@@ -52,38 +52,19 @@ class Neighbours:
         known = (self.ids[pos] == ids) if len(self.ids) else np.zeros(len(ids), bool)
         return pos, known
 
-    def mutual(self, ids: np.ndarray, nb: np.ndarray, k: int) -> np.ndarray:
-        """[m, k]: whether image `ids[r]` is among the first k neighbours of its neighbour
-        `nb[r, c]` (False for none, -1, or an image without a list). A stranger that comes
-        as near a small group of copies as they are to each other seldom holds a copy among
-        its own nearest, while the images of one large group hold each other: this is what
-        lets the margin reach a landmark's whole group without averaging copies with
-        strangers (benchmarks/results/reranking.md, "Mutual neighbours")."""
-        if not len(self.ids) or not nb.size:
-            return np.zeros(nb.shape, bool)
-        pos, listed = self.rows(nb.ravel())
-        theirs = self.neighbours[pos, :k].reshape(*nb.shape, -1)
-        return (theirs == np.asarray(ids)[:, None, None]).any(axis=2) & listed.reshape(nb.shape) & (nb >= 0)
-
     def widen(self, pool: np.ndarray, k: int) -> np.ndarray:
         """`pool` plus the first k neighbours of its images (sorted, unique)."""
         pos, known = self.rows(pool)
         more = self.neighbours[pos[known], :k].ravel()
         return np.unique(np.concatenate([pool, more[more >= 0]]))
 
-    def augment(self, ids: np.ndarray, dist: np.ndarray, k: int, alpha: float,
-                margin: float | None = None) -> np.ndarray:
+    def augment(self, ids: np.ndarray, dist: np.ndarray, k: int, alpha: float) -> np.ndarray:
         """Each image's distance averaged with its first k neighbours' (weight 1 for its own,
-        alpha-QE weight of the neighbour's distance to it for each neighbour); with a
-        `margin` (adaptive re-ranking), only the neighbours within it of the image's nearest
-        one that also hold the image among their own first k (`mutual`). Neighbours not
-        among `ids` (removed, or not candidates) are left out."""
+        alpha-QE weight of the neighbour's distance to it for each neighbour). Neighbours
+        not among `ids` (removed, or not candidates) are left out."""
         pos, known = self.rows(ids)
         nb = np.where(known[:, None], self.neighbours[pos, :k], -1)
-        near = self.distances[pos, :k]
-        weight = qe_weight(near, alpha) * (nb >= 0)
-        if margin is not None:
-            weight = weight * (near <= near[:, :1] + margin) * self.mutual(ids, nb, k)
+        weight = qe_weight(self.distances[pos, :k], alpha) * (nb >= 0)
         order = np.argsort(ids, kind="stable")
         at = np.minimum(np.searchsorted(ids[order], nb), len(ids) - 1)
         found = ids[order][at] == nb

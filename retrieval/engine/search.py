@@ -34,7 +34,7 @@ import numpy as np
 
 from . import kernel
 from .ann import WINDOW_BITS
-from ..config import DEFAULT_AGGREGATE, PER_PATCH_MIN, SHORTLIST_MIN, SHORTLIST_PER_K, SearchOptions
+from ..config import DEFAULT_AGGREGATE, PER_PATCH_MIN, RERANK_DBA, SHORTLIST_MIN, SHORTLIST_PER_K, SearchOptions
 from .neighbours import Neighbours, qe_weight
 from .snapshot import View
 
@@ -287,15 +287,15 @@ def rank_reranked(queries: list[np.ndarray], view: View, options: SearchOptions,
     the weighted mean of the query's and theirs (weight 1 for the query, sim**qe_alpha
     for a hit at distance d, sim = 1 - d**2 / 2).
 
-    How many: with `qe` / `dba` > 0, that many (fixed). Otherwise, with `options.rerank`
-    (adaptive): the hits within `rerank_margin` of the best hit's distance (at most
-    ADAPTIVE_QE), and each image's stored neighbours within the margin of its nearest
-    one (None for `neighbours`: no augmentation): a small group of near copies is not
-    averaged with strangers, a large one is used whole.
+    How many: with `qe` / `dba` > 0, that many (fixed). Otherwise, with `options.rerank`:
+    the hits within `rerank_margin` of the best hit's distance (at most ADAPTIVE_QE; a
+    small group of near copies does not expand the query with strangers, a large one is
+    used whole), and each image's RERANK_DBA nearest stored neighbours (None for
+    `neighbours`: no augmentation).
     """
     if not queries:
         raise ValueError("rank_reranked needs at least one description of the query")
-    dba = _augmentation(options, neighbours).k
+    dba = augmentation_depth(options, neighbours)
 
     def scored_in(pool: np.ndarray | None) -> Ranking:
         return augment_scored(nearest_description_distances(queries, view, pool, _aggregate(options)), options,
@@ -422,30 +422,35 @@ def _final(scored: Ranking, dist: np.ndarray, k: int | None) -> Ranking:
 
 @dataclass(frozen=True)
 class _Augment:
-    """Database-side augmentation as asked: `k` neighbours (0: none), those within
-    `margin` of the image's nearest (None: all k)."""
+    """Database-side augmentation as asked: each image averaged with its `k` nearest
+    neighbours (0: none)."""
 
     neighbours: Neighbours | None
     k: int
     alpha: float
-    margin: float | None
 
     def __call__(self, ids: np.ndarray, dist: np.ndarray) -> np.ndarray:
         if not self.k or not len(ids):
             return dist
-        return self.neighbours.augment(ids, dist, self.k, self.alpha, self.margin)
+        return self.neighbours.augment(ids, dist, self.k, self.alpha)
 
 
 def _augmentation(options: SearchOptions, neighbours: Neighbours | None) -> _Augment:
-    """Database-side augmentation as `options` ask: `dba` neighbours (fixed), or with
-    adaptive `rerank` the stored ones within the margin; none without neighbours."""
+    """Database-side augmentation as `options` ask: `dba` neighbours, or with `rerank`
+    RERANK_DBA (at most as many as are kept); none without neighbours."""
     if options.dba:
         if neighbours is None:
             raise ValueError("database-side augmentation needs the neighbours of the database images")
-        return _Augment(neighbours, options.dba, options.qe_alpha, None)
+        return _Augment(neighbours, options.dba, options.qe_alpha)
     if options.rerank and neighbours is not None:
-        return _Augment(neighbours, neighbours.k, options.qe_alpha, options.rerank_margin)
-    return _Augment(neighbours, 0, options.qe_alpha, None)
+        return _Augment(neighbours, min(RERANK_DBA, neighbours.k), options.qe_alpha)
+    return _Augment(neighbours, 0, options.qe_alpha)
+
+
+def augmentation_depth(options: SearchOptions, neighbours: Neighbours | None) -> int:
+    """How many neighbours augment each image under `options` (0: none): also how far a
+    candidate pool is widened with them."""
+    return _augmentation(options, neighbours).k
 
 
 def _expansion_hits(scored: Ranking, options: SearchOptions) -> np.ndarray:

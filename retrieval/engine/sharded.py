@@ -44,8 +44,9 @@ from .query import K_NOT_GIVEN, QueryResult, answer_queries
 from . import neighbour_lists, sharded_dba
 from .neighbour_lists import NeighbourSettings
 from .neighbours import ASKED, Neighbours, lists_for_reranking, shared_lists
-from .search import (Ranking, augment_scored, finish_reranking, image_distances, merge_rankings,
-                     nearest_description_distances, plan_expansion, rank_descriptions, rank_expanded, rerank_pool)
+from .search import (Ranking, augment_scored, augmentation_depth, finish_reranking, image_distances,
+                     merge_rankings, nearest_description_distances, plan_expansion, rank_descriptions, rank_expanded,
+                     rerank_pool)
 from .segments import write_segment
 from .snapshot import State, View, publish
 from .whitening import PCAWhitening
@@ -440,7 +441,8 @@ class ShardedIndex:
         `search.finish_reranking` on the distances every shard gives)."""
         pools = self._each("rerank_pool", descriptions, options)
         found = [p for p in pools if p is not None]
-        widened = neighbours.widen(np.unique(np.concatenate(found)), options.dba or neighbours.k) if found else None
+        depth = augmentation_depth(options, neighbours)
+        widened = neighbours.widen(np.unique(np.concatenate(found)), depth) if found else None
         # A shard scoring every image needs no pool; the others get the widened one (each
         # skips the ids it does not hold).
         parts = [None if p is None else widened for p in pools]
