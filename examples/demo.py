@@ -103,7 +103,10 @@ def main() -> int:
     result = idx.search([str(query)], k=5)[0]
     print(f"query: {query} (a rotated, re-coloured crop of scene{target:02d}.jpg)")
     for hit in result.hits:
-        print(f"  {hit.rank}. {Path(hit.path).name}  distance {hit.distance:.4f}  "
+        # Re-ranked by default at this size: the order follows rerank_distance, and
+        # distance stays the one the two windows decide.
+        order = "" if hit.rerank_distance is None else f"re-ranked {hit.rerank_distance:.4f}, "
+        print(f"  {hit.rank}. {Path(hit.path).name}  {order}distance {hit.distance:.4f}  "
               f"query window {hit.query_box} ~ db window {hit.db_box}")
     top = Path(result.hits[0].path).name
     print("top hit is the source image" if top == f"scene{target:02d}.jpg" else f"top hit is {top}, not the source")
