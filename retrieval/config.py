@@ -55,10 +55,10 @@ MAX_BATCH = 32
 # and averages each image with its RERANK_DBA nearest kept neighbours: leave-one-set-out over
 # UKBench, paris6k-mini and two generated sets of edited copies, among {0, 5} fixed counts
 # crossed with margins 0.05-0.3, chose this in every fold, each left-out set at or above
-# the best fixed setting (benchmarks/results/reranking.md, "Four sets").
+# the best fixed setting (benchmarks/results/reranking.md, "On by default").
 RERANK_MARGIN = 0.3
 RERANK_DBA = 5
-# Adaptive re-ranking is on by default (`SearchOptions.rerank` None) for a whitened collection
+# Re-ranking is on by default (`SearchOptions.rerank` None) for a whitened collection
 # of at most this many images whose neighbour lists are stored: the writer keeps the lists up to
 # EXACT_LIMIT on its own, a query there costs milliseconds more (benchmarks/results/reranking.md,
 # "On by default"), and every evaluation set is that size. Above, candidates make a
@@ -376,10 +376,10 @@ class SearchOptions:
     queries too (alpha-QE weights, exponent `qe_alpha`), `dba` nearest neighbours of each
     image are averaged in (fixed counts); `rerank` fills in what has no count: the hits
     within `rerank_margin` of the nearest expand the query, and each image is averaged
-    with its RERANK_DBA nearest stored neighbours (False with both 0: the plain ranking). `rerank` None, the default, decides per index
-    (`with_default_rerank`): adaptive re-ranking on a PCA-whitened index of at most
-    RERANK_AUTO_LIMIT images with stored neighbour lists where `qe` and `dba` are 0,
-    plain otherwise. `query_rotations` (distinct, from 0, 90, 180, 270) describes
+    with its RERANK_DBA nearest stored neighbours (False with both 0: the plain ranking).
+    `rerank` None, the default, decides per index (`with_default_rerank`): re-ranking on
+    a PCA-whitened index of at most RERANK_AUTO_LIMIT images with stored neighbour lists
+    where `qe` and `dba` are 0, plain otherwise. `query_rotations` (distinct, from 0, 90, 180, 270) describes
     the query at each rotation; None describes it as it is (and hits carry no rotation);
     "auto" describes only the query's level-1 window at each of the four turns, keeps the
     turn whose window is nearest to an indexed image, and describes and searches at that
@@ -448,12 +448,12 @@ class SearchOptions:
 
     @property
     def reranks(self) -> bool:
-        """Whether distances are re-ranked (fixed `qe`/`dba`, or adaptive `rerank`; a
+        """Whether distances are re-ranked (fixed `qe`/`dba`, or `rerank`; a
         `rerank` still None counts as off: `with_default_rerank` decides it first)."""
         return bool(self.qe or self.dba or self.rerank)
 
     def with_default_rerank(self, images: int, lists: bool, whitened: bool) -> "SearchOptions":
-        """These options with `rerank` decided where it is None: adaptive re-ranking for a
+        """These options with `rerank` decided where it is None: re-ranking for a
         collection of at most RERANK_AUTO_LIMIT `images` whose neighbour `lists` are
         stored and whose descriptors are PCA-`whitened` (the margin is a distance between
         whitened descriptors: unwhitened ones lie so close that it would take in most of

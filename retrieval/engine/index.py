@@ -30,7 +30,8 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from ..config import NEIGHBOURS_K, RERANK_AUTO_LIMIT, ConfigError, ExtractorConfig, RuntimeConfig, SearchConfig, SearchOptions, file_digest
+from ..config import (NEIGHBOURS_K, RERANK_AUTO_LIMIT, ConfigError, ExtractorConfig, RuntimeConfig, SearchConfig,
+                      SearchOptions, file_digest)
 from ..extraction.extractor import Extractor, Skipped
 from ..extraction.factory import make_extractor
 from ..extraction.features import Crop, ImageFeatures, describe
@@ -513,10 +514,11 @@ class Index:
         when a list is given.
 
         Re-ranking (`benchmarks/results/reranking.md`): `rerank` None, the default, re-ranks
-        adaptively a PCA-whitened index of at most RERANK_AUTO_LIMIT (2,000) images whose
-        neighbour lists are stored (the writer keeps them at that size) and gives the plain ranking
-        above; `rerank=False` always gives the plain ranking, `rerank=True` always
-        re-ranks (`SearchOptions`). `qe` > 0 also scores the windows of the `qe` best
+        a PCA-whitened index of at most RERANK_AUTO_LIMIT (2,000) images whose neighbour
+        lists are stored (the writer keeps them at that size) and gives the plain ranking
+        otherwise; `rerank=False` always gives the plain ranking, `rerank=True` always
+        re-ranks: expansion by the hits within `rerank_margin`, augmentation by RERANK_DBA
+        neighbours (`SearchOptions`). `qe` > 0 also scores the windows of the `qe` best
         images as queries and averages the distances (alpha-QE weights, exponent
         `qe_alpha`); `dba` > 0 averages each image's distance
         with its `dba` nearest neighbours' (computed by `build_neighbours`). A re-ranked
@@ -590,7 +592,7 @@ class Index:
         if found is None or found.k < k:
             have = "none are stored" if found is None else f"{found.k} per image are stored"
             raise IndexUsageError(
-                f"re-ranking (--dba {k}, or adaptive) needs the {k} nearest neighbours of every image of "
+                f"re-ranking (--dba {k}, or --rerank) needs the {k} nearest neighbours of every image of "
                 f"{self.path}, but {have}; compute them with `retrieval dba {self.path} -k {max(k, NEIGHBOURS_K)}` "
                 "(or query with --no-rerank)"
             )
@@ -605,7 +607,7 @@ class Index:
         """The neighbour lists a re-ranked search averages with (or, with query expansion
         alone, takes the expanding hits' nearest from), and why they fall short
         (`neighbours.lists_for_reranking`). A fixed `--dba K` needs K per image and fails
-        without them (IndexUsageError); adaptive re-ranking does without, and says so."""
+        without them (IndexUsageError); `rerank` does without, and says so."""
         if options.dba:
             return self.neighbours(options.dba), None
         found, note, _ = lists_for_reranking(self.path, view.state.generation)

@@ -130,9 +130,9 @@ def shared_lists(directory: Path) -> Neighbours | None:
 
 def lists_for_reranking(directory: Path, generation: int) -> tuple["Neighbours | None", str | None, str | None]:
     """(lists, note, error): the stored lists of the index at `directory` (None when there
-    are none or they cannot be read, `error` then saying why), and why adaptive
-    re-ranking of its published `generation` cannot average every image with its
-    neighbours (None when the lists are current).
+    are none or they cannot be read, `error` then saying why), and why re-ranking of its
+    published `generation` cannot average every image with its neighbours (None when the
+    lists are current).
 
     The rule (docs/reranking.md): with no lists a search re-ranks by query expansion
     alone; with lists of an earlier generation the images added since are scored without

@@ -396,12 +396,12 @@ class ShardedIndex:
         over them, as one index does. Query expansion finds the `qe` nearest images over
         every shard first, then each shard scores all its images exactly against the query
         and their windows (the unsharded index's hits when it too searches exactly).
-        Database-side augmentation (`dba`, adaptive `rerank`) uses the lists `retrieval dba`
+        Database-side augmentation (`dba`, `rerank`) uses the lists `retrieval dba`
         computed across every shard (`build_neighbours`): the driver re-ranks on the
         distances every shard gives it (`sharded_dba.py`; the unsharded hits in exact mode).
-        `rerank` None re-ranks as on one index: adaptively when the shards hold at most
-        RERANK_AUTO_LIMIT whitened images in all and lists across them. `split_index` carries the
-        unsplit index's current lists over."""
+        `rerank` None re-ranks as on one index: when the shards hold at most
+        RERANK_AUTO_LIMIT whitened images in all and lists across them. `split_index`
+        carries the unsplit index's current lists over."""
         options = self._front.search_options(k, options, keywords)
         if options.rerank is None:
             images, whitened = sum(self._each("images")), self.whitening is not None and self.whitening.fitted_

@@ -61,7 +61,7 @@ def index_info(directory: Path, *, images: int, generation: int, patches: int, e
 
 def _neighbours(directory: Path, state: State, images: int, whitened: bool) -> tuple[dict | None, dict]:
     """What `retrieval dba` or the writer stored (None: nothing), and whether images came
-    or went since; what adaptive re-ranking can do with it (`lists_for_reranking`), and
+    or went since; what `rerank` can do with it (`lists_for_reranking`), and
     whether a query re-ranks by default (`SearchOptions.with_default_rerank`)."""
     found, note, error = lists_for_reranking(directory, state.generation)
     if error is not None:
