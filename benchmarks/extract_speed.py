@@ -50,7 +50,7 @@ from retrieval import config as rconfig  # noqa: E402
 from retrieval.config import ExtractorConfig, InputSpec, RuntimeConfig, SearchConfig  # noqa: E402
 from retrieval.engine.index import Index  # noqa: E402
 from retrieval.engine.manifest import Manifest  # noqa: E402
-from retrieval.extraction.extractor import Extractor, Job, _area_pool_many, _pool, _prepare, _roi_pool  # noqa: E402
+from retrieval.extraction.extractor import Extractor, Job, _pool, _prepare, _roi_pool, pyramid_plan, pyramid_pool  # noqa: E402
 from retrieval.extraction.images import expand_inputs, load_rgb  # noqa: E402
 from retrieval.extraction.patches import level_names, level_regions  # noqa: E402
 from retrieval.extraction.store import FeatureStore  # noqa: E402
@@ -150,18 +150,25 @@ def stages(backbone, config: ExtractorConfig, paths: list[str], levels, batch: i
     t0 = time.perf_counter()
     feats = [backbone(x) for x in shaped]
     network = time.perf_counter() - t0
+    maps = [f for chunk in feats for f in chunk]
+    if config.patch_mode == "pyramid":
+        # The product's pooling of each image's maps together (`pyramid_pool`). Without
+        # mirrored windows an image's inputs are the network's size, then the larger one,
+        # and the extractor's batches keep each size in image order.
+        if pyramid_plan(regions)[0] != [(0, False), (1, False)]:
+            raise SystemExit("extract_speed.py times pyramid pooling for two unmirrored inputs per image")
+        side = min(f.shape[-1] for f in maps)
+        maps = list(zip([f for f in maps if f.shape[-1] == side], [f for f in maps if f.shape[-1] != side]))
     t0 = time.perf_counter()
-    for chunk in feats:
-        for f in chunk:
-            if config.patch_mode == "roi":
-                for rs in regions:
-                    for box in rs.boxes:
-                        _roi_pool(f, box, config.pool)
-            elif config.patch_mode == "pyramid":  # every window from each map: an upper bound
-                for rs in regions:
-                    _area_pool_many(f, rs.boxes, config.pool)
-            else:
-                _pool(f, config.pool)
+    for f in maps:
+        if config.patch_mode == "roi":
+            for rs in regions:
+                for box in rs.boxes:
+                    _roi_pool(f, box, config.pool)
+        elif config.patch_mode == "pyramid":
+            pyramid_pool(regions, list(f), config.pool)
+        else:
+            _pool(f, config.pool)
     pooling = time.perf_counter() - t0
     # Commit: the product's descriptors, put again into a fresh store + manifest, one
     # transaction each per image, as Index.add does.

@@ -181,7 +181,17 @@ def test_pyramid_pooling_runs_on_one_blas_thread(monkeypatch):
     state.outputs = [rng.random((8, 2, 2), dtype=np.float32), rng.random((8, 4, 4), dtype=np.float32)]
     out = state.assemble("pyramid", "avg")
     assert {k: v.shape for k, v in out.items()} == {"level1": (1, 8), "level2": (4, 8), "level3": (9, 8), "level4": (16, 8)}
-    assert len(seen) == 7 and all(threads == {1} for threads in seen)  # level 1 once, levels 2-4 from both maps
+    # One product per map for every window it gives (levels 1-4 from the first, 2-4 from
+    # the second), not one per level: GeM's power of a map is computed once.
+    assert len(seen) == 2 and all(threads == {1} for threads in seen)
+    # Each window as pooled alone: level 1 from the first map; the others the mean of the
+    # two unit-length poolings at the first one's norm.
+    for rs in LEVELS:
+        for box, got in zip(rs.boxes, out[rs.name]):
+            small, large = (extractor_module._area_pool(m, box, "avg") for m in state.outputs)
+            want = small if rs.name == "level1" else np.linalg.norm(small) * (
+                small / np.linalg.norm(small) + large / np.linalg.norm(large)) / 2
+            np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def test_a_fixed_size_or_vector_network_is_refused():

@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -326,14 +326,11 @@ class _Pending:
                 start += len(rs)
             return out
         if mode == "pyramid":
-            _, where = pyramid_plan(self.job.regions)
             # This runs while the network's threads hold the cores: BLAS threads would spin
             # against them (a 29-window pooling product took 25-50 ms with two threads and
             # 2-6 ms with one on the 2 loaded cores; benchmarks/results/describe.md).
             with one_blas_thread():
-                for rs, slots in zip(self.job.regions, where):
-                    out[rs.name] = pyramid_pool(rs, slots, self.outputs, how)
-            return out
+                return pyramid_pool(self.job.regions, self.outputs, how)
         whole = self.outputs[0]
         mirror = self.outputs[1] if len(self.outputs) > 1 else None
         for rs in self.job.regions:
@@ -492,30 +489,35 @@ def pyramid_plan(regions) -> tuple[list[tuple[int, bool]], list[list[tuple[int, 
     return needs, where
 
 
-def pyramid_pool(rs: RegionSet, slots: list[tuple[int, ...]], maps: list[np.ndarray], how: str) -> np.ndarray:
-    """pyramid mode: the [n, C] descriptors of one region set's windows from the maps of
-    the image's inputs; `slots` (from `pyramid_plan`) names the maps each window is pooled
-    from. A window pooled from two maps gets the mean of the two L2-normalised poolings at
-    the norm of the first (the network's size), so that every level keeps the scale of
-    level 1 for the whitening; the average beat the larger map alone on UKBench, Paris and
-    rParis (benchmarks/results/describe.md)."""
+def pyramid_pool(regions: Sequence[RegionSet], maps: list[np.ndarray], how: str) -> dict[str, np.ndarray]:
+    """pyramid mode: the [n, C] descriptors of every region set's windows, by name, from
+    the maps of the image's inputs (in the order of `pyramid_plan`). A window pooled from
+    two maps gets the mean of the two L2-normalised poolings at the norm of the first (the
+    network's size), so that every level keeps the scale of level 1 for the whitening; the
+    average beat the larger map alone on UKBench, Paris and rParis
+    (benchmarks/results/describe.md). Every window a map gives is pooled in one product:
+    per region set, GeM's power of the same map was computed again for each level."""
+    _, where = pyramid_plan(regions)
+    slots = [s for per_set in where for s in per_set]
     # Mirrored windows are pooled from the mirrored input over the mirrored box.
-    boxes = np.array(rs.boxes, dtype=np.float64).reshape(-1, 4)
-    boxes[rs.flips] = boxes[rs.flips][:, [2, 1, 0, 3]] * [-1, 1, -1, 1] + [1, 0, 1, 0]
+    boxes = np.concatenate([np.array(rs.boxes, dtype=np.float64).reshape(-1, 4) for rs in regions])
+    flips = np.concatenate([np.asarray(rs.flips, bool).reshape(-1) for rs in regions])
+    boxes[flips] = boxes[flips][:, [2, 1, 0, 3]] * [-1, 1, -1, 1] + [1, 0, 1, 0]
     n, depth = len(slots), max((len(s) for s in slots), default=1)
-    first = maps[slots[0][0]] if n else None
-    vecs = np.zeros((depth, n, first.shape[0] if n else 0), np.float32)
+    channels = maps[slots[0][0]].shape[0] if n else 0
+    vecs = np.zeros((depth, n, channels), np.float32)
     for k in range(depth):
         column = np.array([s[k] if k < len(s) else -1 for s in slots])
         for slot in np.unique(column[column >= 0]):
             members = np.flatnonzero(column == slot)
             vecs[k, members] = _area_pool_many(maps[slot], boxes[members], how)
-    if depth == 1:
-        return vecs[0]
-    norms = np.linalg.norm(vecs, axis=2, keepdims=True)
-    unit = vecs / np.maximum(norms, 1e-12)
-    counts = np.array([len(s) for s in slots], np.float32)[:, None]
-    return (norms[0] * unit.sum(axis=0) / counts).astype(np.float32)
+    if depth > 1:
+        norms = np.linalg.norm(vecs, axis=2, keepdims=True)
+        unit = vecs / np.maximum(norms, 1e-12)
+        counts = np.array([len(s) for s in slots], np.float32)[:, None]
+        vecs = (norms[0] * unit.sum(axis=0) / counts)[None].astype(np.float32)
+    ends = np.cumsum([len(per_set) for per_set in where])
+    return {rs.name: part for rs, part in zip(regions, np.split(vecs[0], ends[:-1]))}
 
 
 def _cell_weights(n: int, lo: float, hi: float) -> np.ndarray:
