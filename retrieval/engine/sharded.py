@@ -270,6 +270,7 @@ class ShardedIndex:
         self._actors: list = []
         self._pools: list[cf.ThreadPoolExecutor] = []
         self._local: list[_ShardSearcher] = []
+        self._image_total: int | None = None
         # The driver describes and whitens the queries with the first shard's configuration.
         self._front = Index.open(self.paths[0], runtime=self.runtime)
         try:
@@ -404,7 +405,7 @@ class ShardedIndex:
         carries the unsplit index's current lists over."""
         options = self._front.search_options(k, options, keywords)
         if options.rerank is None:
-            images, whitened = sum(self._each("images")), self.whitening is not None and self.whitening.fitted_
+            images, whitened = self._images(), self.whitening is not None and self.whitening.fitted_
             lists = whitened and images <= RERANK_AUTO_LIMIT and not options.qe and not options.dba and self._has_lists()
             options = options.with_default_rerank(images, lists, whitened)
         neighbours = self.neighbours(options.dba or 1) if options.dba or options.rerank else None
@@ -541,6 +542,14 @@ class ShardedIndex:
         by_default = whitened and info["images"] <= RERANK_AUTO_LIMIT and self._has_lists()
         info["reranking"] = {**info["reranking"], "by_default": by_default}
         return info
+
+    def _images(self) -> int:
+        """The images of every shard, counted at the first query that needs it: a split
+        index's shards do not change, and a count per query would be a round trip to every
+        shard (a remote call to each actor under Ray)."""
+        if self._image_total is None:
+            self._image_total = int(sum(self._each("images")))
+        return self._image_total
 
     def _has_lists(self) -> bool:
         """Whether lists across every shard are stored: what `search` re-ranks with by default."""
