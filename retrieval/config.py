@@ -338,6 +338,14 @@ class RuntimeConfig:
             raise ConfigError(f"--ray takes local, auto or a cluster address HOST:PORT (got {self.ray!r})")
 
 
+def reranks_by_default(images: int, whitened: bool) -> bool:
+    """Whether a collection of `images` re-ranks by default where its neighbour lists are
+    stored: at most RERANK_AUTO_LIMIT images, PCA-`whitened` (the margin is a distance
+    between whitened descriptors). The one rule behind `SearchOptions.with_default_rerank`
+    and `info`'s `reranking.by_default`; callers read the lists only where it holds."""
+    return whitened and images <= RERANK_AUTO_LIMIT
+
+
 class SearchOptionError(ConfigError):
     """A search option out of range: `field` names it (as a keyword of `SearchOptions`),
     `allowed` says what it may be, `value` is what was given. The command line and the
@@ -460,8 +468,7 @@ class SearchOptions:
         the collection), unless fixed `qe` / `dba` counts are asked; plain otherwise."""
         if self.rerank is not None:
             return self
-        fits = lists and whitened and images <= RERANK_AUTO_LIMIT
-        return self.replace(rerank=bool(fits and not self.qe and not self.dba))
+        return self.replace(rerank=bool(lists and reranks_by_default(images, whitened) and not self.qe and not self.dba))
 
     @property
     def rotations(self) -> tuple[int, ...]:

@@ -105,7 +105,6 @@ def test_reranking_is_on_by_default_where_the_writer_keeps_lists(qe_chain, tmp_p
         assert _hits(idx.search([query], k=None, qe=1)[0]) == _hits(idx.search([query], k=None, qe=1, rerank=False)[0])
         plain = _hits(idx.search([query], k=None, rerank=False)[0])
         monkeypatch.setattr("retrieval.config.RERANK_AUTO_LIMIT", 7)
-        monkeypatch.setattr("retrieval.engine.status.RERANK_AUTO_LIMIT", 7)
         assert _hits(idx.search([query], k=None)[0]) == plain
         assert idx.info()["reranking"]["by_default"] is False
         monkeypatch.undo()

@@ -30,8 +30,8 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from ..config import (NEIGHBOURS_K, RERANK_AUTO_LIMIT, ConfigError, ExtractorConfig, RuntimeConfig, SearchConfig,
-                      SearchOptions, file_digest)
+from ..config import (NEIGHBOURS_K, ConfigError, ExtractorConfig, RuntimeConfig, SearchConfig, SearchOptions,
+                      file_digest, reranks_by_default)
 from ..extraction.extractor import Extractor, Skipped
 from ..extraction.factory import make_extractor
 from ..extraction.features import Crop, ImageFeatures, describe
@@ -535,7 +535,7 @@ class Index:
         whitening = view.whitening if view.images else None
         if options.rerank is None:
             whitened = whitening is not None and whitening.fitted_
-            lists = whitened and view.images <= RERANK_AUTO_LIMIT and self._has_lists(view)
+            lists = reranks_by_default(view.images, whitened) and self._has_lists(view)
             options = options.with_default_rerank(view.images, lists, whitened)
         wants = whitening is not None and options.reranks
         neighbours, note = self._rerank_neighbours(options, view) if wants else (None, None)

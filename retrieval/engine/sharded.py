@@ -33,7 +33,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..config import DEFAULT_AGGREGATE, RERANK_AUTO_LIMIT, RuntimeConfig, SearchOptions
+from ..config import DEFAULT_AGGREGATE, RuntimeConfig, SearchOptions, reranks_by_default
 from ..extraction.features import Crop
 from ..extraction.progress import Progress
 from ..fileio import write_text
@@ -401,13 +401,11 @@ class ShardedIndex:
         computed across every shard (`build_neighbours`): the driver re-ranks on the
         distances every shard gives it (`sharded_dba.py`; the unsharded hits in exact mode).
         `rerank` None re-ranks as on one index: when the shards hold at most
-        RERANK_AUTO_LIMIT whitened images in all and lists across them. `split_index`
-        carries the unsplit index's current lists over."""
+        `config.RERANK_AUTO_LIMIT` whitened images in all and lists across them.
+        `split_index` carries the unsplit index's current lists over."""
         options = self._front.search_options(k, options, keywords)
         if options.rerank is None:
-            images, whitened = self._images(), self.whitening is not None and self.whitening.fitted_
-            lists = whitened and images <= RERANK_AUTO_LIMIT and not options.qe and not options.dba and self._has_lists()
-            options = options.with_default_rerank(images, lists, whitened)
+            options = options.with_default_rerank(self._images(), self._reranks_by_default(), self._whitened())
         neighbours = self.neighbours(options.dba or 1) if options.dba or options.rerank else None
 
         def merged(per_shard: list, k: int | None) -> list:
@@ -538,9 +536,7 @@ class ShardedIndex:
             "served_by": f"Ray actors (--ray {self.ray})" if self._actors else "threads",
             "path": str(self.path or self.paths[0].parent),
         })
-        whitened = self.whitening is not None and self.whitening.fitted_
-        by_default = whitened and info["images"] <= RERANK_AUTO_LIMIT and self._has_lists()
-        info["reranking"] = {**info["reranking"], "by_default": by_default}
+        info["reranking"] = {**info["reranking"], "by_default": self._reranks_by_default()}
         return info
 
     def _images(self) -> int:
@@ -551,8 +547,14 @@ class ShardedIndex:
             self._image_total = int(sum(self._each("images")))
         return self._image_total
 
-    def _has_lists(self) -> bool:
-        """Whether lists across every shard are stored: what `search` re-ranks with by default."""
+    def _whitened(self) -> bool:
+        return self.whitening is not None and self.whitening.fitted_
+
+    def _reranks_by_default(self) -> bool:
+        """Whether a query re-ranks by default (`config.reranks_by_default`) and lists across
+        every shard are stored, which are read only then."""
+        if not reranks_by_default(self._images(), self._whitened()):
+            return False
         try:
             self.neighbours(1)
         except IndexUsageError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import EXACT_LIMIT, RERANK_AUTO_LIMIT
+from ..config import EXACT_LIMIT, reranks_by_default
 from . import kernel
 from .ann import faiss_device, gpu_capable, is_flat
 from .neighbours import lists_for_reranking
@@ -66,7 +66,7 @@ def _neighbours(directory: Path, state: State, images: int, whitened: bool) -> t
     found, note, error = lists_for_reranking(directory, state.generation)
     if error is not None:
         return {"error": error}, {"augmentation": False, "by_default": False, "note": note}
-    by_default = found is not None and whitened and images <= RERANK_AUTO_LIMIT
+    by_default = found is not None and reranks_by_default(images, whitened)
     reranking = {"augmentation": found is not None, "by_default": by_default, "note": note}
     if found is None:
         return None, reranking
