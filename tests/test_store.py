@@ -7,7 +7,7 @@ import pytest
 from retrieval.config import ExtractorConfig, InputSpec, RuntimeConfig
 from retrieval.extraction.extractor import Extractor, Skipped
 from retrieval.extraction.features import ImageFeatures, describe
-from retrieval.extraction.store import FeatureStore, quantize
+from retrieval.extraction.store import FeatureStore, stored_form
 
 CONFIG = ExtractorConfig(backbone="resnet18", weights="none", input_spec=InputSpec(size=(64, 64)))
 
@@ -35,8 +35,12 @@ def test_put_get_round_trip(tmp_path):
         store.put("d1", "cfg", 30, 20, {"level2": a})
         got = store.get("d1", "cfg", ["level2", "level1"])
         assert list(got) == ["level2"]
-        # float16 on disk: what comes back is exactly what quantize() promised
-        np.testing.assert_array_equal(got["level2"], quantize(a))
+        # float16 on disk: what comes back is exactly what stored_form() promised
+        np.testing.assert_array_equal(got["level2"], stored_form(a).astype(np.float32))
+        assert stored_form(a).dtype == np.float16
+        half = stored_form(a)  # already in the stored form: kept, not converted again
+        store.put("d3", "cfg", 30, 20, {"level2": half})
+        np.testing.assert_array_equal(store.get("d3", "cfg", ["level2"])["level2"], half.astype(np.float32))
         np.testing.assert_allclose(got["level2"], a, rtol=1e-3, atol=1e-3)
         huge = a * 1e6  # beyond float16's range: kept in float32
         store.put("d2", "cfg", 30, 20, {"level2": huge})

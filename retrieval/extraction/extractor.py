@@ -445,7 +445,10 @@ def _gem_power(x: np.ndarray) -> np.ndarray:
     """GeM's first step, max(x, 1e-6) ** GEM_P, by multiplication for the default p = 3:
     the generic power is the bulk of pyramid's GeM pooling (7x avg's cost with `**`)."""
     x = np.maximum(x, np.float32(1e-6))
-    return x * x * x if GEM_P == 3.0 else x ** GEM_P
+    if GEM_P != 3.0:
+        return x ** GEM_P
+    cube = np.multiply(x, x)
+    return np.multiply(cube, x, out=cube)  # in place: one temporary of the map's size, not two
 
 
 def _gem_root(x: np.ndarray) -> np.ndarray:
@@ -480,13 +483,50 @@ def pyramid_plan(regions) -> tuple[list[tuple[int, bool]], list[list[tuple[int, 
     """pyramid mode: the network inputs an image needs, as (scale index, mirrored) in
     ascending order, and for every region set the inputs each of its windows is pooled
     from (indices into the first list, in the order of `pyramid_scales_of`)."""
-    windows = [
-        [(pyramid_scales_of(box), bool(flip)) for box, flip in zip(rs.boxes, rs.flips)] for rs in regions
-    ]
+    layout = _pyramid_layout(_regions_key(regions))
+    return layout.needs, layout.where
+
+
+def _regions_key(regions: Sequence[RegionSet]) -> tuple:
+    """What a pyramid layout depends on: the windows and their mirror flags (not the
+    names: a region set cut to some of its windows keeps its name)."""
+    return tuple((np.asarray(rs.boxes, np.float64).tobytes(), np.asarray(rs.flips, bool).tobytes()) for rs in regions)
+
+
+@dataclass(frozen=True)
+class _PyramidLayout:
+    """Everything about an image's pyramid that depends on its region sets alone, worked
+    out once per region sets rather than per image (the Python loops over windows cost
+    an eighth of the pyramid's CPU beside the network; benchmarks/results/describe.md)."""
+
+    needs: list  # network inputs, (scale index, mirrored), ascending
+    where: list  # per region set, per window: the inputs it is pooled from
+    boxes: np.ndarray  # [n, 4] every window, mirrored ones as boxes of the mirrored input
+    columns: tuple  # per depth k: ((input, window rows, their boxes), ...) for the k-th input of windows
+    counts: np.ndarray  # [n, 1] inputs per window
+    ends: np.ndarray  # where each region set's windows end
+
+
+@lru_cache(maxsize=64)
+def _pyramid_layout(key: tuple) -> _PyramidLayout:
+    regions = [(np.frombuffer(b, np.float64).reshape(-1, 4), np.frombuffer(f, bool)) for b, f in key]
+    windows = [[(pyramid_scales_of(box), bool(flip)) for box, flip in zip(boxes, flips)] for boxes, flips in regions]
     needs = sorted({(scale, flip) for per_set in windows for scales, flip in per_set for scale in scales})
-    slot = {key: i for i, key in enumerate(needs)}
+    slot = {need: i for i, need in enumerate(needs)}
     where = [[tuple(slot[(scale, flip)] for scale in scales) for scales, flip in per_set] for per_set in windows]
-    return needs, where
+    slots = [s for per_set in where for s in per_set]
+    boxes = np.concatenate([b for b, _ in regions]) if regions else np.zeros((0, 4))
+    flips = np.concatenate([f for _, f in regions]) if regions else np.zeros(0, bool)
+    boxes[flips] = boxes[flips][:, [2, 1, 0, 3]] * [-1, 1, -1, 1] + [1, 0, 1, 0]
+    depth = max((len(s) for s in slots), default=1)
+    columns = []
+    for k in range(depth):
+        column = np.array([s[k] if k < len(s) else -1 for s in slots], dtype=np.int64)
+        members = [np.flatnonzero(column == i) for i in np.unique(column[column >= 0])]
+        columns.append(tuple((int(column[m[0]]), m, _boxes_key(boxes[m])) for m in members))
+    counts = np.array([len(s) for s in slots], np.float32)[:, None]
+    ends = np.cumsum([len(per_set) for per_set in where])
+    return _PyramidLayout(needs, where, boxes, tuple(columns), counts, ends)
 
 
 def pyramid_pool(regions: Sequence[RegionSet], maps: list[np.ndarray], how: str) -> dict[str, np.ndarray]:
@@ -497,27 +537,18 @@ def pyramid_pool(regions: Sequence[RegionSet], maps: list[np.ndarray], how: str)
     average beat the larger map alone on UKBench, Paris and rParis
     (benchmarks/results/describe.md). Every window a map gives is pooled in one product:
     per region set, GeM's power of the same map was computed again for each level."""
-    _, where = pyramid_plan(regions)
-    slots = [s for per_set in where for s in per_set]
-    # Mirrored windows are pooled from the mirrored input over the mirrored box.
-    boxes = np.concatenate([np.array(rs.boxes, dtype=np.float64).reshape(-1, 4) for rs in regions])
-    flips = np.concatenate([np.asarray(rs.flips, bool).reshape(-1) for rs in regions])
-    boxes[flips] = boxes[flips][:, [2, 1, 0, 3]] * [-1, 1, -1, 1] + [1, 0, 1, 0]
-    n, depth = len(slots), max((len(s) for s in slots), default=1)
-    channels = maps[slots[0][0]].shape[0] if n else 0
-    vecs = np.zeros((depth, n, channels), np.float32)
-    for k in range(depth):
-        column = np.array([s[k] if k < len(s) else -1 for s in slots])
-        for slot in np.unique(column[column >= 0]):
-            members = np.flatnonzero(column == slot)
-            vecs[k, members] = _area_pool_many(maps[slot], boxes[members], how)
-    if depth > 1:
+    layout = _pyramid_layout(_regions_key(regions))
+    n = len(layout.boxes)
+    channels = maps[0].shape[0] if n else 0
+    vecs = np.zeros((len(layout.columns), n, channels), np.float32)
+    for k, column in enumerate(layout.columns):
+        for slot, members, boxes in column:
+            vecs[k, members] = _area_pool_many(maps[slot], boxes, how)
+    if len(layout.columns) > 1:
         norms = np.linalg.norm(vecs, axis=2, keepdims=True)
         unit = vecs / np.maximum(norms, 1e-12)
-        counts = np.array([len(s) for s in slots], np.float32)[:, None]
-        vecs = (norms[0] * unit.sum(axis=0) / counts)[None].astype(np.float32)
-    ends = np.cumsum([len(per_set) for per_set in where])
-    return {rs.name: part for rs, part in zip(regions, np.split(vecs[0], ends[:-1]))}
+        vecs = (norms[0] * unit.sum(axis=0) / layout.counts)[None].astype(np.float32, copy=False)
+    return {rs.name: part for rs, part in zip(regions, np.split(vecs[0], layout.ends[:-1]))}
 
 
 def _cell_weights(n: int, lo: float, hi: float) -> np.ndarray:
@@ -542,12 +573,17 @@ def _window_weights(h: int, w: int, boxes: tuple) -> np.ndarray:
     return weights
 
 
-def _area_pool_many(fmap: np.ndarray, boxes: np.ndarray, how: str) -> np.ndarray:
-    """`_area_pool` of many boxes of one map, [n, C]: avg and GeM as one matrix product."""
+def _boxes_key(boxes: np.ndarray) -> tuple:
+    return tuple(tuple(float(v) for v in box) for box in boxes)
+
+
+def _area_pool_many(fmap: np.ndarray, boxes: np.ndarray | tuple, how: str) -> np.ndarray:
+    """`_area_pool` of many boxes of one map, [n, C]: avg and GeM as one matrix product.
+    `boxes` as an array, or as `_boxes_key` gives them (what the weights are cached by)."""
     if how == "max":
         return np.stack([_area_pool(fmap, box, how) for box in boxes]).astype(np.float32)
     c, h, w = fmap.shape
-    weights = _window_weights(h, w, tuple(tuple(float(v) for v in box) for box in boxes))
+    weights = _window_weights(h, w, boxes if isinstance(boxes, tuple) else _boxes_key(boxes))
     flat = fmap.reshape(c, h * w).astype(np.float32, copy=False)
     if how == "avg":
         return (flat @ weights).T

@@ -16,7 +16,7 @@ from ..config import file_digest
 from ..fileio import STORAGE_ERRNOS, storage_message
 from .extractor import Extractor, Job, Skipped
 from .patches import RegionSet, region_set
-from .store import FeatureStore, quantize
+from .store import FeatureStore, stored_form
 
 Crop = tuple[float, float, float, float]
 
@@ -106,10 +106,11 @@ def describe(
                 yield Skipped(path, out.reason, out.job)
             continue
         found = out.job.tag[1]
+        stored = {name: stored_form(a) for name, a in out.descriptors.items()}
         if keep is not False:
-            keep = _kept(keep, lambda: store.put(digest, key, out.width, out.height, out.descriptors))
+            keep = _kept(keep, lambda: store.put(digest, key, out.width, out.height, stored))
         # What the store now returns, so this run and every later one see the same numbers.
-        descriptors = {**found, **{name: quantize(a) for name, a in out.descriptors.items()}}
+        descriptors = {**found, **{name: a.astype(np.float32) for name, a in stored.items()}}
         for path in paths:
             yield ImageFeatures(path, digest, out.width, out.height, descriptors, out.job.crop, True, out.job.rotation)
 

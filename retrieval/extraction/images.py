@@ -45,7 +45,7 @@ def load_rgb(path: str | Path, max_side: int | None = None) -> Image.Image:
         img.load()
         if max_side is not None and max(img.size) >= 2 * max_side:
             img = img.reduce(max(img.size) // max_side)
-        return _to_rgb(ImageOps.exif_transpose(img))
+        return _upright_rgb(img)
 
 
 def load_rgb_at_least(path: str | Path, need: tuple[float, float] | None) -> tuple[Image.Image, tuple[int, int]]:
@@ -63,7 +63,14 @@ def load_rgb_at_least(path: str | Path, need: tuple[float, float] | None) -> tup
             w, h = math.ceil(need[0]), math.ceil(need[1])
             img.draft(img.mode, (h, w) if turned else (w, h))
         img.load()
-        return _to_rgb(ImageOps.exif_transpose(img)), full
+        return _upright_rgb(img), full
+
+
+def _upright_rgb(img: Image.Image) -> Image.Image:
+    """A decoded image turned upright per its EXIF orientation, in RGB. Turned in place:
+    `exif_transpose` otherwise copies every pixel of an image that needs no turn."""
+    ImageOps.exif_transpose(img, in_place=True)
+    return _to_rgb(img)
 
 
 def upright_size(path: str | Path) -> tuple[int, int]:

@@ -8,8 +8,9 @@ the transaction it was in.
 
 Descriptors are kept in float16 (half the disk of float32; pooled activations of the
 supported networks are far inside its range, and their relative rounding, 5e-4, is below
-what changes a ranking). `put` rounds, and `quantize` gives callers the exact values a
-later `get` returns, so the first run and every later run see identical numbers.
+what changes a ranking). `put` rounds, and `stored_form` gives callers the exact values a
+later `get` returns (once, for both), so the first run and every later run see identical
+numbers.
 Rows too large for float16 are kept in float32. Stores written before float16 storage
 (schema 1, all float32) are upgraded in place and read as they are.
 """
@@ -49,21 +50,20 @@ class StoreError(RuntimeError):
     """The feature store file cannot be used (not a store, damaged, newer schema)."""
 
 
-def _stored(array: np.ndarray) -> np.ndarray:
-    """`array` as it is kept on disk: float16, or float32 when out of float16's range."""
+def stored_form(array: np.ndarray) -> np.ndarray:
+    """`array` as it is kept on disk: float16, or float32 when out of float16's range (an
+    array already in float16 is kept as it is: `put` of `stored_form(a)` converts nothing
+    again)."""
+    if array.dtype == np.float16:
+        return np.ascontiguousarray(array)
     array = np.asarray(array, dtype=np.float32)
     if array.size and float(np.abs(array).max()) > _FLOAT16_MAX:
         return np.ascontiguousarray(array)
     return np.ascontiguousarray(array, dtype=np.float16)
 
 
-def quantize(array: np.ndarray) -> np.ndarray:
-    """The values `FeatureStore.get` will return for `array` after `put`."""
-    return _stored(array).astype(np.float32)
-
-
 def _encode(array: np.ndarray) -> tuple[bytes, str]:
-    stored = _stored(array)
+    stored = stored_form(array)
     return stored.tobytes(), stored.dtype.name
 
 
