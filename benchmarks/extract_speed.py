@@ -23,6 +23,11 @@ For each backend x mode, on the same images:
 - in-pipeline busy time (when the extractor reports `timings`): seconds each stage of the
   pipeline was busy during the product run, per image.
 
+Each backend x mode row runs in a process of its own, as a user's process describes with
+one mode: rows run one after the other in one process affect each other (a pyramid row
+right after a crop row ran 8-12 % slower than on its own: crop's stage timings leave
+about 1.7 GB of freed inputs behind). `--in-process` runs them all in this one.
+
 `--sweep` adds the old table: the bare extractor (no store) over `--batch-sizes` x `--workers`.
 """
 from __future__ import annotations
@@ -200,6 +205,47 @@ def stages(backbone, config: ExtractorConfig, paths: list[str], levels, batch: i
     }
 
 
+def measure_row(name: str, config: ExtractorConfig, mode: str, every: list[str], levels, runtime: RuntimeConfig,
+                args) -> dict:
+    """One backend x mode: the product run, then each stage alone, in this process."""
+    paths = every[: args.roi_limit if config.patch_mode == "roi" else args.limit]
+    with tempfile.TemporaryDirectory(prefix="extract-speed-") as tmp:
+        work = Path(tmp)
+        product = product_run(config, paths, levels, runtime, work)
+        parts = stages(product.pop("backbone"), config, paths, levels, args.batch_size, product, work)
+    product.pop("store"), product.pop("key")
+    ips = product["images_per_s"]
+    return {"backend": name, "mode": mode, "images": len(paths), **product, **parts,
+            "fraction_of_limit": ips / parts["limit_images_per_s"],
+            "hours_per_million": 1e6 / ips / 3600, "load_after": os.getloadavg()[0]}
+
+
+def row_in_child(name: str, mode: str) -> dict:
+    """`measure_row` in a fresh process: this command line, for that one row."""
+    keep = []
+    skip = {"--backends", "--modes", "--json"}
+    argv = sys.argv[1:]
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in skip:
+            i += 2
+            continue
+        if arg == "--sweep" or arg.split("=", 1)[0] in skip:
+            i += 1
+            continue
+        keep.append(arg)
+        i += 1
+    with tempfile.TemporaryDirectory(prefix="extract-speed-row-") as tmp:
+        out = Path(tmp) / "row.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), *keep, "--backends", name, "--modes", mode,
+               "--in-process", "--json", str(out)]
+        done = subprocess.run(cmd, stdout=subprocess.DEVNULL)
+        if done.returncode != 0:
+            raise SystemExit(f"the row {name} {mode} failed (exit {done.returncode}): {' '.join(cmd)}")
+        return json.loads(out.read_text())["rows"][0]
+
+
 def timed_run(config: ExtractorConfig, mode: str, paths: list[str], levels, batch: int, workers: int) -> float:
     """The bare extractor (no store), for the --sweep table."""
     ex = Extractor(with_mode(config, mode), RuntimeConfig("cpu", batch, workers))
@@ -241,6 +287,8 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="also the bare extractor over --batch-sizes x --sweep-workers")
     ap.add_argument("--batch-sizes", default="8,32,64")
     ap.add_argument("--sweep-workers", default="1,2")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run every row in this process (default: each in a fresh one)")
     ap.add_argument("--json", metavar="OUT")
     args = ap.parse_args()
     every = sorted(expand_inputs([args.images]))
@@ -259,22 +307,15 @@ def main() -> int:
     print(head, flush=True)
     for name, base in backends(args).items():
         for mode in modes:
-            config = with_mode(base, mode)
-            paths = every[: args.roi_limit if config.patch_mode == "roi" else args.limit]
-            with tempfile.TemporaryDirectory(prefix="extract-speed-") as tmp:
-                work = Path(tmp)
-                product = product_run(config, paths, levels, runtime, work)
-                parts = stages(product.pop("backbone"), config, paths, levels, args.batch_size, product, work)
-            product.pop("store"), product.pop("key")
-            ips = product["images_per_s"]
-            row = {"backend": name, "mode": mode, "images": len(paths), **product, **parts,
-                   "fraction_of_limit": ips / parts["limit_images_per_s"],
-                   "hours_per_million": 1e6 / ips / 3600, "load_after": os.getloadavg()[0]}
+            if args.in_process:
+                row = measure_row(name, with_mode(base, mode), mode, every, levels, runtime, args)
+            else:
+                row = row_in_child(name, mode)
             rows.append(row)
-            print(f"{name:24s} {mode:6s} {len(paths):6d} {ips:6.2f} {parts['limit_images_per_s']:6.2f} "
-                  f"{row['fraction_of_limit']:6.0%} {row['hours_per_million']:6.1f} {parts['decode_ms']:6.1f} "
-                  f"{parts['cut_ms']:6.1f} {parts['network_ms']:7.1f} {parts['pooling_ms']:5.1f} "
-                  f"{parts['commit_ms']:6.1f} {product['publish_s']:9.2f} {row['load_after']:5.2f}", flush=True)
+            print(f"{name:24s} {mode:6s} {row['images']:6d} {row['images_per_s']:6.2f} {row['limit_images_per_s']:6.2f} "
+                  f"{row['fraction_of_limit']:6.0%} {row['hours_per_million']:6.1f} {row['decode_ms']:6.1f} "
+                  f"{row['cut_ms']:6.1f} {row['network_ms']:7.1f} {row['pooling_ms']:5.1f} "
+                  f"{row['commit_ms']:6.1f} {row['publish_s']:9.2f} {row['load_after']:5.2f}", flush=True)
     busy = [r for r in rows if r["pipeline_busy_s"]]
     if busy:
         print("\nin-pipeline busy time during Index.add (ms per image; prepare summed over decode threads)")
