@@ -16,10 +16,10 @@ from retrieval.config import PATCH_MODES, PYRAMID_RATIO
 from retrieval.extraction import extractor as extractor_module
 from retrieval.extraction.extractor import (
     Extracted, Extractor, Job, _area_pool, _area_pool_many, _cell_weights, _Pending, _pool, _prepare, pyramid_plan,
-    pyramid_scales_of,
+    pyramid_pool, pyramid_scales_of,
 )
 from retrieval.extraction.images import load_rgb
-from retrieval.extraction.patches import jitter_regions, level_boxes, level_regions
+from retrieval.extraction.patches import RegionSet, jitter_regions, level_boxes, level_regions
 
 from conftest import SELF_DISTANCE, SHARED, make_scene
 
@@ -75,6 +75,25 @@ def test_scales_and_plan():
     # Mirrored windows get mirrored inputs.
     inputs, _ = pyramid_plan((jitter_regions(),))
     assert (0, True) in inputs and (1, True) in inputs
+
+
+def test_the_layout_follows_the_windows_not_the_names():
+    """The plan and pooling are worked out once per region sets, keyed by their windows: a
+    set cut to some of its windows under the same name (as export-onnx's agreement check
+    makes) is pooled as those windows, and a caller changing the plan it got changes
+    nothing for the next one."""
+    full = level_regions(3)
+    cut = RegionSet(full.name, full.boxes[4:5], full.flips[4:5])
+    rng = np.random.default_rng(0)
+    maps = [rng.random((8, 7, 7), dtype=np.float32), rng.random((8, 13, 13), dtype=np.float32)]
+    whole = pyramid_pool((full,), maps, "gem")[full.name]
+    alone = pyramid_pool((cut,), maps, "gem")[full.name]
+    assert whole.shape == (9, 8) and alone.shape == (1, 8)
+    np.testing.assert_allclose(alone[0], whole[4], rtol=1e-6)
+    inputs, where = pyramid_plan((full,))
+    inputs.append((5, True))
+    where[0].clear()
+    assert pyramid_plan((full,)) == ([(0, False), (1, False)], [[(0, 1)] * 9])
 
 
 @pytest.mark.parametrize("size", [(300, 200), (160, 120), (97, 251)])

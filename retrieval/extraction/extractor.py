@@ -280,7 +280,7 @@ def _inputs_hint(job: Job, mode: str) -> int:
     if mode == "roi":
         return 1
     if mode == "pyramid":
-        return max(1, len(pyramid_plan(job.regions)[0]))
+        return max(1, len(_layout_of(job.regions).needs))
     return max(1, sum(len(rs) for rs in job.regions))
 
 
@@ -379,7 +379,7 @@ def _prepare(
         shapes = [(out_w, out_h), (big_w, max(32, round(out_h * big_w / out_w)))]
         inputs = []
         resized: dict[int, np.ndarray] = {}
-        for scale_index, flip in pyramid_plan(job.regions)[0]:
+        for scale_index, flip in _layout_of(job.regions).needs:
             if scale_index not in resized:
                 resized[scale_index] = np.asarray(img.resize(shapes[scale_index], Image.BILINEAR))
             arr = resized[scale_index]
@@ -421,7 +421,7 @@ def decode_need(
         need = (out_w / float((sides[:, 2] - sides[:, 0]).min()), out_h / float((sides[:, 3] - sides[:, 1]).min()))
     elif mode == "pyramid":
         big = roi_size or round(out_w * _config.PYRAMID_RATIO)
-        larger = any(scale == 1 for scale, _ in pyramid_plan(job.regions)[0])
+        larger = any(scale == 1 for scale, _ in _layout_of(job.regions).needs)
         need = (big, max(32, round(out_h * big / out_w))) if larger else (out_w, out_h)
     else:
         # roi keeps the aspect with --roi-size: its short side is not known before decoding.
@@ -483,8 +483,12 @@ def pyramid_plan(regions) -> tuple[list[tuple[int, bool]], list[list[tuple[int, 
     """pyramid mode: the network inputs an image needs, as (scale index, mirrored) in
     ascending order, and for every region set the inputs each of its windows is pooled
     from (indices into the first list, in the order of `pyramid_scales_of`)."""
-    layout = _pyramid_layout(_regions_key(regions))
-    return layout.needs, layout.where
+    layout = _layout_of(regions)
+    return list(layout.needs), [list(per_set) for per_set in layout.where]  # copies: the layout is shared
+
+
+def _layout_of(regions: Sequence[RegionSet]) -> "_PyramidLayout":
+    return _pyramid_layout(_regions_key(regions))
 
 
 def _regions_key(regions: Sequence[RegionSet]) -> tuple:
@@ -499,8 +503,8 @@ class _PyramidLayout:
     out once per region sets rather than per image (the Python loops over windows cost
     an eighth of the pyramid's CPU beside the network; benchmarks/results/describe.md)."""
 
-    needs: list  # network inputs, (scale index, mirrored), ascending
-    where: list  # per region set, per window: the inputs it is pooled from
+    needs: tuple  # network inputs, (scale index, mirrored), ascending
+    where: tuple  # per region set, per window: the inputs it is pooled from
     boxes: np.ndarray  # [n, 4] every window, mirrored ones as boxes of the mirrored input
     columns: tuple  # per depth k: ((input, window rows, their boxes), ...) for the k-th input of windows
     counts: np.ndarray  # [n, 1] inputs per window
@@ -526,7 +530,8 @@ def _pyramid_layout(key: tuple) -> _PyramidLayout:
         columns.append(tuple((int(column[m[0]]), m, _boxes_key(boxes[m])) for m in members))
     counts = np.array([len(s) for s in slots], np.float32)[:, None]
     ends = np.cumsum([len(per_set) for per_set in where])
-    return _PyramidLayout(needs, where, boxes, tuple(columns), counts, ends)
+    boxes.flags.writeable = counts.flags.writeable = ends.flags.writeable = False
+    return _PyramidLayout(tuple(needs), tuple(tuple(w) for w in where), boxes, tuple(columns), counts, ends)
 
 
 def pyramid_pool(regions: Sequence[RegionSet], maps: list[np.ndarray], how: str) -> dict[str, np.ndarray]:
@@ -537,7 +542,7 @@ def pyramid_pool(regions: Sequence[RegionSet], maps: list[np.ndarray], how: str)
     average beat the larger map alone on UKBench, Paris and rParis
     (benchmarks/results/describe.md). Every window a map gives is pooled in one product:
     per region set, GeM's power of the same map was computed again for each level."""
-    layout = _pyramid_layout(_regions_key(regions))
+    layout = _layout_of(regions)
     n = len(layout.boxes)
     channels = maps[0].shape[0] if n else 0
     vecs = np.zeros((len(layout.columns), n, channels), np.float32)
