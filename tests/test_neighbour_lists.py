@@ -79,6 +79,66 @@ def test_dba_k_is_kept_by_later_adds_and_a_new_image_enters_lists_through_candid
     assert found.neighbours[pos[0], 0] == new and found.neighbours[pos[1], 0] == first
 
 
+def test_with_candidates_a_list_that_lost_images_is_searched_again_only_below_half(tmp_path, monkeypatch):
+    """Above the exact limit, removing an image does not search again every list that named
+    it: a list keeps its other entries, in order, with empty places at the end, until it has
+    lost half of them; then it is searched again (and found whole). Without the rule every
+    list naming a copy is searched."""
+    from retrieval.engine import neighbour_lists
+
+    paths = [str(Path(p).resolve()) for p in _scenes(tmp_path, range(720, 732))]
+    copies = []
+    for i in range(3):  # three copies of the first picture: each other's nearest and its
+        copy = tmp_path / f"copy{i}.png"
+        make_scene(720).save(copy)
+        copies.append(str(copy.resolve()))
+    policy = WritePolicy(ann_min_images=4, layout_min_images=1000)
+    index = tmp_path / "idx"
+    with Index.create(index, CONFIG, SEARCH, store=tmp_path / "s.sqlite", runtime=RuntimeConfig(batch_size=16),
+                      index_type="IVF2,Flat", policy=policy) as idx:
+        idx.add(paths + copies, progress=False)
+        idx.build_neighbours(4)
+        before = _lists(index)
+        ids = {p: idx.manifest.by_path(p).id for p in paths + copies}
+        removed = copies + [paths[5]]  # and one picture unlike the others
+        first, gone = ids[paths[0]], [ids[c] for c in removed]
+        row = {int(i): r for r, i in enumerate(before.ids)}
+        assert set(before.neighbours[row[first], :3].tolist()) == set(gone[:3])  # its 3 copies, then another
+        # Lists left with 2 of their 4 places or more are kept, the others searched again.
+        left = {i: int((~np.isin(before.neighbours[row[i]], gone)).sum()) for i in before.ids.tolist()
+                if i not in gone and np.isin(before.neighbours[row[i]], gone).any()}
+        shortened = [i for i, n in left.items() if n >= 2]
+        redone = [i for i, n in left.items() if n < 2]
+        assert shortened and first in redone, left
+        searched = []
+        real = neighbour_lists.rank_many
+
+        def counting(queries, *args, **kwargs):
+            searched.append(len(queries))
+            return real(queries, *args, **kwargs)
+
+        monkeypatch.setattr(neighbour_lists, "rank_many", counting)
+        idx.remove(removed)
+        after = _lists(index)
+        assert idx.info()["neighbours"]["up_to_date"] is True
+        monkeypatch.setattr(neighbour_lists, "rank_many", real)
+        idx.build_neighbours(4)
+        scratch = _lists(index)
+    assert sum(searched) == len(redone)  # those lists alone were searched, as from scratch
+    arow = {int(i): r for r, i in enumerate(after.ids)}
+    assert scratch.ids.tolist() == after.ids.tolist()
+    for i in redone:
+        assert after.neighbours[arow[i]].tolist() == scratch.neighbours[arow[i]].tolist()
+    assert not np.isin(after.neighbours, gone).any()
+    for i in shortened:
+        old, old_d = before.neighbours[row[i]], before.distances[row[i]]
+        still = ~np.isin(old, gone)
+        n = int(still.sum())
+        assert after.neighbours[arow[i], :n].tolist() == old[still].tolist()  # in order, moved up
+        assert np.array_equal(after.distances[arow[i], :n], old_d[still])
+        assert (after.neighbours[arow[i], n:] == -1).all() and np.isinf(after.distances[arow[i], n:]).all()
+
+
 # -- an index without lists: adaptive re-ranking by query expansion alone, saying so ------------
 def test_an_old_index_without_lists_reranks_by_expansion_alone_until_the_next_add(tmp_path):
     paths = _scenes(tmp_path, range(800, 808))

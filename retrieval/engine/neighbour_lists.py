@@ -4,8 +4,11 @@ The writer calls `update` after each publish (`retrieval/engine/writer.py`);
 `retrieval dba` calls it with no previous lists (from scratch). Its cost follows the
 change, not the collection:
 
-- an image with no list yet (new), or whose list lost a removed image, is searched
-  against the collection (the index's query levels and image distance);
+- an image with no list yet (new) is searched against the collection (the index's
+  query levels and image distance); so is one whose list lost a removed image, in exact
+  mode, and with FAISS candidates once it has lost half its entries (`REFILL_BELOW`):
+  until then it keeps the rest in order, which are its nearest still (what replaces a
+  removed image lies beyond them), and new images fill its empty places as they come;
 - every other image keeps its list, merged with its distances to the new images. While
   the kernel scores every image (exact mode) those are all its distances to the new
   images, so the lists equal a from-scratch computation; with FAISS candidates only the
@@ -42,6 +45,13 @@ REVERSE_DEPTH = 2
 LIST_PER_PATCH = 4
 LIST_NPROBE = 8
 LIST_LAYOUT_K = 32
+# With FAISS candidates a list that lost images to removals is searched again only when
+# fewer than this share of its k places still hold one: each search costs 9 ms at
+# 1,000,000 images and a removed image sits in about k lists, so searching them all made
+# a removal 0.12-0.25 s an image there, 70x a removal without lists
+# (benchmarks/results/reranking.md). Half of the default 10 is what re-ranking reads
+# (RERANK_DBA = 5), which a shortened list keeps exactly.
+REFILL_BELOW = 0.5
 
 
 @dataclass(frozen=True)
@@ -78,15 +88,12 @@ def update(view: View, old: Neighbours | None, settings: NeighbourSettings, *, p
     near = np.full((len(live), k), -1, np.int64)
     dist = np.full((len(live), k), np.inf, np.float32)
     kept = np.zeros(len(live), bool)
+    exact = is_exact(view, settings)
     if old is not None:
         pos, known = old.rows(live)
-        rows_nb = old.neighbours[pos]
-        intact = known & np.all((rows_nb < 0) | np.isin(rows_nb, live), axis=1)
-        near[intact], dist[intact] = rows_nb[intact], old.distances[pos[intact]]
-        kept = intact
+        kept = _keep(old.neighbours[pos], old.distances[pos], known, live, near, dist, exact)
     fresh = live[~np.isin(live, old.ids)] if old is not None else live
     redo = np.flatnonzero(~kept)
-    exact = is_exact(view, settings)
     if exact:
         _exact_lists(view, live, redo, near, dist, settings, progress)
         if len(fresh) and kept.any():
@@ -97,6 +104,32 @@ def update(view: View, old: Neighbours | None, settings: NeighbourSettings, *, p
         proposed = _candidate_lists(view, live, redo, near, dist, settings, progress)
         _reverse_merge(view, live, kept, fresh, proposed, near, dist, settings)
     return Neighbours(live, near, dist, meta)
+
+
+def _keep(rows_nb: np.ndarray, rows_d: np.ndarray, known: np.ndarray, live: np.ndarray, near: np.ndarray,
+          dist: np.ndarray, exact: bool) -> np.ndarray:
+    """Copy into `near` / `dist` the old lists that need no search, and say which: every
+    list that names no removed image; with FAISS candidates also one that still holds at
+    least `REFILL_BELOW` of its k places, its removed images dropped and the rest moved up
+    in order (empty places: -1 at distance inf)."""
+    listed = rows_nb >= 0
+    alive = ~listed | np.isin(rows_nb, live)
+    keep = known & alive.all(axis=1)
+    if not exact:
+        k = near.shape[1]
+        shortened = known & ~keep & ((listed & alive).sum(axis=1) >= int(np.ceil(REFILL_BELOW * k)))
+        if shortened.any():
+            # A stable sort of "removed" (1) after "still here" (0) moves the kept entries
+            # up in their order; the removed ones, now last, become empty places.
+            order = np.argsort(~alive[shortened], axis=1, kind="stable")
+            ids = np.take_along_axis(rows_nb[shortened], order, axis=1)
+            d = np.take_along_axis(rows_d[shortened], order, axis=1)
+            gone = np.take_along_axis(~alive[shortened], order, axis=1)
+            rows_nb, rows_d = rows_nb.copy(), rows_d.copy()
+            rows_nb[shortened], rows_d[shortened] = np.where(gone, -1, ids), np.where(gone, np.inf, d)
+            keep = keep | shortened
+    near[keep], dist[keep] = rows_nb[keep], rows_d[keep]
+    return keep
 
 
 def _exact_lists(view: View, live: np.ndarray, redo: np.ndarray, near: np.ndarray, dist: np.ndarray,
