@@ -221,21 +221,10 @@ def measure_row(name: str, config: ExtractorConfig, mode: str, every: list[str],
 
 
 def row_in_child(name: str, mode: str) -> dict:
-    """`measure_row` in a fresh process: this command line, for that one row."""
-    keep = []
-    skip = {"--backends", "--modes", "--json"}
-    argv = sys.argv[1:]
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in skip:
-            i += 2
-            continue
-        if arg == "--sweep" or arg.split("=", 1)[0] in skip:
-            i += 1
-            continue
-        keep.append(arg)
-        i += 1
+    """`measure_row` in a fresh process: this command line, for that one row (argparse
+    keeps the last of a repeated option, so the row's own options are appended; the
+    sweep stays with this process)."""
+    keep = [arg for arg in sys.argv[1:] if arg != "--sweep"]
     with tempfile.TemporaryDirectory(prefix="extract-speed-row-") as tmp:
         out = Path(tmp) / "row.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), *keep, "--backends", name, "--modes", mode,

@@ -115,21 +115,19 @@ def _keep(rows_nb: np.ndarray, rows_d: np.ndarray, known: np.ndarray, live: np.n
     listed = rows_nb >= 0
     alive = ~listed | np.isin(rows_nb, live)
     keep = known & alive.all(axis=1)
-    if not exact:
-        k = near.shape[1]
-        shortened = known & ~keep & ((listed & alive).sum(axis=1) >= int(np.ceil(REFILL_BELOW * k)))
-        if shortened.any():
-            # A stable sort of "removed" (1) after "still here" (0) moves the kept entries
-            # up in their order; the removed ones, now last, become empty places.
-            order = np.argsort(~alive[shortened], axis=1, kind="stable")
-            ids = np.take_along_axis(rows_nb[shortened], order, axis=1)
-            d = np.take_along_axis(rows_d[shortened], order, axis=1)
-            gone = np.take_along_axis(~alive[shortened], order, axis=1)
-            rows_nb, rows_d = rows_nb.copy(), rows_d.copy()
-            rows_nb[shortened], rows_d[shortened] = np.where(gone, -1, ids), np.where(gone, np.inf, d)
-            keep = keep | shortened
     near[keep], dist[keep] = rows_nb[keep], rows_d[keep]
-    return keep
+    if exact:
+        return keep
+    shortened = known & ~keep & ((listed & alive).sum(axis=1) >= int(np.ceil(REFILL_BELOW * near.shape[1])))
+    if shortened.any():
+        # A stable sort of "removed" (1) after "still here" (0) moves the kept entries up
+        # in their order; the removed ones, now last, become empty places.
+        gone = ~alive[shortened]
+        order = np.argsort(gone, axis=1, kind="stable")
+        gone = np.take_along_axis(gone, order, axis=1)
+        near[shortened] = np.where(gone, -1, np.take_along_axis(rows_nb[shortened], order, axis=1))
+        dist[shortened] = np.where(gone, np.inf, np.take_along_axis(rows_d[shortened], order, axis=1))
+    return keep | shortened
 
 
 def _exact_lists(view: View, live: np.ndarray, redo: np.ndarray, near: np.ndarray, dist: np.ndarray,
