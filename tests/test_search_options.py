@@ -3,6 +3,7 @@ through the Python API, the command line and the server; FAISS parameters per ca
 searching one index with different nprobe); one result per query, in input order."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import re
@@ -312,24 +313,51 @@ def test_the_default_nprobe_follows_the_length_of_the_lists(windows, lists, prob
     assert VectorIndex(8, "HNSW8").default_nprobe is None
 
 
-def test_a_flat_fast_scan_structure_splits_its_scan_made_or_loaded(tmp_path):
-    """The layout index's kind of structure (flat fast-scan PQ) searches a batch with its
-    codes split between threads, also once read back from its file (FAISS does not keep
-    the setting there); its distances are the default implementation's."""
-    from retrieval.engine.ann import FAST_SCAN_SPLIT
+@pytest.mark.parametrize("rows", [2000 * 32, 2000 * 32 + 7])  # whole code blocks, and a last one part full
+def test_a_flat_fast_scan_structure_searches_its_codes_in_parts_made_or_loaded(tmp_path, rows, monkeypatch):
+    """The layout index's kind of structure (flat fast-scan PQ) is searched in one part
+    per thread, also once read back from its file, with the distances of the whole
+    structure and, among them, its ids (ties may come in another order); after an add,
+    the parts hold the new codes too."""
+    from retrieval.engine import split_scan
 
-    x = np.random.default_rng(0).standard_normal((2000, 64)).astype(np.float32)
-    made = VectorIndex(64, "PQ16x4fs")
-    made.train(x)
-    made.add(x, np.arange(2000))
+    monkeypatch.setattr(split_scan, "MIN_BLOCKS_PER_PART", 16)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((rows, 16)).astype(np.float32)
+    ids = rng.permutation(10 * rows)[:rows].astype(np.int64)  # ids unlike the rows' order
+    made = VectorIndex(16, "PQ8x4fs")
+    made.train(x[:4000])
+    made.add(x, ids)
     made.save(tmp_path / "pq.faiss")
-    loaded = VectorIndex.load(tmp_path / "pq.faiss", "PQ16x4fs")
-    inner = [faiss.downcast_index(v.index.index) for v in (made, loaded)]
-    assert [i.implem for i in inner] == [FAST_SCAN_SPLIT] * 2
-    split = loaded.search(x[:8], 10)
-    inner[1].implem = 0
-    default = loaded.search(x[:8], 10)
-    np.testing.assert_array_equal(split[0], default[0])  # ids may differ among equal distances
+    loaded = VectorIndex.load(tmp_path / "pq.faiss", "PQ8x4fs")
+    queries = rng.standard_normal((9, 16)).astype(np.float32)
+    whole = loaded.index.search(queries, 50)
+    for structure in (made, loaded):
+        with faiss_threads(3):
+            structure.prepare()
+        assert isinstance(structure._on_cpu, split_scan.SplitScan) and len(structure._on_cpu.parts) == 3
+        assert sum(part.ntotal for _, part in structure._on_cpu.parts) == rows
+        for n in (1, 9):
+            dist, found = structure.search(queries[:n], 50)
+            np.testing.assert_array_equal(dist, whole[0][:n])
+            for row, (d, f) in enumerate(zip(dist, found)):
+                for value in np.unique(d[d > d[-1]]):  # the same ids at each distance above the last
+                    assert set(f[d == value]) == set(whole[1][row][whole[0][row] == value])
+    extra = rng.standard_normal((64, 16)).astype(np.float32)
+    loaded.add(extra, np.arange(64) + 10 * rows)
+    dist, _ = loaded.search(queries, 50)
+    np.testing.assert_array_equal(dist, loaded.index.search(queries, 50)[0])
+    assert sum(part.ntotal for _, part in loaded._on_cpu.parts) == rows + 64
+
+
+@contextlib.contextmanager
+def faiss_threads(n: int):
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def test_a_search_without_nprobe_probes_the_structure_default(ivf_index, monkeypatch):

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
 
 from ..config import NPROBE, NPROBE_MIN, NPROBE_WINDOWS
 from ..fileio import replacing
+from .split_scan import SplitScan, part_count
 
 
 class _LazyFaiss:
@@ -52,11 +54,6 @@ LAYOUT_TRAIN_IMAGES = 1024  # the layout index's training sample (images)
 LAYOUT_MIN_IMAGES = 640  # below, no layout index: FAISS asks for 39 x 16 points to train 4-bit codebooks
 
 
-# A flat fast-scan structure (the layout index) searches a batch of queries with its codes
-# split between the threads (FAISS's `implem` 15); its default gave a batch of 8 to one
-# thread: 2.6-3.0 ms a query against 1.8-2.3 at 1,000,000 images, with the same distances
-# and ids (benchmarks/results/concurrency.md, "The shortlist").
-FAST_SCAN_SPLIT = 15
 
 
 class FactoryError(ValueError):
@@ -151,6 +148,8 @@ class VectorIndex:
         self.device = device
         self._cpu: faiss.Index | None = None
         self._gpu: faiss.Index | None = None
+        self._on_cpu: faiss.Index | SplitScan | None = None  # what searches the CPU master (`_searcher`)
+        self._replica_lock = threading.Lock()
         self._resources = None
 
     @property
@@ -161,7 +160,7 @@ class VectorIndex:
             except RuntimeError as err:
                 raise FactoryError(f"--index-type {self.factory!r}: {err}") from None
             if faiss.try_extract_index_ivf(index) is None:
-                index = faiss.IndexIDMap2(_split_scans(index))  # graph and flat indexes keep no ids of their own
+                index = faiss.IndexIDMap2(index)  # graph and flat indexes keep no ids of their own
             self._cpu = index
         return self._cpu
 
@@ -211,7 +210,7 @@ class VectorIndex:
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, np.int64))
-        self._gpu = None
+        self._gpu = self._on_cpu = None
 
     def remove_not_in(self, keep: np.ndarray) -> int:
         """Drop every window whose id is not in `keep`, where the structure supports
@@ -221,7 +220,7 @@ class VectorIndex:
             removed = int(self.index.remove_ids(faiss.IDSelectorNot(faiss.IDSelectorBatch(keep))))
         except RuntimeError:
             return 0
-        self._gpu = None
+        self._gpu = self._on_cpu = None
         return removed
 
     @property
@@ -252,14 +251,24 @@ class VectorIndex:
             params = faiss.SearchParametersIVF(nprobe=int(_nprobe_for(ivf) if nprobe is None else nprobe))
         return self._searcher().search(queries, k, params=params)
 
-    def _searcher(self) -> faiss.Index:
-        """The index that answers searches: the GPU replica (made on first use) or the CPU master."""
-        if self.search_device() == "cpu":
-            return self.index
-        if self._gpu is None:
-            self._resources = self._resources or faiss.StandardGpuResources()
-            self._gpu = faiss.index_cpu_to_gpu(self._resources, 0, self.index)
-        return self._gpu
+    def prepare(self) -> None:
+        """Make what `search` uses now rather than on the first search (a server's warm-up)."""
+        self._searcher()
+
+    def _searcher(self) -> faiss.Index | SplitScan:
+        """The index that answers searches, made on first use: on a GPU, the GPU replica;
+        on the CPU, a flat fast-scan structure's codes in one part per thread
+        (`split_scan`), any other structure the CPU master itself."""
+        with self._replica_lock:  # threads share this index: one replica, made once
+            if self.search_device() == "cpu":
+                if self._on_cpu is None:
+                    parts = part_count(self.index, faiss.omp_get_max_threads())
+                    self._on_cpu = SplitScan(self.index, parts) if parts > 1 else self.index
+                return self._on_cpu
+            if self._gpu is None:
+                self._resources = self._resources or faiss.StandardGpuResources()
+                self._gpu = faiss.index_cpu_to_gpu(self._resources, 0, self.index)
+            return self._gpu
 
     def search_device(self) -> str:
         """Where `search` runs: `cuda:0` or `cpu`."""
@@ -278,8 +287,6 @@ class VectorIndex:
         except RuntimeError as err:
             reason = "missing" if not os.path.exists(path) else f"unreadable ({str(err).strip().splitlines()[-1]})"
             raise ValueError(f"{path}: {reason}") from None
-        if isinstance(cpu, faiss.IndexIDMap2):
-            _split_scans(cpu.index)  # not kept in the file
         obj = cls(cpu.d, factory, device)
         obj._cpu = cpu
         return obj
@@ -289,12 +296,3 @@ def _nprobe_for(ivf: faiss.IndexIVF) -> int:
     """`VectorIndex.default_nprobe` of an IVF structure."""
     per_list = ivf.ntotal / max(1, ivf.nlist)
     return int(min(NPROBE, max(NPROBE_MIN, math.ceil(NPROBE_WINDOWS / max(per_list, 1.0)))))
-
-
-def _split_scans(index: faiss.Index) -> faiss.Index:
-    """`index`, a flat fast-scan structure set to split a batch's scan between threads
-    (FAST_SCAN_SPLIT); any other structure as it is."""
-    inner = faiss.downcast_index(index)  # a view: `index` keeps owning the structure
-    if isinstance(inner, faiss.IndexFastScan):
-        inner.implem = FAST_SCAN_SPLIT
-    return index
