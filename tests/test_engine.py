@@ -488,3 +488,19 @@ def test_fast_scan_structures_search_on_the_cpu():
     assert not gpu_capable("IVF1024,PQ64x4fs") and not gpu_capable("PQ256x4fs")
     assert gpu_capable("IVF256,Flat") and gpu_capable("IVF1024,PQ64") and gpu_capable("HNSW32")
     assert VectorIndex(64, "IVF16,PQ16x4fs", "auto").search_device() == "cpu"
+
+
+@pytest.mark.parametrize("factory, windows", [
+    ("IVF1024,PQ64x4fs", 64 * 1024),
+    ("IVF8192_HNSW32,PQ64x4fs", 64 * 8192),   # the 32 is the coarse quantizer's, not lists
+    ("OPQ16_64,IVF256_HNSW32,PQ16x4fs", 64 * 256),
+    ("PQ256x4fs", 4096),
+    ("HNSW32", 4096),
+])
+def test_the_training_sample_follows_the_ivf_list_count_alone(factory, windows):
+    """A structure is trained on TRAIN_PER_LIST windows per IVF list (at least 4,096):
+    digits elsewhere in the factory string (an HNSW coarse quantizer's degree) are not
+    lists; read as lists, `IVF8192_HNSW32` asked for a 53 GB sample and was killed."""
+    from retrieval.engine.ann import training_size
+
+    assert training_size(factory) == windows

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -119,12 +120,10 @@ def gpu_capable(factory: str) -> bool:
 
 def training_size(factory: str) -> int:
     """Windows to train `factory` on: enough for its IVF lists and 4-bit PQ codebooks."""
-    lists = 1
-    for part in factory.split(","):
-        if part.startswith("IVF"):
-            digits = "".join(ch for ch in part[3:] if ch.isdigit())
-            lists = int(digits) if digits else 1
-    return max(TRAIN_PER_LIST * lists, 4096)
+    # The list count is the number right after "IVF": in "IVF8192_HNSW32" the 32 is the
+    # coarse quantizer's graph degree (read as 819,232 lists, the sample took 53 GB).
+    counts = [int(m.group(1)) for part in factory.split(",") if (m := re.match(r"\s*IVF(\d+)", part))]
+    return max(TRAIN_PER_LIST * (counts[-1] if counts else 1), 4096)
 
 
 def window_ids(image_ids: np.ndarray, patches: int) -> np.ndarray:
