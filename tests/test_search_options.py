@@ -395,3 +395,23 @@ def test_query_profile_reports_each_settings_pool_stages_and_recall(ivf_index, t
     assert narrow["pool_mean"] < 12 and 0 <= narrow["recall@3"] <= 1 and 0 <= wide["N-S"] <= 4
     assert set(wide["stages_ms"]) == set(profile.STAGES) and wide["stages_ms"]["kernel"] > 0
     assert VectorIndex.search is searched
+
+
+def test_a_structure_with_its_list_centroids_in_a_graph_searches_through_the_index(ivf_index, tmp_path):
+    """`--index-type IVF<n>_HNSW<m>,...` (the setting documented for a service at
+    1,000,000 images): trained with the IVF list count alone, searched with nprobe per
+    call, read back from its file; probing every list it ranks as exact scoring does."""
+    import shutil
+
+    root, paths = ivf_index
+    copy = tmp_path / "idx"
+    shutil.copytree(root, copy)
+    with Index.open(copy) as idx:
+        idx.set_index_type("IVF8_HNSW4,Flat")
+        assert idx.info()["index_type"] == "IVF8_HNSW4,Flat"
+    with Index.open(copy) as idx:
+        assert idx.info()["structure"]["search"] == "candidates"
+        every_list = idx.search(paths, k=3, exact_limit=0, nprobe=8, per_patch=60, shortlist=0)
+        exact = idx.search(paths, k=3, exact_limit=10_000)
+        assert [[h.id for h in r.hits] for r in every_list] == [[h.id for h in r.hits] for r in exact]
+        assert all(r.hits[0].path == p for r, p in zip(idx.search(paths, k=1, exact_limit=0, nprobe=1), paths))
