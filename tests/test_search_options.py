@@ -350,6 +350,42 @@ def test_a_flat_fast_scan_structure_searches_its_codes_in_parts_made_or_loaded(t
     assert sum(part.ntotal for _, part in loaded._on_cpu.parts) == rows + 64
 
 
+_FORKED: dict = {}  # what a forked child finds in its copy of the parent's memory
+
+
+def _search_the_forked_structure(queries):
+    return _FORKED["structure"].search(queries, 5)
+
+
+def _search_in_a_forked_child(structure, queries):
+    import multiprocessing
+
+    _FORKED["structure"] = structure
+    try:
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            return pool.apply_async(_search_the_forked_structure, (queries,)).get(timeout=30)
+    finally:
+        _FORKED.clear()
+
+
+def test_a_structure_searched_in_parts_still_searches_in_a_forked_child(monkeypatch):
+    """The threads that scan the parts are not inherited by a forked process: a child
+    that searches makes its own (the parent's would never answer)."""
+    from retrieval.engine import split_scan
+
+    monkeypatch.setattr(split_scan, "MIN_BLOCKS_PER_PART", 16)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((64 * 32, 16)).astype(np.float32)
+    structure = VectorIndex(16, "PQ8x4fs")
+    structure.train(x)
+    structure.add(x, np.arange(len(x)))
+    with faiss_threads(2):
+        expected = structure.search(x[:3], 5)  # the parent's scan threads now exist
+    assert isinstance(structure._on_cpu, split_scan.SplitScan)
+    found = _search_in_a_forked_child(structure, x[:3])
+    np.testing.assert_array_equal(found[0], expected[0])
+
+
 @contextlib.contextmanager
 def faiss_threads(n: int):
     before = faiss.omp_get_max_threads()

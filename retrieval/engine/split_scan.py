@@ -15,6 +15,7 @@ to and saves), so a searched layout index takes twice its codes in memory.
 """
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,8 +23,10 @@ import numpy as np
 
 MIN_BLOCKS_PER_PART = 64  # below, a part's hand-over to a thread costs more than its scan
 
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
+_pools: dict[int, ThreadPoolExecutor] = {}  # by thread count
+_pools_lock = threading.Lock()
+# A forked child has none of its parent's threads: its searches make their own.
+os.register_at_fork(after_in_child=_pools.clear)
 
 
 def _one_openmp_thread() -> None:
@@ -34,11 +37,11 @@ def _one_openmp_thread() -> None:
 
 def _scan_pool(workers: int) -> ThreadPoolExecutor:
     """The threads that scan parts, shared by every split structure of the process."""
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool._max_workers < workers:
-            _pool = ThreadPoolExecutor(workers, thread_name_prefix="retrieval-scan", initializer=_one_openmp_thread)
-        return _pool
+    with _pools_lock:
+        if workers not in _pools:
+            _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="retrieval-scan",
+                                                 initializer=_one_openmp_thread)
+        return _pools[workers]
 
 
 def part_count(index, threads: int) -> int:
@@ -77,7 +80,6 @@ class SplitScan:
             part.ntotal = min(int(inner.ntotal), end * inner.bbs) - first * inner.bbs
             part.ntotal2 = (end - first) * inner.bbs
             self.parts.append((first * inner.bbs, part))
-        self._pool = _scan_pool(len(self.parts))
 
     @property
     def ntotal(self) -> int:
@@ -85,7 +87,8 @@ class SplitScan:
 
     def search(self, queries: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
         """FAISS's `search`: distances and ids of the k nearest codes of each query row."""
-        futures = [self._pool.submit(part.search, queries, k) for _, part in self.parts]
+        pool = _scan_pool(len(self.parts))  # looked up each time: a forked child makes its own
+        futures = [pool.submit(part.search, queries, k) for _, part in self.parts]
         found = [f.result() for f in futures]
         dist = np.concatenate([d for d, _ in found], axis=1)
         rows = np.concatenate([np.where(i >= 0, i + start, -1) for (start, _), (_, i) in zip(self.parts, found)], axis=1)
