@@ -55,8 +55,6 @@ LAYOUT_TRAIN_IMAGES = 1024  # the layout index's training sample (images)
 LAYOUT_MIN_IMAGES = 640  # below, no layout index: FAISS asks for 39 x 16 points to train 4-bit codebooks
 
 
-
-
 class FactoryError(ValueError):
     """An `--index-type` string FAISS cannot build (usage error)."""
 
