@@ -81,17 +81,13 @@ class SplitScan:
             part.ntotal2 = (end - first) * inner.bbs
             self.parts.append((first * inner.bbs, part))
 
-    @property
-    def ntotal(self) -> int:
-        return len(self.ids)
-
     def search(self, queries: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
         """FAISS's `search`: distances and ids of the k nearest codes of each query row."""
+        import faiss
+
         pool = _scan_pool(len(self.parts))  # looked up each time: a forked child makes its own
         futures = [pool.submit(part.search, queries, k) for _, part in self.parts]
         found = [f.result() for f in futures]
-        dist = np.concatenate([d for d, _ in found], axis=1)
-        rows = np.concatenate([np.where(i >= 0, i + start, -1) for (start, _), (_, i) in zip(self.parts, found)], axis=1)
-        order = np.argsort(-dist if self.similarity else dist, axis=1, kind="stable")[:, :k]
-        rows = np.take_along_axis(rows, order, axis=1)
-        return np.take_along_axis(dist, order, axis=1), np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)
+        ids = [np.where(rows >= 0, self.ids[np.maximum(rows + start, 0)], -1)
+               for (start, _), (_, rows) in zip(self.parts, found)]
+        return faiss.merge_knn_results(np.stack([d for d, _ in found]), np.stack(ids), keep_max=self.similarity)
