@@ -67,15 +67,21 @@ RERANK_DBA = 5
 RERANK_AUTO_LIMIT = EXACT_LIMIT
 NEIGHBOURS_K = 10  # each image's nearest images kept by the writer, for re-ranking (`retrieval dba -k` changes it)
 QE_ALPHA = 3.0  # the exponent of alpha-QE (Radenovic et al.): near hits weigh much more than far ones
-# IVF lists per query window: NPROBE (recall 0.955 against 0.85 for 8 on hard data at 10,000
-# images, benchmarks/results/scale.md) while NPROBE lists hold at most NPROBE_WINDOWS
-# windows; above, enough lists for NPROBE_WINDOWS, at least NPROBE_MIN. The lists grow
-# with the collection (about 15,000 windows each at 1,000,000 images), and 8 of them kept
-# recall@10 at 0.99 there for 40 % less FAISS time (benchmarks/results/concurrency.md,
-# "The shortlist").
-NPROBE = 16
+# IVF lists per query window: NPROBE while NPROBE lists hold at most NPROBE_WINDOWS
+# windows; above, enough lists for NPROBE_WINDOWS, at least NPROBE_MIN and one list in
+# NPROBE_MIN_SHARE (more lists cut the space finer, so a query window's neighbours spread
+# over more of them). With the automatic
+# structure's 2 x sqrt(windows) lists that is 32 lists (6 % of clothing-small's 512, whose
+# recall@10 against exact scoring was 0.9950 through the window index alone, against
+# 0.9918 for 16 of the earlier 128 lists) up to about 150,000 images, then fewer, 16 at
+# 1,000,000 images (lists of 3,700 windows; recall@10 0.987 as with 8 of the earlier
+# 15,000-window lists): half the codes of the earlier structure at every size
+# (benchmarks/results/concurrency.md, "More lists, found by a graph"). An index built with
+# the earlier structure keeps its 8 probes at 1,000,000 images (2,048 lists).
+NPROBE = 32
 NPROBE_MIN = 8
-NPROBE_WINDOWS = 100_000
+NPROBE_MIN_SHARE = 512
+NPROBE_WINDOWS = 50_000
 LAYOUT_K = 128  # candidates from the layout index (benchmarks/results/scale.md)
 # Default per_patch is max(4k, PER_PATCH_MIN): 40 at k = 10, where 64 had the kernel score
 # 1.5x the pool (2,017 against 1,310 images at 100,000 hard images, recall@10 1.0 both)
@@ -374,7 +380,7 @@ class SearchOptions:
     index's (None: the index's own, see `for_index`). Up to `exact_limit` images every
     image is scored exactly; above, FAISS proposes candidates: the images owning the
     `per_patch` nearest windows of each query window (None: max(4k, 32)), searching
-    `nprobe` IVF lists (None: 16, fewer once the lists are long, down to 8 at 1,000,000
+    `nprobe` IVF lists (None: 32, fewer once the lists are long, down to 16 at 1,000,000
     images: `VectorIndex.default_nprobe`), and the `layout_k` images nearest to the
     query's windows laid end to end (0 leaves the layout index out). Of the window
     index's images the kernel scores the `shortlist` (None: max(20k, 200); 0: all of

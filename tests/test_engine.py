@@ -504,3 +504,21 @@ def test_the_training_sample_follows_the_ivf_list_count_alone(factory, windows):
     from retrieval.engine.ann import training_size
 
     assert training_size(factory) == windows
+
+
+@pytest.mark.parametrize("images, factory", [
+    (2_001, "IVF512,PQ64x4fs"),
+    (10_000, "IVF1024,PQ64x4fs"),
+    (100_000, "IVF4096_HNSW32,PQ64x4fs"),      # from 4,096 lists the centroids are in a graph
+    (1_000_000, "IVF8192_HNSW32,PQ64x4fs"),
+    (10_000_000, "IVF8192_HNSW32,PQ64x4fs"),   # at most 8,192 lists (training grows as lists squared)
+])
+def test_the_automatic_structure_has_about_two_sqrt_windows_lists(images, factory):
+    """About 2 x sqrt(windows) IVF lists (a power of two), the list centroids searched
+    through an HNSW graph from 4,096 lists on; FAISS builds each of them."""
+    import faiss
+
+    from retrieval.engine.ann import auto_factory
+
+    assert auto_factory(30 * images, 256) == factory
+    assert faiss.index_factory(256, factory, faiss.METRIC_INNER_PRODUCT).d == 256

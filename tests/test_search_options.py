@@ -299,13 +299,14 @@ def test_a_bad_shortlist_is_refused_by_the_command_line_naming_the_flag(ivf_inde
 
 @pytest.mark.parametrize("windows, lists, probes", [
     (60, 8, NPROBE),                      # the test index: short lists
-    (3_060_000, 1024, NPROBE),            # 100,000 images: lists of 3,000 windows
-    (30_060_000, 2048, NPROBE_MIN),       # 1,000,000 images: lists of 15,000
-    (9_000_000, 1024, 12),                # between: enough lists for NPROBE_WINDOWS
+    (3_000_000, 4096, NPROBE),            # 100,000 images: lists of 730 windows
+    (30_000_000, 8192, 16),               # 1,000,000 images: lists of 3,700, one list in 512
+    (20_000_000, 8192, 21),               # between: enough lists for NPROBE_WINDOWS
+    (30_000_000, 2048, NPROBE_MIN),       # 1,000,000 images in the earlier structure: 8, as it had
 ])
 def test_the_default_nprobe_follows_the_length_of_the_lists(windows, lists, probes):
-    """16 lists while 16 hold at most NPROBE_WINDOWS windows, then fewer, never below 8;
-    a structure without lists has none."""
+    """32 lists while 32 hold at most NPROBE_WINDOWS windows, then fewer, never below 8
+    nor one list in 512; a structure without lists has none."""
     ivf = VectorIndex(8, f"IVF{lists},Flat")
     assert ivf.is_trained is False
     ivf.index.ntotal = windows  # the list count and the windows are all the rule reads

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score every image exactly up to N images; above, FAISS proposes candidates "
                    f"(default {EXACT_LIMIT})")
     p.add_argument("--nprobe", type=int, metavar="N",
-                   help="IVF lists searched per query window (default 16, fewer once the lists are long: 8 at "
+                   help="IVF lists searched per query window (default 32, fewer once the lists are long: 16 at "
                    "1,000,000 images)")
     p.add_argument("--per-patch", type=int, metavar="N",
                    help="nearest database windows per query window that nominate candidates (default max(4k, 32))")

@@ -13,7 +13,8 @@ loses most of them and the layout index finds them (benchmarks/results/scale.md)
 candidates beside the window index, for queries described at the database's levels.
 
 Without `--index-type`, the structure follows the collection (`auto_factory`): an IVF
-list count near sqrt(windows) / 2, fast-scan product quantisation with 4 dimensions per
+list count near 2 x sqrt(windows) (its centroids in an HNSW graph from 4,096 lists on),
+fast-scan product quantisation with 4 dimensions per
 4-bit code (32 bytes per 256-d window), trained on a sample and re-trained once the
 collection has grown 4-fold. A flat index is never used to propose candidates: scoring
 every image with the kernel is faster and exact.
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import NPROBE, NPROBE_MIN, NPROBE_WINDOWS
+from ..config import NPROBE, NPROBE_MIN, NPROBE_MIN_SHARE, NPROBE_WINDOWS
 from ..fileio import replacing
 from .split_scan import SplitScan, part_count
 
@@ -53,6 +54,15 @@ MIN_POINTS_PER_CENTROID = 39  # FAISS's k-means default: fewer points per centro
 EXACT_NAMES = ("exact", "Flat", "IDMap,Flat")  # what `info` reports for exact search, and FAISS's names
 LAYOUT_TRAIN_IMAGES = 1024  # the layout index's training sample (images)
 LAYOUT_MIN_IMAGES = 640  # below, no layout index: FAISS asks for 39 x 16 points to train 4-bit codebooks
+# The automatic window structure has about 2 x sqrt(windows) lists: four times the
+# sqrt(windows) / 2 it had, so that half the codes are scanned per query window (twice the
+# lists probed, each a quarter as long) at the same recall@10 on real photos; at 4,096 lists
+# and more, a flat search of the list centroids would cost more than the scan it saves
+# (3.7 ms a query at 8,192 lists of 256 dimensions), so an HNSW graph finds them. At
+# 1,000,000 images: 15 % more queries a second for one client and for 8 batched ones
+# (benchmarks/results/concurrency.md, "More lists, found by a graph").
+MAX_LISTS = 8192  # k-means on TRAIN_PER_LIST x lists windows costs lists squared: 8,192 trains in minutes
+GRAPH_QUANTIZER_LISTS = 4096
 
 
 class FactoryError(ValueError):
@@ -97,11 +107,14 @@ def is_flat(factory: str | None) -> bool:
 
 
 def auto_factory(windows: int, dim: int) -> str:
-    """The IVF fast-scan PQ structure for a collection of `windows` window vectors."""
-    lists = 2 ** round(math.log2(max(math.sqrt(max(windows, 1)) / 2, 1)))
-    lists = int(min(max(lists, 16), 4096))
+    """The IVF fast-scan PQ structure for a collection of `windows` window vectors: a
+    power of two near 2 x sqrt(windows) lists (searched by `default_nprobe`), found by an
+    HNSW graph over the list centroids from GRAPH_QUANTIZER_LISTS lists on."""
+    lists = 2 ** round(math.log2(max(2 * math.sqrt(max(windows, 1)), 1)))
+    lists = int(min(max(lists, 16), MAX_LISTS))
+    quantizer = "_HNSW32" if lists >= GRAPH_QUANTIZER_LISTS else ""
     m = dim // 4 if dim % 4 == 0 and dim >= 8 else dim // 2 if dim % 2 == 0 else dim
-    return f"IVF{lists},PQ{m}x4fs"
+    return f"IVF{lists}{quantizer},PQ{m}x4fs"
 
 
 def layout_factory(patches: int, dim: int) -> str | None:
@@ -224,9 +237,10 @@ class VectorIndex:
     def default_nprobe(self) -> int | None:
         """The inverted lists a search probes unless told (None: the structure has none):
         NPROBE while that many lists hold at most NPROBE_WINDOWS windows on average, else
-        enough lists for NPROBE_WINDOWS, at least NPROBE_MIN. Long lists hold a query
-        window's nearest windows in fewer of them: 16 lists at 10,000 to 100,000 images,
-        8 at 1,000,000 (lists of 15,000 windows), where FAISS is most of a query."""
+        enough lists for NPROBE_WINDOWS, at least NPROBE_MIN and one list in
+        NPROBE_MIN_SHARE. Long lists hold a query window's nearest windows in fewer of them:
+        32 lists of the automatic structure up to about 150,000 images, 16 of its 8,192 at
+        1,000,000 (lists of 3,700 windows)."""
         ivf = faiss.try_extract_index_ivf(self.index)
         return None if ivf is None else _nprobe_for(ivf)
 
@@ -292,4 +306,5 @@ class VectorIndex:
 def _nprobe_for(ivf: faiss.IndexIVF) -> int:
     """`VectorIndex.default_nprobe` of an IVF structure."""
     per_list = ivf.ntotal / max(1, ivf.nlist)
-    return int(min(NPROBE, max(NPROBE_MIN, math.ceil(NPROBE_WINDOWS / max(per_list, 1.0)))))
+    least = max(NPROBE_MIN, math.ceil(ivf.nlist / NPROBE_MIN_SHARE))
+    return int(min(NPROBE, max(least, math.ceil(NPROBE_WINDOWS / max(per_list, 1.0)))))
