@@ -25,12 +25,16 @@ feature store; any other image is described and added to the store), or `--query
 N` indexed images asked by id (`POST /api/query/{id}`, ids spread over the index): the
 way to query `benchmarks/index_scale.py --keep`'s indexes, whose files are a few bytes
 of text naming their stored descriptors, which the server refuses as uploads (not an
-image). The server first answers every query alone, one after the other (the answers to
-compare with, and the warm-up); then, for each client count, closed-loop clients run for
+image). Once the server has read its window vectors ahead (`Index.warm`, in the
+background, as `retrieval serve` does at start), it first answers every query alone, one
+after the other (the answers to compare with, and the warm-up); then, for each client
+count, closed-loop clients run for
 `--seconds`: each sends its next query as soon as it has the previous answer, client c
 starting at query c and the clients stepping through the queries together (c, c +
-clients, ...). Each row: requests/s, p50 / p95 / p99 ms, errors, and how
-many answers' hit paths differ from that server's answer to the same query alone.
+clients, ...). Each row: requests/s, p50 / p95 / p99 ms, errors, how many answers' hit
+paths differ from that server's answer to the same query alone, and the CPU time per
+request of the server process and of this script's client threads (on a small machine
+the clients share its cores with the server).
 `--max-batch 1` answers one query at a time, as the server did before request batching.
 
 In both modes the server runs as a real process on 127.0.0.1 with an ephemeral port;
@@ -154,6 +158,24 @@ class Server:
                              f"(exit {self.proc.returncode}):\n{''.join(seen)}")
         self.startup_s = time.perf_counter() - start
 
+    def wait_read_ahead(self, timeout: float = START_TIMEOUT) -> float:
+        """Wait until the server has stopped reading (its background read-ahead of the
+        window vectors, `Index.warm`, which would otherwise share the cores with the first
+        rows); returns the seconds waited. Reads /proc/PID/io: elsewhere, no wait."""
+        start = time.monotonic()
+        last = None
+        while time.monotonic() - start < timeout:
+            try:
+                read = next(int(line.split()[1]) for line in Path(f"/proc/{self.proc.pid}/io").read_text().splitlines()
+                            if line.startswith("rchar:"))
+            except (OSError, StopIteration):
+                break
+            if read == last:
+                break
+            last = read
+            time.sleep(1.0)
+        return time.monotonic() - start
+
     def info(self) -> dict:
         """The index's `/api/info` (as `retrieval info --json`)."""
         with urllib.request.urlopen(self.url + "api/info", timeout=TIMEOUT) as response:
@@ -225,6 +247,18 @@ def throughput(url: str, paths: list[Path], clients: int, k: int) -> dict:
 
 def images_in(folder: str) -> list[Path]:
     return sorted(p for p in Path(folder).resolve().iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def cpu_seconds(pid: int | None = None) -> float | None:
+    """CPU time (user + system, all threads) of process `pid` so far, None where /proc
+    does not say; `None` pid: this process (the client threads)."""
+    if pid is None:
+        return time.process_time()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def machine(load_before: float) -> dict:
@@ -344,6 +378,7 @@ def kept_index(args) -> None:
     for max_batch in max_batches:
         server = Server(index, ["--max-batch", str(max_batch), "--quiet"])
         try:
+            waited = server.wait_read_ahead()
             if info is None:
                 info = server.info()
                 if not queries:
@@ -356,13 +391,18 @@ def kept_index(args) -> None:
                 hint = ("; files it cannot decode as images (benchmarks/index_scale.py's) can only be "
                         "asked as indexed images: --query-indexed N") if args.query_images else ""
                 raise SystemExit(f"the server (--max-batch {max_batch}) failed a query asked alone: {failed[0]}{hint}")
-            servers.append({"max_batch": max_batch, "startup_seconds": round(server.startup_s, 2), "alone": alone})
+            servers.append({"max_batch": max_batch, "startup_seconds": round(server.startup_s, 2),
+                            "read_ahead_wait_seconds": round(waited, 1), "alone": alone})
             for clients in concurrency:
                 load = os.getloadavg()[0]
                 streams = [(queries[i % len(queries)] for i in itertools.count(c, clients)) for c in range(clients)]
+                cpu = cpu_seconds(server.proc.pid), cpu_seconds()
                 row = closed_loop(server.url, args.k, streams, args.seconds)
+                cpu = [_per_request(before, cpu_seconds(pid), row["requests"])
+                       for before, pid in zip(cpu, (server.proc.pid, None))]
                 outcomes = row.pop("outcomes")
                 rows.append({"max_batch": max_batch, **row,
+                             "server_cpu_ms_per_request": cpu[0], "client_cpu_ms_per_request": cpu[1],
                              "differ_from_alone": sum(hits != alone[p] for p, _, hits in outcomes
                                                       if not isinstance(hits, str)),
                              "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2)})
@@ -383,14 +423,17 @@ def kept_index(args) -> None:
     search = " ".join(filter(None, (structure.get("search"), structure.get("factory"))))
     print(f"index: {index}, {info['images']} images ({search}), store {info['store']}; k={args.k}")
     print(f"queries: {source}; {args.seconds:g} s per row")
-    print("server start-up (process start to ready): "
-          + ", ".join(f"--max-batch {s['max_batch']} {s['startup_seconds']:.1f} s" for s in servers))
+    print("server start-up (process start to ready; then its read-ahead, waited for): "
+          + ", ".join(f"--max-batch {s['max_batch']} {s['startup_seconds']:.1f} s; {s['read_ahead_wait_seconds']:.1f} s"
+                      for s in servers))
     print(f"{'max_batch':>9s} {'clients':>7s} {'requests':>8s} {'req/s':>7s} {'p50 ms':>8s} {'p95 ms':>8s} "
-          f"{'p99 ms':>8s} {'errors':>6s} {'differ':>6s} {'load':>11s}")
+          f"{'p99 ms':>8s} {'errors':>6s} {'differ':>6s} {'CPU ms/req server':>17s} {'client':>6s} {'load':>11s}")
     for r in rows:
+        cpu = " ".join("     -" if v is None else f"{v:6.1f}" for v in (r["server_cpu_ms_per_request"],
+                                                                      r["client_cpu_ms_per_request"]))
         print(f"{r['max_batch']:9d} {r['clients']:7d} {r['requests']:8d} {r['req_per_s']:7.2f} {r['p50_ms']:8.1f} "
               f"{r['p95_ms']:8.1f} {r['p99_ms']:8.1f} {r['errors']:6d} {r['differ_from_alone']:6d} "
-              f"{r['load_before']:5.2f}-{r['load_after']:.2f}")
+              f"{'':11s}{cpu} {r['load_before']:5.2f}-{r['load_after']:.2f}")
     n_errors = sum(r["errors"] for r in rows)
     n_differ = sum(r["differ_from_alone"] for r in rows)
     print(f"errors: {n_errors}; answers differing from the same server's answer alone: {n_differ}; "
@@ -403,6 +446,10 @@ def kept_index(args) -> None:
         print(f"error: {e}", file=sys.stderr)
     if n_errors or n_differ or alone_differ:
         raise SystemExit(1)
+
+
+def _per_request(before: float | None, after: float | None, requests: int) -> float | None:
+    return None if before is None or after is None or not requests else round(1000 * (after - before) / requests, 2)
 
 
 def main() -> None:

@@ -39,6 +39,23 @@ def test_build_search_reopen_round_trip(tmp_path, image_dir):
         [[(h.path, h.distance) for h in r.hits] for r in before]
 
 
+def test_each_hit_carries_the_size_of_its_image(tmp_path):
+    """A hit's width and height are those of the image it names (what the server's JSON
+    gives each hit), for images of several sizes."""
+    sizes = [(160, 120), (96, 144), (200, 100), (128, 128)]
+    paths = []
+    for i, size in enumerate(sizes):
+        paths.append(str(tmp_path / f"img{i}.jpg"))
+        make_scene(i, size).save(paths[-1], quality=90)
+    with _create(tmp_path / "idx", tmp_path / "s.sqlite") as idx:
+        idx.add(paths, progress=False)
+        results = idx.search(paths, k=4)
+    size_of = dict(zip(paths, sizes))
+    assert all(len(r.hits) == 4 for r in results)
+    assert all((h.width, h.height) == size_of[h.path] for r in results for h in r.hits)
+    assert "width" not in results[0].hits[0].to_dict()  # the query JSON of SPEC section 5 is unchanged
+
+
 def test_transformed_crop_finds_its_source(tmp_path, image_dir):
     query = tmp_path / "query.jpg"
     make_scene(4).crop((20, 10, 150, 110)).rotate(4).resize((110, 85)).save(query)

@@ -4,10 +4,12 @@ A service's request threads each ask one query of a shared `Index` (or `ShardedI
 Searched one by one, each pays its own FAISS search and kernel calls, and their OpenMP
 threads fight over the cores. `SearchBatcher` gathers the queries that arrive within
 `wait_s` of the oldest waiting one (at most `max_batch`), and those that arrive while a
-batch is being answered or within `wait_s` after it, and answers them with one `search`
-call per distinct `SearchOptions`: their images are described in one extractor call
-(store hits need no network) and ranked with one FAISS batch search
-(`search.rank_many`). A batch leaves before `wait_s` once the queries it expects are in:
+batch is being answered or within `wait_s` after it (or `wait_fraction` of that batch's
+time, when longer: HTTP clients come back through the server's event loop one by one,
+several milliseconds, and a batch that leaves without them splits the clients into half
+batches taking turns), and answers them with one `search` call per distinct
+`SearchOptions`: their images are described in one extractor call (store hits need no
+network) and ranked with one FAISS batch search (`search.rank_many`). A batch leaves before `wait_s` once the queries it expects are in:
 the last batch's callers and those that came during it (so a lone caller is answered at
 once; before the first batch it waits the full `wait_s`). Each caller gets the result
 that `search` gives its query alone, an unreadable query included (a result with its
@@ -27,6 +29,9 @@ from ..config import MAX_BATCH, SearchOptions
 from .query import K_NOT_GIVEN, QueryResult, search_options
 
 WAIT_S = 0.002
+# At 1,000,000 images a batch of 8 takes ~80 ms and 8 HTTP clients are back within ~8 ms:
+# a tenth keeps their batches full (benchmarks/results/concurrency.md, "HTTP clients").
+WAIT_FRACTION = 0.1
 BATCH_LOG = 1000  # batch sizes kept in `SearchBatcher.batches`
 
 
@@ -55,10 +60,13 @@ class SearchBatcher:
     the kernel are parallel inside), so a batch never competes with another for them.
     """
 
-    def __init__(self, index: Searchable, *, wait_s: float = WAIT_S, max_batch: int = MAX_BATCH) -> None:
-        if wait_s < 0 or max_batch < 1:
-            raise ValueError(f"wait_s must be >= 0 and max_batch >= 1 (got {wait_s}, {max_batch})")
-        self.index, self.wait_s, self.max_batch = index, wait_s, max_batch
+    def __init__(self, index: Searchable, *, wait_s: float = WAIT_S, max_batch: int = MAX_BATCH,
+                 wait_fraction: float = WAIT_FRACTION) -> None:
+        if wait_s < 0 or max_batch < 1 or wait_fraction < 0:
+            raise ValueError(f"wait_s and wait_fraction must be >= 0 and max_batch >= 1 "
+                             f"(got {wait_s}, {wait_fraction}, {max_batch})")
+        self.index, self.wait_s, self.max_batch, self.wait_fraction = index, wait_s, max_batch, wait_fraction
+        self._straggle = 0.0  # wait_fraction of the last batch's time
         self.batches: collections.deque[int] = collections.deque(maxlen=BATCH_LOG)  # queries per batch
         self.waited_out = 0  # batches that left at their deadline, short of the expected callers
         self._pending: list[_Request] = []
@@ -104,7 +112,7 @@ class SearchBatcher:
                 # (benchmarks/results/concurrency.md, "The shortlist"). But no longer than
                 # until the expected callers are in: a lone caller paid wait_s on every
                 # query ("Expected callers" there).
-                deadline = max(self._pending[0].arrived, self._answered) + self.wait_s
+                deadline = max(self._pending[0].arrived, self._answered) + max(self.wait_s, self._straggle)
                 while len(self._pending) < self._expected and not self._closed:
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -112,9 +120,11 @@ class SearchBatcher:
                         break
                     self._changed.wait(left)
                 batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
+            started = time.monotonic()
             self._answer([r for r in batch if r.future.set_running_or_notify_cancel()])
             with self._changed:
                 self._answered = time.monotonic()
+                self._straggle = self.wait_fraction * (self._answered - started)
                 self._expected = max(1, min(self.max_batch, len(batch) + len(self._pending)))
 
     def _answer(self, batch: list[_Request]) -> None:

@@ -34,10 +34,11 @@ RankAll = Callable[[list[list[np.ndarray]], SearchOptions], list[tuple[Ranking, 
 
 @dataclass
 class Hit:
-    """One ranked image: its manifest `id`, path, distance and the deciding pair of windows
-    (and, with query rotations, the rotation of the query that decided). `distance` is
-    always the plain image distance (the `--aggregate` of window distances); a re-ranked
-    search orders the hits by `rerank_distance` (docs/reranking.md), None otherwise."""
+    """One ranked image: its manifest `id`, path, size in pixels (as indexed), distance and
+    the deciding pair of windows (and, with query rotations, the rotation of the query that
+    decided). `distance` is always the plain image distance (the `--aggregate` of window
+    distances); a re-ranked search orders the hits by `rerank_distance`
+    (docs/reranking.md), None otherwise."""
 
     rank: int
     path: str
@@ -47,6 +48,8 @@ class Hit:
     id: int = -1
     rotation: int | None = None  # set when the query was described at several rotations
     rerank_distance: float | None = None
+    width: int | None = None
+    height: int | None = None
 
     def to_dict(self) -> dict:
         out = {
@@ -218,7 +221,8 @@ def assemble_hits(ranking: Ranking, entries: dict[int, Entry], views: list[Image
     dboxes = db_layout[dp] * sizes
     turned = options.query_rotations is not None
     return [
-        Hit(pos + 1, entries[i].path, d, qb, dbb, i, views[w].rotation if turned else None, r)
+        Hit(pos + 1, entries[i].path, d, qb, dbb, i, views[w].rotation if turned else None, r,
+            entries[i].width, entries[i].height)
         for pos, (i, d, qb, dbb, w, r) in enumerate(zip(
             ids.tolist(), dist, np.round(qboxes, 1).tolist(), np.round(dboxes, 1).tolist(), which.tolist(), reranked,
         ))

@@ -170,7 +170,7 @@ class IndexWorker:
             raise HTTPException(400, str(err)) from None
         if result.error is not None:
             raise HTTPException(400, f"cannot query this image: {result.error}")
-        return await self.run(_hits_json, result)
+        return _hits_json(result)
 
     def close(self) -> None:
         self.batcher.close()
@@ -439,13 +439,9 @@ def _png(path: str) -> bytes:
     return buf.getvalue()
 
 
-def _hits_json(idx, result) -> dict:
+def _hits_json(result) -> dict:
     """A QueryResult as the query JSON, each hit with its manifest id and size."""
-    hits = []
-    for hit in result.hits:
-        entry = idx.entry(hit.id)
-        hits.append({**hit.to_dict(), "id": hit.id,
-                     "width": entry.width if entry else None, "height": entry.height if entry else None})
+    hits = [{**hit.to_dict(), "id": hit.id, "width": hit.width, "height": hit.height} for hit in result.hits]
     return {"query": result.query, "hits": hits, **({"note": result.note} if result.note is not None else {})}
 
 
