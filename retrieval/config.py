@@ -70,14 +70,14 @@ QE_ALPHA = 3.0  # the exponent of alpha-QE (Radenovic et al.): near hits weigh m
 # IVF lists per query window: NPROBE while NPROBE lists hold at most NPROBE_WINDOWS
 # windows; above, enough lists for NPROBE_WINDOWS, at least NPROBE_MIN and one list in
 # NPROBE_MIN_SHARE (more lists cut the space finer, so a query window's neighbours spread
-# over more of them). With the automatic
-# structure's 2 x sqrt(windows) lists that is 32 lists (6 % of clothing-small's 512, whose
-# recall@10 against exact scoring was 0.9950 through the window index alone, against
-# 0.9918 for 16 of the earlier 128 lists) up to about 150,000 images, then fewer, 16 at
-# 1,000,000 images (lists of 3,700 windows; recall@10 0.987 as with 8 of the earlier
-# 15,000-window lists): half the codes of the earlier structure at every size
-# (benchmarks/results/concurrency.md, "More lists, found by a graph"). An index built with
-# the earlier structure keeps its 8 probes at 1,000,000 images (2,048 lists).
+# over more of them). With the automatic structure's 2 x sqrt(windows) lists that is 32
+# lists (6 % of clothing-small's 512, whose recall@10 against exact scoring was 0.9950
+# through the window index alone, against 0.9918 for 16 of the earlier 128 lists) up to
+# about 150,000 images, then fewer, 16 at 1,000,000 images (lists of 3,700 windows;
+# recall@10 0.987 as with 8 of the earlier 15,000-window lists): half the codes of the
+# earlier structure at every size (benchmarks/results/concurrency.md, "More lists, found
+# by a graph"). An index built with the earlier structure keeps its 8 probes at 1,000,000
+# images (2,048 lists).
 NPROBE = 32
 NPROBE_MIN = 8
 NPROBE_MIN_SHARE = 512

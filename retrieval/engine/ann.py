@@ -14,10 +14,10 @@ candidates beside the window index, for queries described at the database's leve
 
 Without `--index-type`, the structure follows the collection (`auto_factory`): an IVF
 list count near 2 x sqrt(windows) (its centroids in an HNSW graph from 4,096 lists on),
-fast-scan product quantisation with 4 dimensions per
-4-bit code (32 bytes per 256-d window), trained on a sample and re-trained once the
-collection has grown 4-fold. A flat index is never used to propose candidates: scoring
-every image with the kernel is faster and exact.
+fast-scan product quantisation with 4 dimensions per 4-bit code (32 bytes per 256-d
+window), trained on a sample and re-trained once the collection has grown 4-fold. A flat
+index is never used to propose candidates: scoring every image with the kernel is faster
+and exact.
 """
 from __future__ import annotations
 

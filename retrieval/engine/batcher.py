@@ -9,9 +9,10 @@ time, when longer: HTTP clients come back through the server's event loop one by
 several milliseconds, and a batch that leaves without them splits the clients into half
 batches taking turns), and answers them with one `search` call per distinct
 `SearchOptions`: their images are described in one extractor call (store hits need no
-network) and ranked with one FAISS batch search (`search.rank_many`). A batch leaves before `wait_s` once the queries it expects are in:
-the last batch's callers and those that came during it (so a lone caller is answered at
-once; before the first batch it waits the full `wait_s`). Each caller gets the result
+network) and ranked with one FAISS batch search (`search.rank_many`). A batch leaves
+before its deadline once the queries it expects are in: the last batch's callers and those
+that came during it (so a lone caller is answered at once; before the first batch it
+waits the full `wait_s`). Each caller gets the result
 that `search` gives its query alone, an unreadable query included (a result with its
 `error`); an exception of `search` (a bad option for this index) goes to every caller of
 that options group.
