@@ -209,8 +209,7 @@ def test_callers_slower_to_ask_again_than_wait_s_are_waited_for_a_share_of_the_b
     """Eight closed-loop callers coming back 20 to 195 ms after their answer (as HTTP
     clients do through a server's event loop, one response and one request at a time):
     waiting only `wait_s` (40 ms) splits them into small batches; waiting up to
-    `wait_fraction` of the last batch's time (here all of its 350 ms) gathers all eight
-    again."""
+    `wait_fraction` of a batch's time (here all of its 350 ms) gathers all eight again."""
 
     def batches(fraction: float) -> list[int]:
         batcher = SearchBatcher(_SlowIndex(0.35), wait_s=0.04, max_batch=8, wait_fraction=fraction)
@@ -231,3 +230,36 @@ def test_callers_slower_to_ask_again_than_wait_s_are_waited_for_a_share_of_the_b
     assert batches(1.0) == [8, 8]
     split = batches(0.0)
     assert sum(split) == 16 and len(split) > 2  # short batches: the late callers missed theirs
+
+
+class _PerQueryIndex:
+    """A stand-in index taking `seconds` per query of a search (a batch of 8 takes 8x)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def search(self, queries, *, options):
+        time.sleep(self.seconds * len(queries))
+        return [QueryResult(query=str(q), hits=[]) for q in queries]
+
+
+def test_after_a_half_batch_the_wait_is_a_share_of_a_whole_batch():
+    """Four callers start, four more while their batch (0.4 s) runs; each caller asks again
+    150 ms after its answer. A quarter of the half batch's own time (100 ms) would miss the
+    first four and keep the callers in two half batches taking turns; a quarter of what
+    the eight expected queries take (200 ms) brings them together."""
+    batcher = SearchBatcher(_PerQueryIndex(0.1), wait_s=0.005, max_batch=8, wait_fraction=0.25)
+
+    def client(start: float) -> None:
+        time.sleep(start)
+        for i in range(3):
+            batcher.search(f"q{i}.jpg")
+            time.sleep(0.15)
+
+    threads = [threading.Thread(target=client, args=(0.0 if c < 4 else 0.1,)) for c in range(8)]
+    with batcher:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    assert list(batcher.batches) == [4, 8, 8, 4]

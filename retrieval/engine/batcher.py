@@ -4,10 +4,11 @@ A service's request threads each ask one query of a shared `Index` (or `ShardedI
 Searched one by one, each pays its own FAISS search and kernel calls, and their OpenMP
 threads fight over the cores. `SearchBatcher` gathers the queries that arrive within
 `wait_s` of the oldest waiting one (at most `max_batch`), and those that arrive while a
-batch is being answered or within `wait_s` after it (or `wait_fraction` of that batch's
-time, when longer: HTTP clients come back through the server's event loop one by one,
-several milliseconds, and a batch that leaves without them splits the clients into half
-batches taking turns), and answers them with one `search` call per distinct
+batch is being answered or within `wait_s` after it (or `wait_fraction` of what a batch
+of the queries expected takes, at the last batch's time a query, when longer: HTTP clients
+come back through the server's event loop one by one, several milliseconds, and a batch
+that leaves without them splits the clients into half batches taking turns), and
+answers them with one `search` call per distinct
 `SearchOptions`: their images are described in one extractor call (store hits need no
 network) and ranked with one FAISS batch search (`search.rank_many`). A batch leaves
 before its deadline once the queries it expects are in: the last batch's callers and those
@@ -31,7 +32,8 @@ from .query import K_NOT_GIVEN, QueryResult, search_options
 
 WAIT_S = 0.002
 # At 1,000,000 images a batch of 8 takes ~80 ms and 8 HTTP clients are back within ~8 ms:
-# a tenth keeps their batches full (benchmarks/results/concurrency.md, "HTTP clients").
+# a tenth keeps their batches full (benchmarks/results/concurrency.md, "HTTP clients";
+# at 100,000 images, ~30 ms a batch, mostly).
 WAIT_FRACTION = 0.1
 BATCH_LOG = 1000  # batch sizes kept in `SearchBatcher.batches`
 
@@ -67,7 +69,7 @@ class SearchBatcher:
             raise ValueError(f"wait_s and wait_fraction must be >= 0 and max_batch >= 1 "
                              f"(got {wait_s}, {wait_fraction}, {max_batch})")
         self.index, self.wait_s, self.max_batch, self.wait_fraction = index, wait_s, max_batch, wait_fraction
-        self._straggle = 0.0  # wait_fraction of the last batch's time
+        self._straggle = 0.0  # wait_fraction of an expected batch's time
         self.batches: collections.deque[int] = collections.deque(maxlen=BATCH_LOG)  # queries per batch
         self.waited_out = 0  # batches that left at their deadline, short of the expected callers
         self._pending: list[_Request] = []
@@ -125,8 +127,11 @@ class SearchBatcher:
             self._answer([r for r in batch if r.future.set_running_or_notify_cancel()])
             with self._changed:
                 self._answered = time.monotonic()
-                self._straggle = self.wait_fraction * (self._answered - started)
                 self._expected = max(1, min(self.max_batch, len(batch) + len(self._pending)))
+                # A share of what a batch of the expected size would take: after a half
+                # batch, a share of its own short time would again miss the other half.
+                per_query = (self._answered - started) / max(1, len(batch))
+                self._straggle = self.wait_fraction * per_query * self._expected
 
     def _answer(self, batch: list[_Request]) -> None:
         self.batches.append(len(batch))
