@@ -160,14 +160,34 @@ def test_batcher_gives_each_caller_its_own_result_also_beside_an_unreadable_quer
 
 
 class _SlowIndex:
-    """A stand-in index whose every search takes `seconds`: what the batcher sees."""
+    """A stand-in index whose every search takes `seconds`, plus `per_query` seconds per
+    query asked: what the batcher sees."""
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
+    def __init__(self, seconds: float, per_query: float = 0.0) -> None:
+        self.seconds, self.per_query = seconds, per_query
 
     def search(self, queries, *, options):
-        time.sleep(self.seconds)
+        time.sleep(self.seconds + self.per_query * len(queries))
         return [QueryResult(query=str(q), hits=[]) for q in queries]
+
+
+def _callers(batcher: SearchBatcher, starts: list[float], pauses: list[float], queries: int = 3) -> list[int]:
+    """Closed-loop callers of `batcher`, caller c starting after starts[c] seconds and
+    asking again pauses[c] seconds after each answer; the sizes of the batches."""
+
+    def client(c: int) -> None:
+        time.sleep(starts[c])
+        for i in range(queries):
+            batcher.search(f"q{c}-{i}.jpg")
+            time.sleep(pauses[c])
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(len(starts))]
+    with batcher:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    return list(batcher.batches)
 
 
 def test_callers_of_an_answered_batch_join_the_queries_that_waited_during_it():
@@ -176,19 +196,7 @@ def test_callers_of_an_answered_batch_join_the_queries_that_waited_during_it():
     answering the four that waited at once split the callers into two half batches for
     good."""
     batcher = SearchBatcher(_SlowIndex(0.3), wait_s=0.1, max_batch=8)
-
-    def client(start: float) -> None:
-        time.sleep(start)
-        for i in range(3):
-            batcher.search(f"q{i}.jpg")
-
-    threads = [threading.Thread(target=client, args=(0.0 if c < 4 else 0.15,)) for c in range(8)]
-    with batcher:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=30)
-    assert list(batcher.batches) == [4, 8, 8, 4]
+    assert _callers(batcher, [0.0] * 4 + [0.15] * 4, [0.0] * 8) == [4, 8, 8, 4]
     # The first batch (nothing known yet) and the last (four callers gone) waited out
     # wait_s; the full ones left as soon as all eight callers were in.
     assert batcher.waited_out == 2
@@ -210,37 +218,12 @@ def test_callers_slower_to_ask_again_than_wait_s_are_waited_for_a_share_of_the_b
     clients do through a server's event loop, one response and one request at a time):
     waiting only `wait_s` (40 ms) splits them into small batches; waiting up to
     `wait_fraction` of a batch's time (here all of its 350 ms) gathers all eight again."""
-
-    def batches(fraction: float) -> list[int]:
-        batcher = SearchBatcher(_SlowIndex(0.35), wait_s=0.04, max_batch=8, wait_fraction=fraction)
-
-        def client(c: int) -> None:
-            for i in range(2):
-                batcher.search(f"q{c}-{i}.jpg")
-                time.sleep(0.02 + 0.025 * c)
-
-        threads = [threading.Thread(target=client, args=(c,)) for c in range(8)]
-        with batcher:
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(timeout=60)
-        return list(batcher.batches)
-
-    assert batches(1.0) == [8, 8]
-    split = batches(0.0)
+    pauses = [0.02 + 0.025 * c for c in range(8)]
+    gathered = SearchBatcher(_SlowIndex(0.35), wait_s=0.04, max_batch=8, wait_fraction=1.0)
+    assert _callers(gathered, [0.0] * 8, pauses, queries=2) == [8, 8]
+    split = _callers(SearchBatcher(_SlowIndex(0.35), wait_s=0.04, max_batch=8, wait_fraction=0.0),
+                     [0.0] * 8, pauses, queries=2)
     assert sum(split) == 16 and len(split) > 2  # short batches: the late callers missed theirs
-
-
-class _PerQueryIndex:
-    """A stand-in index taking `seconds` per query of a search (a batch of 8 takes 8x)."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    def search(self, queries, *, options):
-        time.sleep(self.seconds * len(queries))
-        return [QueryResult(query=str(q), hits=[]) for q in queries]
 
 
 def test_after_a_half_batch_the_wait_is_a_share_of_a_whole_batch():
@@ -248,18 +231,5 @@ def test_after_a_half_batch_the_wait_is_a_share_of_a_whole_batch():
     150 ms after its answer. A quarter of the half batch's own time (100 ms) would miss the
     first four and keep the callers in two half batches taking turns; a quarter of what
     the eight expected queries take (200 ms) brings them together."""
-    batcher = SearchBatcher(_PerQueryIndex(0.1), wait_s=0.005, max_batch=8, wait_fraction=0.25)
-
-    def client(start: float) -> None:
-        time.sleep(start)
-        for i in range(3):
-            batcher.search(f"q{i}.jpg")
-            time.sleep(0.15)
-
-    threads = [threading.Thread(target=client, args=(0.0 if c < 4 else 0.1,)) for c in range(8)]
-    with batcher:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-    assert list(batcher.batches) == [4, 8, 8, 4]
+    batcher = SearchBatcher(_SlowIndex(0.0, per_query=0.1), wait_s=0.005, max_batch=8, wait_fraction=0.25)
+    assert _callers(batcher, [0.0] * 4 + [0.1] * 4, [0.15] * 8) == [4, 8, 8, 4]
