@@ -396,13 +396,12 @@ def kept_index(args) -> None:
             for clients in concurrency:
                 load = os.getloadavg()[0]
                 streams = [(queries[i % len(queries)] for i in itertools.count(c, clients)) for c in range(clients)]
-                cpu = cpu_seconds(server.proc.pid), cpu_seconds()
+                server_cpu, client_cpu = cpu_seconds(server.proc.pid), cpu_seconds()
                 row = closed_loop(server.url, args.k, streams, args.seconds)
-                cpu = [_per_request(before, cpu_seconds(pid), row["requests"])
-                       for before, pid in zip(cpu, (server.proc.pid, None))]
                 outcomes = row.pop("outcomes")
                 rows.append({"max_batch": max_batch, **row,
-                             "server_cpu_ms_per_request": cpu[0], "client_cpu_ms_per_request": cpu[1],
+                             "server_cpu_ms_per_request": _per_request(server_cpu, cpu_seconds(server.proc.pid), row["requests"]),
+                             "client_cpu_ms_per_request": _per_request(client_cpu, cpu_seconds(), row["requests"]),
                              "differ_from_alone": sum(hits != alone[p] for p, _, hits in outcomes
                                                       if not isinstance(hits, str)),
                              "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2)})

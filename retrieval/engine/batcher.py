@@ -5,18 +5,17 @@ Searched one by one, each pays its own FAISS search and kernel calls, and their 
 threads fight over the cores. `SearchBatcher` gathers the queries that arrive within
 `wait_s` of the oldest waiting one (at most `max_batch`), and those that arrive while a
 batch is being answered or within `wait_s` after it (or `wait_fraction` of what a batch
-of the queries expected takes, at the last batch's time a query, when longer: HTTP clients
-come back through the server's event loop one by one, several milliseconds, and a batch
-that leaves without them splits the clients into half batches taking turns), and
-answers them with one `search` call per distinct
-`SearchOptions`: their images are described in one extractor call (store hits need no
-network) and ranked with one FAISS batch search (`search.rank_many`). A batch leaves
-before its deadline once the queries it expects are in: the last batch's callers and those
-that came during it (so a lone caller is answered at once; before the first batch it
-waits the full `wait_s`). Each caller gets the result
-that `search` gives its query alone, an unreadable query included (a result with its
-`error`); an exception of `search` (a bad option for this index) goes to every caller of
-that options group.
+of the queries expected takes, at the last batch's time a query, when longer: HTTP
+clients come back through the server's event loop one by one, several milliseconds, and
+a batch that leaves without them splits the clients into half batches taking turns), and
+answers them with one `search` call per distinct `SearchOptions`: their images are
+described in one extractor call (store hits need no network) and ranked with one FAISS
+batch search (`search.rank_many`). A batch leaves before its deadline once the queries
+it expects are in: the last batch's callers and those that came during it (so a lone
+caller is answered at once; before the first batch it waits the full `wait_s`). Each
+caller gets the result that `search` gives its query alone, an unreadable query
+included (a result with its `error`); an exception of `search` (a bad option for this
+index) goes to every caller of that options group.
 """
 from __future__ import annotations
 
