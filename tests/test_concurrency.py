@@ -228,8 +228,9 @@ def test_callers_slower_to_ask_again_than_wait_s_are_waited_for_a_share_of_the_b
 
 def test_after_a_half_batch_the_wait_is_a_share_of_a_whole_batch():
     """Four callers start, four more while their batch (0.4 s) runs; each caller asks again
-    150 ms after its answer. A quarter of the half batch's own time (100 ms) would miss the
-    first four and keep the callers in two half batches taking turns; a quarter of what
-    the eight expected queries take (200 ms) brings them together."""
-    batcher = SearchBatcher(_SlowIndex(0.0, per_query=0.1), wait_s=0.005, max_batch=8, wait_fraction=0.25)
-    assert _callers(batcher, [0.0] * 4 + [0.1] * 4, [0.15] * 8) == [4, 8, 8, 4]
+    300 ms after its answer. Half of the half batch's own time (200 ms) would miss the
+    first four and keep the callers in two half batches taking turns; half of what the
+    eight expected queries take (400 ms) brings them together. (wait_s, 100 ms, gathers the
+    first four however slowly their threads start under load.)"""
+    batcher = SearchBatcher(_SlowIndex(0.0, per_query=0.1), wait_s=0.1, max_batch=8, wait_fraction=0.5)
+    assert _callers(batcher, [0.0] * 4 + [0.3] * 4, [0.3] * 8) == [4, 8, 8, 4]
