@@ -216,12 +216,13 @@ def test_a_lone_caller_waits_for_nobody_after_its_first_query():
 def test_callers_slower_to_ask_again_than_wait_s_are_waited_for_a_share_of_the_batch_time():
     """Eight closed-loop callers coming back 20 to 195 ms after their answer (as HTTP
     clients do through a server's event loop, one response and one request at a time):
-    waiting only `wait_s` (40 ms) splits them into small batches; waiting up to
-    `wait_fraction` of a batch's time (here all of its 350 ms) gathers all eight again."""
+    waiting only `wait_s` (100 ms) splits them into small batches; waiting up to
+    `wait_fraction` of a batch's time (here all of its 350 ms) gathers all eight again.
+    (wait_s also gathers the first batch however slowly the threads start under load.)"""
     pauses = [0.02 + 0.025 * c for c in range(8)]
-    gathered = SearchBatcher(_SlowIndex(0.35), wait_s=0.04, max_batch=8, wait_fraction=1.0)
+    gathered = SearchBatcher(_SlowIndex(0.35), wait_s=0.1, max_batch=8, wait_fraction=1.0)
     assert _callers(gathered, [0.0] * 8, pauses, queries=2) == [8, 8]
-    split = _callers(SearchBatcher(_SlowIndex(0.35), wait_s=0.04, max_batch=8, wait_fraction=0.0),
+    split = _callers(SearchBatcher(_SlowIndex(0.35), wait_s=0.1, max_batch=8, wait_fraction=0.0),
                      [0.0] * 8, pauses, queries=2)
     assert sum(split) == 16 and len(split) > 2  # short batches: the late callers missed theirs
 
