@@ -55,7 +55,9 @@ from retrieval import config as rconfig  # noqa: E402
 from retrieval.config import ExtractorConfig, InputSpec, RuntimeConfig, SearchConfig  # noqa: E402
 from retrieval.engine.index import Index  # noqa: E402
 from retrieval.engine.manifest import Manifest  # noqa: E402
-from retrieval.extraction.extractor import Extractor, Job, _pool, _prepare, _roi_pool, pyramid_plan, pyramid_pool  # noqa: E402
+from retrieval.extraction.extractor import Extractor  # noqa: E402
+from retrieval.extraction.inputs import Job, prepare_inputs  # noqa: E402
+from retrieval.extraction.pooling import pool_map, pyramid_plan, pyramid_pool, roi_pool  # noqa: E402
 from retrieval.extraction.images import expand_inputs, load_rgb  # noqa: E402
 from retrieval.extraction.patches import level_names, level_regions  # noqa: E402
 from retrieval.extraction.store import FeatureStore  # noqa: E402
@@ -141,7 +143,7 @@ def stages(backbone, config: ExtractorConfig, paths: list[str], levels, batch: i
     t0 = time.perf_counter()
     inputs = []
     for p in paths:
-        inputs.extend(_prepare(Job(p, regions), size, config.patch_mode, config.roi_size)[1])
+        inputs.extend(prepare_inputs(Job(p, regions), size, config.patch_mode, config.roi_size)[1])
     cut = max(0.0, time.perf_counter() - t0 - decode)
     # The extractor's batches: consecutive inputs, `batch` at a time, one pass per shape.
     batches = [inputs[i:i + batch] for i in range(0, len(inputs), batch)]
@@ -169,11 +171,11 @@ def stages(backbone, config: ExtractorConfig, paths: list[str], levels, batch: i
         if config.patch_mode == "roi":
             for rs in regions:
                 for box in rs.boxes:
-                    _roi_pool(f, box, config.pool)
+                    roi_pool(f, box, config.pool)
         elif config.patch_mode == "pyramid":
             pyramid_pool(regions, list(f), config.pool)
         else:
-            _pool(f, config.pool)
+            pool_map(f, config.pool)
     pooling = time.perf_counter() - t0
     # Commit: the product's descriptors, put again into a fresh store + manifest, one
     # transaction each per image, as Index.add does.

@@ -12,7 +12,7 @@ torch CPU settings (channels_last, bf16/fp16 autocast), on prepared input tensor
     python benchmarks/network_speed.py squeezenet-int8
 
 The inputs are the level-1 windows of real images (ukbench by default), cut by the
-extractor's own `_prepare` and normalized by the backbone's own preprocessing; the
+extractor's own `prepare_inputs` and normalized by the backbone's own preprocessing; the
 timed call is `session.run` (ONNX: sessions made by OnnxBackbone._session, the product's
 session factory, with one option changed at a time) or the torch backbone's module.
 Variants run in interleaved rounds (A B C ... A B C ...) so that the load of a shared
@@ -36,7 +36,9 @@ sys.path.insert(0, str(ROOT))
 
 from retrieval.config import ExtractorConfig, InputSpec, RuntimeConfig  # noqa: E402
 from retrieval.extraction.backbones import load_backbone  # noqa: E402
-from retrieval.extraction.extractor import Extractor, Job, _pool, _prepare  # noqa: E402
+from retrieval.extraction.extractor import Extractor  # noqa: E402
+from retrieval.extraction.inputs import Job, prepare_inputs  # noqa: E402
+from retrieval.extraction.pooling import pool_map  # noqa: E402
 from retrieval.extraction.images import expand_inputs  # noqa: E402
 from retrieval.extraction.patches import level_regions  # noqa: E402
 
@@ -61,7 +63,7 @@ def windows(images: str, n: int, size: tuple[int, int]) -> np.ndarray:
     paths = expand_inputs([images])[:n]
     if len(paths) < n:
         raise SystemExit(f"need {n} images under {images}, found {len(paths)}")
-    return np.stack([_prepare(Job(p, (level_regions(1),)), size, "crop")[1][0] for p in paths])
+    return np.stack([prepare_inputs(Job(p, (level_regions(1),)), size, "crop")[1][0] for p in paths])
 
 
 def interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:
@@ -144,9 +146,9 @@ def run_models(args) -> dict:
     fns = {k: (lambda b=b: b.session.run([b.tensor], {b.input_name: x})) for k, b in bbs.items()}
     print(f"models, batch {args.batch} {x.shape[2]}x{x.shape[3]}, {args.rounds} rounds")
     rows = summary(interleaved(fns, args.rounds), args.batch, next(iter(bbs)))
-    ref = np.stack([_pool(f, "avg") for f in first(imgs)]).astype(np.float64)
+    ref = np.stack([pool_map(f, "avg") for f in first(imgs)]).astype(np.float64)
     for row, b in zip(rows, bbs.values()):
-        v = np.stack([_pool(f, "avg") for f in b(imgs)]).astype(np.float64)
+        v = np.stack([pool_map(f, "avg") for f in b(imgs)]).astype(np.float64)
         cos = (v * ref).sum(1) / (np.linalg.norm(v, axis=1) * np.linalg.norm(ref, axis=1))
         row["mean_cosine"], row["min_cosine"] = round(float(cos.mean()), 5), round(float(cos.min()), 5)
         print(f"  {row['variant']:30s} cosine with {rows[0]['variant']}: mean {cos.mean():.5f} min {cos.min():.5f}")

@@ -328,7 +328,7 @@ def rotated_queries(dataset: Dataset, degrees: int, folder: Path) -> list:
     """`_queries` with every query image turned by `degrees` counter-clockwise: lossless PNG
     copies in `folder` (kept, so re-runs find the same content in the feature store), and
     crop boxes turned with their image."""
-    from retrieval.extraction.extractor import _TRANSPOSE
+    from retrieval.extraction.inputs import TRANSPOSE
     from retrieval.extraction.images import load_rgb
     from retrieval.extraction.patches import unrotate_boxes
 
@@ -339,7 +339,7 @@ def rotated_queries(dataset: Dataset, degrees: int, folder: Path) -> list:
         img = load_rgb(q.path)
         if not target.exists():
             tmp = target.with_suffix(".tmp.png")
-            img.transpose(_TRANSPOSE[degrees]).save(tmp)
+            img.transpose(TRANSPOSE[degrees]).save(tmp)
             os.replace(tmp, target)
         if q.bbox is None:
             out.append(str(target))

@@ -4,7 +4,8 @@ import pytest
 from PIL import Image
 
 from retrieval.config import ExtractorConfig, InputSpec, RuntimeConfig
-from retrieval.extraction.extractor import Extracted, Extractor, Job, Skipped, _pool
+from retrieval.extraction.extractor import Extracted, Extractor, Job, Skipped
+from retrieval.extraction.pooling import pool_map
 from retrieval.extraction.images import ImageError, load_rgb
 from retrieval.extraction.patches import jitter_regions, level_regions
 
@@ -76,15 +77,15 @@ def test_mirrored_jitter_sample_is_the_mirrored_crop(tmp_path):
     desc = out.descriptors["jitter12"]
     assert desc.shape == (12, 512)
     mirrored = np.asarray(load_rgb(path).transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((64, 64), Image.BILINEAR))
-    np.testing.assert_allclose(desc[11], _pool(ex.backbone(mirrored[None])[0], "avg"), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(desc[11], pool_map(ex.backbone(mirrored[None])[0], "avg"), rtol=1e-5, atol=1e-6)
 
 
 def test_pooling_values():
     fmap = np.arange(2 * 2 * 3, dtype=np.float32).reshape(2, 2, 3)
-    np.testing.assert_allclose(_pool(fmap, "avg"), [2.5, 8.5])
-    np.testing.assert_allclose(_pool(fmap, "max"), [5, 11])
+    np.testing.assert_allclose(pool_map(fmap, "avg"), [2.5, 8.5])
+    np.testing.assert_allclose(pool_map(fmap, "max"), [5, 11])
     gem = (np.mean(np.clip(fmap.reshape(2, -1), 1e-6, None) ** 3, axis=1)) ** (1 / 3)
-    np.testing.assert_allclose(_pool(fmap, "gem"), gem, rtol=1e-6)
+    np.testing.assert_allclose(pool_map(fmap, "gem"), gem, rtol=1e-6)
 
 
 def test_skips_do_not_stop_the_batch(tmp_path):
@@ -205,7 +206,7 @@ def test_pipeline_stops_with_its_caller_and_raises_network_errors_there(tmp_path
 def test_large_jpeg_is_decoded_at_the_scale_its_windows_need(tmp_path):
     # 640 x 480 and windows of levels 1-2 at 64 px: the level-2 window (2/3 of the side)
     # needs 96 x 96, so the JPEG decodes at 1/4 (160 x 120); the full size is still reported.
-    from retrieval.extraction.extractor import _prepare, decode_need
+    from retrieval.extraction.inputs import decode_need, prepare_inputs
     from retrieval.extraction.images import load_rgb_at_least
 
     path = tmp_path / "big.jpg"
@@ -218,7 +219,7 @@ def test_large_jpeg_is_decoded_at_the_scale_its_windows_need(tmp_path):
     assert load_rgb_at_least(path, None)[0].size == (640, 480)
     assert decode_need(Job(str(path), regions, crop=(0, 0, 300, 300)), (64, 64), "crop") is None
     # The inputs cut from the reduced decode are those of the full one within JPEG noise.
-    (w, h), reduced = _prepare(Job(str(path), regions), (64, 64), "crop")
+    (w, h), reduced = prepare_inputs(Job(str(path), regions), (64, 64), "crop")
     assert (w, h) == (640, 480)
     ex, out = _extract(path, "crop", regions)
     assert (out.width, out.height) == (640, 480)

@@ -13,10 +13,11 @@ from PIL import Image
 
 from retrieval import ExtractorConfig, Index, InputSpec, RuntimeConfig, SearchConfig
 from retrieval.config import PATCH_MODES, PYRAMID_RATIO
-from retrieval.extraction import extractor as extractor_module
-from retrieval.extraction.extractor import (
-    Extracted, Extractor, Job, _area_pool, _area_pool_many, _cell_weights, _Pending, _pool, _prepare, pyramid_plan,
-    pyramid_pool, pyramid_scales_of,
+from retrieval.extraction import pooling
+from retrieval.extraction.extractor import Extracted, Extractor, _Pending
+from retrieval.extraction.inputs import Job, prepare_inputs
+from retrieval.extraction.pooling import (
+    _area_pool, _area_pool_many, _cell_weights, pool_map, pyramid_plan, pyramid_pool, pyramid_scales_of,
 )
 from retrieval.extraction.images import load_rgb
 from retrieval.extraction.patches import RegionSet, jitter_regions, level_boxes, level_regions
@@ -102,7 +103,7 @@ def test_windows_are_the_spec_windows_at_the_input_scale(tmp_path, size):
     network input it is pooled from (MobileNetV2's geometry: 224 and 448 px, 32-px cells)."""
     path = tmp_path / "a.png"
     make_scene(1, size=size).save(path)
-    image_size, inputs = _prepare(Job(str(path), LEVELS), (224, 224), "pyramid")
+    image_size, inputs = prepare_inputs(Job(str(path), LEVELS), (224, 224), "pyramid")
     assert image_size == size
     sides = [224, round(224 * PYRAMID_RATIO)]
     assert sides[1] == 448
@@ -128,9 +129,9 @@ def test_windows_are_the_spec_windows_at_the_input_scale(tmp_path, size):
 def test_roi_size_sets_the_larger_input(tmp_path):
     path = tmp_path / "a.png"
     make_scene(3, size=(120, 90)).save(path)
-    _, inputs = _prepare(Job(str(path), LEVELS), (224, 224), "pyramid", 384)
+    _, inputs = prepare_inputs(Job(str(path), LEVELS), (224, 224), "pyramid", 384)
     assert [a.shape for a in inputs] == [(224, 224, 3), (384, 384, 3)]
-    _, inputs = _prepare(Job(str(path), (level_regions(2),)), (224, 224), "pyramid", 560)
+    _, inputs = prepare_inputs(Job(str(path), (level_regions(2),)), (224, 224), "pyramid", 560)
     assert [a.shape for a in inputs] == [(224, 224, 3), (560, 560, 3)]
 
 
@@ -147,7 +148,7 @@ def test_area_pooling_of_whole_cells_is_plain_pooling():
     signed = fmap - 0.5
     expected = np.mean(np.clip(signed[:, 0:4, 2:5].reshape(5, -1), 1e-6, None) ** 3, axis=1) ** (1 / 3)
     np.testing.assert_allclose(_area_pool_many(signed, np.array([box]), "gem")[0], expected, rtol=1e-5)
-    np.testing.assert_allclose(_pool(signed[:, 0:4, 2:5], "gem"), expected, rtol=1e-5)
+    np.testing.assert_allclose(pool_map(signed[:, 0:4, 2:5], "gem"), expected, rtol=1e-5)
     # A half-cell border weighs half.
     box = (0.5 / 6, 0.0, 2 / 6, 1 / 6)
     np.testing.assert_allclose(_area_pool(fmap, box, "avg"), (fmap[:, 0, 0] * 0.5 + fmap[:, 0, 1]) / 1.5, rtol=1e-5)
@@ -188,13 +189,13 @@ def test_pyramid_pooling_runs_on_one_blas_thread(monkeypatch):
     from threadpoolctl import threadpool_info
 
     seen = []
-    real = extractor_module._area_pool_many
+    real = pooling._area_pool_many
 
     def spy(fmap, boxes, how):
         seen.append({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
         return real(fmap, boxes, how)
 
-    monkeypatch.setattr(extractor_module, "_area_pool_many", spy)
+    monkeypatch.setattr(pooling, "_area_pool_many", spy)
     state = _Pending(Job("a.jpg", LEVELS), (64, 48), 2)
     rng = np.random.default_rng(0)
     state.outputs = [rng.random((8, 2, 2), dtype=np.float32), rng.random((8, 4, 4), dtype=np.float32)]
@@ -207,7 +208,7 @@ def test_pyramid_pooling_runs_on_one_blas_thread(monkeypatch):
     # two unit-length poolings at the first one's norm.
     for rs in LEVELS:
         for box, got in zip(rs.boxes, out[rs.name]):
-            small, large = (extractor_module._area_pool(m, box, "avg") for m in state.outputs)
+            small, large = (pooling._area_pool(m, box, "avg") for m in state.outputs)
             want = small if rs.name == "level1" else np.linalg.norm(small) * (
                 small / np.linalg.norm(small) + large / np.linalg.norm(large)) / 2
             np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -191,7 +191,7 @@ def _calibration_sample(folder: str, n_calib: int, size: tuple[int, int]) -> dic
     unreadable ones are skipped. With too few images, at least one is held out (a quarter,
     up to HELDOUT_IMAGES); a single image serves both (then "heldout" is false).
     Raises ConfigError when `folder` holds no readable image."""
-    from .extractor import Job, _prepare
+    from .inputs import Job, prepare_inputs
     from .images import ImageError, expand_inputs
     from .patches import RegionSet, level_regions
 
@@ -218,7 +218,7 @@ def _calibration_sample(folder: str, n_calib: int, size: tuple[int, int]) -> dic
             j = int(rng.integers(len(rs)))
             regions.append(RegionSet(rs.name, rs.boxes[j : j + 1], rs.flips[j : j + 1]))
         try:
-            images.append(_prepare(Job(paths[i], tuple(regions)), tuple(size), "crop")[1])
+            images.append(prepare_inputs(Job(paths[i], tuple(regions)), tuple(size), "crop")[1])
         except ImageError as err:
             skipped.append({"path": paths[i], "reason": str(err)})
     if not images:
@@ -332,7 +332,7 @@ def descriptor_agreement(
     """Cosine between the pooled descriptors of the float and int8 models on `windows`,
     both run as the product runs them (OnnxBackbone, CPU); and their network time."""
     from .backbones import load_backbone
-    from .extractor import _pool
+    from .pooling import pool_map
 
     out: dict[str, Any] = {"pool": pool}
     vecs = {}
@@ -342,7 +342,7 @@ def descriptor_agreement(
         start = time.perf_counter()
         feats = [bb(np.stack(windows[i : i + batch])) for i in range(0, len(windows), batch)]
         out[f"{name}_seconds"] = round(time.perf_counter() - start, 3)
-        vecs[name] = np.stack([_pool(f, pool) for chunk in feats for f in chunk]).astype(np.float64)
+        vecs[name] = np.stack([pool_map(f, pool) for chunk in feats for f in chunk]).astype(np.float64)
     cos = cosines(vecs["float"], vecs["int8"])
     out["mean_cosine"] = round(float(cos.mean()), 6)
     out["min_cosine"] = round(float(cos.min()), 6)
