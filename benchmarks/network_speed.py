@@ -184,9 +184,9 @@ def extract_speed(bbs: dict, args) -> list[dict]:
 
 
 def run_torch(args) -> dict:
-    from retrieval.extraction.torch_backbone import _torch
+    from retrieval.extraction.torch_backbone import import_torch
 
-    torch = _torch()
+    torch = import_torch()
     spec = InputSpec.parse(args.input_spec)
     config = ExtractorConfig(backbone=args.backbone, weights="none", layer=args.layer, input_spec=spec)
     bb = load_backbone(config, "cpu")

@@ -65,12 +65,12 @@ def layer_depths(config: ExtractorConfig, names: list[str]) -> dict[str, float]:
         position = {o: (i + 1) / len(nodes) for i, node in enumerate(nodes) for o in node.output if o}
         found = {name: position.get(name) for name in names}
     else:
-        from .torch_backbone import _matches, _node_names, build_torch_model
+        from .torch_backbone import build_torch_model, layer_matches, node_names
 
-        order = _node_names(build_torch_model(config)[0])
+        order = node_names(build_torch_model(config)[0])
         found = {}
         for name in names:
-            hits = [i for i, n in enumerate(order) if _matches(name, n)]
+            hits = [i for i, n in enumerate(order) if layer_matches(name, n)]
             found[name] = 1.0 if name == "penultimate" else (hits[-1] + 1) / len(order) if hits else None
     for name, depth in found.items():
         if depth is None:
@@ -85,7 +85,7 @@ def _onnx_layers(config: ExtractorConfig) -> list[Layer]:
     from onnx import helper
 
     from .backbone import cpu_count, preprocess
-    from .onnx_backbone import _NP_DTYPES, _QUANTIZED, _layout, _tensor_types
+    from .onnx_backbone import NP_DTYPES, QUANTIZED_TYPES, input_layout, tensor_types
 
     path = str(Path(config.onnx).expanduser())
     if not Path(path).is_file():
@@ -100,13 +100,13 @@ def _onnx_layers(config: ExtractorConfig) -> list[Layer]:
     if len(inputs) != 1 or len(inputs[0].type.tensor_type.shape.dim) != 4:
         raise ConfigError(f"--onnx {path}: only models with one 4-D image input are supported")
     vi = inputs[0]
-    layout = _layout(vi)
+    layout = input_layout(vi)
     dims = vi.type.tensor_type.shape.dim
     hw = (dims[2], dims[3]) if layout == "NCHW" else (dims[1], dims[2])
     declared = tuple(d.dim_value for d in hw) if all(d.dim_value > 0 for d in hw) else None
     size = tuple(config.input_spec.size or declared or DEFAULT_SIZE)
     batch = dims[0].dim_value if dims[0].dim_value > 0 else 1
-    types = _tensor_types(model)
+    types = tensor_types(model)
     position = {}
     names = []
     for i, node in enumerate(g.node):
@@ -124,7 +124,7 @@ def _onnx_layers(config: ExtractorConfig) -> list[Layer]:
     # Optimisations may fuse away the intermediate tensors we ask for.
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(probe.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
-    spec = replace(config.input_spec, dtype=_NP_DTYPES.get(vi.type.tensor_type.elem_type, "float32"))
+    spec = replace(config.input_spec, dtype=NP_DTYPES.get(vi.type.tensor_type.elem_type, "float32"))
     x = preprocess(np.zeros((batch, size[0], size[1], 3), np.uint8), spec, layout)
     outs = sess.run(names, {vi.name: x})
     layers = []
@@ -133,19 +133,19 @@ def _onnx_layers(config: ExtractorConfig) -> list[Layer]:
         shape = tuple(int(s) for s in np.shape(out)[1:])
         dtype = _NP_NAMES.get(types[name], str(np.asarray(out).dtype))
         layers.append(Layer(name, op, shape, dtype, _kind(shape, dtype), (idx + 1) / len(g.node),
-                            quantized=types[name] in _QUANTIZED))
+                            quantized=types[name] in QUANTIZED_TYPES))
     return layers
 
 
 def _torch_layers(config: ExtractorConfig) -> list[Layer]:
-    from .torch_backbone import _extractor, _node_names, _penultimate, _probe, _torch, build_torch_model
+    from .torch_backbone import build_torch_model, feature_extractor, find_penultimate, import_torch, node_names, probe_outputs
 
-    torch = _torch()
+    torch = import_torch()
     model, _, spec = build_torch_model(config)
-    names = _node_names(model)
+    names = node_names(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        outs = _probe(_extractor(model, names), tuple(spec.size), "cpu")
+        outs = probe_outputs(feature_extractor(model, names), tuple(spec.size), "cpu")
     layers = []
     for i, name in enumerate(names):
         out = outs.get(name)
@@ -156,7 +156,7 @@ def _torch_layers(config: ExtractorConfig) -> list[Layer]:
         op = name.rsplit(".", 1)[-1].rstrip("_0123456789") or name
         layers.append(Layer(name, op, shape, dtype, _kind(shape, dtype), (i + 1) / len(names)))
     try:
-        _, target, shape = _penultimate(model, tuple(spec.size), "cpu")
+        _, target, shape = find_penultimate(model, tuple(spec.size), "cpu")
         layers.append(Layer("penultimate", f"input of {target}", tuple(shape), "float32",
                             _kind(tuple(shape), "float32"), 1.0))
     except ConfigError:

@@ -20,8 +20,8 @@ import numpy as np
 from .backbone import DEFAULT_SIZE, PROBE_EXTRA, Backbone, cpu_count, cuda_present, preprocess, rel_err
 from ..config import ConfigError, ExtractorConfig, InputSpec, file_digest
 
-_NP_DTYPES = {1: "float32", 10: "float16", 11: "float64"}
-_QUANTIZED = (2, 3)  # uint8, int8 (TensorProto element types)
+NP_DTYPES = {1: "float32", 10: "float16", 11: "float64"}
+QUANTIZED_TYPES = (2, 3)  # uint8, int8 (TensorProto element types)
 
 # Where a quantized op's output scale and zero point are among its inputs; ops absent
 # here (MaxPool, Reshape, ...) pass their input's quantization through unchanged.
@@ -103,7 +103,7 @@ def _node_inputs(node) -> list[str]:
     return names
 
 
-def _tensor_types(model) -> dict[str, int]:
+def tensor_types(model) -> dict[str, int]:
     """Element type of every tensor of the graph whose type is known or can be inferred."""
     g = model.graph
     types: dict[str, int] = {}
@@ -129,7 +129,7 @@ def _tensor_types(model) -> dict[str, int]:
 
 
 def _tensor_type(model, name: str) -> int | None:
-    return _tensor_types(model).get(name)
+    return tensor_types(model).get(name)
 
 
 def cut_onnx(model, output: str, dynamic_batch: bool = False, dynamic_hw: bool = False, out_type: int | None = None):
@@ -173,7 +173,7 @@ def cut_onnx(model, output: str, dynamic_batch: bool = False, dynamic_hw: bool =
         vi = onnx.ValueInfoProto.FromString(vi.SerializeToString())
         dims = vi.type.tensor_type.shape.dim
         if len(dims) == 4:
-            layout = _layout(vi)
+            layout = input_layout(vi)
             hw = (2, 3) if layout == "NCHW" else (1, 2)
             for pos, sym in [(0, "batch")] * dynamic_batch + list(zip(hw, ("height", "width"))) * dynamic_hw:
                 if dims[pos].HasField("dim_value"):
@@ -195,7 +195,7 @@ def cut_onnx(model, output: str, dynamic_batch: bool = False, dynamic_hw: bool =
     return cut
 
 
-def _layout(vi) -> str:
+def input_layout(vi) -> str:
     dims = vi.type.tensor_type.shape.dim
     if len(dims) == 4 and dims[1].HasField("dim_value") and dims[1].dim_value == 3:
         return "NCHW"
@@ -324,7 +324,7 @@ class OnnxBackbone(Backbone):
             )
         out_type = _tensor_type(model, self.output)
         self.tensor = self.output
-        if out_type in _QUANTIZED:
+        if out_type in QUANTIZED_TYPES:
             model, self.tensor = dequantize_at(model, self.output)
             out_type = onnx.TensorProto.FLOAT
         return model, out_type
@@ -340,17 +340,17 @@ class OnnxBackbone(Backbone):
             )
         vi = base.graph.input[0]
         self.input_name = vi.name
-        self.layout = _layout(vi)
+        self.layout = input_layout(vi)
         dims = vi.type.tensor_type.shape.dim
         hw = (dims[2], dims[3]) if self.layout == "NCHW" else (dims[1], dims[2])
         declared = (_dim(hw[0]), _dim(hw[1]))
         declared = declared if None not in declared else None
         elem = vi.type.tensor_type.elem_type
-        if elem not in _NP_DTYPES:
+        if elem not in NP_DTYPES:
             raise ConfigError(f"--onnx {self.path}: input {self.input_name!r} has unsupported element type {elem}")
         user = config.input_spec
         size = tuple(user.size) if user.size else (declared or DEFAULT_SIZE)
-        self.spec = replace(user, size=size, dtype=_NP_DTYPES[elem])
+        self.spec = replace(user, size=size, dtype=NP_DTYPES[elem])
         self.input_size = size
         self.declared_size = declared
         self.declared_batch = _dim(dims[0])

@@ -15,7 +15,7 @@ import numpy as np
 
 from .backbone import PROBE_EXTRA, cpu_count, rel_err
 from ..config import LEVELS, ConfigError, ExtractorConfig, InputSpec
-from .torch_backbone import TorchBackbone, _torch
+from .torch_backbone import TorchBackbone, import_torch
 
 # int8 export (`--int8`); benchmarks/results/describe.md has the measurements behind the choices
 INT8_FORMATS = ("qdq", "qoperator")
@@ -61,7 +61,7 @@ def export_onnx(
         raise ConfigError(f"export-onnx writes a float32 model (--int8: int8); drop --precision {config.precision}")
     check_int8_args(int8, calibrate, calibrate_images, int8_format)
     log = log or (lambda _text: None)
-    torch = _torch()
+    torch = import_torch()
     import onnx  # noqa: F401 - missing: fail before the network is built
     import onnxruntime as ort
 

@@ -22,7 +22,7 @@ class WeightsUnavailableError(RuntimeError):
 _TORCH_THREADS_SET = False
 
 
-def _torch():
+def import_torch():
     global _TORCH_THREADS_SET
     import torch
 
@@ -35,7 +35,7 @@ def _torch():
 
 
 def resolve_device(device: str = "auto") -> str:
-    torch = _torch()
+    torch = import_torch()
     if device in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -92,7 +92,7 @@ def _resolve_weights(name: str, weights: str):
 
 def _seeded_model(name: str, **kwargs):
     """Build an architecture with deterministic random init (seed 0), leaving the caller's RNG alone."""
-    torch = _torch()
+    torch = import_torch()
     import torchvision
 
     with torch.random.fork_rng(devices=[]):
@@ -101,7 +101,7 @@ def _seeded_model(name: str, **kwargs):
 
 
 def _read_checkpoint(path: Path) -> dict:
-    torch = _torch()
+    torch = import_torch()
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # pickle with globals, corrupt file, ...
@@ -152,7 +152,7 @@ def _load_checkpoint_model(name: str, path: Path):
 
 
 def _last_linear_name(model) -> str | None:
-    torch = _torch()
+    torch = import_torch()
     last = None
     for mod_name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear):
@@ -179,7 +179,7 @@ def build_torch_model(config: ExtractorConfig):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch = _torch()
+                torch = import_torch()
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(0)
                     import torchvision
@@ -213,7 +213,7 @@ class _Single:  # namespace for the torch wrapper modules (built lazily: torch i
 
 
 def _wrappers():
-    torch = _torch()
+    torch = import_torch()
     if hasattr(_Single, "Output"):
         return _Single
 
@@ -252,7 +252,7 @@ def _wrappers():
     return _Single
 
 
-def _node_names(model) -> list[str]:
+def node_names(model) -> list[str]:
     from torchvision.models.feature_extraction import get_graph_node_names
 
     try:
@@ -264,7 +264,7 @@ def _node_names(model) -> list[str]:
         ) from None
 
 
-def _extractor(model, nodes):
+def feature_extractor(model, nodes):
     from torchvision.models.feature_extraction import create_feature_extractor
 
     ret = {n: n for n in nodes} if isinstance(nodes, list) else nodes
@@ -274,7 +274,7 @@ def _extractor(model, nodes):
     return fe.eval()
 
 
-def _matches(layer: str, name: str) -> bool:
+def layer_matches(layer: str, name: str) -> bool:
     return name == layer or name.startswith(layer + ".")
 
 
@@ -283,7 +283,7 @@ def _short_name(node: str, names: list[str]) -> str:
     parts = node.split(".")
     for k in range(1, len(parts) + 1):
         prefix = ".".join(parts[:k])
-        last = [n for n in names if _matches(prefix, n)][-1:]
+        last = [n for n in names if layer_matches(prefix, n)][-1:]
         if last == [node]:
             return prefix
     return node
@@ -297,7 +297,7 @@ def native_bf16(device: str = "cpu") -> bool:
     """Whether `device` computes bf16 natively: a GPU that supports it, or a CPU with
     AVX512_BF16 or AMX (read from /proc/cpuinfo; False where that is not readable)."""
     if device.startswith("cuda"):
-        return bool(_torch().cuda.is_bf16_supported())
+        return bool(import_torch().cuda.is_bf16_supported())
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
@@ -318,11 +318,11 @@ def _autocast_dtype(precision: str, device: str):
             f"--precision bf16 on {device}: no native bf16 here ({need}), so the network runs several times "
             "slower than in fp32 (10x on an AVX2 CPU); build indexes here with --precision fp32",
             RuntimeWarning, stacklevel=3)
-    return _torch().bfloat16
+    return import_torch().bfloat16
 
 
-def _probe(module, size, device, channels_last=False):
-    torch = _torch()
+def probe_outputs(module, size, device, channels_last=False):
+    torch = import_torch()
     x = torch.zeros(1, 3, size[0], size[1], device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -336,14 +336,14 @@ def _default_layer(model, names: list[str], size, device) -> tuple[str, bool, tu
     outputs (a conv classifier, as in SqueezeNet); falls back to the last 4-D node with
     h, w > 1 for networks that only accept one input size.
     -> (node name, accepts other sizes, output shape at `size` without the batch)."""
-    torch = _torch()
-    fe = _extractor(model, names).to(device)
+    torch = import_torch()
+    fe = feature_extractor(model, names).to(device)
     small, big = _sizes(size)
-    out_a = _probe(fe, small, device)
+    out_a = probe_outputs(fe, small, device)
     shapes_a = {k: tuple(v.shape) for k, v in out_a.items() if torch.is_tensor(v)}
     del out_a
     try:
-        out_b = _probe(fe, big, device)
+        out_b = probe_outputs(fe, big, device)
         shapes_b = {k: tuple(v.shape) for k, v in out_b.items() if torch.is_tensor(v)}
         del out_b
     except Exception:
@@ -370,9 +370,9 @@ def _default_layer(model, names: list[str], size, device) -> tuple[str, bool, tu
     )
 
 
-def _penultimate(model, size, device):
+def find_penultimate(model, size, device):
     """Module returning the input of the final Linear layer (in execution order)."""
-    torch = _torch()
+    torch = import_torch()
     W = _wrappers()
     calls: list[tuple[str, Any]] = []
     handles = [
@@ -381,14 +381,14 @@ def _penultimate(model, size, device):
         if isinstance(mod, torch.nn.Linear)
     ]
     try:
-        _probe(model, size, device)
+        probe_outputs(model, size, device)
     finally:
         for h in handles:
             h.remove()
     if not calls:
         raise ConfigError(
             f"--layer penultimate: {type(model).__name__} has no Linear classifier; pass a node "
-            f"name with --layer (one of ...{', '.join(_node_names(model)[-15:])})"
+            f"name with --layer (one of ...{', '.join(node_names(model)[-15:])})"
         )
     target, expected = calls[-1]
     parent_name, _, attr = target.rpartition(".")
@@ -396,7 +396,7 @@ def _penultimate(model, size, device):
     original = getattr(parent, attr)
     setattr(parent, attr, torch.nn.Identity())
     try:
-        got = _probe(model, size, device)
+        got = probe_outputs(model, size, device)
         if torch.is_tensor(got) and got.shape == expected.shape and torch.equal(got, expected):
             return model, target, tuple(got.shape[1:])
     except Exception:
@@ -407,7 +407,7 @@ def _penultimate(model, size, device):
 
 class TorchBackbone(Backbone):
     def __init__(self, config: ExtractorConfig, device: str = "auto"):
-        torch = _torch()
+        torch = import_torch()
         self.config = config
         self.device = resolve_device(device)
         model, self.weights_desc, self.spec = build_torch_model(config)
@@ -419,16 +419,16 @@ class TorchBackbone(Backbone):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if layer == "penultimate":
-                module, self.node, shape = _penultimate(model, self.input_size, self.device)
+                module, self.node, shape = find_penultimate(model, self.input_size, self.device)
                 self.layer = "penultimate"
             else:
-                names = _node_names(model)
+                names = node_names(model)
                 if layer is None:
                     node, dynamic, shape = _default_layer(model, names, self.input_size, self.device)
                     self.node = node
                     self.layer = _short_name(node, names)
                 else:
-                    if not any(_matches(layer, n) for n in names):
+                    if not any(layer_matches(layer, n) for n in names):
                         close = difflib.get_close_matches(layer, names, n=5)
                         raise ConfigError(
                             f"--layer {layer!r} is not a node of {config.backbone}"
@@ -437,8 +437,8 @@ class TorchBackbone(Backbone):
                             "or 'penultimate'. See torchvision.models.feature_extraction.get_graph_node_names."
                         )
                     self.layer = layer
-                    self.node = [n for n in names if _matches(layer, n)][-1]
-                module = _wrappers().Output(_extractor(model, {self.layer: "out"}))
+                    self.node = [n for n in names if layer_matches(layer, n)][-1]
+                module = _wrappers().Output(feature_extractor(model, {self.layer: "out"}))
         self.module = module.eval().to(self.device)
         self.autocast = _autocast_dtype(config.precision, self.device)
         self.channels_last = self.device == "cpu"
@@ -447,7 +447,7 @@ class TorchBackbone(Backbone):
         # output kind and whether other sizes are accepted
         small, big = _sizes(self.input_size)
         if shape is None:
-            out = _probe(self.module, small, self.device, self.channels_last)
+            out = probe_outputs(self.module, small, self.device, self.channels_last)
             if not torch.is_tensor(out) or out.ndim not in (2, 4):
                 got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
                 raise ConfigError(
@@ -463,7 +463,7 @@ class TorchBackbone(Backbone):
         self.output_shape = tuple(shape)
         if dynamic is None:
             try:
-                out_big = _probe(self.module, big, self.device, self.channels_last)
+                out_big = probe_outputs(self.module, big, self.device, self.channels_last)
                 dynamic = tuple(out_big.shape[1:2]) == tuple(shape[:1])
             except Exception:
                 dynamic = False
@@ -474,7 +474,7 @@ class TorchBackbone(Backbone):
 
     def to_input(self, images: np.ndarray):
         """uint8 NHWC numpy -> normalized float32 NCHW tensor on the device."""
-        torch = _torch()
+        torch = import_torch()
         x = torch.from_numpy(np.require(images, requirements=["C", "W"])).to(self.device)
         x = x.permute(0, 3, 1, 2).float()  # NHWC memory = channels_last strides
         if self.spec.order == "bgr":
@@ -485,7 +485,7 @@ class TorchBackbone(Backbone):
         return x
 
     def _forward(self, images: np.ndarray) -> np.ndarray:
-        torch = _torch()
+        torch = import_torch()
         device_type = "cuda" if self.device.startswith("cuda") else "cpu"
         autocast = torch.autocast(device_type, dtype=self.autocast, enabled=self.autocast is not None)
         with torch.inference_mode(), autocast:
