@@ -16,6 +16,12 @@ through them all), after `Index.warm(wait=True)` as `retrieval serve` does:
   an `Index` could be shared; run it with PYTHONPATH at an older checkout to measure that
   code: the script puts its own checkout last on sys.path).
 
+`--open-rates R,...` adds open-loop rows: queries arrive at random (Poisson) at R per
+second whether or not earlier ones are answered, as independent users of a service do,
+and go to one `SearchBatcher` (its callers never "come back", so what the batcher waits
+for them is paid in latency). `--wait-fractions F,...` runs the batcher rows, closed and
+open, once per `SearchBatcher(wait_fraction=F)`.
+
 Reports queries/s, p50 / p95 / p99 latency and this process's CPU time per answer, per
 mode and client count; whether every answer equals the sequential one (ids and
 distances); and recall@10 of the sequential answers against exact scoring of every image
@@ -24,6 +30,7 @@ on `--recall-queries` of the queries.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import json
 import os
 import platform
@@ -47,16 +54,18 @@ def _answer(result) -> list:
     return [(h.id, round(h.distance, 5)) for h in result.hits]
 
 
+def _batcher(index, wait_fraction: float | None):
+    from retrieval import SearchBatcher
+
+    return SearchBatcher(index) if wait_fraction is None else SearchBatcher(index, wait_fraction=wait_fraction)
+
+
 def run_mode(mode: str, index_dir: Path, queries: list[str], clients: int, seconds: float, k: int,
-             expected: dict[str, list], options: dict) -> dict:
+             expected: dict[str, list], options: dict, wait_fraction: float | None = None) -> dict:
     """`clients` closed-loop threads for `seconds`: throughput, latency percentiles and
     how many answers differ from the sequential ones; `options`: search keywords beside k."""
     shared = Index.open(index_dir) if mode != "per-thread" else None
-    batcher = None
-    if mode == "batched":
-        from retrieval import SearchBatcher
-
-        batcher = SearchBatcher(shared)
+    batcher = _batcher(shared, wait_fraction) if mode == "batched" else None
     if shared is not None:
         shared.warm(wait=True)
     latencies: list[list[float]] = [[] for _ in range(clients)]
@@ -119,7 +128,59 @@ def run_mode(mode: str, index_dir: Path, queries: list[str], clients: int, secon
            "errors": errors[:3]}
     if batcher is not None:
         row["mean_batch"] = round(float(np.mean(batches)), 2) if batches else None
+        row["wait_fraction"] = wait_fraction
     return row
+
+
+def run_open(index_dir: Path, queries: list[str], rate: float, seconds: float, k: int, expected: dict[str, list],
+             options: dict, wait_fraction: float | None = None, seed: int = 0) -> dict:
+    """Open loop: queries arriving at random (exponential gaps, `rate` a second) for
+    `seconds`, each submitted to one `SearchBatcher` on arrival, whether or not earlier
+    ones are answered; latency is from arrival to answer."""
+    from retrieval import SearchOptions
+
+    search = SearchOptions(k=k, **options)
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=int(rate * seconds * 2) + 16)
+    arrivals = np.cumsum(gaps)
+    arrivals = arrivals[arrivals < seconds]
+    latencies: list[float] = []
+    differ = 0
+    errors: list[str] = []
+    lock = threading.Lock()
+    with Index.open(index_dir) as shared:
+        shared.warm(wait=True)
+        batcher = _batcher(shared, wait_fraction)
+
+        def done(q: str, arrived: float, future: cf.Future) -> None:
+            nonlocal differ
+            took = time.perf_counter() - arrived
+            with lock:
+                try:
+                    differ += _answer(future.result()) != expected[q]
+                    latencies.append(took)
+                except Exception as err:  # noqa: BLE001 - reported in the row
+                    errors.append(f"{type(err).__name__}: {err}")
+
+        futures = []
+        cpu = time.process_time()
+        start = time.perf_counter()
+        for i, at in enumerate(arrivals):
+            time.sleep(max(0.0, start + at - time.perf_counter()))
+            q = queries[i % len(queries)]
+            arrived = time.perf_counter()
+            future = batcher.submit(q, search)
+            future.add_done_callback(lambda f, q=q, arrived=arrived: done(q, arrived, f))
+            futures.append(future)
+        cf.wait(futures)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+        batches = list(batcher.batches)
+        batcher.close()
+    ms = lambda p: round(1000 * float(np.percentile(latencies, p)), 1) if latencies else None  # noqa: E731
+    return {"mode": "open", "offered_qps": rate, "queries": len(latencies), "qps": round(len(latencies) / elapsed, 1),
+            "p50_ms": ms(50), "p95_ms": ms(95), "p99_ms": ms(99),
+            "cpu_ms_per_query": round(1000 * cpu / len(latencies), 1) if latencies else None,
+            "differ_from_sequential": differ, "errors": errors[:3],
+            "mean_batch": round(float(np.mean(batches)), 2) if batches else None, "wait_fraction": wait_fraction}
 
 
 def _load() -> str:
@@ -138,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nprobe", type=int, help="IVF lists searched per query window (default: the index's)")
     p.add_argument("--shortlist", type=int,
                    help="images the kernel scores of those the windows nominate (default: the library's; 0: all)")
+    p.add_argument("--open-rates", default="",
+                   help="also open-loop rows at these arrival rates, queries a second (e.g. 40,70,90)")
+    p.add_argument("--wait-fractions", default="",
+                   help="SearchBatcher wait_fraction values for the batcher rows, closed and open (default: the library's)")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
     options = {"nprobe": args.nprobe} if args.nprobe else {}
@@ -146,7 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     modes = args.modes.split(",")
     if not set(modes) <= set(MODES):
         p.error(f"--modes takes {','.join(MODES)} (got {args.modes!r})")
-    counts = [int(v) for v in args.threads.split(",")]
+    counts = [int(v) for v in args.threads.split(",") if v]
+    try:
+        rates = [float(v) for v in args.open_rates.split(",") if v]
+        fractions = [float(v) for v in args.wait_fractions.split(",") if v] or [None]
+    except ValueError:
+        p.error(f"--open-rates and --wait-fractions take numbers separated by commas "
+                f"(got {args.open_rates!r}, {args.wait_fractions!r})")
+    if any(r <= 0 for r in rates) or any(f is not None and f < 0 for f in fractions):
+        p.error("--open-rates must be > 0 and --wait-fractions >= 0")
     queries = [str(q) for q in sorted(args.queries.iterdir())]
     with Index.open(args.index) as idx:
         idx.warm(wait=True)
@@ -164,8 +237,16 @@ def main(argv: list[str] | None = None) -> int:
           f"recall@{args.k} {recall}", flush=True)
     for clients in counts:
         for mode in modes:
+            for fraction in fractions if mode == "batched" else [None]:
+                before = _load()
+                row = run_mode(mode, args.index, queries, clients, args.seconds, args.k, expected, options, fraction)
+                row["load_before"], row["load_after"] = before, _load()
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    for rate in rates:
+        for fraction in fractions:
             before = _load()
-            row = run_mode(mode, args.index, queries, clients, args.seconds, args.k, expected, options)
+            row = run_open(args.index, queries, rate, args.seconds, args.k, expected, options, fraction)
             row["load_before"], row["load_after"] = before, _load()
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -3,12 +3,15 @@ sequential answers, searches beside a writer thread answer from published states
 the `SearchBatcher` gives each caller its own result."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from conftest import make_scene
+from conftest import ROOT, make_scene
 from retrieval import (ExtractorConfig, Index, InputSpec, QueryResult, RuntimeConfig, SearchBatcher, SearchConfig,
                        SearchOptions)
 from retrieval.engine.index import IndexUsageError
@@ -235,3 +238,26 @@ def test_after_a_half_batch_the_wait_is_a_share_of_a_whole_batch():
     first four however slowly their threads start under load.)"""
     batcher = SearchBatcher(_SlowIndex(0.0, per_query=0.1), wait_s=0.1, max_batch=8, wait_fraction=0.5)
     assert _callers(batcher, [0.0] * 4 + [0.3] * 4, [0.3] * 8) == [4, 8, 8, 4]
+
+
+def test_concurrency_benchmark_open_loop_rows_answer_every_arrival(shared, tmp_path):
+    """benchmarks/concurrency.py --open-rates: queries arriving at random go to one
+    SearchBatcher per wait fraction; every arrival is answered, exactly as alone."""
+    root, _ = shared
+    out = tmp_path / "open.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "concurrency.py"), str(root / "idx"),
+                           str(root / "images"), "--threads", "", "--open-rates", "30", "--wait-fractions", "0,0.1",
+                           "--seconds", "1.5", "--recall-queries", "0", "-k", "5", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mode"], r["offered_qps"], r["wait_fraction"]) for r in rows] == [("open", 30.0, 0.0), ("open", 30.0, 0.1)]
+    for r in rows:
+        assert r["queries"] > 10 and r["errors"] == [] and r["differ_from_sequential"] == 0, r
+        assert r["p50_ms"] <= r["p99_ms"] and r["mean_batch"] >= 1
+
+
+def test_concurrency_benchmark_refuses_a_bad_rate():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "concurrency.py"), "IDX", "QUERIES",
+                           "--open-rates", "fast"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2 and "--open-rates and --wait-fractions take numbers" in proc.stderr, proc.stderr
