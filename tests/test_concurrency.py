@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT, make_scene
 from retrieval import (ExtractorConfig, Index, InputSpec, QueryResult, RuntimeConfig, SearchBatcher, SearchConfig,
                        SearchOptions)
+from retrieval.engine import batcher as batcher_module
 from retrieval.engine.index import IndexUsageError
 
 CONFIG = ExtractorConfig(backbone="resnet18", weights="none", input_spec=InputSpec(size=(64, 64)))
@@ -261,3 +262,34 @@ def test_concurrency_benchmark_refuses_a_bad_rate():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "concurrency.py"), "IDX", "QUERIES",
                            "--open-rates", "fast"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 2 and "--open-rates and --wait-fractions take numbers" in proc.stderr, proc.stderr
+
+
+def _bursts_then_singles(batcher: SearchBatcher, cycles: int) -> list[float]:
+    """Open-loop callers that never ask again: per cycle, 4 queries at once, then one more
+    300 ms after their answer (and 300 ms before the next 4); the singles' latencies."""
+    latencies = []
+    with batcher:
+        for c in range(cycles):
+            for f in [batcher.submit(f"b{c}-{i}.jpg") for i in range(4)]:
+                f.result()
+            time.sleep(0.3)
+            t = time.perf_counter()
+            batcher.search(f"s{c}.jpg")
+            latencies.append(time.perf_counter() - t)
+            time.sleep(0.3)
+    return latencies
+
+
+def test_callers_that_never_come_back_are_no_longer_waited_for(monkeypatch):
+    """After a batch of 4 whose callers never ask again, a lone query would wait up to
+    `wait_fraction` of a 4-query batch's time (100 ms here) for them before its own 200 ms
+    batch: independent users of a service paid that in latency (benchmarks/results/
+    concurrency.md, "Callers that do not come back"). Once batches show that their
+    callers do not return, the lone query goes at once."""
+    make = lambda: SearchBatcher(_SlowIndex(0.2), wait_s=0.002, max_batch=8, wait_fraction=0.5)  # noqa: E731
+    batcher = make()
+    singles = _bursts_then_singles(batcher, 5)
+    assert batcher.return_share < batcher_module.RETURN_SHARE
+    assert singles[0] > 0.25 and max(singles[3:]) < 0.25, singles
+    monkeypatch.setattr(batcher_module, "RETURN_WEIGHT", 0.0)  # the old rule: callers always expected back
+    assert min(_bursts_then_singles(make(), 3)) > 0.25

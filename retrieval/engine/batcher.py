@@ -12,10 +12,12 @@ answers them with one `search` call per distinct `SearchOptions`: their images a
 described in one extractor call (store hits need no network) and ranked with one FAISS
 batch search (`search.rank_many`). A batch leaves before its deadline once the queries
 it expects are in: the last batch's callers and those that came during it (so a lone
-caller is answered at once; before the first batch it waits the full `wait_s`). Each
-caller gets the result that `search` gives its query alone, an unreadable query
-included (a result with its `error`); an exception of `search` (a bad option for this
-index) goes to every caller of that options group.
+caller is answered at once; before the first batch it waits the full `wait_s`). Callers
+are expected back only in the share that recent batches saw come back (`return_share`):
+independent users of a service (open-loop traffic) never ask again, and waiting for them
+only added latency. Each caller gets the result that `search` gives its query alone, an
+unreadable query included (a result with its `error`); an exception of `search` (a bad
+option for this index) goes to every caller of that options group.
 """
 from __future__ import annotations
 
@@ -34,6 +36,19 @@ WAIT_S = 0.002
 # a tenth keeps their batches full (benchmarks/results/concurrency.md, "HTTP clients";
 # at 100,000 images, ~30 ms a batch, mostly).
 WAIT_FRACTION = 0.1
+# Callers are waited for only while they come back: the share of a batch's callers that
+# asked again soon after its answer (RETURN_WINDOW), averaged over batches (weight of the
+# newest RETURN_WEIGHT), must be at least RETURN_SHARE. Independent users of a service
+# (open loop) never come back: waiting for them took the median latency at 90 arrivals a
+# second on 1,000,000 images from 130 to 214-224 ms (concurrency.md, "Callers that do
+# not come back").
+RETURN_SHARE = 0.5
+RETURN_WEIGHT = 0.25
+# A caller has come back when it asks again within this many times the wait its batch's
+# callers get: a batch's deadline counts from its first query, so a returning caller is
+# gathered up to about twice the wait after the answer (HTTP clients at 1,000,000 images:
+# 8-16 ms after a wait of 8).
+RETURN_WINDOW = 2.0
 BATCH_LOG = 1000  # batch sizes kept in `SearchBatcher.batches`
 
 
@@ -60,6 +75,10 @@ class SearchBatcher:
 
     The batches run on one thread of the batcher's own, each using every core (FAISS and
     the kernel are parallel inside), so a batch never competes with another for them.
+    What it did, for a service's metrics: `batches` (queries per batch, the last 1,000),
+    `waited_out` (batches that left at their deadline, short of the expected callers) and
+    `return_share` (how many of a batch's callers ask again: near 1 for closed-loop
+    clients, near 0 for independent users).
     """
 
     def __init__(self, index: Searchable, *, wait_s: float = WAIT_S, max_batch: int = MAX_BATCH,
@@ -69,6 +88,13 @@ class SearchBatcher:
                              f"(got {wait_s}, {wait_fraction}, {max_batch})")
         self.index, self.wait_s, self.max_batch, self.wait_fraction = index, wait_s, max_batch, wait_fraction
         self._straggle = 0.0  # wait_fraction of an expected batch's time
+        # Whether the callers of a batch come back: how many of the last batch's callers
+        # (`_callers`) asked again within `_window` of its answer (`_returned`), and the
+        # running share that decides whether the next batches wait for them.
+        self._callers = 0
+        self._returned = 0
+        self._window = 0.0
+        self.return_share = 1.0  # closed-loop callers assumed until batches show otherwise
         self.batches: collections.deque[int] = collections.deque(maxlen=BATCH_LOG)  # queries per batch
         self.waited_out = 0  # batches that left at their deadline, short of the expected callers
         self._pending: list[_Request] = []
@@ -90,7 +116,10 @@ class SearchBatcher:
         with self._changed:
             if self._closed:
                 raise RuntimeError("this SearchBatcher is closed; make a new one for the index")
-            self._pending.append(_Request(query, options, future, time.monotonic()))
+            now = time.monotonic()
+            if now - self._answered <= self._window:
+                self._returned += 1
+            self._pending.append(_Request(query, options, future, now))
             self._changed.notify()
         return future
 
@@ -123,29 +152,48 @@ class SearchBatcher:
                     self._changed.wait(left)
                 batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
             started = time.monotonic()
-            self._answer([r for r in batch if r.future.set_running_or_notify_cancel()])
+            answers = self._search([r for r in batch if r.future.set_running_or_notify_cancel()])
             with self._changed:
+                if self._callers:
+                    came = min(self._returned, self._callers) / self._callers
+                    self.return_share += RETURN_WEIGHT * (came - self.return_share)
                 self._answered = time.monotonic()
-                self._expected = max(1, min(self.max_batch, len(batch) + len(self._pending)))
+                self._callers, self._returned = len(batch), 0
+                # This batch's callers (if callers come back) and the queries already here.
+                queued = len(self._pending)
+                full = max(1, min(self.max_batch, len(batch) + queued))
+                self._expected = full if self.return_share >= RETURN_SHARE else max(1, min(self.max_batch, queued))
                 # A share of what a batch of the expected size would take: after a half
                 # batch, a share of its own short time would again miss the other half.
                 per_query = (self._answered - started) / max(1, len(batch))
                 self._straggle = self.wait_fraction * per_query * self._expected
+                # Returns are counted over the wait this batch's callers would get, waited
+                # or not: callers that start coming back are seen again.
+                self._window = RETURN_WINDOW * max(self.wait_s, self.wait_fraction * per_query * full)
+            # The callers are woken only once the answer's time is set: one that asks again
+            # at once is counted as come back.
+            for future, result, error in answers:
+                if error is None:
+                    future.set_result(result)
+                else:
+                    future.set_exception(error)
 
-    def _answer(self, batch: list[_Request]) -> None:
+    def _search(self, batch: list[_Request]) -> list[tuple[cf.Future, QueryResult | None, Exception | None]]:
+        """Each request's future with its result, or with the exception of its options
+        group's `search`."""
         self.batches.append(len(batch))
         groups: dict[SearchOptions, list[_Request]] = {}
         for request in batch:
             groups.setdefault(request.options, []).append(request)
+        answers = []
         for options, members in groups.items():
             try:
                 results = self.index.search([r.query for r in members], options=options)
             except Exception as err:  # noqa: BLE001 - raised in each caller's thread
-                for r in members:
-                    r.future.set_exception(err)
+                answers.extend((r.future, None, err) for r in members)
                 continue
-            for r, result in zip(members, results):
-                r.future.set_result(result)
+            answers.extend((r.future, result, None) for r, result in zip(members, results))
+        return answers
 
     def close(self) -> None:
         """Answer the queries already queued, then stop (the index stays open)."""
