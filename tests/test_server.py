@@ -80,6 +80,16 @@ def test_info_is_the_index_info(client, tiny):
     assert {"images", "patches", "dim", "extractor", "index_type", "faiss_device", "native_kernel", "store"} <= set(info)
     assert (info["images"], info["patches"], info["dim"]) == (7, 35, 16)
     assert info["extractor"]["backbone"] == "resnet18"
+    assert info["batching"]["max_batch"] == 32 and 0 <= info["batching"]["return_share"] <= 1
+
+
+def test_info_reports_the_batches_of_the_queries_answered(client, tiny):
+    _, paths, _ = tiny
+    before = client.get("/api/info").json()["batching"]
+    for p in paths[:3]:
+        assert _upload(client, p, name="q.jpg", k=2).status_code == 200
+    after = client.get("/api/info").json()["batching"]
+    assert after["batches"] == before["batches"] + 3 and after["mean_batch"] >= 1, (before, after)
 
 
 def test_upload_query_returns_the_spec_json_with_ids(client, tiny, private_tmp):
@@ -339,7 +349,7 @@ def test_serve_process_over_http(tiny, store_env):
     cli_info = json.loads(run_cli("info", str(index), "--json").stdout)
     with serve_process(index) as url:
         status, info = http_json(url + "api/info")
-        assert status == 200 and info == cli_info
+        assert status == 200 and info.pop("batching")["max_batch"] == 32 and info == cli_info
         status, page = http(url)
         assert status == 200 and b"app.js" in page
         body, ctype = multipart({"k": "3"}, {"image": ("q.jpg", paths[5].read_bytes())})

@@ -195,6 +195,16 @@ class SearchBatcher:
             answers.extend((r.future, result, None) for r, result in zip(members, results))
         return answers
 
+    def stats(self) -> dict:
+        """What the batches were, for a service's metrics: the most queries a batch, how
+        many of the last 1,000 batches there are and their mean size, the batches that left
+        short of the callers they expected, and the share of callers that come back."""
+        with self._changed:
+            sizes = list(self.batches)
+            return {"max_batch": self.max_batch, "batches": len(sizes),
+                    "mean_batch": round(sum(sizes) / len(sizes), 2) if sizes else None,
+                    "waited_out": self.waited_out, "return_share": round(self.return_share, 3)}
+
     def close(self) -> None:
         """Answer the queries already queued, then stop (the index stays open)."""
         with self._changed:

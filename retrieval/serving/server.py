@@ -219,7 +219,7 @@ def create_app(
 
     @app.get("/api/info")
     async def info() -> dict:
-        return await worker.run(lambda idx: idx.info())
+        return {**await worker.run(lambda idx: idx.info()), "batching": worker.batcher.stats()}
 
     @app.post("/api/query")
     async def query_upload(
