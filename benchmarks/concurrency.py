@@ -57,7 +57,7 @@ def _answer(result) -> list:
 def _batcher(index, wait_fraction: float | None):
     from retrieval import SearchBatcher
 
-    return SearchBatcher(index) if wait_fraction is None else SearchBatcher(index, wait_fraction=wait_fraction)
+    return SearchBatcher(index, **({} if wait_fraction is None else {"wait_fraction": wait_fraction}))
 
 
 def run_mode(mode: str, index_dir: Path, queries: list[str], clients: int, seconds: float, k: int,
@@ -118,18 +118,25 @@ def run_mode(mode: str, index_dir: Path, queries: list[str], clients: int, secon
     if shared is not None:
         shared.close()
     times = [x for per in latencies for x in per]
-    ms = lambda q: round(1000 * float(np.percentile(times, q)), 1) if times else None  # noqa: E731
-    row = {"mode": mode, "clients": clients, "queries": len(times), "qps": round(len(times) / elapsed, 1),
-           "p50_ms": ms(50), "p95_ms": ms(95), "p99_ms": ms(99),
-           # CPU of this process per answer: what bounds throughput on the cores, and less
-           # sensitive than queries/s to other jobs taking turns on them.
-           "cpu_ms_per_query": round(1000 * cpu / len(times), 1) if times else None,
-           "differ_from_sequential": sum(differ),
-           "errors": errors[:3]}
+    row = {"mode": mode, "clients": clients, **_measures(times, elapsed, cpu, sum(differ), errors)}
     if batcher is not None:
-        row["mean_batch"] = round(float(np.mean(batches)), 2) if batches else None
-        row["wait_fraction"] = wait_fraction
+        row.update(_batching(batches, wait_fraction))
     return row
+
+
+def _measures(times: list[float], elapsed: float, cpu: float, differ: int, errors: list[str]) -> dict:
+    """A row's answers: how many, a second, latency percentiles, CPU per answer."""
+    ms = lambda q: round(1000 * float(np.percentile(times, q)), 1) if times else None  # noqa: E731
+    return {"queries": len(times), "qps": round(len(times) / elapsed, 1),
+            "p50_ms": ms(50), "p95_ms": ms(95), "p99_ms": ms(99),
+            # CPU of this process per answer: what bounds throughput on the cores, and less
+            # sensitive than queries/s to other jobs taking turns on them.
+            "cpu_ms_per_query": round(1000 * cpu / len(times), 1) if times else None,
+            "differ_from_sequential": differ, "errors": errors[:3]}
+
+
+def _batching(batches: list[int], wait_fraction: float | None) -> dict:
+    return {"mean_batch": round(float(np.mean(batches)), 2) if batches else None, "wait_fraction": wait_fraction}
 
 
 def run_open(index_dir: Path, queries: list[str], rate: float, seconds: float, k: int, expected: dict[str, list],
@@ -175,12 +182,8 @@ def run_open(index_dir: Path, queries: list[str], rate: float, seconds: float, k
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
         batches = list(batcher.batches)
         batcher.close()
-    ms = lambda p: round(1000 * float(np.percentile(latencies, p)), 1) if latencies else None  # noqa: E731
-    return {"mode": "open", "offered_qps": rate, "queries": len(latencies), "qps": round(len(latencies) / elapsed, 1),
-            "p50_ms": ms(50), "p95_ms": ms(95), "p99_ms": ms(99),
-            "cpu_ms_per_query": round(1000 * cpu / len(latencies), 1) if latencies else None,
-            "differ_from_sequential": differ, "errors": errors[:3],
-            "mean_batch": round(float(np.mean(batches)), 2) if batches else None, "wait_fraction": wait_fraction}
+    return {"mode": "open", "offered_qps": rate, **_measures(latencies, elapsed, cpu, differ, errors),
+            **_batching(batches, wait_fraction)}
 
 
 def _load() -> str:
