@@ -266,17 +266,17 @@ def test_concurrency_benchmark_refuses_a_bad_rate():
 
 def _bursts_then_singles(batcher: SearchBatcher, cycles: int) -> list[float]:
     """Open-loop callers that never ask again: per cycle, 4 queries at once, then one more
-    300 ms after their answer (and 300 ms before the next 4); the singles' latencies."""
+    450 ms after their answer (and 450 ms before the next 4); the singles' latencies."""
     latencies = []
     with batcher:
         for c in range(cycles):
             for f in [batcher.submit(f"b{c}-{i}.jpg") for i in range(4)]:
                 f.result()
-            time.sleep(0.3)
+            time.sleep(0.45)
             t = time.perf_counter()
             batcher.search(f"s{c}.jpg")
             latencies.append(time.perf_counter() - t)
-            time.sleep(0.3)
+            time.sleep(0.45)
     return latencies
 
 
