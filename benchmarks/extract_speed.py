@@ -70,15 +70,24 @@ SQUEEZENET_SPEC = "order=bgr,scale=255,mean=104/117/123,std=1"
 
 def backends(args) -> dict[str, ExtractorConfig]:
     weights = Path(args.weights)
+
+    def torch_weights(arch: str) -> str:
+        checkpoint = Path(args.torch_weights or "") / f"{arch}.pt"
+        return str(checkpoint.resolve()) if args.torch_weights and checkpoint.is_file() else "none"
+
     known = {
         "onnx-mobilenetv2-int8": lambda: ExtractorConfig(
             onnx=str((weights / "mobilenetv2-12-int8.onnx").resolve()), onnx_output="627"),
         "onnx-squeezenet1.1-fp16": lambda: ExtractorConfig(
             onnx=str((weights / "squeezenet1.1-fp16.onnx").resolve()), onnx_output="fire9/concat_1",
             input_spec=InputSpec.parse(SQUEEZENET_SPEC)),
-        # torchvision architectures, fp32, random init (no download here): speed only.
-        "torch-mobilenet_v2": lambda: ExtractorConfig(backbone="mobilenet_v2", weights="none", layer="features"),
-        "torch-resnet50": lambda: ExtractorConfig(backbone="resnet50", weights="none"),
+        # torchvision architectures, fp32, random init (no download here) unless
+        # --torch-weights holds the architecture's checkpoint (benchmarks/pretrained_torch.py)
+        "torch-mobilenet_v2": lambda: ExtractorConfig(backbone="mobilenet_v2", weights=torch_weights("mobilenet_v2"),
+                                                      layer="features"),
+        "torch-squeezenet1_1": lambda: ExtractorConfig(backbone="squeezenet1_1", weights=torch_weights("squeezenet1_1"),
+                                                       layer="features", input_spec=InputSpec.parse(SQUEEZENET_SPEC)),
+        "torch-resnet50": lambda: ExtractorConfig(backbone="resnet50", weights=torch_weights("resnet50")),
     }
     # TORCH-BACKEND-bf16: the same network with --precision bf16 (fast on a CPU with
     # AVX512_BF16 / AMX, or a recent GPU).
@@ -217,7 +226,8 @@ def measure_row(name: str, config: ExtractorConfig, mode: str, every: list[str],
         parts = stages(product.pop("backbone"), config, paths, levels, args.batch_size, product, work)
     product.pop("store"), product.pop("key")
     ips = product["images_per_s"]
-    return {"backend": name, "mode": mode, "images": len(paths), **product, **parts,
+    weights = Path(config.onnx).name if config.onnx else config.weights
+    return {"backend": name, "mode": mode, "weights": weights, "images": len(paths), **product, **parts,
             "fraction_of_limit": ips / parts["limit_images_per_s"],
             "hours_per_million": 1e6 / ips / 3600, "load_after": os.getloadavg()[0]}
 
@@ -266,6 +276,9 @@ def main() -> int:
     ap.add_argument("--roi-limit", type=int, default=256,
                     help="images for the roi modes (one network input per image: a few batches need many images)")
     ap.add_argument("--weights", default=str(SHARED / "weights"), help="folder of the ONNX files")
+    ap.add_argument("--torch-weights", metavar="DIR",
+                    help="folder of <architecture>.pt checkpoints for the torch backends (those absent: random "
+                         "init); benchmarks/pretrained_torch.py writes mobilenet_v2.pt and squeezenet1_1.pt")
     ap.add_argument("--backends",
                     default="onnx-mobilenetv2-int8,onnx-squeezenet1.1-fp16,torch-mobilenet_v2,torch-resnet50")
     ap.add_argument("--modes", default="all",

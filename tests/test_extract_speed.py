@@ -27,3 +27,17 @@ def test_mode_names_the_patch_mode_size_and_pooling(extract_speed):
     assert (plain.patch_mode, plain.roi_size, plain.pool) == ("crop", None, "max")  # the backend's own pooling
     with pytest.raises(SystemExit, match="unknown pooling 'sum'"):
         extract_speed.with_mode(base, "roi:sum")
+
+
+def test_torch_backends_take_a_checkpoint_from_torch_weights_when_there_is_one(extract_speed, tmp_path):
+    import argparse
+
+    (tmp_path / "mobilenet_v2.pt").write_bytes(b"")  # only its presence is read here
+    args = argparse.Namespace(weights=str(tmp_path), torch_weights=str(tmp_path),
+                              backends="torch-mobilenet_v2,torch-resnet50,torch-squeezenet1_1")
+    got = extract_speed.backends(args)
+    assert got["torch-mobilenet_v2"].weights == str((tmp_path / "mobilenet_v2.pt").resolve())
+    assert got["torch-resnet50"].weights == "none"  # no resnet50.pt: random init
+    assert got["torch-squeezenet1_1"].input_spec.order == "bgr"  # Caffe's input
+    args.torch_weights = None
+    assert extract_speed.backends(args)["torch-mobilenet_v2"].weights == "none"

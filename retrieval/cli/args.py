@@ -59,7 +59,8 @@ def add_extractor_args(parser: argparse.ArgumentParser, *, search: bool = True) 
     g.add_argument(
         "--input-spec",
         metavar="K=V,...",
-        help="ONNX preprocessing: size, order=rgb|bgr, scale=1|255, mean, std, dtype=float32|float16",
+        help="input preprocessing of an ONNX model, a torch checkpoint or random init (a torchvision weights name "
+        "brings its own; only size applies): size, order=rgb|bgr, scale=1|255, mean, std, dtype=float32|float16",
     )
     g.add_argument("--layer", help="torch layer: a torchvision feature_extraction node name, or 'penultimate'")
     g.add_argument("--pool", default="avg", choices=POOLS, help="pooling of conv maps (default avg)")

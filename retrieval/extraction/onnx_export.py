@@ -22,7 +22,7 @@ INT8_FORMATS = ("qdq", "qoperator")
 DEFAULT_INT8_FORMAT = "qdq"
 CALIBRATE_IMAGES = 32  # images of --calibrate DIR whose windows calibrate the activation ranges
 HELDOUT_IMAGES = 16  # further images of DIR on which the int8 and float descriptors are compared
-_CALIB_BATCH = 8  # network inputs per calibration run
+_CALIB_BATCH = 8  # network inputs per calibration run; each range is the mean of the per-run ones
 
 
 def export_onnx(
@@ -251,9 +251,9 @@ def quantize_int8(
     int8_format: str = DEFAULT_INT8_FORMAT, reduce_range: bool = True,
 ) -> dict[str, Any]:
     """Static int8 quantization of the float model at `float_path` (input `input`) with
-    onnxruntime.quantization, calibrated (MinMax) on `windows` (uint8 images preprocessed
-    per `spec`); the model is first run through ORT's quant_pre_process (shape inference
-    and graph optimisation), as ORT recommends. -> what was done."""
+    onnxruntime.quantization, calibrated on `windows` (uint8 images preprocessed per `spec`;
+    MinMax, each range the mean of the per-batch ranges); the model is first run through
+    ORT's quant_pre_process (shape inference and graph optimisation), as ORT recommends. -> what was done."""
     from onnxruntime.quantization import (
         CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static,
     )
@@ -298,6 +298,11 @@ def quantize_int8(
                 # the calibrator keeps only each tensor's min and max per batch: no memory cap needed
                 # (and CalibMaxIntermediateOutputs drops batches in onnxruntime 1.31)
                 calibrate_method=CalibrationMethod.MinMax,
+                # each range is the mean of the per-batch (_CALIB_BATCH windows) ranges, not the
+                # extremes over all batches: a rare extreme activation no longer widens the
+                # step for every input (pretrained MobileNetV2: mean cosine to float 0.950 ->
+                # 0.958, min 0.75 -> 0.77; SqueezeNet 0.992 -> 0.995, 0.85 -> 0.91; describe.md)
+                extra_options={"CalibMovingAverage": True},
             )
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -306,7 +311,7 @@ def quantize_int8(
         "format": int8_format,
         "activations": "uint8",
         "weights": "int8 per-channel" + (" (7-bit, reduce_range)" if reduce_range else ""),
-        "calibration_method": "minmax",
+        "calibration_method": "minmax (mean of per-batch ranges)",
         "pre_processed": preprocessed,
         "seconds": round(time.perf_counter() - start, 3),
     }
