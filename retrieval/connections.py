@@ -64,6 +64,44 @@ class ThreadConnections:
             self._local = threading.local()
 
 
+class SQLiteFile:
+    """Base of the feature store and the manifest: `conn` is the calling thread's
+    connection, the first one opened by `_open_connections` (which picks read-write or
+    read-only), and `close()` closes them all (a later `conn` opens again). A
+    `sqlite3.DatabaseError` on opening becomes the subclass's `_damaged` error."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._conns: ThreadConnections | None = None
+
+    def _open_connections(self) -> ThreadConnections:
+        raise NotImplementedError
+
+    def _damaged(self, err: sqlite3.DatabaseError) -> Exception:
+        raise NotImplementedError
+
+    def _opened(self) -> ThreadConnections:
+        with self._lock:
+            if self._conns is None:
+                self._conns = self._open_connections()
+            return self._conns
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """The calling thread's connection (each thread has its own)."""
+        try:
+            return self._opened().get()
+        except sqlite3.DatabaseError as err:
+            raise self._damaged(err) from err
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conns is not None:
+                self._conns.close()
+                self._conns = None
+
+
 def _read_write(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA synchronous=NORMAL")

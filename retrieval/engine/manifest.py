@@ -10,13 +10,12 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..connections import ThreadConnections
+from ..connections import SQLiteFile, ThreadConnections
 from ..fileio import connect_read_only, sqlite_storage_error, writable
 
 
@@ -51,14 +50,12 @@ def _check_readable(conn: sqlite3.Connection) -> None:
     conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
 
 
-class Manifest:
+class Manifest(SQLiteFile):
     """The images of an index. Any thread may use it: each gets its own connection
     (`retrieval/connections.py`)."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        self._conns: ThreadConnections | None = None
+        super().__init__(path)
         self.refused: OSError | None = None  # why it is open for reading only
 
     @property
@@ -67,7 +64,7 @@ class Manifest:
         then only read, never created, upgraded or changed."""
         return self.path.exists() and not writable(self.path.parent)
 
-    def _open(self) -> ThreadConnections:
+    def _open_connections(self) -> ThreadConnections:
         if self.read_only:
             return self._open_for_reading(OSError(errno.EROFS, os.strerror(errno.EROFS), str(self.path)))
         conns = ThreadConnections(self.path, _create_schema)
@@ -103,23 +100,6 @@ class Manifest:
             "rebuilt; restore it from a backup, or build the index again into a new directory "
             "(the feature store keeps the descriptors, so nothing is extracted twice)"
         )
-
-    @property
-    def conn(self) -> sqlite3.Connection:
-        """The calling thread's connection."""
-        with self._lock:
-            if self._conns is None:
-                self._conns = self._open()
-        try:
-            return self._conns.get()
-        except sqlite3.DatabaseError as err:
-            raise self._damaged(err) from err
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conns is not None:
-                self._conns.close()
-                self._conns = None
 
     @property
     def generation(self) -> int:

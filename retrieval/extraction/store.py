@@ -20,13 +20,12 @@ import errno
 import json
 import os
 import sqlite3
-import threading
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
-from ..connections import ThreadConnections
+from ..connections import SQLiteFile, ThreadConnections
 from ..fileio import connect_read_only, sqlite_storage_error, writable
 
 SCHEMA_VERSION = 2
@@ -75,7 +74,7 @@ def default_store_path() -> Path:
     return cache / "retrieval" / "features.sqlite"
 
 
-class FeatureStore:
+class FeatureStore(SQLiteFile):
     """Raw (pooled, un-normalized) descriptors of image windows, float16 on disk.
 
     Open with `FeatureStore.open(path)`; use as a context manager or call `close()`.
@@ -83,9 +82,7 @@ class FeatureStore:
     """
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        self._conns: ThreadConnections | None = None
+        super().__init__(path)
         # Why writes are refused (a read-only mount, a disk too full to open the store for
         # writing): the rows are still read; `put` raises this.
         self.refused: OSError | None = None
@@ -98,10 +95,10 @@ class FeatureStore:
     @classmethod
     def open(cls, path: str | Path | None = None) -> "FeatureStore":
         store = cls(path or default_store_path())
-        store._conns = store._connect()
+        store._opened()
         return store
 
-    def _connect(self) -> ThreadConnections:
+    def _open_connections(self) -> ThreadConnections:
         if self.path.is_dir():
             raise StoreError(f"feature store {self.path} is a directory; --store takes a file path")
         if self.path.exists() and self.path.stat().st_size > 0:
@@ -175,23 +172,6 @@ class FeatureStore:
     def _check_writable(self) -> None:
         if self.refused is not None:
             raise OSError(self.refused.errno, self.refused.strerror, self.refused.filename)
-
-    @property
-    def conn(self) -> sqlite3.Connection:
-        """The calling thread's connection (each thread has its own)."""
-        with self._lock:
-            if self._conns is None:
-                self._conns = self._connect()
-        try:
-            return self._conns.get()
-        except sqlite3.DatabaseError as err:
-            raise self._damaged(err) from err
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conns is not None:
-                self._conns.close()
-                self._conns = None
 
     def __enter__(self) -> "FeatureStore":
         return self
