@@ -30,7 +30,7 @@ PRECISIONS = ("fp32", "bf16")
 # pyramid mode: the whole image is fed twice, resized (squashed, as crop squashes each
 # window) to the network's input size and to a larger square; windows covering at least
 # PYRAMID_WHOLE of the image side (level 1) are pooled from the first, all others from both,
-# the two poolings averaged. The larger side is --roi-size when given, else PYRAMID_RATIO
+# the two poolings averaged, each weighing by its map's cells. The larger side is --roi-size when given, else PYRAMID_RATIO
 # times the network's (448 px for a 224 network: the most accurate of 384, 448 and 560 on
 # UKBench and Paris, benchmarks/results/describe.md).
 PYRAMID_RATIO = 2.0
@@ -273,8 +273,8 @@ class ExtractorConfig:
         if self.patch_mode == "pyramid":
             # The default larger size, the split and the averaging of the smaller windows
             # over both maps are part of what a pyramid descriptor is (descriptors pooled
-            # from the larger map alone, before the averaging, are keyed apart).
-            ident["pyramid"] = [round(PYRAMID_RATIO, 6), PYRAMID_WHOLE, "mean-of-maps"]
+            # from the larger map alone, or by the plain mean of the two, are keyed apart).
+            ident["pyramid"] = [round(PYRAMID_RATIO, 6), PYRAMID_WHOLE, "cell-weighted-maps"]
         if self.onnx:
             ident["onnx"] = file_digest(self.onnx)
             for k in ("backbone", "weights", "layer"):

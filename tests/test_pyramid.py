@@ -62,6 +62,8 @@ def test_mode_is_offered_and_keyed_apart():
     # Descriptors of the first pyramid (levels 2-4 from the larger map alone, this key on
     # main before the averaging) are never read back as today's.
     assert ExtractorConfig(patch_mode="pyramid").key() != "eda79bd8897f8789c674cfec"
+    # nor those of the plain mean of the two maps (the key before the cell weighting)
+    assert ExtractorConfig(patch_mode="pyramid").key() != "c8157f14f11f729a89e10d8f"
 
 
 def test_scales_and_plan():
@@ -167,11 +169,11 @@ def test_extractor_pools_each_window_from_its_scale(tmp_path):
     big = round(64 * PYRAMID_RATIO)
     maps = {s: ex.backbone(np.asarray(img.resize((s, s), Image.BILINEAR))[None])[0] for s in (64, big)}
     np.testing.assert_allclose(out.descriptors["level1"][0], maps[64].mean(axis=(1, 2)), rtol=1e-4, atol=1e-6)
-    # Smaller windows: the mean of the L2-normalised poolings from both maps, at the norm of
-    # the network-size one.
+    # Smaller windows: the L2-normalised poolings from both maps averaged, each weighing by
+    # its map's cells, at the norm of the network-size one.
     for k, box in enumerate(level_boxes(3)):
         small, large = _area_pool(maps[64], box, "avg"), _area_pool(maps[big], box, "avg")
-        want = np.linalg.norm(small) * (small / np.linalg.norm(small) + large / np.linalg.norm(large)) / 2
+        want = _cell_weighted(small, large, maps[64], maps[big])
         np.testing.assert_allclose(out.descriptors["level3"][k], want, rtol=1e-4, atol=1e-6)
     # The mirrored whole image (jitter sample 11) is the mirrored input's mean.
     mirrored = np.asarray(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((64, 64), Image.BILINEAR))
@@ -204,14 +206,19 @@ def test_pyramid_pooling_runs_on_one_blas_thread(monkeypatch):
     # One product per map for every window it gives (levels 1-4 from the first, 2-4 from
     # the second), not one per level: GeM's power of a map is computed once.
     assert len(seen) == 2 and all(threads == {1} for threads in seen)
-    # Each window as pooled alone: level 1 from the first map; the others the mean of the
-    # two unit-length poolings at the first one's norm.
+    # Each window as pooled alone: level 1 from the first map; the others the two
+    # unit-length poolings weighted by their maps' cells (4 and 16), at the first one's norm.
     for rs in LEVELS:
         for box, got in zip(rs.boxes, out[rs.name]):
             small, large = (pooling._area_pool(m, box, "avg") for m in state.outputs)
-            want = small if rs.name == "level1" else np.linalg.norm(small) * (
-                small / np.linalg.norm(small) + large / np.linalg.norm(large)) / 2
+            want = small if rs.name == "level1" else _cell_weighted(small, large, *state.outputs)
             np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def _cell_weighted(small, large, small_map, large_map):
+    """A window's pyramid descriptor written out: 1/5 and 4/5 for a 2 x 2 and a 4 x 4 map."""
+    a, b = small_map.shape[1] * small_map.shape[2], large_map.shape[1] * large_map.shape[2]
+    return np.linalg.norm(small) * (a * small / np.linalg.norm(small) + b * large / np.linalg.norm(large)) / (a + b)
 
 
 def test_a_fixed_size_or_vector_network_is_refused():
@@ -262,7 +269,11 @@ def test_index_crop_box_rotations_and_an_interrupted_build(tmp_path, monkeypatch
         assert report.images == 8 and report.added + report.already_present == 8 and report.already_present >= 1
         resumed = [[(h.path, round(h.distance, 5)) for h in r.hits] for r in idx.search(paths, k=8)]
     assert [[p for p, _ in r] for r in resumed] == [[p for p, _ in r] for r in reference]
-    np.testing.assert_allclose([[d for _, d in r] for r in resumed], [[d for _, d in r] for r in reference], atol=2e-3)
+    # Distances to other images agree; an image's distance to itself is float16 rounding
+    # amplified near 0 (conftest.SELF_DISTANCE), where a batch's other inputs show.
+    np.testing.assert_allclose([[d for _, d in r[1:]] for r in resumed], [[d for _, d in r[1:]] for r in reference],
+                               atol=2e-3)
+    assert all(r[0][1] <= SELF_DISTANCE for r in resumed + reference)
 
     with Index.open(tmp_path / "whole", runtime=runtime) as idx:
         # A crop box: the query is the box's pixels; the deciding window lies inside it.

@@ -71,7 +71,8 @@ def add_extractor_args(parser: argparse.ArgumentParser, *, search: bool = True) 
         help="crop: run every window through the network (the papers); roi: one pass, windows "
         "pooled from the map; pyramid: two passes, the whole image squashed to the network's "
         "size (level 1) and to a larger square (--roi-size; default 448 px for a 224 network); "
-        "levels 2-4 are pooled from both maps and averaged (needs a model that takes any input size)",
+        "levels 2-4 are pooled from both maps and averaged, weighted by the maps' cells "
+        "(needs a model that takes any input size)",
     )
     g.add_argument(
         "--roi-size",

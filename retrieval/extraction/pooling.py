@@ -95,7 +95,6 @@ class _PyramidLayout:
     where: tuple  # per region set, per window: the inputs it is pooled from
     boxes: np.ndarray  # [n, 4] every window, mirrored ones as boxes of the mirrored input
     columns: tuple  # per depth k: ((input, window rows, their boxes), ...) for the k-th input of windows
-    counts: np.ndarray  # [n, 1] inputs per window
     ends: np.ndarray  # where each region set's windows end
 
 
@@ -116,31 +115,35 @@ def _pyramid_layout(key: tuple) -> _PyramidLayout:
         column = np.array([s[k] if k < len(s) else -1 for s in slots], dtype=np.int64)
         members = [np.flatnonzero(column == i) for i in np.unique(column[column >= 0])]
         columns.append(tuple((int(column[m[0]]), m, _boxes_key(boxes[m])) for m in members))
-    counts = np.array([len(s) for s in slots], np.float32)[:, None]
     ends = np.cumsum([len(per_set) for per_set in where])
-    boxes.flags.writeable = counts.flags.writeable = ends.flags.writeable = False
-    return _PyramidLayout(tuple(needs), tuple(tuple(w) for w in where), boxes, tuple(columns), counts, ends)
+    boxes.flags.writeable = ends.flags.writeable = False
+    return _PyramidLayout(tuple(needs), tuple(tuple(w) for w in where), boxes, tuple(columns), ends)
 
 
 def pyramid_pool(regions: Sequence[RegionSet], maps: list[np.ndarray], how: str) -> dict[str, np.ndarray]:
     """pyramid mode: the [n, C] descriptors of every region set's windows, by name, from
     the maps of the image's inputs (in the order of `pyramid_plan`). A window pooled from
-    two maps gets the mean of the two L2-normalised poolings at the norm of the first (the
-    network's size), so that every level keeps the scale of level 1 for the whitening; the
-    average beat the larger map alone on UKBench, Paris and rParis
-    (benchmarks/results/describe.md). Every window a map gives is pooled in one product:
-    per region set, GeM's power of the same map was computed again for each level."""
+    two maps gets the average of the two L2-normalised poolings, each weighing by the
+    cells of its map (a window spans the same share of every map, so this counts each
+    cell the window covers once), at the norm of the first (the network's size) so that
+    every level keeps the scale of level 1 for the whitening. Averaged beat the larger map
+    alone, and cell-weighted beat the plain mean (SqueezeNet's UKBench N-S 3.893 -> 3.915
+    against crop's 3.922, MobileNetV2 unchanged; benchmarks/results/describe.md). Every
+    window a map gives is pooled in one product: per region set, GeM's power of the same
+    map was computed again for each level."""
     layout = pyramid_layout(regions)
     n = len(layout.boxes)
     channels = maps[0].shape[0] if n else 0
     vecs = np.zeros((len(layout.columns), n, channels), np.float32)
+    cells = np.zeros((len(layout.columns), n, 1), np.float32)
     for k, column in enumerate(layout.columns):
         for slot, members, boxes in column:
             vecs[k, members] = _area_pool_many(maps[slot], boxes, how)
+            cells[k, members] = maps[slot].shape[1] * maps[slot].shape[2]
     if len(layout.columns) > 1:
         norms = np.linalg.norm(vecs, axis=2, keepdims=True)
         unit = vecs / np.maximum(norms, 1e-12)
-        vecs = (norms[0] * unit.sum(axis=0) / layout.counts)[None].astype(np.float32, copy=False)
+        vecs = (norms[0] * (cells * unit).sum(axis=0) / cells.sum(axis=0))[None].astype(np.float32, copy=False)
     return {rs.name: part for rs, part in zip(regions, np.split(vecs[0], layout.ends[:-1]))}
 
 
