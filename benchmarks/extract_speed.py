@@ -182,7 +182,7 @@ def stages(backbone, config: ExtractorConfig, paths: list[str], levels, batch: i
                 for box in rs.boxes:
                     roi_pool(f, box, config.pool)
         elif config.patch_mode == "pyramid":
-            pyramid_pool(regions, list(f), config.pool)
+            pyramid_pool(regions, list(f), config.pool, config.pyramid_average)
         else:
             pool_map(f, config.pool)
     pooling = time.perf_counter() - t0

@@ -35,6 +35,11 @@ PRECISIONS = ("fp32", "bf16")
 # UKBench and Paris, benchmarks/results/describe.md).
 PYRAMID_RATIO = 2.0
 PYRAMID_WHOLE = 0.9
+# How a pyramid window's two poolings are averaged: "cells", each map weighing by its
+# number of cells (since 2026-12-05: SqueezeNet's UKBench loss against crop 0.029 -> 0.006,
+# benchmarks/results/describe.md), or "mean", the plain mean that indexes built before
+# keep, since their stored descriptors are that.
+PYRAMID_AVERAGES = ("cells", "mean")
 MAP_SIZE_MODES = ("roi", "pyramid")  # the modes that --roi-size applies to
 AGGREGATES = ("min", "mean-min")
 # mean-min: measured best on UKBench and Paris (benchmarks/results/accuracy.md); plain min lets
@@ -218,6 +223,7 @@ class ExtractorConfig:
     patch_mode: str = "crop"
     roi_size: int | None = None
     precision: str = "fp32"
+    pyramid_average: str = "cells"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -237,6 +243,10 @@ class ExtractorConfig:
             )
         if self.onnx_output and not self.onnx:
             raise ConfigError("--onnx-output needs --onnx FILE")
+        if self.pyramid_average not in PYRAMID_AVERAGES:
+            raise ConfigError(
+                f"pyramid_average must be one of {', '.join(PYRAMID_AVERAGES)} (got {self.pyramid_average!r})"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -250,12 +260,16 @@ class ExtractorConfig:
         drop = ("backbone", "weights", "layer", "precision") if self.onnx else ("onnx", "onnx_output")
         if self.patch_mode not in MAP_SIZE_MODES:
             drop += ("roi_size",)
+        if self.patch_mode != "pyramid":
+            drop += ("pyramid_average",)
         return {k: v for k, v in data.items() if k not in drop}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ExtractorConfig":
         data = dict(data)
         data["input_spec"] = InputSpec.from_dict(data.get("input_spec") or {})
+        # Saved before the cell weighting existed: its pyramid descriptors are the plain mean's.
+        data.setdefault("pyramid_average", "mean")
         return cls(**data)
 
     def key(self) -> str:
@@ -270,11 +284,13 @@ class ExtractorConfig:
             ident.pop("roi_size")
         if self.precision == "fp32":
             ident.pop("precision")  # likewise
+        ident.pop("pyramid_average")  # in the pyramid term below, absent from other modes' keys
         if self.patch_mode == "pyramid":
             # The default larger size, the split and the averaging of the smaller windows
             # over both maps are part of what a pyramid descriptor is (descriptors pooled
-            # from the larger map alone, or by the plain mean of the two, are keyed apart).
-            ident["pyramid"] = [round(PYRAMID_RATIO, 6), PYRAMID_WHOLE, "cell-weighted-maps"]
+            # from the larger map alone are keyed apart; the plain mean keeps its old key).
+            average = "cell-weighted-maps" if self.pyramid_average == "cells" else "mean-of-maps"
+            ident["pyramid"] = [round(PYRAMID_RATIO, 6), PYRAMID_WHOLE, average]
         if self.onnx:
             ident["onnx"] = file_digest(self.onnx)
             for k in ("backbone", "weights", "layer"):

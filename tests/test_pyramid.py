@@ -89,8 +89,8 @@ def test_the_layout_follows_the_windows_not_the_names():
     cut = RegionSet(full.name, full.boxes[4:5], full.flips[4:5])
     rng = np.random.default_rng(0)
     maps = [rng.random((8, 7, 7), dtype=np.float32), rng.random((8, 13, 13), dtype=np.float32)]
-    whole = pyramid_pool((full,), maps, "gem")[full.name]
-    alone = pyramid_pool((cut,), maps, "gem")[full.name]
+    whole = pyramid_pool((full,), maps, "gem", "cells")[full.name]
+    alone = pyramid_pool((cut,), maps, "gem", "cells")[full.name]
     assert whole.shape == (9, 8) and alone.shape == (1, 8)
     np.testing.assert_allclose(alone[0], whole[4], rtol=1e-6)
     inputs, where = pyramid_plan((full,))
@@ -201,7 +201,7 @@ def test_pyramid_pooling_runs_on_one_blas_thread(monkeypatch):
     state = _Pending(Job("a.jpg", LEVELS), (64, 48), 2)
     rng = np.random.default_rng(0)
     state.outputs = [rng.random((8, 2, 2), dtype=np.float32), rng.random((8, 4, 4), dtype=np.float32)]
-    out = state.assemble("pyramid", "avg")
+    out = state.assemble("pyramid", "avg", "cells")
     assert {k: v.shape for k, v in out.items()} == {"level1": (1, 8), "level2": (4, 8), "level3": (9, 8), "level4": (16, 8)}
     # One product per map for every window it gives (levels 1-4 from the first, 2-4 from
     # the second), not one per level: GeM's power of a map is computed once.
@@ -219,6 +219,45 @@ def _cell_weighted(small, large, small_map, large_map):
     """A window's pyramid descriptor written out: 1/5 and 4/5 for a 2 x 2 and a 4 x 4 map."""
     a, b = small_map.shape[1] * small_map.shape[2], large_map.shape[1] * large_map.shape[2]
     return np.linalg.norm(small) * (a * small / np.linalg.norm(small) + b * large / np.linalg.norm(large)) / (a + b)
+
+
+def test_indexes_built_before_the_cell_weighting_keep_the_plain_mean(tmp_path):
+    """An index.json written before `pyramid_average` existed holds plain-mean descriptors:
+    it reopens with them (and their old store key), so adding to it re-fits its whitening
+    from the store instead of stopping on descriptors missing under a new key."""
+    import json
+
+    saved = {k: v for k, v in ExtractorConfig(patch_mode="pyramid").to_dict().items() if k != "pyramid_average"}
+    old = ExtractorConfig.from_dict(saved)
+    assert old.pyramid_average == "mean" and old.key() == "c8157f14f11f729a89e10d8f"  # main's key before
+    assert ExtractorConfig(patch_mode="pyramid").pyramid_average == "cells"
+    assert ExtractorConfig().key() == ExtractorConfig.from_dict(ExtractorConfig().to_dict()).key()
+
+    paths = _scenes(tmp_path / "imgs", 6)
+    runtime = RuntimeConfig(device="cpu", batch_size=4, workers=1)
+    mean = ExtractorConfig(**{**TINY.__dict__, "pyramid_average": "mean"})
+    with Index.create(tmp_path / "idx", mean, SEARCH, store=tmp_path / "s.sqlite", runtime=runtime) as idx:
+        idx.add(paths[:2], progress=False)
+    meta_path = tmp_path / "idx" / "index.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["extractor"]["pyramid_average"]
+    meta_path.write_text(json.dumps(meta))
+    with Index.open(tmp_path / "idx", runtime=runtime) as idx:
+        assert idx.info()["extractor"]["pyramid_average"] == "mean"
+        # 2 -> 6 images re-fits the whitening, which reads every image's raw descriptors
+        assert idx.add(paths[2:], progress=False).added == 4
+        assert idx.search([paths[0]], k=1)[0].hits[0].path == paths[0]
+
+
+def test_plain_mean_pooling_is_the_mean_of_the_unit_poolings():
+    rng = np.random.default_rng(1)
+    maps = [rng.random((8, 2, 2), dtype=np.float32), rng.random((8, 4, 4), dtype=np.float32)]
+    out = pyramid_pool(LEVELS, maps, "avg", "mean")
+    for rs in LEVELS[1:]:
+        for box, got in zip(rs.boxes, out[rs.name]):
+            small, large = (pooling._area_pool(m, box, "avg") for m in maps)
+            want = np.linalg.norm(small) * (small / np.linalg.norm(small) + large / np.linalg.norm(large)) / 2
+            np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def test_a_fixed_size_or_vector_network_is_refused():

@@ -124,7 +124,7 @@ class Extractor:
         size = (int(backbone.input_size[0]), int(backbone.input_size[1]))
         if self.config.roi_size and not backbone.dynamic_size:
             raise ValueError("--roi-size needs a network that accepts any input size; this one is fixed")
-        mode, how = self.config.patch_mode, self.config.pool
+        mode, how, average = self.config.patch_mode, self.config.pool, self.config.pyramid_average
         workers = self.runtime.workers  # 0: the network thread decodes and cuts between its batches
         batch_size = self.runtime.batch_size
         # Decoded inputs kept ready: the next two batches, and at least 4 images per thread.
@@ -246,7 +246,7 @@ class Extractor:
                     yield state.skipped
                     continue
                 t0 = time.perf_counter()
-                out = Extracted(state.job, *state.size, state.assemble(mode, how))
+                out = Extracted(state.job, *state.size, state.assemble(mode, how, average))
                 timings["assemble"] += time.perf_counter() - t0
                 yield out
         finally:
@@ -300,7 +300,7 @@ class _Pending:
         self.job, self.size, self.left, self.skipped = job, size, n_inputs, skipped
         self.outputs: list = [None] * n_inputs
 
-    def assemble(self, mode: str, how: str) -> dict[str, np.ndarray]:
+    def assemble(self, mode: str, how: str, average: str) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         if mode == "crop":
             start = 0
@@ -313,7 +313,7 @@ class _Pending:
             # against them (a 29-window pooling product took 25-50 ms with two threads and
             # 2-6 ms with one on the 2 loaded cores; benchmarks/results/describe.md).
             with one_blas_thread():
-                return pyramid_pool(self.job.regions, self.outputs, how)
+                return pyramid_pool(self.job.regions, self.outputs, how, average)
         whole = self.outputs[0]
         mirror = self.outputs[1] if len(self.outputs) > 1 else None
         for rs in self.job.regions:

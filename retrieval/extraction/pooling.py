@@ -120,7 +120,8 @@ def _pyramid_layout(key: tuple) -> _PyramidLayout:
     return _PyramidLayout(tuple(needs), tuple(tuple(w) for w in where), boxes, tuple(columns), ends)
 
 
-def pyramid_pool(regions: Sequence[RegionSet], maps: list[np.ndarray], how: str) -> dict[str, np.ndarray]:
+def pyramid_pool(regions: Sequence[RegionSet], maps: list[np.ndarray], how: str,
+                 average: str) -> dict[str, np.ndarray]:
     """pyramid mode: the [n, C] descriptors of every region set's windows, by name, from
     the maps of the image's inputs (in the order of `pyramid_plan`). A window pooled from
     two maps gets the average of the two L2-normalised poolings, each weighing by the
@@ -130,7 +131,8 @@ def pyramid_pool(regions: Sequence[RegionSet], maps: list[np.ndarray], how: str)
     alone, and cell-weighted beat the plain mean (SqueezeNet's UKBench N-S 3.893 -> 3.915
     against crop's 3.922, MobileNetV2 unchanged; benchmarks/results/describe.md). Every
     window a map gives is pooled in one product: per region set, GeM's power of the same
-    map was computed again for each level."""
+    map was computed again for each level. `average` "mean": the plain mean of the two
+    (config.PYRAMID_AVERAGES; indexes built before the weighting keep it)."""
     layout = pyramid_layout(regions)
     n = len(layout.boxes)
     channels = maps[0].shape[0] if n else 0
@@ -139,7 +141,7 @@ def pyramid_pool(regions: Sequence[RegionSet], maps: list[np.ndarray], how: str)
     for k, column in enumerate(layout.columns):
         for slot, members, boxes in column:
             vecs[k, members] = _area_pool_many(maps[slot], boxes, how)
-            cells[k, members] = maps[slot].shape[1] * maps[slot].shape[2]
+            cells[k, members] = maps[slot].shape[1] * maps[slot].shape[2] if average == "cells" else 1.0
     if len(layout.columns) > 1:
         norms = np.linalg.norm(vecs, axis=2, keepdims=True)
         unit = vecs / np.maximum(norms, 1e-12)
