@@ -61,19 +61,17 @@ from retrieval.extraction.pooling import pool_map, pyramid_plan, pyramid_pool, r
 from retrieval.extraction.images import expand_inputs, load_rgb  # noqa: E402
 from retrieval.extraction.patches import level_names, level_regions  # noqa: E402
 from retrieval.extraction.store import FeatureStore  # noqa: E402
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-if not SHARED.is_dir():
-    SHARED = Path("/work/shared")
-SQUEEZENET_SPEC = "order=bgr,scale=255,mean=104/117/123,std=1"
+from pretrained_torch import SHARED, SQUEEZENET_SPEC  # noqa: E402 - ../shared and its SqueezeNet's Caffe input
 
 
 def backends(args) -> dict[str, ExtractorConfig]:
     weights = Path(args.weights)
 
     def torch_weights(arch: str) -> str:
-        checkpoint = Path(args.torch_weights or "") / f"{arch}.pt"
-        return str(checkpoint.resolve()) if args.torch_weights and checkpoint.is_file() else "none"
+        if not args.torch_weights:
+            return "none"
+        checkpoint = Path(args.torch_weights) / f"{arch}.pt"
+        return str(checkpoint.resolve()) if checkpoint.is_file() else "none"
 
     known = {
         "onnx-mobilenetv2-int8": lambda: ExtractorConfig(

@@ -26,20 +26,26 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
+if str(Path(__file__).resolve().parent) not in sys.path:  # also when loaded by path (tests)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from code_root import code_root  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+code_root()
+
+import numpy as np  # noqa: E402
 
 from retrieval.config import ExtractorConfig, InputSpec  # noqa: E402
 from retrieval.extraction.backbones import load_backbone  # noqa: E402
-from retrieval.extraction.images import load_rgb  # noqa: E402
+from retrieval.extraction.images import expand_inputs  # noqa: E402
+from retrieval.extraction.inputs import Job, prepare_inputs  # noqa: E402
+from retrieval.extraction.patches import level_regions  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 if not SHARED.is_dir():
     SHARED = Path("/work/shared")
 SQUEEZENET_SPEC = "order=bgr,scale=255,mean=104/117/123,std=1"
 
-# name -> (ONNX file, tensor at the cut, torchvision architecture, torch layer, input spec)
+# torchvision architecture -> (ONNX file, tensor at the cut, torch layer at the same place, input spec)
 MODELS = {
     "squeezenet1_1": ("squeezenet1.1-fp16.onnx", "fire9/concat_1", "features", SQUEEZENET_SPEC),
     "mobilenet_v2": ("mobilenetv2-12-int8.onnx", "627", "features", ""),
@@ -125,15 +131,24 @@ def mobilenet_v2_state(onnx_model) -> dict:
     return state
 
 
-def agreement(name: str, onnx_path: Path, checkpoint: Path, images: list[Path]) -> dict:
-    """Cosine between the ONNX and the torch conv maps at the cut, per image (224 px)."""
+def torch_state(name: str, weights: Path) -> dict:
+    """The state_dict of torchvision's `name` made from its ONNX model in folder `weights`."""
+    import onnx
+
+    build = {"squeezenet1_1": squeezenet_state, "mobilenet_v2": mobilenet_v2_state}[name]
+    return build(onnx.load(str(Path(weights) / MODELS[name][0])))
+
+
+def agreement(name: str, onnx_path: Path, checkpoint: Path, images: list[str]) -> dict:
+    """Cosine between the ONNX and the torch conv maps at the cut, per image (the whole
+    image at the network's size, as the extractor prepares level 1)."""
     _, output, layer, spec = MODELS[name]
     spec = InputSpec.parse(spec) if spec else InputSpec()
     reference = load_backbone(ExtractorConfig(onnx=str(onnx_path), onnx_output=output, input_spec=spec), "cpu")
     torch_bb = load_backbone(ExtractorConfig(backbone=name, weights=str(checkpoint), layer=layer,
                                              input_spec=spec), "cpu")
-    size = reference.input_size
-    batch = np.stack([np.asarray(load_rgb(p).resize(size[::-1])) for p in images])
+    whole = (level_regions(1),)
+    batch = np.stack([prepare_inputs(Job(p, whole), reference.input_size, "crop")[1][0] for p in images])
     a = reference(batch).reshape(len(batch), -1).astype(np.float64)
     b = torch_bb(batch).reshape(len(batch), -1).astype(np.float64)
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
@@ -150,26 +165,21 @@ def main(argv=None) -> int:
     ap.add_argument("--check-count", type=int, default=16)
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
     args = ap.parse_args(argv)
-    import onnx
     import torch
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    images = sorted(p for p in Path(args.check_images).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    images = images[: args.check_count]
+    images = sorted(expand_inputs([args.check_images]))[: args.check_count]
     if not images:
         raise SystemExit(f"no images under {args.check_images}")
-    report = {}
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         if name not in MODELS:
             raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-        onnx_path = Path(args.weights) / MODELS[name][0]
-        state = (squeezenet_state if name == "squeezenet1_1" else mobilenet_v2_state)(onnx.load(str(onnx_path)))
         checkpoint = out / f"{name}.pt"
-        torch.save(state, checkpoint)
-        report[name] = {"checkpoint": str(checkpoint), "from": onnx_path.name,
-                        **agreement(name, onnx_path, checkpoint, images)}
-        print(json.dumps({name: report[name]}), flush=True)
+        torch.save(torch_state(name, Path(args.weights)), checkpoint)
+        onnx_path = Path(args.weights) / MODELS[name][0]
+        row = {"checkpoint": str(checkpoint), "from": onnx_path.name, **agreement(name, onnx_path, checkpoint, images)}
+        print(json.dumps({name: row}), flush=True)
     return 0
 
 

@@ -29,10 +29,10 @@ PATCH_MODES = ("crop", "roi", "pyramid")
 PRECISIONS = ("fp32", "bf16")
 # pyramid mode: the whole image is fed twice, resized (squashed, as crop squashes each
 # window) to the network's input size and to a larger square; windows covering at least
-# PYRAMID_WHOLE of the image side (level 1) are pooled from the first, all others from both,
-# the two poolings averaged, each weighing by its map's cells. The larger side is --roi-size when given, else PYRAMID_RATIO
-# times the network's (448 px for a 224 network: the most accurate of 384, 448 and 560 on
-# UKBench and Paris, benchmarks/results/describe.md).
+# PYRAMID_WHOLE of the image side (level 1) are pooled from the first, all others from both
+# and the two poolings averaged (PYRAMID_AVERAGES). The larger side is --roi-size when
+# given, else PYRAMID_RATIO times the network's (448 px for a 224 network: the most
+# accurate of 384, 448 and 560 on UKBench and Paris, benchmarks/results/describe.md).
 PYRAMID_RATIO = 2.0
 PYRAMID_WHOLE = 0.9
 # How a pyramid window's two poolings are averaged: "cells", each map weighing by its

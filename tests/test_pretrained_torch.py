@@ -33,17 +33,14 @@ def _export_int8(tmp_path, name: str, *flags: str) -> tuple[int, str]:
     import contextlib
     import io
 
-    import onnx
     import torch
 
     from retrieval.cli.app import main
 
     module = _module()
-    onnx_file, _, layer, spec = module.MODELS[name]
-    state = (module.squeezenet_state if name == "squeezenet1_1" else module.mobilenet_v2_state)(
-        onnx.load(str(module.SHARED / "weights" / onnx_file)))
+    _, _, layer, spec = module.MODELS[name]
     checkpoint = tmp_path / f"{name}.pt"
-    torch.save(state, checkpoint)
+    torch.save(module.torch_state(name, module.SHARED / "weights"), checkpoint)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = main(["export-onnx", str(tmp_path / f"{name}-int8.onnx"), "--backbone", name, "--weights",

@@ -420,7 +420,7 @@ def _split(args) -> int:
 
 
 def _export_onnx(args) -> int:
-    from ..extraction.onnx_export import check_int8_args, export_onnx
+    from ..extraction.onnx_export import AGREEMENT_NOTE_BELOW, check_int8_args, export_onnx
 
     check_int8_args(args.int8, args.calibrate, args.calibrate_images, args.int8_format)  # before any loading
     start = time.perf_counter()
@@ -446,11 +446,12 @@ def _export_onnx(args) -> int:
             f"({agr['pool']}-pooled descriptors): mean cosine {agr['mean_cosine']:.4f}, "
             f"min {agr['min_cosine']:.4f}; int8 network {agr['speedup']:.2f}x the float model's speed here"
         )
-        if agr["mean_cosine"] < 0.98:
+        if agr["mean_cosine"] < AGREEMENT_NOTE_BELOW:
             # Window cosines of 0.97 can still rank as the float model does (pretrained
             # MobileNetV2: UKBench 3.963 against 3.965), but only a ranking test tells.
             print(
-                "the int8 descriptors differ from the float ones more than usual (mean cosine under 0.98); "
+                "the int8 descriptors differ from the float ones more than usual (mean cosine under "
+                f"{AGREEMENT_NOTE_BELOW}); "
                 "they may still rank alike: index some of your images with each model (this one: "
                 f"--onnx {result['path']} --onnx-output {result['output']} --input-spec {result['input_spec']}) "
                 "and compare their hits before switching"
