@@ -22,6 +22,11 @@ and go to one `SearchBatcher` (its callers never "come back", so what the batche
 for them is paid in latency). `--wait-fractions F,...` runs the batcher rows, closed and
 open, once per `SearchBatcher(wait_fraction=F)`.
 
+`--memo-faiss windows[,layout]` answers those FAISS searches (`VectorIndex.search` on the
+window index, on the layout index) from a memo, row by row, filled by the sequential
+pass: every answer stays the same and the stage costs next to nothing, so the rows show
+how far the other stages let batching go (an upper bound, not a setting).
+
 Reports queries/s, p50 / p95 / p99 latency and this process's CPU time per answer, per
 mode and client count; whether every answer equals the sequential one (ids and
 distances); and recall@10 of the sequential answers against exact scoring of every image
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import json
 import os
 import platform
@@ -48,6 +54,7 @@ import numpy as np  # noqa: E402
 from retrieval import Index  # noqa: E402
 
 MODES = ("shared", "batched", "per-thread")
+FAISS_STAGES = ("windows", "layout")
 
 
 def _answer(result) -> list:
@@ -122,6 +129,33 @@ def run_mode(mode: str, index_dir: Path, queries: list[str], clients: int, secon
     if batcher is not None:
         row.update(_batching(batches, wait_fraction))
     return row
+
+
+@contextlib.contextmanager
+def memoize_faiss(stages: set[str]):
+    """While entered, `VectorIndex.search` on the named structures answers each query row
+    from a memo once it has searched that row (the layout index is the flat "PQ..." one);
+    yields the memo."""
+    from retrieval.engine import ann
+
+    search, memo = ann.VectorIndex.search, {}
+
+    def remembered(self, queries, k, nprobe=None):
+        if ("layout" if self.factory.startswith("PQ") else "windows") not in stages:
+            return search(self, queries, k, nprobe)
+        rows = np.ascontiguousarray(queries, dtype=np.float32)
+        keys = [(id(self), k, nprobe, row.tobytes()) for row in rows]
+        if all(key in memo for key in keys):
+            return np.stack([memo[key][0] for key in keys]), np.stack([memo[key][1] for key in keys])
+        sims, ids = search(self, rows, k, nprobe)
+        memo.update((key, (s, i)) for key, s, i in zip(keys, sims.copy(), ids.copy()))
+        return sims, ids
+
+    ann.VectorIndex.search = remembered
+    try:
+        yield memo
+    finally:
+        ann.VectorIndex.search = search
 
 
 def _measures(times: list[float], elapsed: float, cpu: float, differ: int, errors: list[str]) -> dict:
@@ -206,8 +240,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="also open-loop rows at these arrival rates, queries a second (e.g. 40,70,90)")
     p.add_argument("--wait-fractions", default="",
                    help="SearchBatcher wait_fraction values for the batcher rows, closed and open (default: the library's)")
+    p.add_argument("--memo-faiss", default="",
+                   help="answer these FAISS searches from a memo after their first time: windows, layout or "
+                        "windows,layout (an upper bound with the stage free, not a setting)")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
+    memo = set(v for v in args.memo_faiss.split(",") if v)
+    if not memo <= set(FAISS_STAGES):
+        p.error(f"--memo-faiss takes {','.join(FAISS_STAGES)} (got {args.memo_faiss!r})")
     options = {"nprobe": args.nprobe} if args.nprobe else {}
     if args.shortlist is not None:
         options["shortlist"] = args.shortlist
@@ -223,6 +263,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"(got {args.open_rates!r}, {args.wait_fractions!r})")
     if any(r <= 0 for r in rates) or any(f is not None and f < 0 for f in fractions):
         p.error("--open-rates must be > 0 and --wait-fractions >= 0")
+    with memoize_faiss(memo) if memo else contextlib.nullcontext():
+        return _run(args, options, modes, counts, rates, fractions, memo)
+
+
+def _run(args, options: dict, modes: list[str], counts: list[int], rates: list[float], fractions: list,
+         memo: set[str]) -> int:
+    """The sequential pass, then the rows."""
     queries = [str(q) for q in sorted(args.queries.iterdir())]
     with Index.open(args.index) as idx:
         idx.warm(wait=True)
@@ -254,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     result = {"machine": f"{platform.node()} {os.cpu_count()} CPUs", "command": " ".join(sys.argv),
-              "pythonpath": os.environ.get("PYTHONPATH", ""), "images": info["images"],
+              "pythonpath": os.environ.get("PYTHONPATH", ""), "memo_faiss": sorted(memo), "images": info["images"],
               "structure": info["structure"], f"recall@{args.k}": recall, "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

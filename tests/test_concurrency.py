@@ -3,6 +3,7 @@ sequential answers, searches beside a writer thread answer from published states
 the `SearchBatcher` gives each caller its own result."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -293,3 +294,34 @@ def test_callers_that_never_come_back_are_no_longer_waited_for(monkeypatch):
     assert singles[0] > 0.25 and max(singles[3:]) < 0.25, singles
     monkeypatch.setattr(batcher_module, "RETURN_WEIGHT", 0.0)  # the old rule: callers always expected back
     assert min(_bursts_then_singles(make(), 3)) > 0.25
+
+
+def _concurrency_script():
+    spec = importlib.util.spec_from_file_location("concurrency_bench", ROOT / "benchmarks" / "concurrency.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_memoized_window_search_gives_the_same_answers_without_searching_again(shared, monkeypatch):
+    """benchmarks/concurrency.py --memo-faiss windows (the bound with the window search
+    free): once a query's windows were searched, FAISS is not asked again for them, the
+    answers stay the same, and leaving restores the real search."""
+    from retrieval.engine import ann
+
+    root, paths = shared
+    asked = []
+    real = ann.VectorIndex.search
+    monkeypatch.setattr(ann.VectorIndex, "search",
+                        lambda self, queries, k, nprobe=None: asked.append(len(queries)) or real(self, queries, k, nprobe))
+    with Index.open(root / "idx") as idx:
+        plain = [_key(r) for r in idx.search(paths[:3], options=FAISS)]
+        asked.clear()
+        with _concurrency_script().memoize_faiss({"windows"}) as memo:
+            first = [_key(r) for r in idx.search(paths[:3], options=FAISS)]
+            searched = len(asked)
+            again = [_key(r) for r in idx.search(paths[:3], options=FAISS)]
+        assert searched == 1 and len(asked) == 1 and len(memo) > 0
+        assert first == plain and again == plain
+        idx.search(paths[:1], options=FAISS)
+        assert len(asked) == 2  # the real search is back
