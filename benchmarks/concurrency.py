@@ -48,6 +48,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # last: a PYTHONPATH checkout wins
+if str(ROOT / "benchmarks") not in sys.path:  # also when loaded by path (tests)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 
@@ -133,15 +135,15 @@ def run_mode(mode: str, index_dir: Path, queries: list[str], clients: int, secon
 
 @contextlib.contextmanager
 def memoize_faiss(stages: set[str]):
-    """While entered, `VectorIndex.search` on the named structures answers each query row
-    from a memo once it has searched that row (the layout index is the flat "PQ..." one);
-    yields the memo."""
+    """While entered, `VectorIndex.search` on the named structures (`query_profile.faiss_structure`)
+    answers each query row from a memo once it has searched that row; yields the memo."""
+    from query_profile import faiss_structure
     from retrieval.engine import ann
 
     search, memo = ann.VectorIndex.search, {}
 
     def remembered(self, queries, k, nprobe=None):
-        if ("layout" if self.factory.startswith("PQ") else "windows") not in stages:
+        if faiss_structure(self) not in stages:
             return search(self, queries, k, nprobe)
         rows = np.ascontiguousarray(queries, dtype=np.float32)
         keys = [(id(self), k, nprobe, row.tobytes()) for row in rows]

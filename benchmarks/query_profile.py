@@ -46,6 +46,12 @@ from retrieval.engine import ann, kernel, search, snapshot  # noqa: E402
 STAGES = ("faiss_windows", "faiss_layout", "locate", "kernel", "other")
 
 
+def faiss_structure(index: ann.VectorIndex) -> str:
+    """Which of an index's FAISS structures this is: "layout" (the flat "PQ..." one) or
+    "windows" (the window index, with IVF lists)."""
+    return "layout" if index.factory.startswith("PQ") else "windows"
+
+
 class StageClock:
     """Wall seconds per stage and pool sizes, gathered by wrapping the engine's functions
     while it is entered (one thread: the wrapped calls are the query's own)."""
@@ -69,9 +75,7 @@ class StageClock:
 
     def __enter__(self) -> "StageClock":
         self._stack = contextlib.ExitStack()
-        # The layout index is the flat one ("PQ..."); the window index has IVF lists.
-        self._timed(ann.VectorIndex, "search",
-                    lambda args: "faiss_layout" if args[0].factory.startswith("PQ") else "faiss_windows")
+        self._timed(ann.VectorIndex, "search", lambda args: f"faiss_{faiss_structure(args[0])}")
         self._timed(snapshot.View, "locate", "locate")
         self._timed(kernel, "patch_distances_each", "kernel")
         pool_distances = search.pool_distances
