@@ -3,7 +3,6 @@ through the Python API, the command line and the server; FAISS parameters per ca
 searching one index with different nprobe); one result per query, in input order."""
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import re
@@ -19,7 +18,7 @@ from retrieval import ExtractorConfig, Index, InputSpec, QueryResult, RuntimeCon
 from retrieval.config import LAYOUT_K, NPROBE, NPROBE_MIN, PER_PATCH_MIN, ConfigError, SearchOptionError
 from retrieval.engine.ann import VectorIndex
 from retrieval.engine.index import IndexUsageError
-from retrieval.engine import search
+from retrieval.engine import ann, search
 from retrieval.engine.search import candidate_images, rank, shortlisted
 from retrieval.extraction.features import describe
 from retrieval.extraction.patches import level_names
@@ -333,9 +332,9 @@ def test_a_flat_fast_scan_structure_searches_its_codes_in_parts_made_or_loaded(t
     loaded = VectorIndex.load(tmp_path / "pq.faiss", "PQ8x4fs")
     queries = rng.standard_normal((9, 16)).astype(np.float32)
     whole = loaded.index.search(queries, 50)
+    monkeypatch.setattr(ann, "default_threads", lambda: 3)
     for structure in (made, loaded):
-        with faiss_threads(3):
-            structure.prepare()
+        structure.prepare()
         assert isinstance(structure._on_cpu, split_scan.SplitScan) and len(structure._on_cpu.parts) == 3
         assert sum(part.ntotal for _, part in structure._on_cpu.parts) == rows
         for n in (1, 9):
@@ -380,21 +379,37 @@ def test_a_structure_searched_in_parts_still_searches_in_a_forked_child(monkeypa
     structure = VectorIndex(16, "PQ8x4fs")
     structure.train(x)
     structure.add(x, np.arange(len(x)))
-    with faiss_threads(2):
-        expected = structure.search(x[:3], 5)  # the parent's scan threads now exist
+    monkeypatch.setattr(ann, "default_threads", lambda: 2)
+    expected = structure.search(x[:3], 5)  # the parent's scan threads now exist
     assert isinstance(structure._on_cpu, split_scan.SplitScan)
     found = _search_in_a_forked_child(structure, x[:3])
     np.testing.assert_array_equal(found[0], expected[0])
 
 
-@contextlib.contextmanager
-def faiss_threads(n: int):
+def test_the_parts_follow_the_process_threads_not_the_calling_threads_own(monkeypatch):
+    """A thread that set its own OpenMP threads to 1 (as threadpoolctl's BLAS limit does
+    through FAISS's OpenMP OpenBLAS, which `retrieval serve` sets before warming the index
+    in the same thread) still makes one part per thread of the process: serve's layout
+    index was searched in one part."""
+    from retrieval.engine import split_scan
+
+    threads = split_scan.default_threads()
+    if threads < 2:
+        pytest.skip(f"FAISS has {threads} OpenMP thread here; the split needs 2")
+    monkeypatch.setattr(split_scan, "MIN_BLOCKS_PER_PART", 16)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((64 * 32, 16)).astype(np.float32)
+    structure = VectorIndex(16, "PQ8x4fs")
+    structure.train(x)
+    structure.add(x, np.arange(len(x)))
     before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(n)
+    faiss.omp_set_num_threads(1)
     try:
-        yield
+        structure.prepare()
     finally:
         faiss.omp_set_num_threads(before)
+    assert isinstance(structure._on_cpu, split_scan.SplitScan)
+    assert len(structure._on_cpu.parts) == min(threads, 4)
 
 
 def test_a_search_without_nprobe_probes_the_structure_default(ivf_index, monkeypatch):

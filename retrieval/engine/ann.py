@@ -31,7 +31,7 @@ import numpy as np
 
 from ..config import NPROBE, NPROBE_MIN, NPROBE_MIN_SHARE, NPROBE_WINDOWS
 from ..fileio import replacing
-from .split_scan import SplitScan, part_count
+from .split_scan import SplitScan, default_threads, part_count
 
 
 class _LazyFaiss:
@@ -268,12 +268,12 @@ class VectorIndex:
 
     def _searcher(self) -> faiss.Index | SplitScan:
         """The index that answers searches, made on first use: on a GPU, the GPU replica;
-        on the CPU, a flat fast-scan structure's codes in one part per thread
-        (`split_scan`), any other structure the CPU master itself."""
+        on the CPU, a flat fast-scan structure's codes in one part per FAISS thread of
+        the process (`split_scan`), any other structure the CPU master itself."""
         with self._replica_lock:  # threads share this index: one replica, made once
             if self.search_device() == "cpu":
                 if self._on_cpu is None:
-                    parts = part_count(self.index, faiss.omp_get_max_threads())
+                    parts = part_count(self.index, default_threads())
                     self._on_cpu = SplitScan(self.index, parts) if parts > 1 else self.index
                 return self._on_cpu
             if self._gpu is None:

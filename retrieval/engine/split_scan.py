@@ -44,6 +44,24 @@ def _scan_pool(workers: int) -> ThreadPoolExecutor:
         return _pools[workers]
 
 
+def default_threads() -> int:
+    """The OpenMP threads FAISS uses in a thread that chose none: the process's default
+    (OMP_NUM_THREADS, else the cores). A structure's parts are made once and shared by
+    every thread that searches it, so their count must not be the first searching
+    thread's own setting, which OpenMP keeps per thread and which not only
+    `faiss.omp_set_num_threads` sets: threadpoolctl's BLAS limit sets it to 1 too once
+    FAISS is loaded (FAISS's OpenBLAS is the OpenMP build), and a request thread under
+    that limit left the layout index in one part for every thread. Read in a new thread;
+    the parts are scanned by threads of their own (`_scan_pool`), not the caller's."""
+    import faiss
+
+    seen: list[int] = []
+    reader = threading.Thread(target=lambda: seen.append(faiss.omp_get_max_threads()))
+    reader.start()
+    reader.join()
+    return seen[0]
+
+
 def part_count(index, threads: int) -> int:
     """How many parts `index` (an IDMap2 over a flat PQ fast-scan structure) is searched
     in: one per thread, each of at least MIN_BLOCKS_PER_PART code blocks; 1 (not split)
