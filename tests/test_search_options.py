@@ -368,17 +368,24 @@ def _search_in_a_forked_child(structure, queries):
         _FORKED.clear()
 
 
+def _splittable_structure(monkeypatch, seed: int):
+    """A flat fast-scan structure of 64 code blocks that splits into up to 4 parts."""
+    from retrieval.engine import split_scan
+
+    monkeypatch.setattr(split_scan, "MIN_BLOCKS_PER_PART", 16)
+    x = np.random.default_rng(seed).standard_normal((64 * 32, 16)).astype(np.float32)
+    structure = VectorIndex(16, "PQ8x4fs")
+    structure.train(x)
+    structure.add(x, np.arange(len(x)))
+    return structure, x
+
+
 def test_a_structure_searched_in_parts_still_searches_in_a_forked_child(monkeypatch):
     """The threads that scan the parts are not inherited by a forked process: a child
     that searches makes its own (the parent's would never answer)."""
     from retrieval.engine import split_scan
 
-    monkeypatch.setattr(split_scan, "MIN_BLOCKS_PER_PART", 16)
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((64 * 32, 16)).astype(np.float32)
-    structure = VectorIndex(16, "PQ8x4fs")
-    structure.train(x)
-    structure.add(x, np.arange(len(x)))
+    structure, x = _splittable_structure(monkeypatch, seed=1)
     monkeypatch.setattr(ann, "default_threads", lambda: 2)
     expected = structure.search(x[:3], 5)  # the parent's scan threads now exist
     assert isinstance(structure._on_cpu, split_scan.SplitScan)
@@ -388,20 +395,14 @@ def test_a_structure_searched_in_parts_still_searches_in_a_forked_child(monkeypa
 
 def test_the_parts_follow_the_process_threads_not_the_calling_threads_own(monkeypatch):
     """A thread that set its own OpenMP threads to 1 (as threadpoolctl's BLAS limit does
-    through FAISS's OpenMP OpenBLAS, which `retrieval serve` sets before warming the index
-    in the same thread) still makes one part per thread of the process: serve's layout
-    index was searched in one part."""
+    once FAISS is loaded, through FAISS's OpenMP OpenBLAS) and searches first still makes
+    one part per thread of the process: the parts are shared by every thread."""
     from retrieval.engine import split_scan
 
     threads = split_scan.default_threads()
     if threads < 2:
         pytest.skip(f"FAISS has {threads} OpenMP thread here; the split needs 2")
-    monkeypatch.setattr(split_scan, "MIN_BLOCKS_PER_PART", 16)
-    rng = np.random.default_rng(2)
-    x = rng.standard_normal((64 * 32, 16)).astype(np.float32)
-    structure = VectorIndex(16, "PQ8x4fs")
-    structure.train(x)
-    structure.add(x, np.arange(len(x)))
+    structure, _ = _splittable_structure(monkeypatch, seed=2)
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
